@@ -170,6 +170,8 @@ class SafetensorsDir:
         self.device = device
         self._handles: dict[Path, object] = {}
         files = self._weight_files()
+        # where a missing tensor should have been: the single file, or the shards' index
+        self.source = files[0] if len(files) == 1 and files[0].name == SINGLE_FILE else self.directory / INDEX_FILE
         self.keys: dict[str, tuple[Path, str]] = {}
         for file in files:
             for key in self._open(file).keys():
@@ -221,7 +223,7 @@ class SafetensorsDir:
         return tensor.to(dtype)
 
     def where(self, key: str) -> str:
-        return str(self.keys[key][0]) if key in self.keys else str(self.directory)
+        return str(self.keys[key][0] if key in self.keys else self.source)
 
 
 def find_base_prefix(files: SafetensorsDir, config: EncoderConfig) -> str:

@@ -18,7 +18,7 @@ from types import ModuleType
 
 import torch
 
-from . import checkpoint, reference
+from . import checkpoint, heads as task_heads, reference
 from .config import EncoderConfig
 from .errors import BackendError, FastencError, InputError, LoadError
 from .pooling import POOLING_MODES, SentenceConfig, pool
@@ -144,13 +144,16 @@ class Encoder:
 
     def __init__(self, config: EncoderConfig, tensors: dict[str, torch.Tensor], *, device: torch.device,
                  dtype: torch.dtype, backend: str, ops: ModuleType, tokenizer=None,
-                 sentence: SentenceConfig | None = None, heads: frozenset = frozenset()):
+                 sentence: SentenceConfig | None = None, head_tensors: dict | None = None,
+                 path: Path | None = None):
         self.config = config
+        self.path = path  # the directory holding config.json and the weights
         self.device = device
         self.dtype = dtype
         self.backend = backend
         self.tokenizer = tokenizer
-        self.heads = heads
+        self._head_tensors = head_tensors or {}  # head name -> {fastenc name: tensor}
+        self.heads = frozenset(self._head_tensors)
         self._ops = ops
         self._sentence = sentence
         self._tensors = tensors
@@ -172,13 +175,14 @@ class Encoder:
         config = EncoderConfig.from_file(model_dir / "config.json")
         files = checkpoint.SafetensorsDir(model_dir, device)
         tensors, prefix = checkpoint.load_encoder(files, config, dtype)
+        head_tensors, head_keys = task_heads.load_heads(files, config, dtype, prefix)
         used = checkpoint.used_keys(checkpoint.encoder_names(config), prefix)
-        checkpoint.warn_unused(files, used)
+        checkpoint.warn_unused(files, used | head_keys)
         tokenizer = load_tokenizer(model_dir)
         if tokenizer is None and model_dir != directory:
             tokenizer = load_tokenizer(directory)
         return cls(config, tensors, device=device, dtype=dtype, backend=backend, ops=ops, tokenizer=tokenizer,
-                   sentence=sentence)
+                   sentence=sentence, head_tensors=head_tensors, path=model_dir)
 
     def __repr__(self) -> str:
         c = self.config

@@ -1,0 +1,91 @@
+"""The whole encoder against transformers, every family, float32: the tolerance rule of fastenc/check.py.
+
+Batches mix very different lengths, a length-1 row and an all-padding row; padded positions must be
+exactly 0. The same tests run on the Triton backend (under the interpreter without a GPU).
+"""
+
+import pytest
+import torch
+from checkpoints import FAMILIES, hf_last_hidden_state, make_checkpoint, random_batch, special_ids
+
+import fastenc
+from fastenc.check import compare
+
+BACKENDS = ["torch", "triton"]
+LENGTHS = [13, 1, 40, 0, 7]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_dir(request, tmp_path_factory):
+    return request.param, make_checkpoint(tmp_path_factory.mktemp(request.param), request.param, seed=1)
+
+
+def _batch(encoder, family, lengths, seed=0):
+    ids_ = special_ids(family)
+    ids, mask = random_batch(encoder.config.vocab_size, lengths, seed=seed, pad_id=encoder.config.pad_token_id,
+                             cls_id=ids_.get("cls"), sep_id=ids_.get("sep"))
+    types = None
+    if encoder.config.type_vocab_size > 1:
+        generator = torch.Generator().manual_seed(seed + 1)
+        types = torch.randint(0, encoder.config.type_vocab_size, ids.shape, generator=generator) * mask
+    return ids, mask, types
+
+
+def _assert_matches(encoder, path, ids, mask, types):
+    out = encoder(ids, mask, types)
+    reference = hf_last_hidden_state(path, ids, mask, types)
+    assert out.shape == reference.shape and out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+    result = compare("last_hidden_state", out, reference, mask=mask)
+    assert result.ok, result.line()
+    assert (out[mask == 0] == 0).all(), "padded positions must be exactly 0"
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_family_matches_transformers(family_dir, backend):
+    family, path = family_dir
+    encoder = fastenc.Encoder.from_pretrained(path, backend=backend)
+    ids, mask, types = _batch(encoder, family, LENGTHS)
+    out = _assert_matches(encoder, path, ids, mask, types)
+    assert (out[3] == 0).all()  # the all-padding row
+
+
+def test_mask_with_holes_and_left_padding(family_dir):
+    family, path = family_dir
+    encoder = fastenc.Encoder.from_pretrained(path)
+    ids, mask, types = _batch(encoder, family, [9, 9, 9], seed=3)
+    mask[0, 4] = 0  # a hole
+    mask[1, :3] = 0  # left padding
+    _assert_matches(encoder, path, ids, mask, types)
+
+
+def test_no_mask_means_all_ones(family_dir):
+    family, path = family_dir
+    encoder = fastenc.Encoder.from_pretrained(path)
+    ids, mask, _ = _batch(encoder, family, [11, 11], seed=5)
+    torch.testing.assert_close(encoder(ids), encoder(ids, mask), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("groups, layers, inner", [(1, 4, 1), (2, 4, 2), (3, 3, 1)])
+def test_albert_layer_sharing(tmp_path, groups, layers, inner):
+    path = make_checkpoint(tmp_path, "albert", seed=2, num_hidden_groups=groups, num_hidden_layers=layers,
+                           inner_group_num=inner)
+    encoder = fastenc.Encoder.from_pretrained(path)
+    ids, mask, types = _batch(encoder, "albert", [17, 3, 1], seed=4)
+    _assert_matches(encoder, path, ids, mask, types)
+
+
+def test_batch_of_zero_rows(family_dir):
+    _, path = family_dir
+    encoder = fastenc.Encoder.from_pretrained(path)
+    out = encoder(torch.zeros(0, 6, dtype=torch.long))
+    assert out.shape == (0, 6, encoder.config.hidden_size)
+
+
+def test_full_length_rows(family_dir):
+    """A row as long as the model allows (RoBERTa-style: max_position_embeddings - pad - 1)."""
+    family, path = family_dir
+    encoder = fastenc.Encoder.from_pretrained(path)
+    ids, mask, types = _batch(encoder, family, [encoder.config.max_length, 5], seed=6)
+    _assert_matches(encoder, path, ids, mask, types)
