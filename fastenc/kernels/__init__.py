@@ -1,0 +1,24 @@
+"""The Triton backend: fused kernels with the names, signatures and semantics of ``fastenc.reference``.
+
+``fastenc.kernels`` is a drop-in ops module: the encoder calls ``ops.linear(...)`` etc. on whichever of
+``fastenc.reference`` or ``fastenc.kernels`` was chosen at load. Importing it needs ``triton`` but no
+GPU; on the CPU the launchers run only under the Triton interpreter (``TRITON_INTERPRET=1`` set before
+``triton`` is first imported) and raise ``fastenc.errors.BackendError`` otherwise.
+"""
+
+from fastenc.kernels.attention import attention
+from fastenc.kernels.embeddings import embeddings
+from fastenc.kernels.gemm import linear
+from fastenc.kernels.layer_norm import add_layer_norm, gelu_layer_norm
+from fastenc.kernels.qkv import fused_qkv
+
+KERNELS = (
+    ("embeddings", "word + position (+ type) gather, sum and LayerNorm in one pass, one token per program"),
+    ("linear", "tiled GEMM, fp32 accumulation, bias and GELU/ReLU in the epilogue"),
+    ("fused_qkv", "one GEMM for Q, K, V stored head-split as (3, heads, tokens, head_dim), Q pre-scaled"),
+    ("attention", "flash attention (online softmax, exp2) over packed variable-length sequences"),
+    ("add_layer_norm", "LayerNorm(x + residual), one row per program, fp32 statistics"),
+    ("gelu_layer_norm", "LayerNorm(act(x)), one row per program, fp32 statistics"),
+)
+
+__all__ = ["KERNELS", "add_layer_norm", "attention", "embeddings", "fused_qkv", "gelu_layer_norm", "linear"]

@@ -1,0 +1,116 @@
+"""``embeddings``: word + position (+ token type) gather, sum and LayerNorm in one pass.
+
+Algorithm: one token per program. The program reads its three ids, gathers the matching rows of the
+word, position and (when the model has them) token-type tables, sums them in fp32 and normalises the
+sum with ``_layer_norm_row`` from ``layer_norm.py``; the result is cast once at the store. The sum
+never goes through memory, which is the point of the fusion (the unfused path reads and writes the
+``(tokens, emb)`` activation three times).
+
+``HAS_TYPES`` (a constexpr) drops the token-type table for DistilBERT, whose ``type_emb`` is ``None``.
+
+Batch invariance: a token reads only its own rows; the reduction order depends only on ``emb``.
+
+Limits: the ids are not range-checked here (that would need a device synchronisation); the encoder
+validates them before any kernel runs (API.md, ``InputError``). Table rows may be strided, the last
+stride must be 1; the LayerNorm weight and bias have the tables' dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastenc.kernels._checks import INDEX_DTYPES, check_backend, check_tensor
+from fastenc.kernels.layer_norm import MAX_HIDDEN, _layer_norm_row, row_config
+
+
+@triton.jit
+def _embeddings_kernel(
+    InputIds_ptr,  # (tokens,)
+    PositionIds_ptr,  # (tokens,)
+    TokenTypeIds_ptr,  # (tokens,), None when not HAS_TYPES
+    WordEmb_ptr,  # (vocab, emb)
+    PosEmb_ptr,  # (max_positions, emb)
+    TypeEmb_ptr,  # (type_vocab, emb), None when not HAS_TYPES
+    W_ptr,  # (emb,)
+    B_ptr,  # (emb,)
+    Out_ptr,  # (tokens, emb)
+    stride_word_row,
+    stride_pos_row,
+    stride_type_row,
+    stride_out_row,
+    n_cols,
+    eps,
+    HAS_TYPES: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n_cols
+    word = tl.load(InputIds_ptr + token).to(tl.int64)
+    position = tl.load(PositionIds_ptr + token).to(tl.int64)
+    x = tl.load(WordEmb_ptr + word * stride_word_row + offs, mask=mask, other=0.0).to(tl.float32)
+    x += tl.load(PosEmb_ptr + position * stride_pos_row + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_TYPES:
+        token_type = tl.load(TokenTypeIds_ptr + token).to(tl.int64)
+        x += tl.load(TypeEmb_ptr + token_type * stride_type_row + offs, mask=mask, other=0.0).to(tl.float32)
+    y = _layer_norm_row(x, mask, W_ptr, B_ptr, offs, n_cols, eps)
+    tl.store(Out_ptr + token * stride_out_row + offs, y.to(Out_ptr.dtype.element_ty), mask=mask)
+
+
+def embeddings(
+    input_ids: torch.Tensor,  # (tokens,) integer
+    position_ids: torch.Tensor,  # (tokens,) integer
+    token_type_ids: torch.Tensor | None,  # (tokens,) integer, None when type_emb is None
+    word_emb: torch.Tensor,  # (vocab, emb)
+    pos_emb: torch.Tensor,  # (max_positions, emb)
+    type_emb: torch.Tensor | None,  # (type_vocab, emb), None for DistilBERT
+    weight: torch.Tensor,  # (emb,)
+    bias: torch.Tensor,  # (emb,)
+    eps: float,
+) -> torch.Tensor:  # (tokens, emb)
+    """Gather word + position (+ token type) rows, sum them and apply LayerNorm."""
+    device = check_backend("word_emb", word_emb)
+    check_tensor("word_emb", word_emb, (None, None))
+    dtype, emb = word_emb.dtype, word_emb.shape[1]
+    if not 0 < emb <= MAX_HIDDEN:
+        raise ValueError(f"word_emb has embedding size {emb}; the kernel supports 1 to {MAX_HIDDEN}")
+    check_tensor("input_ids", input_ids, (None,), dtypes=INDEX_DTYPES, device=device)
+    tokens = input_ids.shape[0]
+    check_tensor("position_ids", position_ids, (tokens,), dtypes=INDEX_DTYPES, device=device)
+    check_tensor("pos_emb", pos_emb, (None, emb), dtypes=(dtype,), device=device)
+    has_types = type_emb is not None
+    if has_types:
+        check_tensor("type_emb", type_emb, (None, emb), dtypes=(dtype,), device=device)
+        if token_type_ids is None:
+            raise ValueError("token_type_ids is required when type_emb is given")
+        check_tensor("token_type_ids", token_type_ids, (tokens,), dtypes=INDEX_DTYPES, device=device)
+    check_tensor("weight", weight, (emb,), dtypes=(dtype,), device=device)
+    check_tensor("bias", bias, (emb,), dtypes=(dtype,), device=device)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+
+    out = torch.empty((tokens, emb), device=device, dtype=dtype)
+    if tokens == 0:
+        return out
+    _embeddings_kernel[(tokens,)](
+        input_ids,
+        position_ids,
+        token_type_ids if has_types else None,
+        word_emb,
+        pos_emb,
+        type_emb,
+        weight,
+        bias,
+        out,
+        word_emb.stride(0),
+        pos_emb.stride(0),
+        type_emb.stride(0) if has_types else 0,
+        out.stride(0),
+        emb,
+        float(eps),
+        HAS_TYPES=has_types,
+        **row_config(emb),
+    )
+    return out

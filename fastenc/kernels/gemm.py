@@ -1,0 +1,180 @@
+"""``linear``: ``act(x @ weight.T + bias)`` as one tiled GEMM with the bias and activation in its epilogue.
+
+Algorithm: the classic tiled GEMM of the Triton matrix-multiplication tutorial. Each program owns one
+``BLOCK_M x BLOCK_N`` output tile, walks K in ``BLOCK_K`` steps accumulating in fp32 with ``tl.dot``,
+then adds the bias, applies the activation and casts once at the store. Tiles are visited in groups of
+``GROUP_M`` row blocks so that neighbouring programs reuse the same weight columns from L2.
+
+Batch invariance: the K loop always runs in the same order with the same block sizes, there is no
+split-K, and the block sizes depend only on the dtype, N and K, never on M (the token count). A row's
+result is therefore the same whether it is computed alone or inside a larger batch.
+
+Precision: fp32 inputs use ``input_precision="ieee"``: exact fp32 products, so the fp32 path matches
+torch's fp32 matmul (TF32 would not meet the fp32 tolerance). On a GPU this runs on CUDA cores, not
+tensor cores; fp32 is the accuracy/debug path, fp16 and bf16 the fast one (the flag has no effect on
+16-bit operands, whose products are exact in the fp32 accumulator).
+
+Limits: ``x`` and ``weight`` need a unit stride in their last dimension (rows may be strided);
+``bias`` is required. The helpers ``_tile_coords``, ``_gemm_tile`` and ``_apply_activation`` are shared
+with ``qkv.py`` and ``layer_norm.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastenc.kernels._checks import check_activation, check_backend, check_tensor
+
+# Globals read inside @triton.jit functions must be constexpr.
+LOG2E = tl.constexpr(1.4426950408889634)
+SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2), for erf-GELU
+SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi), for tanh-GELU
+
+
+@triton.jit
+def _apply_activation(x, ACTIVATION: tl.constexpr):
+    """Apply a canonical activation (``"gelu"``, ``"gelu_tanh"``, ``"relu"`` or ``"none"``) to an fp32 block."""
+    if ACTIVATION == "gelu":
+        x = 0.5 * x * (1.0 + tl.math.erf(x * SQRT1_2))
+    elif ACTIVATION == "gelu_tanh":
+        # 0.5 * (1 + tanh(u)) == sigmoid(2u): one exp2 and no libdevice tanh (which the interpreter
+        # lacks), and no cancellation in 1 + tanh(u) for very negative u.
+        u = SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)
+        x = x / (1.0 + tl.exp2(u * (-2.0 * LOG2E)))
+    elif ACTIVATION == "relu":
+        x = tl.maximum(x, 0.0)
+    return x
+
+
+@triton.jit
+def _tile_coords(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Map the 1-D program id to (row block, column block), GROUP_M row blocks at a time (L2 reuse)."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    programs_per_group = GROUP_M * num_pid_n
+    first_m = (pid // programs_per_group) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % programs_per_group) % group_rows
+    pid_n = (pid % programs_per_group) // group_rows
+    return pid_m, pid_n
+
+
+@triton.jit
+def _gemm_tile(
+    X_ptr,  # (M, K)
+    W_ptr,  # (N, K)
+    stride_x_row,
+    stride_w_row,
+    offs_m,  # (BLOCK_M,) output rows of this tile
+    offs_n,  # (BLOCK_N,) output columns of this tile
+    M,
+    N,
+    K,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    """Return the fp32 tile ``X[offs_m] @ W[offs_n].T`` (the main loop shared by linear and fused_qkv)."""
+    # Rows and columns past the edge are wrapped onto valid ones instead of masked: the loads stay
+    # unmasked (and vectorised) and the store masks those lanes out. Each output row still reads only
+    # its own x row, so this changes nothing for batch invariance.
+    rows = (offs_m % M).to(tl.int64)
+    cols = (offs_n % N).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = X_ptr + rows[:, None] * stride_x_row + offs_k[None, :]  # (BLOCK_M, BLOCK_K)
+    w_ptrs = W_ptr + cols[None, :] * stride_w_row + offs_k[:, None]  # (BLOCK_K, BLOCK_N): W's tile transposed
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            x = tl.load(x_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            k_ok = offs_k < K - k0
+            x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+        acc = tl.dot(x, w, acc, input_precision="ieee")
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    return acc
+
+
+@triton.jit
+def _linear_kernel(
+    X_ptr,  # (M, K)
+    W_ptr,  # (N, K)
+    B_ptr,  # (N,)
+    Out_ptr,  # (M, N)
+    M,
+    N,
+    K,
+    stride_x_row,
+    stride_w_row,
+    stride_out_row,
+    ACTIVATION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    pid_m, pid_n = _tile_coords(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = _gemm_tile(
+        X_ptr, W_ptr, stride_x_row, stride_w_row, offs_m, offs_n, M, N, K, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K
+    )
+    col_ok = offs_n < N
+    bias = tl.load(B_ptr + offs_n, mask=col_ok, other=0.0).to(tl.float32)
+    out = _apply_activation(acc + bias[None, :], ACTIVATION)
+    out_ptrs = Out_ptr + offs_m.to(tl.int64)[:, None] * stride_out_row + offs_n[None, :]
+    tl.store(out_ptrs, out.to(Out_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & col_ok[None, :])
+
+
+def gemm_config(dtype: torch.dtype, N: int, K: int) -> dict:
+    """Fixed tile sizes for an H100 chosen from the dtype, N and K only (never M: batch invariance)."""
+    if dtype == torch.float32:  # CUDA-core FMA path: smaller tiles, 4 warps
+        block_m, block_n, block_k, warps, stages = 64, 64, 32, 4, 3
+    else:  # tensor cores: 128 x 128 x 64 tiles, 32 KiB of shared memory per stage
+        block_m, block_n, block_k, warps, stages = 128, 128, 64, 8, 3
+    # Narrow outputs (classifier heads) and short reductions do not need the full tile.
+    block_n = min(block_n, max(16, triton.next_power_of_2(N)))
+    block_k = min(block_k, max(16, triton.next_power_of_2(K)))
+    return dict(
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        GROUP_M=8,
+        EVEN_K=K % block_k == 0,
+        num_warps=warps,
+        num_stages=stages,
+    )
+
+
+def linear(
+    x: torch.Tensor,  # (tokens, in)
+    weight: torch.Tensor,  # (out, in)
+    bias: torch.Tensor,  # (out,)
+    activation: str | None = None,
+) -> torch.Tensor:  # (tokens, out)
+    """``act(x @ weight.T + bias)``: a GEMM with the bias (and activation) in its epilogue."""
+    device = check_backend("x", x)
+    check_tensor("x", x, (None, None))
+    M, K = x.shape
+    check_tensor("weight", weight, (None, K), dtypes=(x.dtype,), device=device)
+    N = weight.shape[0]
+    check_tensor("bias", bias, (N,), dtypes=(x.dtype,), device=device)
+    act = check_activation("activation", activation)
+
+    out = torch.empty((M, N), device=device, dtype=x.dtype)
+    if M == 0 or N == 0:
+        return out
+    config = gemm_config(x.dtype, N, K)
+    grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
+    _linear_kernel[grid](
+        x, weight, bias, out, M, N, K, x.stride(0), weight.stride(0), out.stride(0), ACTIVATION=act, **config
+    )
+    return out

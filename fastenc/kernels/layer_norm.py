@@ -1,0 +1,164 @@
+"""``add_layer_norm`` and ``gelu_layer_norm``: LayerNorm fused with what precedes it in BERT.
+
+Algorithm: one row per program, the whole row in registers (``BLOCK`` = the next power of two of the
+hidden size, masked). The row is formed in fp32 (``x + residual``, or ``act(x)``), then
+``_layer_norm_row`` computes the mean, then the variance of the centred row (two passes over
+registers, which is exact where the one-pass ``E[x^2] - E[x]^2`` cancels), and applies
+``(x - mean) * rstd * weight + bias``; the result is cast once at the store. This is the forward of the
+Triton layer-norm tutorial and Liger-Kernel's ``layer_norm``, without the backward's saved statistics.
+
+Precision: statistics in fp32; ``rstd`` uses the correctly rounded ``sqrt_rn``/``div_rn`` (one per row,
+so free) rather than the approximate ``rsqrt``. The residual sum and the activation are not rounded to
+the input dtype before the norm (the reference rounds them), which only removes error.
+
+Batch invariance: a row reads only itself; the reduction order depends only on the hidden size.
+
+Limits: hidden sizes up to 65536 (a row must fit one program); rows may be strided, the last stride
+must be 1; ``weight`` and ``bias`` have the input's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastenc.kernels._checks import check_activation, check_backend, check_tensor
+from fastenc.kernels.gemm import _apply_activation
+
+MAX_HIDDEN = 65536
+
+
+@triton.jit
+def _layer_norm_row(
+    x,  # (BLOCK,) fp32 row
+    mask,  # (BLOCK,) lanes < n_cols
+    W_ptr,  # (n_cols,)
+    B_ptr,  # (n_cols,)
+    offs,  # (BLOCK,)
+    n_cols,
+    eps,
+):
+    """LayerNorm of one fp32 row held in registers; masked lanes are ignored and come back as 0."""
+    x = tl.where(mask, x, 0.0)
+    mean = tl.sum(x, axis=0) / n_cols
+    centred = tl.where(mask, x - mean, 0.0)
+    var = tl.sum(centred * centred, axis=0) / n_cols
+    rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
+    weight = tl.load(W_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    bias = tl.load(B_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return centred * rstd * weight + bias
+
+
+@triton.jit
+def _add_layer_norm_kernel(
+    X_ptr,  # (tokens, hidden)
+    Residual_ptr,  # (tokens, hidden)
+    W_ptr,  # (hidden,)
+    B_ptr,  # (hidden,)
+    Out_ptr,  # (tokens, hidden)
+    stride_x_row,
+    stride_residual_row,
+    stride_out_row,
+    n_cols,
+    eps,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n_cols
+    x = tl.load(X_ptr + row * stride_x_row + offs, mask=mask, other=0.0).to(tl.float32)
+    residual = tl.load(Residual_ptr + row * stride_residual_row + offs, mask=mask, other=0.0).to(tl.float32)
+    y = _layer_norm_row(x + residual, mask, W_ptr, B_ptr, offs, n_cols, eps)
+    tl.store(Out_ptr + row * stride_out_row + offs, y.to(Out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gelu_layer_norm_kernel(
+    X_ptr,  # (tokens, hidden)
+    W_ptr,  # (hidden,)
+    B_ptr,  # (hidden,)
+    Out_ptr,  # (tokens, hidden)
+    stride_x_row,
+    stride_out_row,
+    n_cols,
+    eps,
+    ACTIVATION: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n_cols
+    x = tl.load(X_ptr + row * stride_x_row + offs, mask=mask, other=0.0).to(tl.float32)
+    y = _layer_norm_row(_apply_activation(x, ACTIVATION), mask, W_ptr, B_ptr, offs, n_cols, eps)
+    tl.store(Out_ptr + row * stride_out_row + offs, y.to(Out_ptr.dtype.element_ty), mask=mask)
+
+
+def row_config(hidden: int) -> dict:
+    """One row per program: the block covers the row; more warps for wide rows."""
+    block = triton.next_power_of_2(hidden)
+    warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
+    return dict(BLOCK=block, num_warps=warps)
+
+
+def _check_norm_args(x, weight, bias, eps) -> torch.device:
+    device = check_backend("x", x)
+    check_tensor("x", x, (None, None))
+    hidden = x.shape[1]
+    if not 0 < hidden <= MAX_HIDDEN:
+        raise ValueError(f"x has hidden size {hidden}; the LayerNorm kernels support 1 to {MAX_HIDDEN}")
+    check_tensor("weight", weight, (hidden,), dtypes=(x.dtype,), device=device)
+    check_tensor("bias", bias, (hidden,), dtypes=(x.dtype,), device=device)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+    return device
+
+
+def add_layer_norm(
+    x: torch.Tensor,  # (tokens, hidden)
+    residual: torch.Tensor,  # (tokens, hidden)
+    weight: torch.Tensor,  # (hidden,)
+    bias: torch.Tensor,  # (hidden,)
+    eps: float,
+) -> torch.Tensor:  # (tokens, hidden)
+    """``LayerNorm(x + residual)``: the post-LN residual of every BERT-family block."""
+    device = _check_norm_args(x, weight, bias, eps)
+    check_tensor("residual", residual, tuple(x.shape), dtypes=(x.dtype,), device=device)
+    tokens, hidden = x.shape
+    out = torch.empty((tokens, hidden), device=device, dtype=x.dtype)
+    if tokens == 0:
+        return out
+    _add_layer_norm_kernel[(tokens,)](
+        x,
+        residual,
+        weight,
+        bias,
+        out,
+        x.stride(0),
+        residual.stride(0),
+        out.stride(0),
+        hidden,
+        float(eps),
+        **row_config(hidden),
+    )
+    return out
+
+
+def gelu_layer_norm(
+    x: torch.Tensor,  # (tokens, hidden)
+    weight: torch.Tensor,  # (hidden,)
+    bias: torch.Tensor,  # (hidden,)
+    eps: float,
+    activation: str = "gelu",
+) -> torch.Tensor:  # (tokens, hidden)
+    """``LayerNorm(act(x))``: the transform of the masked-LM head."""
+    device = _check_norm_args(x, weight, bias, eps)
+    act = check_activation("activation", activation)
+    tokens, hidden = x.shape
+    out = torch.empty((tokens, hidden), device=device, dtype=x.dtype)
+    if tokens == 0:
+        return out
+    _gelu_layer_norm_kernel[(tokens,)](
+        x, weight, bias, out, x.stride(0), out.stride(0), hidden, float(eps), ACTIVATION=act, **row_config(hidden)
+    )
+    return out
