@@ -226,6 +226,33 @@ class SafetensorsDir:
         return str(self.keys[key][0] if key in self.keys else self.source)
 
 
+class StateDictSource:
+    """In-memory tensors (a ``transformers`` model's ``state_dict()``) behind ``SafetensorsDir``'s interface.
+
+    ``read`` moves a tensor to the device and dtype only when it is not there already, so the encoder
+    shares the model's storage (Q, K and V, concatenated at load, are the one copy).
+    """
+
+    def __init__(self, state_dict: dict[str, torch.Tensor], device: torch.device, name: str = "state dict"):
+        self.directory = f"<{name}>"  # stands where a directory is named in messages
+        self.source = self.directory
+        self.device = device
+        self._tensors = state_dict
+        self.keys: dict[str, str] = {_canonical(key): key for key in state_dict}
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._tensors[self.keys[key]].shape)
+
+    def read(self, key: str, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+        tensor = self._tensors[self.keys[key]].detach()
+        if out is not None:
+            return out.copy_(tensor)
+        return tensor.to(device=self.device, dtype=dtype)
+
+    def where(self, key: str) -> str:
+        return self.directory
+
+
 def find_base_prefix(files: SafetensorsDir, config: EncoderConfig) -> str:
     """The prefix under which this checkpoint keeps its encoder (``""`` for a base model)."""
     word = NAME_MAPS[config.model_type].embeddings["embeddings.word"]

@@ -21,6 +21,7 @@ import torch
 from . import checkpoint, heads as task_heads, reference
 from .config import EncoderConfig
 from .errors import BackendError, FastencError, InputError, LoadError
+from .graphs import GraphRunner
 from .pooling import POOLING_MODES, SentenceConfig, pool
 from .tokenize import encode, load_tokenizer
 
@@ -31,6 +32,7 @@ _DTYPES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
 }
 _PROGRESS_MIN_TEXTS = 256  # below this, a progress bar is noise
+DEFAULT_MAX_TOKENS = 16384  # embed()'s token budget per batch: real tokens, padding is never made
 
 
 def default_model_path() -> Path:
@@ -93,6 +95,17 @@ def resolve_backend(backend: str | None, device: torch.device) -> tuple[str, Mod
     return backend, kernels
 
 
+def resolve_cuda_graphs(cuda_graphs: bool | None, device: torch.device, backend: str) -> bool:
+    """CUDA graphs replay small batches: on by default with the Triton backend on CUDA, only there."""
+    possible = device.type == "cuda" and backend == "triton"
+    if cuda_graphs is None:
+        return possible
+    if cuda_graphs and not possible:
+        raise BackendError(f"cuda_graphs=True needs a CUDA device and the triton backend, not "
+                           f"{str(device)!r} with {backend!r}")
+    return bool(cuda_graphs)
+
+
 @dataclasses.dataclass(frozen=True)
 class Layer:
     """One transformer block's weights (post-LayerNorm, as in every BERT-family model)."""
@@ -121,7 +134,9 @@ class Layer:
 class PackedBatch:
     """Real tokens only: ``(tokens,)`` id tensors on the device and the sequence offsets.
 
-    ``lengths`` is the host copy of the sequence lengths, so nothing in the forward pass syncs.
+    ``lengths`` and ``max_seqlen`` are host values, so nothing in the forward pass waits on the device.
+    A batch made from padded tensors (``Encoder.pack``) also remembers where each token came from
+    (``index`` into the flattened ``(batch, seq)`` layout), so ``pad`` can put the padding back.
     """
 
     input_ids: torch.Tensor  # (tokens,) int64
@@ -129,14 +144,22 @@ class PackedBatch:
     token_type_ids: torch.Tensor | None  # (tokens,) int64; None when the model has no token types
     cu_seqlens: torch.Tensor  # (batch + 1,) int32
     lengths: tuple[int, ...]
-
-    @property
-    def max_seqlen(self) -> int:
-        return max(self.lengths, default=0)
+    max_seqlen: int
+    index: torch.Tensor | None = None  # (tokens,) int64 flat positions in the padded (batch, seq) layout
+    shape: tuple[int, int] | None = None  # (batch, seq) of the padded layout
 
     @property
     def num_tokens(self) -> int:
         return sum(self.lengths)
+
+    def pad(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``(tokens, hidden)`` -> ``(batch, seq, hidden)`` with exact zeros at the padded positions."""
+        if self.index is None or self.shape is None:
+            raise ValueError("this PackedBatch was not made from padded tensors (Encoder.pack); nothing to pad back to")
+        batch, seq = self.shape
+        out = hidden.new_zeros(batch * seq, hidden.shape[-1])
+        out[self.index] = hidden
+        return out.view(batch, seq, hidden.shape[-1])
 
 
 class Encoder:
@@ -145,7 +168,7 @@ class Encoder:
     def __init__(self, config: EncoderConfig, tensors: dict[str, torch.Tensor], *, device: torch.device,
                  dtype: torch.dtype, backend: str, ops: ModuleType, tokenizer=None,
                  sentence: SentenceConfig | None = None, head_tensors: dict | None = None,
-                 path: Path | None = None):
+                 path: Path | None = None, cuda_graphs: bool | None = None):
         self.config = config
         self.path = path  # the directory holding config.json and the weights
         self.device = device
@@ -159,11 +182,12 @@ class Encoder:
         self._tensors = tensors
         unique = [Layer.from_tensors(tensors, i) for i in range(checkpoint.num_unique_layers(config))]
         self._layers = [unique[i] for i in checkpoint.layer_schedule(config)]
+        self._graphs = GraphRunner(self) if resolve_cuda_graphs(cuda_graphs, device, backend) else None
 
     # ----------------------------------------------------------------------------------------- loading
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None, *, device=None, dtype=None,
-                        backend: str | None = None) -> "Encoder":
+                        backend: str | None = None, cuda_graphs: bool | None = None) -> "Encoder":
         directory = default_model_path() if path is None else Path(path)
         if not directory.is_dir():
             raise LoadError(f"{directory}: not a directory (fastenc loads a local Hugging Face checkpoint directory)")
@@ -182,7 +206,29 @@ class Encoder:
         if tokenizer is None and model_dir != directory:
             tokenizer = load_tokenizer(directory)
         return cls(config, tensors, device=device, dtype=dtype, backend=backend, ops=ops, tokenizer=tokenizer,
-                   sentence=sentence, head_tensors=head_tensors, path=model_dir)
+                   sentence=sentence, head_tensors=head_tensors, path=model_dir, cuda_graphs=cuda_graphs)
+
+    @classmethod
+    def from_state_dict(cls, config: dict | EncoderConfig, state_dict: dict[str, torch.Tensor], *, device=None,
+                        dtype=None, backend: str | None = None, tokenizer=None) -> "Encoder":
+        """An encoder over in-memory tensors: ``config`` as in config.json, ``state_dict`` a model's ``state_dict()``.
+
+        ``device`` defaults to the tensors' device. Tensors already on the device in ``dtype`` are shared,
+        not copied (``fastenc.optimize`` builds its encoder this way).
+        """
+        if not isinstance(config, EncoderConfig):
+            config = EncoderConfig.from_dict(dict(config), source="config")
+        if device is None:
+            device = next((t.device for t in state_dict.values() if isinstance(t, torch.Tensor)), "cpu")
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device)
+        backend, ops = resolve_backend(backend, device)
+        files = checkpoint.StateDictSource(state_dict, device)
+        tensors, prefix = checkpoint.load_encoder(files, config, dtype)
+        head_tensors, head_keys = task_heads.load_heads(files, config, dtype, prefix)
+        checkpoint.warn_unused(files, checkpoint.used_keys(checkpoint.encoder_names(config), prefix) | head_keys)
+        return cls(config, tensors, device=device, dtype=dtype, backend=backend, ops=ops, tokenizer=tokenizer,
+                   head_tensors=head_tensors)
 
     def __repr__(self) -> str:
         c = self.config
@@ -190,6 +236,7 @@ class Encoder:
                 f"heads={c.num_attention_heads}, device={self.device}, dtype={self.dtype}, backend={self.backend!r})")
 
     # ----------------------------------------------------------------------------------------- forward
+    @torch.inference_mode()
     def forward_packed(self, batch: PackedBatch) -> torch.Tensor:
         """The encoder on packed tokens: ``(tokens, hidden)`` in the encoder's dtype."""
         ops, c, t = self._ops, self.config, self._tensors
@@ -211,17 +258,36 @@ class Encoder:
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
         """The last hidden state ``(batch, seq, hidden)``; exactly 0 where the mask is 0."""
+        packed = self.pack(input_ids, attention_mask, token_type_ids)
+        return packed.pad(self._run(packed))
+
+    def pack(self, input_ids, attention_mask=None, token_type_ids=None) -> PackedBatch:
+        """Validate padded inputs and keep their real tokens: the packed form ``forward_packed`` takes."""
         ids, mask, types = self._check_inputs(input_ids, attention_mask, token_type_ids)
-        batch_size, seq = ids.shape
         keep = mask.reshape(-1).nonzero().squeeze(1)  # (tokens,) flat positions of real tokens
-        packed = self._pack(ids.reshape(-1)[keep], self._positions(ids).reshape(-1)[keep],
-                            types.reshape(-1)[keep], mask.sum(1).tolist())
-        out = torch.zeros(batch_size * seq, self.config.hidden_size, dtype=self.dtype, device=self.device)
-        if packed.num_tokens:
-            with torch.inference_mode():
-                hidden = self.forward_packed(packed)
-            out[keep.to(self.device)] = hidden
-        return out.view(batch_size, seq, self.config.hidden_size)
+        return self._pack(ids.reshape(-1)[keep], self._positions(ids).reshape(-1)[keep], types.reshape(-1)[keep],
+                          mask.sum(1).tolist(), index=keep, shape=tuple(ids.shape))
+
+    def pack_texts(self, texts: str | Sequence[str], *, max_length: int | None = None,
+                   truncate: bool = True) -> PackedBatch:
+        """Tokenize texts straight into the packed form (no padding is ever made)."""
+        return self._pack_encodings(self._encode(_check_texts(texts), max_length, truncate))
+
+    def _run(self, batch: PackedBatch) -> torch.Tensor:
+        """``forward_packed``, replayed from a CUDA graph when the batch is small enough for one."""
+        if batch.num_tokens == 0:
+            return torch.zeros(0, self.config.hidden_size, dtype=self.dtype, device=self.device)
+        if self._graphs is not None and self._graphs.fits(batch):
+            return self._graphs.run(batch)
+        return self.forward_packed(batch)
+
+    def warmup(self) -> None:
+        """Compile the kernels and capture every CUDA graph bucket now, so no real call pays for it."""
+        if self._graphs is not None:
+            self._graphs.capture_all()
+        else:
+            ids = torch.full((1, min(8, self.config.max_length)), self.config.pad_token_id + 1)
+            self(ids % self.config.vocab_size)
 
     def _positions(self, ids: torch.Tensor) -> torch.Tensor:
         """Position ids as transformers computes them: 0.. per row, or RoBERTa's count of non-padding."""
@@ -230,8 +296,8 @@ class Encoder:
             return torch.cumsum(not_pad, dim=1) * not_pad + self.config.pad_token_id
         return torch.arange(ids.shape[1]).expand_as(ids)
 
-    def _pack(self, ids: torch.Tensor, positions: torch.Tensor, types: torch.Tensor,
-              lengths: list[int]) -> PackedBatch:
+    def _pack(self, ids: torch.Tensor, positions: torch.Tensor, types: torch.Tensor, lengths: list[int],
+              index: torch.Tensor | None = None, shape: tuple[int, int] | None = None) -> PackedBatch:
         """Host tensors of real tokens -> a PackedBatch on the device."""
         cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
         torch.cumsum(torch.tensor(lengths, dtype=torch.int32), 0, out=cu[1:])
@@ -242,6 +308,9 @@ class Encoder:
             token_type_ids=types.to(device, non_blocking=True) if self.config.type_vocab_size else None,
             cu_seqlens=cu.to(device, non_blocking=True),
             lengths=tuple(lengths),
+            max_seqlen=max(lengths, default=0),
+            index=index.to(device, non_blocking=True) if index is not None else None,
+            shape=shape,
         )
 
     def _check_inputs(self, input_ids, attention_mask, token_type_ids):
@@ -331,12 +400,17 @@ class Encoder:
 
     def embed(self, texts: str | Sequence[str], *, batch_size: int = 32, max_length: int | None = None,
               truncate: bool = True, pooling: str | None = None, normalize: bool | None = None,
-              progress: bool | None = None) -> torch.Tensor:
-        """One float32 CPU vector per text; a text's vector does not depend on its neighbours."""
+              progress: bool | None = None, max_tokens: int = DEFAULT_MAX_TOKENS) -> torch.Tensor:
+        """One float32 CPU vector per text; a text's vector does not depend on its neighbours.
+
+        Texts are sorted by length and packed into batches of at most ``max_tokens`` real tokens and
+        ``batch_size`` texts (a text longer than the budget goes alone); the result is in the caller's order.
+        """
         single = isinstance(texts, str)
         texts = _check_texts(texts)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
+        for name, value in (("batch_size", batch_size), ("max_tokens", max_tokens)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"{name} must be a positive int, got {value!r}")
         sentence = self._sentence
         if sentence is not None and sentence.unsupported_modules:
             raise FastencError(f"embed() cannot reproduce the sentence-transformers modules "
@@ -349,24 +423,17 @@ class Encoder:
             normalize = bool(sentence and sentence.normalize)
 
         encodings = self._encode(texts, max_length, truncate)
-        order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids), reverse=True)
+        batches = token_budget_batches([len(e.ids) for e in encodings], batch_size, max_tokens)
         out = torch.zeros(len(texts), self.config.hidden_size, dtype=torch.float32)
-        starts = range(0, len(order), batch_size)
         if progress is None:
             progress = len(texts) >= _PROGRESS_MIN_TEXTS and sys.stderr.isatty()
         if progress:
             from tqdm.auto import tqdm
 
-            starts = tqdm(starts, desc="embed", unit="batch", file=sys.stderr)
-        for start in starts:
-            rows = order[start:start + batch_size]
+            batches = tqdm(batches, desc="embed", unit="batch", file=sys.stderr)
+        for rows in batches:
             packed = self._pack_encodings([encodings[i] for i in rows])
-            with torch.inference_mode():
-                hidden = self.forward_packed(packed) if packed.num_tokens else \
-                    torch.zeros(0, self.config.hidden_size, dtype=self.dtype, device=self.device)
-                vectors = pool(hidden, list(packed.lengths), pooling)
-                if normalize:
-                    vectors = torch.nn.functional.normalize(vectors, p=2.0, dim=1)
+            vectors = pool(self._run(packed), list(packed.lengths), pooling, normalize=normalize)
             out[rows] = vectors.cpu()
         return out[0] if single else out
 
@@ -388,6 +455,22 @@ class Encoder:
             seen = seen - torch.repeat_interleave(before, counts)
             positions = seen * not_pad + self.config.pad_token_id
         return self._pack(ids, positions, types, lengths)
+
+
+def token_budget_batches(lengths: list[int], batch_size: int, max_tokens: int) -> list[list[int]]:
+    """Indices of texts grouped longest first: each group holds at most ``batch_size`` texts and, unless
+    a single text is longer, at most ``max_tokens`` tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
+    batches, current, tokens = [], [], 0
+    for i in order:
+        if current and (len(current) == batch_size or tokens + lengths[i] > max_tokens):
+            batches.append(current)
+            current, tokens = [], 0
+        current.append(i)
+        tokens += lengths[i]
+    if current:
+        batches.append(current)
+    return batches
 
 
 def _as_tensor(value, name: str) -> torch.Tensor:

@@ -86,11 +86,12 @@ def _pooling_mode(path: Path) -> str:
     return modes[0]
 
 
-def pool(hidden: torch.Tensor, lengths: list[int], mode: str) -> torch.Tensor:
+def pool(hidden: torch.Tensor, lengths: list[int], mode: str, *, normalize: bool = False) -> torch.Tensor:
     """Pool packed token vectors ``(tokens, hidden)`` into ``(len(lengths), hidden)`` float32 vectors.
 
-    Each sequence is reduced on its own slice, so its vector does not depend on the other sequences
-    (no reduction across the batch, no atomics). An empty sequence pools to zeros.
+    Each sequence is reduced (and L2-normalised) on its own slice, so its vector does not depend on the
+    other sequences, bit for bit: no reduction across the batch, no atomics, no kernel whose shape
+    depends on the batch. An empty sequence pools to zeros.
     """
     out = hidden.new_zeros(len(lengths), hidden.shape[-1], dtype=torch.float32)
     for row, tokens in enumerate(hidden.float().split(lengths)):
@@ -106,4 +107,6 @@ def pool(hidden: torch.Tensor, lengths: list[int], mode: str) -> torch.Tensor:
             out[row] = tokens.sum(0) / tokens.shape[0] ** 0.5
         else:
             raise ValueError(f"unknown pooling {mode!r}; expected one of {POOLING_MODES}")
+        if normalize:  # as torch.nn.functional.normalize, one row at a time
+            out[row] /= out[row].norm().clamp_min(1e-12)
     return out
