@@ -22,6 +22,7 @@ from . import checkpoint, heads as task_heads, reference
 from .config import EncoderConfig
 from .errors import BackendError, FastencError, InputError, LoadError
 from .graphs import GraphRunner
+from .packing import PackedBatch, token_budget_batches
 from .pooling import POOLING_MODES, SentenceConfig, pool
 from .tokenize import encode, load_tokenizer
 
@@ -128,38 +129,6 @@ class Layer:
         # field "attn_out_weight" <- tensor "layers.{index}.attn_out.weight"
         return cls(**{f.name: tensors[f"layers.{index}." + ".".join(f.name.rsplit("_", 1))]
                       for f in dataclasses.fields(cls)})
-
-
-@dataclasses.dataclass(frozen=True)
-class PackedBatch:
-    """Real tokens only: ``(tokens,)`` id tensors on the device and the sequence offsets.
-
-    ``lengths`` and ``max_seqlen`` are host values, so nothing in the forward pass waits on the device.
-    A batch made from padded tensors (``Encoder.pack``) also remembers where each token came from
-    (``index`` into the flattened ``(batch, seq)`` layout), so ``pad`` can put the padding back.
-    """
-
-    input_ids: torch.Tensor  # (tokens,) int64
-    position_ids: torch.Tensor  # (tokens,) int64
-    token_type_ids: torch.Tensor | None  # (tokens,) int64; None when the model has no token types
-    cu_seqlens: torch.Tensor  # (batch + 1,) int32
-    lengths: tuple[int, ...]
-    max_seqlen: int
-    index: torch.Tensor | None = None  # (tokens,) int64 flat positions in the padded (batch, seq) layout
-    shape: tuple[int, int] | None = None  # (batch, seq) of the padded layout
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(self.lengths)
-
-    def pad(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``(tokens, hidden)`` -> ``(batch, seq, hidden)`` with exact zeros at the padded positions."""
-        if self.index is None or self.shape is None:
-            raise ValueError("this PackedBatch was not made from padded tensors (Encoder.pack); nothing to pad back to")
-        batch, seq = self.shape
-        out = hidden.new_zeros(batch * seq, hidden.shape[-1])
-        out[self.index] = hidden
-        return out.view(batch, seq, hidden.shape[-1])
 
 
 class Encoder:
@@ -455,22 +424,6 @@ class Encoder:
             seen = seen - torch.repeat_interleave(before, counts)
             positions = seen * not_pad + self.config.pad_token_id
         return self._pack(ids, positions, types, lengths)
-
-
-def token_budget_batches(lengths: list[int], batch_size: int, max_tokens: int) -> list[list[int]]:
-    """Indices of texts grouped longest first: each group holds at most ``batch_size`` texts and, unless
-    a single text is longer, at most ``max_tokens`` tokens."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
-    batches, current, tokens = [], [], 0
-    for i in order:
-        if current and (len(current) == batch_size or tokens + lengths[i] > max_tokens):
-            batches.append(current)
-            current, tokens = [], 0
-        current.append(i)
-        tokens += lengths[i]
-    if current:
-        batches.append(current)
-    return batches
 
 
 def _as_tensor(value, name: str) -> torch.Tensor:

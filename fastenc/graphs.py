@@ -26,6 +26,8 @@ import dataclasses
 
 import torch
 
+from .packing import PackedBatch
+
 MIN_TOKENS = 64
 MIN_SEQLEN = 32
 
@@ -102,8 +104,6 @@ class GraphRunner:
                     self._capture(tokens, seqlen)
 
     def _capture(self, tokens: int, seqlen: int) -> _Graph:
-        from .encoder import PackedBatch
-
         encoder = self._encoder
         device = encoder.device
         while len(self._graphs) >= self.max_graphs:

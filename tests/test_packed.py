@@ -7,7 +7,7 @@ from checkpoints import FAMILIES, hf_last_hidden_state, make_checkpoint
 
 import fastenc
 from fastenc.check import compare
-from fastenc.encoder import PackedBatch, token_budget_batches
+from fastenc.packing import PackedBatch, token_budget_batches
 
 TEXTS = [
     "the cat sat on the mat",
