@@ -112,3 +112,19 @@ def test_bert_base_on_cuda(tmp_path, dtype):
     result = compare("last_hidden_state", out, reference, baseline, mask=mask)
     assert result.ok, result.line()
     assert (out[mask == 0] == 0).all()
+
+
+def test_triton_forward_calls_no_torch_attention_softmax_layer_norm_or_gelu(family_dir, monkeypatch):
+    family, path = family_dir
+    encoder = fastenc.Encoder.from_pretrained(path, backend="triton")
+    ids, mask, types = _batch(encoder, family, [9, 4], seed=9)
+    expected = encoder(ids, mask, types)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the Triton backend called a torch op it must replace")
+
+    for name in ("scaled_dot_product_attention", "softmax", "layer_norm", "gelu", "relu"):
+        monkeypatch.setattr(torch.nn.functional, name, forbidden)
+    for name in ("softmax", "layer_norm", "relu"):
+        monkeypatch.setattr(torch, name, forbidden)
+    assert torch.equal(encoder(ids, mask, types), expected)
