@@ -1,4 +1,4 @@
-"""The ``fastenc`` command line: ``embed``, ``check``, ``info`` (and ``bench``).
+"""The ``fastenc`` command line: ``embed``, ``run``, ``check``, ``info`` (and ``bench``).
 
 User errors print one line to stderr and exit with status 2, without a traceback.
 """
@@ -76,6 +76,66 @@ def _check(args) -> int:
     return 0 if all(r.ok for r in results) else 1
 
 
+def _top_k(value: str) -> int | str:
+    if value == "all":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive int or 'all', got {value!r}") from None
+
+
+def _run(args) -> int:
+    from .pipelines import pipeline
+
+    options = {name: getattr(args, name) for name in ("top_k", "aggregation_strategy", "max_answer_len")
+               if getattr(args, name, None) is not None}
+    if options.get("top_k") == "all":
+        options["top_k"] = None
+    if args.task != "question-answering" and not args.texts and args.file is None:
+        raise UserError(f"no texts for {args.task}: give TEXT arguments or --file PATH (or - for standard input)")
+    task = pipeline(args.task, args.model, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+                    backend=args.backend)
+    if args.task == "question-answering":
+        results = [task(question=args.question, context=args.context, **options)]
+    else:
+        texts = _read_texts(args)
+        results = task(texts, **options)  # one output per text, as a batched call gives them
+        if len(texts) == 1 and args.task == "fill-mask":
+            results = [results]  # fill-mask unwraps a list of one text, as transformers does
+    for result in results:
+        sys.stdout.write(json.dumps(result, ensure_ascii=False) + "\n")
+    return 0
+
+
+def _add_run(commands) -> None:
+    run = commands.add_parser("run", help="run a task pipeline: one JSON line of output per input")
+    tasks = run.add_subparsers(dest="task", required=True, metavar="TASK")
+    for task, help_text in (("fill-mask", "the likeliest tokens at each mask token"),
+                            ("text-classification", "labels and scores for each text"),
+                            ("token-classification", "entities with their words and character offsets"),
+                            ("question-answering", "the answer span of --context to --question")):
+        parser = tasks.add_parser(task, help=help_text)
+        _load_args(parser)
+        parser.add_argument("--batch-size", type=int, default=32)
+        if task == "question-answering":
+            parser.add_argument("--question", required=True)
+            parser.add_argument("--context", required=True, help="the text holding the answer")
+            parser.add_argument("--max-answer-len", type=int, metavar="N", help="in tokens (default 15)")
+            parser.add_argument("--top-k", type=int, metavar="K", help="answers to return (default 1)")
+        else:
+            parser.add_argument("--file", metavar="PATH", help="one text per line; - reads standard input")
+            parser.add_argument("texts", nargs="*", metavar="TEXT")
+        if task == "fill-mask":
+            parser.add_argument("--top-k", type=int, metavar="K", help="tokens per mask (default 5)")
+        elif task == "text-classification":
+            parser.add_argument("--top-k", type=_top_k, metavar="K", help="labels per text, or 'all' (default: "
+                                "the best label, as a single result)")
+        elif task == "token-classification":
+            parser.add_argument("--aggregation-strategy", choices=("none", "simple", "first", "average", "max"))
+        parser.set_defaults(run=_run)
+
+
 def _info(args) -> int:
     import platform
 
@@ -113,6 +173,12 @@ def _info(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    from .bench import run_from_args
+
+    return run_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastenc", description="Fast BERT-family encoders on Triton kernels.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -131,8 +197,26 @@ def build_parser() -> argparse.ArgumentParser:
     _load_args(check)
     check.set_defaults(run=_check)
 
+    _add_run(commands)
+
     info = commands.add_parser("info", help="versions, device, default backend, kernels")
     info.set_defaults(run=_info)
+
+    bench = commands.add_parser("bench", help="fastenc side by side with transformers and torch; writes results")
+    bench.add_argument("--suite", choices=("e2e", "kernel", "all"), default="all")
+    bench.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    bench.add_argument("--dtype", help="comma-separated fp16,bf16,fp32 (default: fp16,bf16 on CUDA, fp32 on the CPU)")
+    bench.add_argument("--quick", action="store_true", help="small shapes, few runs: a smoke test, not a result")
+    bench.add_argument("--output", metavar="DIR", default="benchmarks/results",
+                       help="where the .json, .md and .png go (default: benchmarks/results)")
+    bench.add_argument("--models", help="comma-separated: bert-base, bert-base-2l, minilm "
+                                        "(default: bert-base,minilm on CUDA; minilm,bert-base-2l on the CPU)")
+    bench.add_argument("--providers", help="comma-separated subset of the providers (default: all that can run)")
+    bench.add_argument("--backend", choices=("torch", "triton"), help="fastenc's backend (default: the device's)")
+    bench.add_argument("--repeats", type=int, help="timed rounds on the CPU, minimum timed runs on CUDA")
+    bench.add_argument("--readme", metavar="PATH", help="also put the table between this README's "
+                                                        "<!-- fastenc-bench:start/end --> markers")
+    bench.set_defaults(run=_bench)
     return parser
 
 

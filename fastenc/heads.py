@@ -2,45 +2,332 @@
 
 Each head is a declarative table per family, like the encoder's (``checkpoint.py``): fastenc name ->
 checkpoint name. Names starting with ``"@"`` are relative to the encoder's base prefix (``bert.`` …);
-the others are absolute (task heads live beside the base model, not under it).
+the others are absolute (task heads live beside the base model, not under it). ``"a|b"`` lists
+alternative names: the first one present is read, and the others count as used. (The MLM decoder's
+bias is the one its forward adds; transformers saves it as ``cls.predictions.bias`` when it is tied to
+it, and writes both when the decoder is untied.)
+
+What each family computes (transformers' modeling files, v5):
+
+* pooler: ``tanh(dense(first token))`` (BERT, RoBERTa-likes, ALBERT).
+* masked LM: ``decoder(LayerNorm(act(dense(h))))`` through the fused ``ops.gelu_layer_norm``; the decoder
+  weight is the word embedding matrix when the checkpoint ties them (it is then absent from the file,
+  and the encoder's own tensor is reused, not copied). Logits are computed only at the asked positions.
+  The activation is the encoder's for BERT, DistilBERT and ALBERT, exact GELU for RoBERTa and ELECTRA.
+* sequence classification: BERT and ALBERT ``classifier(pooler)``; RoBERTa-likes
+  ``out_proj(tanh(dense(first)))``; DistilBERT ``classifier(relu(pre_classifier(first)))``; ELECTRA
+  ``out_proj(gelu(dense(first)))``.
+* token classification: ``classifier(h)`` on every token; question answering: ``qa_outputs(h)`` ->
+  start and end logits.
+
+BERT's and ALBERT's sequence and token classifiers have the same tensor names (``classifier.*``), so
+which one a checkpoint holds is read from ``config.json``'s ``architectures``; without it, a pooler
+means sequence classification (``*ForTokenClassification`` is built without one). A head with some but
+not all of its tensors is a ``LoadError`` naming the missing ones.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
 from . import checkpoint
 from .config import EncoderConfig
+from .errors import LoadError
 
 HEAD_NAMES = ("pooler", "mlm", "sequence_classification", "token_classification", "question_answering")
+_CLASSIFIERS = ("sequence_classification", "token_classification")
 
-_BERT_POOLER = {"pooler.weight": "@pooler.dense.weight", "pooler.bias": "@pooler.dense.bias"}
 
-HEAD_MAPS: dict[str, dict[str, dict[str, str]]] = {
-    "bert": {"pooler": _BERT_POOLER},
-    "roberta": {"pooler": _BERT_POOLER},
-    "xlm-roberta": {"pooler": _BERT_POOLER},
-    "camembert": {"pooler": _BERT_POOLER},
-    "distilbert": {},
-    "electra": {},
-    "albert": {"pooler": {"pooler.weight": "@pooler.weight", "pooler.bias": "@pooler.bias"}},
+@dataclasses.dataclass(frozen=True)
+class HeadSpec:
+    """One head of one family: its tensors and how it computes."""
+
+    tensors: dict[str, str]  # fastenc name -> checkpoint name ("@" relative to the base prefix, "a|b" alternatives)
+    activation: str | None = None  # canonical ops activation; "config" = the encoder's own
+    tied: str | None = None  # fastenc name that may be absent and then is the word embedding matrix
+    requires: tuple[str, ...] = ()  # heads this one runs on (BERT's classifier runs on the pooler)
+
+
+def _linear(ours: str, theirs: str) -> dict[str, str]:
+    return {f"{ours}.weight": f"{theirs}.weight", f"{ours}.bias": f"{theirs}.bias"}
+
+
+def _mlm(dense: str, norm: str, decoder_weight: str, decoder_bias: str, activation: str) -> HeadSpec:
+    return HeadSpec({**_linear("mlm.dense", dense), **_linear("mlm.norm", norm),
+                     "mlm.decoder.weight": decoder_weight, "mlm.decoder.bias": decoder_bias},
+                    activation=activation, tied="mlm.decoder.weight")
+
+
+_TOKEN = HeadSpec(_linear("token", "classifier"))
+_QA = HeadSpec(_linear("qa", "qa_outputs"))
+_BERT_POOLER = HeadSpec(_linear("pooler", "@pooler.dense"), activation="tanh")
+_ROBERTA_HEADS = {
+    "pooler": _BERT_POOLER,
+    "mlm": _mlm("lm_head.dense", "lm_head.layer_norm", "lm_head.decoder.weight", "lm_head.decoder.bias|lm_head.bias",
+                "gelu"),
+    "sequence_classification": HeadSpec({**_linear("seq.dense", "classifier.dense"),
+                                         **_linear("seq.out", "classifier.out_proj")}, activation="tanh"),
+    "token_classification": _TOKEN,
+    "question_answering": _QA,
 }
+
+HEAD_SPECS: dict[str, dict[str, HeadSpec]] = {
+    "bert": {
+        "pooler": _BERT_POOLER,
+        "mlm": _mlm("cls.predictions.transform.dense", "cls.predictions.transform.LayerNorm",
+                    "cls.predictions.decoder.weight", "cls.predictions.decoder.bias|cls.predictions.bias", "config"),
+        "sequence_classification": HeadSpec(_linear("seq.out", "classifier"), requires=("pooler",)),
+        "token_classification": _TOKEN,
+        "question_answering": _QA,
+    },
+    "roberta": _ROBERTA_HEADS,
+    "xlm-roberta": _ROBERTA_HEADS,
+    "camembert": _ROBERTA_HEADS,
+    "distilbert": {
+        "mlm": _mlm("vocab_transform", "vocab_layer_norm", "vocab_projector.weight", "vocab_projector.bias", "config"),
+        "sequence_classification": HeadSpec({**_linear("seq.dense", "pre_classifier"),
+                                             **_linear("seq.out", "classifier")}, activation="relu"),
+        "token_classification": _TOKEN,
+        "question_answering": _QA,
+    },
+    "electra": {
+        "mlm": _mlm("generator_predictions.dense", "generator_predictions.LayerNorm", "generator_lm_head.weight",
+                    "generator_lm_head.bias", "gelu"),
+        "sequence_classification": HeadSpec({**_linear("seq.dense", "classifier.dense"),
+                                             **_linear("seq.out", "classifier.out_proj")}, activation="gelu"),
+        "token_classification": _TOKEN,
+        "question_answering": _QA,
+    },
+    "albert": {
+        "pooler": HeadSpec(_linear("pooler", "@pooler"), activation="tanh"),
+        "mlm": _mlm("predictions.dense", "predictions.LayerNorm", "predictions.decoder.weight",
+                    "predictions.decoder.bias|predictions.bias", "config"),
+        "sequence_classification": HeadSpec(_linear("seq.out", "classifier"), requires=("pooler",)),
+        "token_classification": _TOKEN,
+        "question_answering": _QA,
+    },
+}
+
+# ``architectures`` suffix -> the heads such a model has (None: any; the pooler is always allowed).
+_ARCHITECTURE_HEADS = {
+    "ForSequenceClassification": {"sequence_classification"},
+    "ForTokenClassification": {"token_classification"},
+    "ForQuestionAnswering": {"question_answering"},
+    "ForMaskedLM": {"mlm"},
+    "ForPreTraining": {"mlm"},
+    "Model": set(),
+}
+_BASE_PREFIX = {"bert": "bert.", "roberta": "roberta.", "xlm-roberta": "roberta.", "camembert": "roberta.",
+                "distilbert": "distilbert.", "electra": "electra.", "albert": "albert."}
+
+
+# ----------------------------------------------------------------------------------------------- config
+def num_labels(config: EncoderConfig) -> int:
+    """The classifier's output size as transformers reads it: ``len(id2label)``, else ``num_labels``, else 2."""
+    id2label = config.raw.get("id2label")
+    if isinstance(id2label, dict) and id2label:
+        return len(id2label)
+    return int(config.raw.get("num_labels", 2))
+
+
+def id2label(config: EncoderConfig) -> dict[int, str]:
+    """Label names by index; ``LABEL_{i}`` where config.json names none (transformers' default)."""
+    raw = config.raw.get("id2label")
+    names = {int(k): str(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
+    return {i: names.get(i, f"LABEL_{i}") for i in range(num_labels(config))}
 
 
 def head_shapes(config: EncoderConfig) -> dict[str, tuple[int, ...]]:
-    H = config.hidden_size
-    return {"pooler.weight": (H, H), "pooler.bias": (H,)}
+    H, V, L = config.hidden_size, config.vocab_size, num_labels(config)
+    E = config.embedding_size if config.model_type in ("electra", "albert") else H  # the MLM transform's width
+    return {
+        "pooler.weight": (H, H), "pooler.bias": (H,),
+        "mlm.dense.weight": (E, H), "mlm.dense.bias": (E,),
+        "mlm.norm.weight": (E,), "mlm.norm.bias": (E,),
+        "mlm.decoder.weight": (V, E), "mlm.decoder.bias": (V,),
+        "seq.dense.weight": (H, H), "seq.dense.bias": (H,),
+        "seq.out.weight": (L, H), "seq.out.bias": (L,),
+        "token.weight": (L, H), "token.bias": (L,),
+        "qa.weight": (2, H), "qa.bias": (2,),
+    }
+
+
+def _architecture_heads(config: EncoderConfig) -> set[str] | None:
+    """The heads ``config.json``'s ``architectures`` names, or None when it names nothing we know."""
+    architectures = config.raw.get("architectures") or []
+    if not isinstance(architectures, list) or not architectures:
+        return None
+    for suffix, heads in _ARCHITECTURE_HEADS.items():
+        if str(architectures[0]).endswith(suffix):
+            return set(heads)
+    return set()  # e.g. *ForMultipleChoice: none of our heads
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def _resolve(spec: HeadSpec, prefix: str, present, tie_allowed: bool) -> tuple[dict[str, str], list[str], set[str]]:
+    """(fastenc name -> key found, checkpoint names missing, other alternatives present) for one head."""
+    found, missing, others = {}, [], set()
+    for ours, theirs in spec.tensors.items():
+        names = [prefix + name[1:] if name.startswith("@") else name for name in theirs.split("|")]
+        keys = [name for name in names if name in present]
+        if keys:
+            found[ours] = keys[0]
+            others.update(keys[1:])
+        elif not (ours == spec.tied and tie_allowed):
+            missing.append(names[0])
+    return found, missing, others
+
+
+def _survey(config: EncoderConfig, prefix: str, present) -> tuple[dict, dict, set[str]]:
+    """The family's heads: complete ``{head: found}``, incomplete ``{head: (found, missing)}``, and the
+    alternative names present beside those the complete heads read."""
+    specs = HEAD_SPECS[config.model_type]
+    allowed = _architecture_heads(config)
+    tie_allowed = config.raw.get("tie_word_embeddings", True) is not False
+    complete, partial, others = {}, {}, {}
+    for head, spec in specs.items():
+        if allowed is not None and head != "pooler" and head not in allowed:
+            continue  # the checkpoint says it is another model; its tensors are someone else's
+        found, missing, others[head] = _resolve(spec, prefix, present, tie_allowed)
+        for required in spec.requires:
+            missing += _resolve(specs[required], prefix, present, tie_allowed)[1]
+        if not missing:
+            complete[head] = found
+        elif found:
+            partial[head] = (found, missing)
+    if all(head in complete for head in _CLASSIFIERS):
+        # Same tensors, two readings (BERT/ALBERT ``classifier.*``; DistilBERT's token classifier is a
+        # subset of its sequence classifier): the larger head wins, and with equal ones the pooler decides.
+        seq, token = (set(complete[h].values()) for h in _CLASSIFIERS)
+        keep_seq = seq > token or (seq == token and "pooler" in complete)
+        del complete["token_classification" if keep_seq else "sequence_classification"]
+    return complete, partial, {key for head in complete for key in others[head]}
 
 
 def load_heads(files: checkpoint.SafetensorsDir, config: EncoderConfig, dtype: torch.dtype,
                prefix: str) -> tuple[dict[str, dict[str, torch.Tensor]], set[str]]:
-    """The heads whose tensors are all in the checkpoint, and the checkpoint keys they read."""
+    """The heads whose tensors are all in the checkpoint, and the checkpoint keys they read.
+
+    ``files`` is anything with the interface of ``checkpoint.SafetensorsDir`` (``StateDictSource`` too).
+    """
+    complete, partial, alternatives = _survey(config, prefix, files.keys)
+    used = {key for found in complete.values() for key in found.values()}
+    for head, (found, missing) in partial.items():
+        stray = sorted(set(found.values()) - used)
+        if stray:
+            raise LoadError(f"{files.where(missing[0])}: the {head} head is incomplete: it has "
+                            f"{', '.join(map(repr, stray))} but is missing {', '.join(map(repr, missing))}")
     shapes = head_shapes(config)
-    loaded, used = {}, set()
-    for head, table in HEAD_MAPS[config.model_type].items():
-        resolved = {ours: prefix + theirs[1:] if theirs.startswith("@") else theirs for ours, theirs in table.items()}
-        if not all(key in files.keys for key in resolved.values()):
-            continue
-        loaded[head] = checkpoint.load_tensors(files, resolved, shapes, dtype)
-        used.update(resolved.values())
-    return loaded, used
+    loaded = {head: checkpoint.load_tensors(files, found, shapes, dtype) for head, found in complete.items()}
+    return loaded, used | alternatives
+
+
+def missing_tensors(encoder, head: str) -> list[str]:
+    """The checkpoint tensors ``encoder`` would need for ``head`` (for error messages)."""
+    config = encoder.config
+    specs = HEAD_SPECS[config.model_type]
+    if head not in specs:
+        return []
+    present, prefix = set(), _BASE_PREFIX[config.model_type]
+    if encoder.path is not None:  # name the tensors exactly as this checkpoint would hold them
+        try:
+            files = checkpoint.SafetensorsDir(encoder.path, torch.device("cpu"))
+            present, prefix = set(files.keys), checkpoint.find_base_prefix(files, config)
+        except LoadError:
+            pass
+    tie_allowed = config.raw.get("tie_word_embeddings", True) is not False
+    missing = []
+    for name in specs[head].requires + (head,):
+        missing += _resolve(specs[name], prefix, present, tie_allowed)[1]
+    return missing
+
+
+def require(encoder, head: str) -> None:
+    """Raise ``LoadError`` naming the missing tensors unless ``encoder`` has ``head``."""
+    if head in encoder.heads:
+        return
+    where = encoder.path if encoder.path is not None else "this encoder"
+    config = encoder.config
+    missing = ", ".join(map(repr, missing_tensors(encoder, head)))
+    allowed = _architecture_heads(config)
+    if allowed is not None and head != "pooler" and head not in allowed:
+        architecture = config.raw["architectures"][0]
+        raise LoadError(f"{where}: config.json's architectures names {architecture}, which has no {head} head"
+                        + (f" (missing tensor(s) {missing})" if missing else ""))
+    if not missing:
+        raise LoadError(f"{where}: fastenc has no {head} head for model_type {config.model_type!r}")
+    raise LoadError(f"{where}: the checkpoint has no {head} head: missing tensor(s) {missing}")
+
+
+# ------------------------------------------------------------------------------------------------ compute
+def _activation(encoder, head: str) -> str | None:
+    activation = HEAD_SPECS[encoder.config.model_type][head].activation
+    return encoder.config.activation if activation == "config" else activation
+
+
+def first_tokens(hidden: torch.Tensor, lengths) -> torch.Tensor:
+    """The first token of each packed sequence: ``(batch, hidden)``; every length must be positive."""
+    lengths = list(lengths)
+    if any(n <= 0 for n in lengths):
+        raise ValueError("every sequence needs at least one token to read its first token")
+    starts = torch.tensor([0] + lengths[:-1], dtype=torch.long).cumsum(0).to(hidden.device)
+    return hidden.index_select(0, starts)
+
+
+def pooled_output(encoder, hidden: torch.Tensor, lengths) -> torch.Tensor:
+    """The pooler: ``tanh(dense(first token))``, ``(batch, hidden)``."""
+    require(encoder, "pooler")
+    t = encoder._head_tensors["pooler"]
+    return torch.tanh(encoder._ops.linear(first_tokens(hidden, lengths), t["pooler.weight"], t["pooler.bias"]))
+
+
+def sequence_logits(encoder, hidden: torch.Tensor, lengths) -> torch.Tensor:
+    """Sequence classification logits ``(batch, num_labels)`` from packed ``(tokens, hidden)`` states."""
+    require(encoder, "sequence_classification")
+    ops, t = encoder._ops, encoder._head_tensors["sequence_classification"]
+    if "seq.dense.weight" in t:  # RoBERTa-likes, DistilBERT, ELECTRA: a hidden layer on the first token
+        activation = _activation(encoder, "sequence_classification")
+        x = first_tokens(hidden, lengths)
+        if activation == "tanh":  # not an ops activation; the pooler's tanh, through torch
+            x = torch.tanh(ops.linear(x, t["seq.dense.weight"], t["seq.dense.bias"]))
+        else:
+            x = ops.linear(x, t["seq.dense.weight"], t["seq.dense.bias"], activation)
+    else:  # BERT, ALBERT: the classifier reads the pooler
+        x = pooled_output(encoder, hidden, lengths)
+    return ops.linear(x, t["seq.out.weight"], t["seq.out.bias"])
+
+
+def token_logits(encoder, hidden: torch.Tensor) -> torch.Tensor:
+    """Token classification logits ``(tokens, num_labels)``."""
+    require(encoder, "token_classification")
+    t = encoder._head_tensors["token_classification"]
+    return encoder._ops.linear(hidden, t["token.weight"], t["token.bias"])
+
+
+def qa_logits(encoder, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Question answering start and end logits, ``(tokens,)`` each."""
+    require(encoder, "question_answering")
+    t = encoder._head_tensors["question_answering"]
+    logits = encoder._ops.linear(hidden, t["qa.weight"], t["qa.bias"])  # (T, 2)
+    return logits[:, 0], logits[:, 1]
+
+
+def mlm_logits(encoder, hidden: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+    """Masked-LM logits ``(len(index), vocab)`` at the packed token positions ``index`` (all when None).
+
+    Only the asked rows go through the head: the decoder GEMM, ``vocab x hidden`` per token, is most of
+    its cost, and a fill-mask call needs it at one or two tokens, not at every token.
+    """
+    require(encoder, "mlm")
+    ops, c, t = encoder._ops, encoder.config, encoder._head_tensors["mlm"]
+    if index is not None:
+        hidden = hidden.index_select(0, index.to(hidden.device))
+    x = ops.linear(hidden, t["mlm.dense.weight"], t["mlm.dense.bias"])  # (N, E)
+    x = ops.gelu_layer_norm(x, t["mlm.norm.weight"], t["mlm.norm.bias"], c.layer_norm_eps,
+                            _activation(encoder, "mlm"))
+    decoder = t.get("mlm.decoder.weight")
+    if decoder is None:  # tied: the word embeddings themselves, no copy
+        decoder = encoder._tensors["embeddings.word"]
+    return ops.linear(x, decoder, t["mlm.decoder.bias"])  # (N, vocab)

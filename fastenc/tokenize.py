@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tokenizers import Encoding, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers import AddedToken, Encoding, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE, WordPiece
 
 from .errors import InputError, LoadError
@@ -77,6 +77,17 @@ def _wordpiece(vocab: Path, settings: dict) -> Tokenizer:
     return tokenizer
 
 
+def _added_token(settings: dict, content: str, **defaults) -> AddedToken:
+    """A special token with the flags ``tokenizer_config.json``'s ``added_tokens_decoder`` gives it."""
+    flags = dict(defaults)
+    entries = settings.get("added_tokens_decoder")
+    for entry in entries.values() if isinstance(entries, dict) else ():
+        if isinstance(entry, dict) and entry.get("content") == content:
+            flags.update({k: bool(entry[k]) for k in ("lstrip", "rstrip", "single_word", "normalized") if k in entry})
+    flags.setdefault("normalized", False)
+    return AddedToken(content, special=True, **flags)
+
+
 def _byte_level_bpe(vocab: Path, merges: Path, settings: dict) -> Tokenizer:
     try:
         tokenizer = Tokenizer(BPE.from_file(str(vocab), str(merges)))
@@ -89,7 +100,10 @@ def _byte_level_bpe(vocab: Path, merges: Path, settings: dict) -> Tokenizer:
     specials = [cls, sep] + [_token(settings, name, default) for name, default in
                              (("bos_token", "<s>"), ("eos_token", "</s>"), ("unk_token", "<unk>"),
                               ("pad_token", "<pad>"), ("mask_token", "<mask>"))]
-    tokenizer.add_special_tokens([t for t in dict.fromkeys(specials) if tokenizer.token_to_id(t) is not None])
+    mask = _token(settings, "mask_token", "<mask>")
+    # RoBERTa's mask token takes the space before it (lstrip), as transformers' RobertaTokenizer defines it
+    tokenizer.add_special_tokens([_added_token(settings, t, lstrip=t == mask) for t in dict.fromkeys(specials)
+                                  if tokenizer.token_to_id(t) is not None])
     for token in (cls, sep):
         if tokenizer.token_to_id(token) is None:
             raise LoadError(f"{vocab}: special token {token!r} is not in the vocabulary")

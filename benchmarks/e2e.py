@@ -1,0 +1,13 @@
+"""End-to-end benchmark: ``fastenc bench --suite e2e`` (fastenc against transformers, same run).
+
+    python benchmarks/e2e.py [--device cuda|cpu] [--dtype fp16,bf16] [--quick] [--output DIR] ...
+
+A thin wrapper: the machinery is ``fastenc/bench.py``; every option of ``fastenc bench`` works here.
+"""
+
+import sys
+
+from fastenc.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["bench", "--suite", "e2e", *sys.argv[1:]]))
