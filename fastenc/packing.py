@@ -38,6 +38,8 @@ class PackedBatch:
         if self.index is None or self.shape is None:
             raise ValueError("this PackedBatch was not made from padded tensors (Encoder.pack); nothing to pad back to")
         batch, seq = self.shape
+        if self.num_tokens == batch * seq:  # no padding: the packed rows are already in (batch, seq) order
+            return hidden.view(batch, seq, hidden.shape[-1])
         out = hidden.new_zeros(batch * seq, hidden.shape[-1])
         out[self.index] = hidden
         return out.view(batch, seq, hidden.shape[-1])
