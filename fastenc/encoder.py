@@ -167,15 +167,11 @@ class Encoder:
         model_dir = sentence.transformer_dir
         config = EncoderConfig.from_file(model_dir / "config.json")
         files = checkpoint.SafetensorsDir(model_dir, device)
-        tensors, prefix = checkpoint.load_encoder(files, config, dtype)
-        head_tensors, head_keys = task_heads.load_heads(files, config, dtype, prefix)
-        used = checkpoint.used_keys(checkpoint.encoder_names(config), prefix)
-        checkpoint.warn_unused(files, used | head_keys)
         tokenizer = load_tokenizer(model_dir)
         if tokenizer is None and model_dir != directory:
             tokenizer = load_tokenizer(directory)
-        return cls(config, tensors, device=device, dtype=dtype, backend=backend, ops=ops, tokenizer=tokenizer,
-                   sentence=sentence, head_tensors=head_tensors, path=model_dir, cuda_graphs=cuda_graphs)
+        return cls._load(files, config, device=device, dtype=dtype, backend=backend, ops=ops, tokenizer=tokenizer,
+                         sentence=sentence, path=model_dir, cuda_graphs=cuda_graphs)
 
     @classmethod
     def from_state_dict(cls, config: dict | EncoderConfig, state_dict: dict[str, torch.Tensor], *, device=None,
@@ -193,11 +189,15 @@ class Encoder:
         dtype = resolve_dtype(dtype, device)
         backend, ops = resolve_backend(backend, device)
         files = checkpoint.StateDictSource(state_dict, device)
+        return cls._load(files, config, device=device, dtype=dtype, backend=backend, ops=ops, tokenizer=tokenizer)
+
+    @classmethod
+    def _load(cls, files, config: EncoderConfig, *, dtype: torch.dtype, **kwargs) -> "Encoder":
+        """Read the encoder's and the heads' tensors from ``files`` (a SafetensorsDir or StateDictSource)."""
         tensors, prefix = checkpoint.load_encoder(files, config, dtype)
         head_tensors, head_keys = task_heads.load_heads(files, config, dtype, prefix)
         checkpoint.warn_unused(files, checkpoint.used_keys(checkpoint.encoder_names(config), prefix) | head_keys)
-        return cls(config, tensors, device=device, dtype=dtype, backend=backend, ops=ops, tokenizer=tokenizer,
-                   head_tensors=head_tensors)
+        return cls(config, tensors, dtype=dtype, head_tensors=head_tensors, **kwargs)
 
     def __repr__(self) -> str:
         c = self.config
@@ -205,7 +205,7 @@ class Encoder:
                 f"heads={c.num_attention_heads}, device={self.device}, dtype={self.dtype}, backend={self.backend!r})")
 
     # ----------------------------------------------------------------------------------------- forward
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: callers (optimize's task heads) may feed the result to autograd
     def forward_packed(self, batch: PackedBatch) -> torch.Tensor:
         """The encoder on packed tokens: ``(tokens, hidden)`` in the encoder's dtype."""
         ops, c, t = self._ops, self.config, self._tensors
