@@ -2,7 +2,7 @@
 
     python benchmarks/kernels.py [--device cuda|cpu] [--dtype fp16,bf16] [--quick] [--output DIR] ...
 
-A thin wrapper: the machinery is ``fastenc/bench.py``; every option of ``fastenc bench`` works here.
+A thin wrapper: the machinery is the ``fastenc/bench/`` package; every option of ``fastenc bench`` works here.
 """
 
 import sys

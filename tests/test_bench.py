@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from fastenc import bench
+from fastenc.bench.kernels import _identity
 from fastenc.cli import main
 from fastenc.encoder import triton_interpreter_on
 
@@ -159,8 +160,8 @@ def test_failing_and_wrong_providers_are_reported_not_timed(monkeypatch, one_thr
     plan.providers = ["hf-sdpa", "load-raises", "call-raises", "wrong"]
     case = bench.add_layer_norm_case(2, 8, 32)
     case.providers = {"torch": case.providers["torch"],
-                      "kernel-raises": lambda inputs: (lambda: 1 / 0, bench._identity),
-                      "kernel-wrong": lambda inputs: (lambda: case.reference(inputs) * 2, bench._identity)}
+                      "kernel-raises": lambda inputs: (lambda: 1 / 0, _identity),
+                      "kernel-wrong": lambda inputs: (lambda: case.reference(inputs) * 2, _identity)}
     plan.kernel_cases = [case]
     report = bench.run(plan, quiet=True)
 

@@ -1,0 +1,77 @@
+"""``fastenc bench``: fastenc side by side with ``transformers`` and ``torch``, end to end and per kernel.
+
+    fastenc bench [--suite e2e|kernel|all] [--device cuda|cpu] [--dtype fp16,bf16] [--quick] [--output DIR]
+
+(also ``python benchmarks/e2e.py`` and ``python benchmarks/kernels.py``). Everything a run needs lives in
+this package, so the installed command works without the repository's ``benchmarks/`` folder:
+``measure`` (work counted, timing, memory and peak measurement), ``report`` (the Report, the results
+JSON, markdown, plot and README table), ``e2e`` and ``kernels`` (the two suites) and ``suite`` (the plan
+and the run); each imports only those before it in that list, never one after it.
+
+What is measured (STYLE point 11: the unit the hardware is judged by):
+
+* **e2e** — a whole encoder forward on a padded batch, for each provider in the same process: ``fastenc``
+  (the public ``encoder(input_ids, attention_mask, token_type_ids)`` call from CPU tensors: validation,
+  packing, host-to-device copies and the padded output included), ``fastenc-packed``
+  (``encoder.forward_packed`` on a prepared ``PackedBatch``: the kernels alone), ``hf-eager``,
+  ``hf-sdpa``, ``hf-compile`` (``torch.compile(dynamic=False)`` of the SDPA model) and ``hf-flash``
+  (flash_attention_2, when ``flash_attn`` is importable). The transformers models get their inputs
+  already on the device. Metrics: latency (median, p20, p80), tokens/s and TFLOP/s on *real* tokens,
+  the TFLOP/s as a share of the matmul peak measured in the same run, and on CUDA the peak memory one
+  call allocates above what is resident before it.
+* **kernel** — each fastenc kernel against its torch twin (``fastenc.reference``) and, for attention,
+  against ``torch.nn.functional.scaled_dot_product_attention`` (default dispatch, and forced to the
+  flash backend), ``torch.nn.attention.varlen.varlen_attn`` and ``flash_attn`` when present. GEMMs and
+  attention in TFLOP/s, memory-bound kernels (LayerNorms, embeddings) in GB/s and as a share of the
+  copy bandwidth measured in the same run.
+
+Work counted (the fewest operations and bytes the computation needs, never what a padded provider
+spends): an encoder layer over ``T`` real tokens in sequences of lengths ``L_i``, hidden ``H``,
+intermediate ``I``, does ``2·T·(4·H² + 2·H·I)`` FLOPs in its four projections (Q, K, V, output: ``4·H²``
+per token; FFN in and out: ``2·H·I``) plus ``4·Σ L_i²·H`` in attention (``QKᵀ`` and ``PV``, each
+``2·L_i²·head_dim`` per head). Embeddings, LayerNorms, softmax and activations are not counted.
+Memory-bound kernels count each input read once and each output written once.
+
+Timing: on CUDA ``triton.testing.do_bench`` (CUDA events, warm-up first, L2 flushed between runs,
+enough runs for a stable median) with quantiles 0.5, 0.2 and 0.8; on the CPU interleaved
+``time.perf_counter`` rounds (every provider once per round, so drift hits all alike). p20/p80 of a
+rate (tokens/s, TFLOP/s, GB/s) are the rates at the p80/p20 times, so ``p20 <= value <= p80`` always.
+
+Correctness before speed: every provider's output is checked before it is timed, with
+``fastenc.check.compare`` (the project's tolerance rule) against a float32 reference (``hf-sdpa`` run
+in float32 for e2e, the torch twin on float32 inputs for kernels), with ``hf-sdpa`` / the torch twin
+in the run's dtype as the low-precision baseline; e2e on real tokens only. A provider that raises, is
+unavailable, or fails the check is *reported* (``"skipped"`` in the JSON, "Not measured" in the
+markdown, a line on stderr) and gets no row: no NaN rows, no silent drops.
+
+Peaks are measured in the run, never assumed: a large square GEMM (bf16 on CUDA, fp32 on the CPU) and a
+large ``dst.copy_(src)`` counting bytes read plus bytes written, before and after the suites; the higher
+of the two is the ceiling every ``share_of_peak`` divides by.
+
+Results: ``<gpu>-<yyyymmdd>.json`` (``cpu-…`` on the CPU, ``…-quick`` for ``--quick`` runs) in the
+schema ``{"env", "peaks", "rows", "skipped"}``, the same stem ``.md`` (a markdown table) and ``.png`` (a
+plot, when matplotlib is installed). A run that covers only some suites, dtypes or models keeps the
+rows of the others from an existing file of the same name, so a GPU session can split the work over
+several commands.
+
+On a GPU: ``pip install 'fastenc[bench]'`` (transformers, matplotlib), then ``fastenc bench --device cuda``
+(fp16 and bf16, BERT-base and MiniLM, fastenc on its Triton backend; ``hf-flash`` and ``flash-attn`` rows
+when ``flash_attn`` is importable), whole or in parts (``--suite kernel``, then ``--suite e2e --models
+bert-base``, ...) into the same file. On a copy of the tree without ``.git``, set ``FASTENC_BENCH_COMMIT``
+to the commit it holds. Where matplotlib was missing, ``python -m fastenc.bench render RESULTS.json
+[--readme README.md]`` writes the plot (and the README table) afterwards.
+"""
+
+from .e2e import E2E_PROVIDERS, MODELS, Inputs, ModelSpec, Runner, Shape
+from .kernels import KernelCase, add_layer_norm_case, kernel_cases
+from .measure import DTYPES, Timing, attention_flops, encoder_flops, time_cpu
+from .report import README_END, README_START, Report, markdown, plot, render, update_readme, write_results
+from .suite import Plan, make_plan, run, run_from_args
+
+__all__ = [
+    "make_plan", "run", "run_from_args", "render", "Plan", "Report", "Timing", "DTYPES",
+    "ModelSpec", "MODELS", "Shape", "Inputs", "Runner", "E2E_PROVIDERS",
+    "KernelCase", "kernel_cases", "add_layer_norm_case",
+    "encoder_flops", "attention_flops", "time_cpu",
+    "markdown", "plot", "update_readme", "write_results", "README_START", "README_END",
+]

@@ -1,0 +1,366 @@
+"""The kernel suite of ``fastenc bench``: each fastenc kernel at one shape (a KernelCase) against its torch
+twin in ``fastenc.reference`` and, for attention, SDPA, varlen attention and ``flash_attn``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .. import reference
+from ..check import compare
+from ..errors import BackendError
+from .e2e import Shape
+from .measure import DTYPES, attention_flops, time_providers
+from .report import Report, _exc_line
+
+
+# ====================================================================================== kernel cases
+@dataclasses.dataclass
+class KernelCase:
+    """One kernel at one shape: inputs, the fp32 reference, the providers and the work per call.
+
+    ``providers[name](inputs) -> (run, canonical)``: ``run()`` is timed; ``canonical(out)`` maps its output
+    to the reference layout for the check. ``unit`` is ``"TFLOP/s"`` (work in FLOPs) or ``"GB/s"`` (bytes).
+    """
+
+    kernel: str
+    case: str
+    batch: int
+    seq: int
+    make_inputs: Callable[[torch.device, torch.dtype], dict]
+    reference: Callable[[dict], torch.Tensor]  # the torch twin, also run on float32 copies of the inputs
+    providers: dict[str, Callable[[dict], tuple[Callable, Callable]]]
+    work: Callable[[torch.dtype], float]
+    unit: str
+    baseline: str = "torch"
+
+
+def _randn(shape, device, dtype, generator, scale=1.0):
+    return (torch.randn(shape, generator=generator, device=device) * scale).to(dtype)
+
+
+def _identity(out):
+    return out
+
+
+def _twin(fn: Callable[[dict], torch.Tensor]) -> Callable[[dict], tuple[Callable, Callable]]:
+    return lambda inputs: (lambda: fn(inputs), _identity)
+
+
+def _kernel(name: str, call: Callable[[Callable, dict], torch.Tensor]):
+    """A fastenc Triton launcher (``fastenc.kernels.<name>``), imported when first used."""
+    def provider(inputs):
+        from .. import kernels
+
+        launcher = getattr(kernels, name)
+        return (lambda: call(launcher, inputs)), _identity
+
+    return provider
+
+
+def _lengths(batch: int, seq: int, var: bool, seed: int = 0) -> list[int]:
+    return Shape(batch, seq, 8 if var and seq > 8 else None).lengths(seed) if var else [seq] * batch
+
+
+def attention_case(batch: int, seq: int, var: bool, heads: int = 12, head_dim: int = 64) -> KernelCase:
+    lengths = _lengths(batch, seq, var)
+    tokens, width = sum(lengths), max(lengths)
+
+    def make_inputs(device, dtype):
+        generator = torch.Generator(device=device).manual_seed(0)
+        qkv = _randn((3, heads, tokens, head_dim), device, dtype, generator)  # (3, H, T, D), as fused_qkv gives
+        qkv[0] *= head_dim ** -0.5  # Q pre-scaled (the ops interface)
+        cu = torch.zeros(batch + 1, dtype=torch.int32)
+        torch.cumsum(torch.tensor(lengths, dtype=torch.int32), 0, out=cu[1:])
+        return {"q": qkv[0], "k": qkv[1], "v": qkv[2], "cu": cu.to(device), "max": width}
+
+    def ref(x):
+        return reference.attention(x["q"], x["k"], x["v"], x["cu"], x["max"])
+
+    keep = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]  # (B, S)
+
+    def padded(x):  # (H, T, D) -> (B, H, S, D), zero padding; and the key mask for variable lengths
+        device = x["q"].device
+        slots = keep.reshape(-1).nonzero().squeeze(1).to(device)
+        out = []
+        for t in (x["q"], x["k"], x["v"]):
+            p = t.new_zeros(heads, batch * width, head_dim)
+            p[:, slots] = t
+            out.append(p.view(heads, batch, width, head_dim).transpose(0, 1).contiguous())
+        mask = None if tokens == batch * width else keep.to(device)[:, None, None, :]
+        return out, mask, slots
+
+    def sdpa(flash_only: bool):
+        def provider(x):
+            (q, k, v), mask, slots = padded(x)
+            context = contextlib.nullcontext
+            if flash_only:
+                from torch.nn.attention import SDPBackend, sdpa_kernel
+
+                def context():
+                    return sdpa_kernel([SDPBackend.FLASH_ATTENTION])
+
+            def run():
+                with context():
+                    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+
+            def canonical(out):  # (B, H, S, D) -> (T, H*D)
+                return out.permute(0, 2, 1, 3).reshape(batch * width, heads * head_dim)[slots]
+
+            return run, canonical
+
+        return provider
+
+    def varlen(x):  # torch's flash varlen: (T, H, D)
+        from torch.nn.attention.varlen import varlen_attn
+
+        q, k, v = (t.transpose(0, 1).contiguous() for t in (x["q"], x["k"], x["v"]))
+        return (lambda: varlen_attn(q, k, v, x["cu"], x["cu"], width, width, scale=1.0),
+                lambda out: out.reshape(tokens, heads * head_dim))
+
+    def flash_attn(x):
+        from flash_attn import flash_attn_varlen_func
+
+        q, k, v = (t.transpose(0, 1).contiguous() for t in (x["q"], x["k"], x["v"]))
+        return (lambda: flash_attn_varlen_func(q, k, v, x["cu"], x["cu"], width, width, softmax_scale=1.0),
+                lambda out: out.reshape(tokens, heads * head_dim))
+
+    providers = {
+        "fastenc": _kernel("attention", lambda f, x: f(x["q"], x["k"], x["v"], x["cu"], x["max"])),
+        "torch": _twin(ref),
+        "sdpa": sdpa(False),
+        "sdpa-flash": sdpa(True),
+        "sdpa-varlen": varlen,
+        "flash-attn": flash_attn,
+    }
+    return KernelCase("attention", f"attention{'-var' if var else ''} hd{head_dim}", batch, width, make_inputs, ref,
+                      providers, lambda dtype: attention_flops(lengths, heads * head_dim), "TFLOP/s", baseline="sdpa")
+
+
+def fused_qkv_case(batch: int, seq: int, hidden: int = 768, heads: int = 12) -> KernelCase:
+    tokens = batch * seq
+
+    def make_inputs(device, dtype):
+        g = torch.Generator(device=device).manual_seed(0)
+        return {"x": _randn((tokens, hidden), device, dtype, g), "w": _randn((3 * hidden, hidden), device, dtype, g,
+                                                                               hidden ** -0.5),
+                "b": _randn((3 * hidden,), device, dtype, g, 0.1)}
+
+    def ref(x):  # F.linear (addmm) + split into heads, Q scaled: the torch twin
+        return torch.stack(reference.fused_qkv(x["x"], x["w"], x["b"], heads).unbind(0))
+
+    def fastenc_provider(x):
+        from .. import kernels
+
+        return (lambda: kernels.fused_qkv(x["x"], x["w"], x["b"], heads)), (lambda out: torch.stack(tuple(out)))
+
+    def twin(x):
+        return (lambda: reference.fused_qkv(x["x"], x["w"], x["b"], heads)), (lambda out: torch.stack(tuple(out)))
+
+    return KernelCase("fused_qkv", f"fused_qkv h{hidden}", batch, seq, make_inputs, ref,
+                      {"fastenc": fastenc_provider, "torch": twin},
+                      lambda dtype: 2 * tokens * hidden * 3 * hidden, "TFLOP/s")
+
+
+def linear_case(batch: int, seq: int, n_in: int, n_out: int, activation: str | None) -> KernelCase:
+    tokens = batch * seq
+
+    def make_inputs(device, dtype):
+        g = torch.Generator(device=device).manual_seed(0)
+        return {"x": _randn((tokens, n_in), device, dtype, g), "w": _randn((n_out, n_in), device, dtype, g, n_in ** -0.5),
+                "b": _randn((n_out,), device, dtype, g, 0.1)}
+
+    def ref(x):
+        return reference.linear(x["x"], x["w"], x["b"], activation)
+
+    return KernelCase("linear", f"linear {n_in}->{n_out}{' ' + activation if activation else ''}", batch, seq,
+                      make_inputs, ref,
+                      {"fastenc": _kernel("linear", lambda f, x: f(x["x"], x["w"], x["b"], activation)),
+                       "torch": _twin(ref)},
+                      lambda dtype: 2 * tokens * n_in * n_out, "TFLOP/s")
+
+
+def _norm_params(hidden, device, dtype, g):
+    return {"weight": (1 + 0.1 * torch.randn(hidden, generator=g, device=device)).to(dtype),
+            "bias": _randn((hidden,), device, dtype, g, 0.1), "eps": 1e-12}
+
+
+def add_layer_norm_case(batch: int, seq: int, hidden: int = 768) -> KernelCase:
+    tokens = batch * seq
+
+    def make_inputs(device, dtype):
+        g = torch.Generator(device=device).manual_seed(0)
+        return {"x": _randn((tokens, hidden), device, dtype, g), "r": _randn((tokens, hidden), device, dtype, g),
+                **_norm_params(hidden, device, dtype, g)}
+
+    def ref(x):
+        return reference.add_layer_norm(x["x"], x["r"], x["weight"], x["bias"], x["eps"])
+
+    def work(dtype):  # read x and residual, write the output; weight and bias once
+        return (3 * tokens * hidden + 2 * hidden) * dtype.itemsize
+
+    return KernelCase("add_layer_norm", f"add_layer_norm h{hidden}", batch, seq, make_inputs, ref,
+                      {"fastenc": _kernel("add_layer_norm",
+                                          lambda f, x: f(x["x"], x["r"], x["weight"], x["bias"], x["eps"])),
+                       "torch": _twin(ref)},
+                      work, "GB/s")
+
+
+def gelu_layer_norm_case(batch: int, seq: int, hidden: int = 768) -> KernelCase:
+    tokens = batch * seq
+
+    def make_inputs(device, dtype):
+        g = torch.Generator(device=device).manual_seed(0)
+        return {"x": _randn((tokens, hidden), device, dtype, g), **_norm_params(hidden, device, dtype, g)}
+
+    def ref(x):
+        return reference.gelu_layer_norm(x["x"], x["weight"], x["bias"], x["eps"], "gelu")
+
+    def work(dtype):  # read x, write the output; weight and bias once
+        return (2 * tokens * hidden + 2 * hidden) * dtype.itemsize
+
+    return KernelCase("gelu_layer_norm", f"gelu_layer_norm h{hidden}", batch, seq, make_inputs, ref,
+                      {"fastenc": _kernel("gelu_layer_norm",
+                                          lambda f, x: f(x["x"], x["weight"], x["bias"], x["eps"], "gelu")),
+                       "torch": _twin(ref)},
+                      work, "GB/s")
+
+
+def embeddings_case(batch: int, seq: int, hidden: int = 768, vocab: int = 30522) -> KernelCase:
+    tokens = batch * seq
+
+    def make_inputs(device, dtype):
+        g = torch.Generator(device=device).manual_seed(0)
+        return {"ids": torch.randint(0, vocab, (tokens,), generator=g, device=device),
+                "pos": torch.arange(seq, device=device).repeat(batch),
+                "types": torch.randint(0, 2, (tokens,), generator=g, device=device),
+                "word": _randn((vocab, hidden), device, dtype, g), "position": _randn((512, hidden), device, dtype, g),
+                "type": _randn((2, hidden), device, dtype, g), **_norm_params(hidden, device, dtype, g)}
+
+    def args(x):
+        return (x["ids"], x["pos"], x["types"], x["word"], x["position"], x["type"], x["weight"], x["bias"], x["eps"])
+
+    def ref(x):
+        return reference.embeddings(*args(x))
+
+    def work(dtype):  # three int64 ids and three gathered rows read per token, one row written
+        return tokens * 3 * 8 + (4 * tokens * hidden + 2 * hidden) * dtype.itemsize
+
+    return KernelCase("embeddings", f"embeddings h{hidden}", batch, seq, make_inputs, ref,
+                      {"fastenc": _kernel("embeddings", lambda f, x: f(*args(x))), "torch": _twin(ref)},
+                      work, "GB/s")
+
+
+def kernel_cases(device_type: str, quick: bool) -> list[KernelCase]:
+    """The kernel plan: attention over sequence lengths; the token-wise kernels at the e2e shapes."""
+    if device_type == "cuda":
+        seqs = (128, 512, 2048) if quick else (128, 256, 512, 1024, 2048, 4096)
+        attention = [attention_case(max(1, 32768 // s), s, var) for var in (False, True) for s in seqs]
+        shapes = ((32, 128), (32, 512)) if quick else ((32, 128), (32, 512), (128, 512))
+        hiddens = ((768, 12),) if quick else ((768, 12), (1024, 16))
+    elif quick:  # tiny: also what the tests run through the Triton interpreter
+        attention = [attention_case(2, 32, var, heads=2) for var in (False, True)]
+        shapes, hiddens = ((2, 8),), ((64, 2),)
+    else:
+        attention = [attention_case(4, s, var) for var in (False, True) for s in (128, 256)]
+        shapes, hiddens = ((8, 128),), ((768, 12),)
+    cases = list(attention)
+    for batch, seq in shapes:
+        for hidden, heads in hiddens:
+            cases += [
+                fused_qkv_case(batch, seq, hidden, heads),
+                linear_case(batch, seq, hidden, 4 * hidden, "gelu"),
+                linear_case(batch, seq, 4 * hidden, hidden, None),
+                add_layer_norm_case(batch, seq, hidden),
+                gelu_layer_norm_case(batch, seq, hidden),
+                embeddings_case(batch, seq, hidden, vocab=1000 if quick else 30522),
+            ]
+    return cases
+
+
+def _kernel_provider_unavailable(name: str, device: torch.device) -> str | None:
+    if name == "fastenc":
+        from ..encoder import resolve_backend
+
+        try:
+            resolve_backend("triton", device)
+        except BackendError as exc:
+            return str(exc)
+        return None
+    if name in ("sdpa-varlen", "flash-attn") and device.type != "cuda":
+        return "needs CUDA"
+    if name == "flash-attn" and importlib.util.find_spec("flash_attn") is None:
+        return "flash_attn is not installed"
+    if name == "sdpa-varlen" and importlib.util.find_spec("torch.nn.attention.varlen") is None:
+        return f"torch {torch.__version__} has no torch.nn.attention.varlen"
+    return None
+
+
+def run_kernels(plan, report: Report) -> None:
+    """Every provider on every case and dtype of ``plan`` (a ``suite.Plan``), checked against the float32 torch
+    twin before it is timed."""
+    device = plan.device
+    cases = plan.kernel_cases
+    names = list(dict.fromkeys(name for case in cases for name in case.providers))
+    unavailable = {name: _kernel_provider_unavailable(name, device) for name in names}
+    for dtype_name in plan.dtypes:
+        report.scope.add(("kernel", dtype_name, None))
+        for name, reason in unavailable.items():
+            if reason:
+                report.skip("kernel", "all", name, dtype_name, reason)
+    for dtype_name in plan.dtypes:
+        dtype = DTYPES[dtype_name]
+        report.log(f"kernels {dtype_name}")
+        for case in cases:
+            _run_kernel_case(plan, report, case, dtype_name, dtype, unavailable)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+def _run_kernel_case(plan, report: Report, case: KernelCase, dtype_name: str, dtype: torch.dtype,
+                     unavailable: dict) -> None:
+    device = plan.device
+    try:
+        inputs = case.make_inputs(device, dtype)
+        upcast = {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                  for k, v in inputs.items()}
+        expected = case.reference(upcast)
+        baseline = case.reference(inputs) if dtype != torch.float32 else None
+    except Exception as exc:  # noqa: BLE001
+        report.skip("kernel", case.case, "all", dtype_name, f"inputs or reference failed: {_exc_line(exc)}")
+        return
+    fns = {}
+    for name, provider in case.providers.items():
+        if unavailable.get(name) or (plan.kernel_providers and name not in plan.kernel_providers):
+            continue
+        try:
+            run, canonical = provider(inputs)
+            out = canonical(run())
+            check = compare(f"{name} {case.case}", out, expected, baseline)
+            del out
+        except Exception as exc:  # noqa: BLE001
+            report.skip("kernel", case.case, name, dtype_name, _exc_line(exc))
+            continue
+        if not check.ok:  # never time a wrong answer
+            report.skip("kernel", case.case, name, dtype_name, f"output check against the float32 torch twin "
+                        f"failed: {check.line()}")
+            continue
+        fns[name] = run
+    del expected, baseline
+    work = case.work(dtype)
+    for name, timing in time_providers(fns, device, plan.repeats).items():
+        if isinstance(timing, Exception):
+            report.skip("kernel", case.case, name, dtype_name, f"failed while timed: {_exc_line(timing)}")
+            continue
+        base = {"suite": "kernel", "case": case.case, "provider": name, "dtype": dtype_name, "batch": case.batch,
+                "seq": case.seq, "kernel": case.kernel, "baseline": case.baseline}
+        report.add_rates(base, timing, [(case.unit, work)])
+        rate = work / (timing.median * 1e-3) / (1e12 if case.unit == "TFLOP/s" else 1e9)
+        report.log(f"  {case.case} {case.batch}x{case.seq} {dtype_name} {name}: {timing.median:.4f} ms, "
+                   f"{rate:.3g} {case.unit}")

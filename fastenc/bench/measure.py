@@ -1,0 +1,166 @@
+"""What ``fastenc bench`` measures with: the work counted (FLOPs), timing, memory peaks and the ceilings.
+
+Timing is ``triton.testing.do_bench`` on CUDA and interleaved ``time.perf_counter`` rounds on the CPU;
+the ceilings (a square GEMM, a device copy) are measured in the run, never assumed. The package
+docstring (``fastenc/bench/__init__.py``) has the FLOP formula and the rules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+# =============================================================================================== work
+def encoder_flops(lengths: list[int], hidden: int, intermediate: int, layers: int) -> int:
+    """FLOPs of the encoder layers on real tokens only (see the package docstring).
+
+    Per layer: ``2·T·(4·H² + 2·H·I)`` for the Q, K, V, output and two FFN projections, plus
+    ``4·Σ L_i²·H`` for ``QKᵀ`` and ``PV`` (``2·L_i²·head_dim`` each, per head; heads·head_dim = H).
+    """
+    tokens = sum(lengths)
+    projections = 2 * tokens * (4 * hidden * hidden + 2 * hidden * intermediate)
+    return layers * (projections + attention_flops(lengths, hidden))
+
+
+def attention_flops(lengths: list[int], hidden: int) -> int:
+    """``QKᵀ`` and ``PV`` over every (query, key) pair within each sequence: ``4·Σ L_i²·H``."""
+    return 4 * sum(length * length for length in lengths) * hidden
+
+
+# ============================================================================================= timing
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """Milliseconds per call: median and the 20th / 80th percentiles."""
+
+    median: float
+    p20: float
+    p80: float
+
+
+def _quantiles_ms(seconds: list[float]) -> Timing:
+    if len(seconds) == 1:
+        return Timing(seconds[0] * 1e3, seconds[0] * 1e3, seconds[0] * 1e3)
+    cuts = statistics.quantiles(seconds, n=10, method="inclusive")
+    return Timing(statistics.median(seconds) * 1e3, cuts[1] * 1e3, cuts[7] * 1e3)
+
+
+def time_cpu(fns: dict[str, Callable], repeats: int, warmup: int = 1) -> dict[str, Timing | Exception]:
+    """Interleaved rounds: each round runs every provider once, so drift hits all alike.
+
+    The callers have already run each provider once (the output check), so one warm-up call suffices.
+    """
+    failed: dict[str, Exception] = {}
+    for name, fn in fns.items():
+        try:
+            for _ in range(warmup):
+                fn()
+        except Exception as exc:  # noqa: BLE001 - reported by the caller, never a NaN row
+            failed[name] = exc
+    samples: dict[str, list[float]] = {name: [] for name in fns if name not in failed}
+    for _ in range(repeats):
+        for name in list(samples):
+            start = time.perf_counter()
+            try:
+                fns[name]()
+            except Exception as exc:  # noqa: BLE001
+                failed[name] = exc
+                del samples[name]
+                continue
+            samples[name].append(time.perf_counter() - start)
+    return {**{name: _quantiles_ms(s) for name, s in samples.items()}, **failed}
+
+
+def time_cuda(fn: Callable, min_runs: int) -> Timing:
+    """``triton.testing.do_bench`` median / p20 / p80 after warm-up, with at least ``min_runs`` runs."""
+    import triton.testing
+
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(3):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    estimate = max(start.elapsed_time(end) / 3, 1e-3)  # ms per call
+    median, p20, p80 = triton.testing.do_bench(fn, warmup=max(25.0, 5 * estimate), rep=max(100.0, min_runs * estimate),
+                                               quantiles=[0.5, 0.2, 0.8])
+    return Timing(median, p20, p80)
+
+
+def time_providers(fns: dict[str, Callable], device: torch.device, repeats: int) -> dict[str, Timing | Exception]:
+    if device.type != "cuda":
+        return time_cpu(fns, repeats)
+    out: dict[str, Timing | Exception] = {}
+    for name, fn in fns.items():
+        try:
+            out[name] = time_cuda(fn, min_runs=repeats)
+        except Exception as exc:  # noqa: BLE001
+            out[name] = exc
+    return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def memory_peak_mib(fn: Callable, device: torch.device) -> float | None:
+    """MiB one call allocates above what is resident before it (CUDA); ``None`` on the CPU."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    resident = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    out = fn()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - resident
+    del out
+    return peak / 2**20
+
+
+# ============================================================================================== peaks
+def measure_peaks(device: torch.device, quick: bool, repeats: int) -> dict:
+    """The two ceilings, measured now: a square GEMM and a device copy (bytes read + written).
+
+    ``run`` measures them before and after the suites and keeps the higher: a ceiling is the best the
+    machine showed in this run (on a shared CPU a single measurement can land in a busy moment).
+    """
+    generator = torch.Generator(device=device).manual_seed(0)
+    if device.type == "cuda":
+        n, dtype, copy_bytes = (4096 if quick else 8192), torch.bfloat16, (2**28 if quick else 2**30)
+    else:
+        n, dtype, copy_bytes = (512 if quick else 2048), torch.float32, (2**25 if quick else 2**28)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=generator)  # never zeros (METHOD.md)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
+    src = torch.randn(copy_bytes // 4, device=device, generator=generator)
+    dst = torch.empty_like(src)
+    timings = time_providers({"matmul": lambda: torch.mm(a, b), "copy": lambda: dst.copy_(src)}, device, repeats)
+    for name, timing in timings.items():
+        if isinstance(timing, Exception):
+            raise RuntimeError(f"measuring the {name} peak failed: {timing}") from timing
+    return {
+        "matmul_tflops": 2 * n**3 / (timings["matmul"].median * 1e-3) / 1e12,
+        "copy_gbps": 2 * src.numel() * 4 / (timings["copy"].median * 1e-3) / 1e9,
+        "matmul": f"{n}x{n}x{n} {_dtype_name(dtype)} torch.mm",
+        "copy": f"{copy_bytes // 2**20} MiB dst.copy_(src), read + write counted",
+    }
+
+
+def best_peaks(first: dict, second: dict) -> dict:
+    peaks = dict(first)
+    for key in ("matmul_tflops", "copy_gbps"):
+        peaks[key] = max(first[key], second[key])
+        peaks[key + "_measured"] = [first[key], second[key]]
+    return peaks
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, d in DTYPES.items() if d == dtype)

@@ -1,0 +1,335 @@
+"""The results of ``fastenc bench``: the Report of one run, the environment it ran in, the JSON file (merged
+with an earlier run's rows of other suites, dtypes or models), its markdown table, its plot and the
+README table.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+from .measure import Timing
+
+E2E_BASELINE = "hf-sdpa"
+PEAK_OF = {"TFLOP/s": "matmul_tflops", "GB/s": "copy_gbps"}  # a rate's ceiling in "peaks"
+README_START, README_END = "<!-- fastenc-bench:start -->", "<!-- fastenc-bench:end -->"
+
+
+# ========================================================================================== reporting
+class Report:
+    """Rows, skipped providers and notes of one run; prints progress to stderr as it goes."""
+
+    def __init__(self, env: dict, peaks: dict, quiet: bool = False):
+        self.env, self.peaks, self.quiet = env, peaks, quiet
+        self.rows: list[dict] = []
+        self.skipped: list[dict] = []
+        self.scope: set[tuple] = set()  # (suite, dtype, model) this run covered
+
+    def log(self, line: str) -> None:
+        if not self.quiet:
+            print(line, file=sys.stderr, flush=True)
+
+    def skip(self, suite: str, case: str, provider: str, dtype: str, reason: str, model: str | None = None) -> None:
+        reason = " ".join(str(reason).split())[:500] or "no reason given"
+        entry = {"suite": suite, "case": case, "provider": provider, "dtype": dtype, "reason": reason}
+        if model is not None:
+            entry["model"] = model
+        self.skipped.append(entry)
+        self.log(f"  not measured: {suite} {case} {provider} {dtype}: {reason}")
+
+    def add_rates(self, base: dict, timing: Timing, rates: list[tuple[str, float]]) -> None:
+        """One ``ms`` row, then one row per ``(metric, work per call)``; TFLOP/s and GB/s rows get their share
+        of the matmul or copy peak (see ``set_shares``)."""
+        self.rows.append({**base, "metric": "ms", "value": timing.median, "p20": timing.p20, "p80": timing.p80})
+        for metric, work in rates:
+            scale = 1e12 if metric == "TFLOP/s" else 1e9 if metric == "GB/s" else 1.0
+            row = {**base, "metric": metric, "value": work / (timing.median * 1e-3) / scale,
+                   "p20": work / (timing.p80 * 1e-3) / scale, "p80": work / (timing.p20 * 1e-3) / scale}
+            if metric in PEAK_OF:
+                row["share_of_peak"] = row["value"] / self.peaks[PEAK_OF[metric]]
+            self.rows.append(row)
+
+    def set_shares(self, peaks: dict) -> None:
+        """Final peaks: recompute every row's share of them."""
+        self.peaks = peaks
+        for row in self.rows:
+            if row["metric"] in PEAK_OF:
+                row["share_of_peak"] = row["value"] / peaks[PEAK_OF[row["metric"]]]
+
+    def to_json(self) -> dict:
+        return {"env": self.env, "peaks": self.peaks, "rows": self.rows, "skipped": self.skipped}
+
+
+def _exc_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _commit() -> str:
+    """The checkout's short commit (``-dirty`` with uncommitted changes to tracked files).
+
+    ``FASTENC_BENCH_COMMIT`` overrides it, for a copy of the tree that has no ``.git`` (a lent GPU machine).
+    """
+    if os.environ.get("FASTENC_BENCH_COMMIT"):
+        return os.environ["FASTENC_BENCH_COMMIT"]
+    root = Path(__file__).resolve().parents[2]  # the checkout (this file is fastenc/bench/report.py)
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("-dirty" if dirty else "")
+
+
+def _version(module: str) -> str:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return "not installed"
+
+
+def collect_env(device: torch.device, backend: str, quick: bool) -> dict:
+    from .. import __version__
+    from ..encoder import triton_interpreter_on
+
+    if device.type == "cuda":
+        gpu = torch.cuda.get_device_name(device)
+    else:
+        gpu = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return {
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "commit": _commit(),
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": str(device),
+        "fastenc": __version__,
+        "fastenc_backend": backend,
+        "transformers": _version("transformers"),
+        "python": platform.python_version(),
+        "cuda": torch.version.cuda,
+        "triton_interpreter": triton_interpreter_on(),
+        "quick": quick,
+    }
+
+
+def result_stem(env: dict) -> str:
+    """``<gpu>-<yyyymmdd>``: ``h100-80gb-hbm3-20261124``, ``cpu-20261124``; ``-quick`` for quick runs."""
+    name = "cpu" if env["device"].startswith("cpu") else env["gpu"].lower().replace("nvidia", "")
+    slug = re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "gpu"
+    day = env["time"][:10].replace("-", "")
+    return f"{slug}-{day}" + ("-quick" if env.get("quick") else "")
+
+
+def _row_scope(row: dict) -> tuple:
+    return row["suite"], row["dtype"], row.get("model")
+
+
+def merge_previous(report: Report, path: Path) -> None:
+    """Keep rows of another suite, dtype or model from an earlier run written to the same file."""
+    if not path.exists():
+        return
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return
+    kept = [r for r in previous.get("rows", []) if _row_scope(r) not in report.scope]
+    kept_skips = [s for s in previous.get("skipped", []) if _row_scope(s) not in report.scope]
+    if kept or kept_skips:
+        report.rows = kept + report.rows
+        report.skipped = kept_skips + report.skipped
+        earlier = previous.get("env", {})
+        report.env["kept_rows_from"] = ([f"{earlier.get('time')} {earlier.get('commit')}"]
+                                        + earlier.get("kept_rows_from", []))
+        report.log(f"kept {len(kept)} rows of other suites/dtypes/models from {path}")
+
+
+def _fmt(x: float | None) -> str:
+    if x is None:
+        return "n/a"
+    if x == 0:
+        return "0"
+    return f"{x:.3g}" if abs(x) < 1000 else f"{x:,.0f}"
+
+
+def _key(row: dict) -> tuple:
+    """What identifies a measured case (without the provider and metric)."""
+    return row["suite"], row.get("model"), row["case"], row["batch"], row["seq"], row["dtype"]
+
+
+def _lookup(rows: list[dict]) -> dict[tuple, dict]:
+    return {(*_key(r), r["provider"], r["metric"]): r for r in rows}
+
+
+def markdown(result: dict) -> str:
+    env, peaks, rows = result["env"], result["peaks"], result["rows"]
+    table = _lookup(rows)
+    lines = [f"# fastenc benchmarks: {env['gpu']}, {env['time'][:10]}", "",
+             f"torch {env['torch']}, triton {env['triton']}, transformers {env.get('transformers')}, "
+             f"fastenc {env.get('fastenc')} (backend {env.get('fastenc_backend')}), commit {env['commit']}, "
+             f"{env['time']}" + (" (--quick: smoke-test shapes, not a result)" if env.get("quick") else ""),
+             "",
+             f"Measured peaks (the higher of the measurements before and after the suites): matmul "
+             f"{_fmt(peaks['matmul_tflops'])} TFLOP/s ({peaks.get('matmul')}), copy {_fmt(peaks['copy_gbps'])} GB/s "
+             f"({peaks.get('copy')}).", ""]
+    if env.get("kept_rows_from"):
+        lines += [f"Rows of other suites/dtypes/models kept from earlier runs: {', '.join(env['kept_rows_from'])}.",
+                  ""]
+    lines += [f"Note: {note}" for note in env.get("notes", [])]
+    if env.get("notes"):
+        lines.append("")
+
+    e2e = [r for r in rows if r["suite"] == "e2e" and r["metric"] == "ms"]
+    if e2e:
+        lines += ["## End to end", "",
+                  "Latency median (p20-p80); tokens/s and TFLOP/s on real tokens only; % of the measured matmul "
+                  f"peak; speed relative to {E2E_BASELINE}; memory: MiB one call allocates above the resident "
+                  "weights.", "",
+                  "| model | case | dtype | provider | ms median (p20-p80) | tokens/s | TFLOP/s | % peak | "
+                  f"vs {E2E_BASELINE} | mem MiB |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in e2e:
+            key = _key(r)
+            tps = table.get((*key, r["provider"], "tokens/s"))
+            tfl = table.get((*key, r["provider"], "TFLOP/s"))
+            base = table.get((*key, E2E_BASELINE, "ms"))
+            rel = f"{base['value'] / r['value']:.2f}x" if base else "n/a"
+            share = f"{100 * tfl['share_of_peak']:.1f}%" if tfl and "share_of_peak" in tfl else "n/a"
+            lines.append(f"| {r.get('model')} | {r['case']} | {r['dtype']} | {r['provider']} | "
+                         f"{_fmt(r['value'])} ({_fmt(r['p20'])}-{_fmt(r['p80'])}) | "
+                         f"{_fmt(tps['value']) if tps else 'n/a'} | {_fmt(tfl['value']) if tfl else 'n/a'} | "
+                         f"{share} | {rel} | {_fmt(r.get('mem_mib'))} |")
+        lines.append("")
+
+    kernels = [r for r in rows if r["suite"] == "kernel" and r["metric"] == "ms"]
+    if kernels:
+        lines += ["## Kernels", "",
+                  "TFLOP/s for GEMMs and attention, GB/s (each input read once, each output written once) for the "
+                  "memory-bound kernels; % of the measured matmul or copy peak; speed relative to the case's "
+                  "baseline (`sdpa` for attention, the torch twin `torch` otherwise).", "",
+                  "| case | batch x seq | dtype | provider | ms median (p20-p80) | rate | % peak | vs baseline |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in kernels:
+            key = _key(r)
+            rate = table.get((*key, r["provider"], "TFLOP/s")) or table.get((*key, r["provider"], "GB/s"))
+            base = table.get((*key, r.get("baseline"), "ms"))
+            rel = f"{base['value'] / r['value']:.2f}x" if base else "n/a"
+            share = f"{100 * rate['share_of_peak']:.1f}%" if rate and "share_of_peak" in rate else "n/a"
+            rate_text = f"{_fmt(rate['value'])} {rate['metric']}" if rate else "n/a"
+            lines.append(f"| {r['case']} | {r['batch']}x{r['seq']} | {r['dtype']} | {r['provider']} | "
+                         f"{_fmt(r['value'])} ({_fmt(r['p20'])}-{_fmt(r['p80'])}) | {rate_text} | {share} | {rel} |")
+        lines.append("")
+
+    if result.get("skipped"):
+        lines += ["## Not measured", ""]
+        for s in result["skipped"]:
+            where = " ".join(x for x in (s["suite"], s.get("model"), s["case"], s["dtype"]) if x)
+            lines.append(f"- `{s['provider']}` ({where}): {s['reason']}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _plot_label(row: dict) -> str:
+    if row["suite"] == "e2e":
+        return f"{row.get('model')} {row['case']}"
+    return f"{row['case']} {row['batch']}x{row['seq']} {row['dtype']}"
+
+
+def plot(result: dict, path: Path) -> str | None:
+    """Write the PNG; returns why not when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "plot not written: matplotlib is not installed (pip install matplotlib)"
+    rows = result["rows"]
+    panels = []  # (title, metric, rows)
+    for dtype in sorted({r["dtype"] for r in rows if r["suite"] == "e2e"}):
+        panels.append((f"end to end, {dtype}: tokens/s (real tokens)", "tokens/s",
+                       [r for r in rows if r["suite"] == "e2e" and r["dtype"] == dtype and r["metric"] == "tokens/s"]))
+    for metric in ("TFLOP/s", "GB/s"):
+        panels.append((f"kernels: {metric}", metric,
+                       [r for r in rows if r["suite"] == "kernel" and r["metric"] == metric]))
+    panels = [panel for panel in panels if panel[2]]
+    if not panels:
+        return "plot not written: no rows"
+    fig, axes = plt.subplots(len(panels), 1, figsize=(14, 4.2 * len(panels)), squeeze=False)
+    for ax, (title, metric, picked) in zip(axes[:, 0], panels):
+        groups = list(dict.fromkeys(_plot_label(r) for r in picked))
+        providers = list(dict.fromkeys(r["provider"] for r in picked))
+        width = 0.8 / len(providers)
+        for i, provider in enumerate(providers):
+            xs, ys, lo, hi = [], [], [], []
+            for r in picked:
+                if r["provider"] != provider:
+                    continue
+                xs.append(groups.index(_plot_label(r)) + (i - (len(providers) - 1) / 2) * width)
+                ys.append(r["value"])
+                lo.append(r["value"] - r["p20"])
+                hi.append(r["p80"] - r["value"])
+            ax.bar(xs, ys, width, yerr=[lo, hi], label=provider, capsize=2)
+        ax.set_xticks(range(len(groups)), groups, rotation=30, ha="right", fontsize=7)
+        ax.set_yscale("log")
+        ax.set_ylabel(metric)
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7, ncol=min(len(providers), 6))
+    env = result["env"]
+    fig.suptitle(f"fastenc on {env['gpu']} — {env['time'][:10]}, commit {env['commit']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def update_readme(readme: Path, md: str) -> None:
+    """Replace the text between the README's bench markers with the latest table."""
+    text = readme.read_text(encoding="utf-8")
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        raise InputError(f"{readme} has no '{README_START}' ... '{README_END}' markers to put the table between")
+    body = md.split("\n", 1)[1] if md.startswith("# ") else md  # the README has its own heading
+    readme.write_text(text[:start + len(README_START)] + "\n" + body.strip() + "\n" + text[end:], encoding="utf-8")
+
+
+def write_results(report: Report, output: Path) -> dict[str, Path]:
+    output.mkdir(parents=True, exist_ok=True)
+    stem = result_stem(report.env)
+    paths = {"json": output / f"{stem}.json", "md": output / f"{stem}.md", "png": output / f"{stem}.png"}
+    merge_previous(report, paths["json"])
+    result = report.to_json()
+    paths["json"].write_text(json.dumps(result, indent=1) + "\n")
+    paths["md"].write_text(markdown(result) + "\n")
+    why = plot(result, paths["png"])
+    if why:
+        report.log(why)
+        del paths["png"]
+    return paths
+
+
+def render(path: Path, readme: Path | None = None) -> dict[str, Path]:
+    """Rewrite the markdown and the plot of a results JSON (e.g. one measured where matplotlib was missing)."""
+    result = json.loads(path.read_text())
+    paths = {"json": path, "md": path.with_suffix(".md")}
+    md = markdown(result)
+    paths["md"].write_text(md + "\n")
+    why = plot(result, path.with_suffix(".png"))
+    if why:
+        print(why, file=sys.stderr)
+    else:
+        paths["png"] = path.with_suffix(".png")
+    if readme is not None:
+        update_readme(readme, md)
+    return paths
