@@ -47,8 +47,8 @@ def _embed(args) -> int:
     if output is not None and output.suffix not in (".npy", ".jsonl"):
         raise UserError(f"--output {output}: the suffix must be .npy or .jsonl")
     encoder = Encoder.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
-    vectors = encoder.embed(texts, batch_size=args.batch_size, max_length=args.max_length, pooling=args.pooling,
-                            progress=None if output is not None else False)
+    # progress=None: a bar on stderr when it is a terminal and the input is big (stdout stays clean)
+    vectors = encoder.embed(texts, batch_size=args.batch_size, max_length=args.max_length, pooling=args.pooling)
     if output is not None and output.suffix == ".npy":
         import numpy as np
 
