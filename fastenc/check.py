@@ -66,7 +66,7 @@ def run_check(path, *, device=None, dtype=None, backend=None) -> list[Comparison
     """Load ``path`` in fastenc and in transformers and compare their outputs on sample texts."""
     from transformers import AutoModel
 
-    from .encoder import Encoder, resolve_dtype
+    from .encoder import Encoder
     from .pooling import pool
 
     encoder = Encoder.from_pretrained(path, device=device, dtype=dtype, backend=backend)
@@ -92,8 +92,7 @@ def run_check(path, *, device=None, dtype=None, backend=None) -> list[Comparison
         return out.float().cpu()
 
     reference = hf_hidden(torch.float32)
-    low_precision = resolve_dtype(dtype, encoder.device) != torch.float32
-    baseline = hf_hidden(encoder.dtype) if low_precision else None
+    baseline = hf_hidden(encoder.dtype) if encoder.dtype != torch.float32 else None
     ours = encoder(**batch).float().cpu()
     results = [compare("last_hidden_state", ours, reference, baseline, mask)]
     padded_zero = bool((ours[~mask.bool()] == 0).all())
