@@ -12,13 +12,15 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
-from . import checkpoint, heads as task_heads, reference
+from . import checkpoint, reference
+from . import heads as task_heads
 from .config import EncoderConfig
 from .errors import BackendError, FastencError, InputError, LoadError
 from .graphs import GraphRunner
@@ -93,6 +95,11 @@ def resolve_backend(backend: str | None, device: torch.device) -> tuple[str, Mod
         from . import kernels
     except ImportError as exc:
         raise BackendError(f"backend 'triton' cannot be used: {exc}") from None
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+        major, minor = torch.cuda.get_device_capability(device)
+        warnings.warn(f"{torch.cuda.get_device_name(device)} is sm_{major}{minor}: Triton compiles the kernels to "
+                      "CUDA-core code below sm_80 (no tensor cores); backend='torch' uses cuBLAS's tensor cores",
+                      stacklevel=3)
     return backend, kernels
 
 

@@ -5,14 +5,15 @@ import logging
 import pickle
 import shutil
 import sys
+import warnings
 
 import pytest
 import torch
+from checkpoints import make_checkpoint, save_sharded
 from safetensors.torch import load_file, save_file
 
 import fastenc
 from fastenc.config import EncoderConfig
-from checkpoints import make_checkpoint, save_sharded
 
 
 @pytest.fixture(scope="module")
@@ -230,3 +231,17 @@ def test_backend_and_device_errors(bert_dir, monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(fastenc.BackendError, match="CUDA"):
             fastenc.Encoder.from_pretrained(bert_dir, device="cuda")
+
+
+def test_triton_before_sm80_warns(monkeypatch):
+    """Below sm_80 Triton gives the kernels no tensor-core code: the triton backend says so (API.md's default kept)."""
+    from fastenc.encoder import resolve_backend
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    with pytest.warns(UserWarning, match=r"Tesla T4 is sm_75: .*backend='torch'"):
+        assert resolve_backend(None, torch.device("cuda"))[0] == "triton"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_backend("triton", torch.device("cuda"))[0] == "triton"

@@ -89,6 +89,9 @@ def test_triton_embed_is_bitwise_batch_invariant(triton_bert):
     assert torch.equal(triton_bert.embed(list(reversed(texts))), alone.flip(0))
 
 
+# Rows that belong to no sequence get no attention output: they carry uninitialised memory through the
+# layers, by design (they are discarded), and numpy may warn when such bits overflow in the interpreter.
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 def test_rows_past_the_last_sequence_never_reach_real_rows(triton_bert):
     """The CUDA-graph bucket contract: extra rows that belong to no sequence, empty trailing sequences and
     a larger max_seqlen leave the real rows' bits unchanged (checked here on the eager Triton path)."""

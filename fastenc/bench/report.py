@@ -74,7 +74,7 @@ def _exc_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
-def _commit() -> str:
+def git_commit() -> str:
     """The checkout's short commit (``-dirty`` with uncommitted changes to tracked files).
 
     ``FASTENC_BENCH_COMMIT`` overrides it, for a copy of the tree that has no ``.git`` (a lent GPU machine).
@@ -111,7 +111,7 @@ def collect_env(device: torch.device, backend: str, quick: bool) -> dict:
         "gpu": gpu,
         "torch": torch.__version__,
         "triton": _version("triton"),
-        "commit": _commit(),
+        "commit": git_commit(),
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": str(device),
         "fastenc": __version__,

@@ -4,6 +4,10 @@
 ``fastenc.reference`` or ``fastenc.kernels`` was chosen at load. Importing it needs ``triton`` but no
 GPU; on the CPU the launchers run only under the Triton interpreter (``TRITON_INTERPRET=1`` set before
 ``triton`` is first imported) and raise ``fastenc.errors.BackendError`` otherwise.
+
+Block configs are fixed per GPU architecture (``_target``); ``python -m fastenc.kernels.aot`` compiles
+every kernel for any architecture without a GPU and reports shared memory, registers, spills and the
+tensor-core instructions of each (``aot``).
 """
 
 from fastenc.kernels.attention import attention

@@ -9,14 +9,10 @@ Triton cannot drive) raise ``fastenc.errors.BackendError``.
 from __future__ import annotations
 
 import torch
-import triton
 
 from fastenc.errors import BackendError
+from fastenc.kernels import _target
 from fastenc.reference import ACTIVATIONS
-
-# @triton.jit reads TRITON_INTERPRET when a kernel is defined, i.e. when the kernel modules are
-# imported (they import this module first), so read it once here, at the same moment.
-INTERPRETED = bool(triton.knobs.runtime.interpret)
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -30,7 +26,7 @@ def check_backend(name: str, tensor: torch.Tensor) -> torch.device:
     if device.type == "cuda":
         return device
     if device.type == "cpu":
-        if INTERPRETED:
+        if _target.INTERPRETED or _target.compiling():
             return device
         raise BackendError(
             f"{name} is on the CPU: the Triton kernels need CUDA tensors, or the Triton interpreter "

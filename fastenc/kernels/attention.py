@@ -24,7 +24,8 @@ Every real query row sees at least one real key, so ``l >= 1``; the final divisi
 so that padding rows can never produce NaN.
 
 Batch invariance: a sequence's programs read only that sequence, and the block sizes depend only on
-the head dim and dtype, so a sequence gives bitwise the same output alone or inside a batch.
+the head dim, dtype and GPU architecture, so a sequence gives bitwise the same output alone or inside
+a batch.
 
 Limits: head dims 16 to 128 (any, padded to a power of two and masked); ``cu_seqlens`` is trusted
 (int32, non-decreasing, last entry == tokens, every length <= ``max_seqlen``): checking its values
@@ -37,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastenc.kernels import _target
 from fastenc.kernels._checks import check_backend, check_tensor
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -160,14 +162,24 @@ def _attention_kernel(
     tl.store(out_ptrs, out.to(Out_ptr.dtype.element_ty), mask=mask)
 
 
-def attention_config(head_dim: int, dtype: torch.dtype) -> dict:
-    """Fixed block sizes for an H100 from the head dim and dtype only (never the sequence lengths)."""
+def attention_config(head_dim: int, dtype: torch.dtype, arch: int = _target.DEFAULT_ARCH) -> dict:
+    """Fixed block sizes from the head dim, dtype and GPU architecture only (never the sequence lengths).
+
+    16-bit inputs on sm_80 and newer: 128 queries x 64 keys per step. On sm_90 one warpgroup (4 warps)
+    issues ``wgmma`` for the 128 rows; on sm_8x ``mma`` keeps the accumulator in each warp's registers,
+    and with 4 warps a head dim of 64 needs all 255 registers (spilling on sm_86), so sm_8x takes
+    8 warps. fp32, and GPUs older than sm_80, run on CUDA cores, where Triton's FMA products spill
+    registers at any block size: 32 x 16 blocks keep that to about 200 bytes a thread, against over
+    1 KiB for 64 x 32.
+    """
     block_d = max(16, triton.next_power_of_2(head_dim))
     even_d = block_d == head_dim
-    if dtype == torch.float32:  # CUDA-core FMA path, 4-byte tiles: keep shared memory in bounds
-        return dict(BLOCK_D=block_d, EVEN_D=even_d, BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
-    warps = 4 if block_d <= 64 else 8
-    return dict(BLOCK_D=block_d, EVEN_D=even_d, BLOCK_M=128, BLOCK_N=64, num_warps=warps, num_stages=3)
+    if dtype == torch.float32 or arch < 80:  # CUDA-core FMA path: small blocks keep register spills small
+        return dict(BLOCK_D=block_d, EVEN_D=even_d, BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=2,
+                    **_target.COMPILE_OPTIONS)
+    warps = 4 if block_d <= 64 and arch >= 90 else 8
+    return dict(BLOCK_D=block_d, EVEN_D=even_d, BLOCK_M=128, BLOCK_N=64, num_warps=warps, num_stages=3,
+                **_target.COMPILE_OPTIONS)
 
 
 def attention(
@@ -195,7 +207,7 @@ def attention(
     batch = cu_seqlens.numel() - 1
     if tokens == 0 or batch == 0 or heads == 0 or max_seqlen == 0:
         return out
-    config = attention_config(head_dim, q.dtype)
+    config = attention_config(head_dim, q.dtype, _target.device_arch(device))
     grid = (batch * heads, triton.cdiv(max_seqlen, config["BLOCK_M"]))
     if grid[1] > 65535:
         raise ValueError(f"max_seqlen {max_seqlen} is too long: at most {65535 * config['BLOCK_M']} tokens")

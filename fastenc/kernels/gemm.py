@@ -6,8 +6,9 @@ then adds the bias, applies the activation and casts once at the store. Tiles ar
 ``GROUP_M`` row blocks so that neighbouring programs reuse the same weight columns from L2.
 
 Batch invariance: the K loop always runs in the same order with the same block sizes, there is no
-split-K, and the block sizes depend only on the dtype, N and K, never on M (the token count). A row's
-result is therefore the same whether it is computed alone or inside a larger batch.
+split-K, and the block sizes depend only on the dtype, N, K and the GPU architecture, never on M (the
+token count). A row's result is therefore the same whether it is computed alone or inside a larger
+batch.
 
 Precision: fp32 inputs use ``input_precision="ieee"``: exact fp32 products, so the fp32 path matches
 torch's fp32 matmul (TF32 would not meet the fp32 tolerance). On a GPU this runs on CUDA cores, not
@@ -25,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastenc.kernels import _target
 from fastenc.kernels._checks import check_activation, check_backend, check_tensor
 
 # Globals read inside @triton.jit functions must be constexpr.
@@ -134,11 +136,19 @@ def _linear_kernel(
     tl.store(out_ptrs, out.to(Out_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & col_ok[None, :])
 
 
-def gemm_config(dtype: torch.dtype, N: int, K: int) -> dict:
-    """Fixed tile sizes for an H100 chosen from the dtype, N and K only (never M: batch invariance)."""
-    if dtype == torch.float32:  # CUDA-core FMA path: smaller tiles, 4 warps
-        block_m, block_n, block_k, warps, stages = 64, 64, 32, 4, 3
-    else:  # tensor cores: 128 x 128 x 64 tiles, 32 KiB of shared memory per stage
+def gemm_config(dtype: torch.dtype, N: int, K: int, arch: int = _target.DEFAULT_ARCH) -> dict:
+    """Fixed tile sizes from the dtype, N, K and the GPU architecture only (never M: batch invariance).
+
+    sm_80 and newer run 16-bit tiles of 128 x 128 x 64 on tensor cores (``wgmma`` on sm_90, ``mma`` on
+    sm_8x), 3 stages: 96 KiB of shared memory on sm_90, 64 KiB on sm_8x (``python -m
+    fastenc.kernels.aot`` prints what each compiles to). fp32, and 16-bit on GPUs older than sm_80
+    (Triton gives them no tensor-core code), run on CUDA cores in 64 x 64 x 32 tiles that spill no
+    registers.
+    """
+    if dtype == torch.float32 or arch < 80:  # CUDA-core FMA path; 16-bit operands spill there with 4 warps
+        block_m, block_n, block_k = 64, 64, 32
+        warps, stages = (4 if dtype == torch.float32 else 8), (3 if arch >= 80 else 2)
+    else:  # tensor cores
         block_m, block_n, block_k, warps, stages = 128, 128, 64, 8, 3
     # Narrow outputs (classifier heads) and short reductions do not need the full tile.
     block_n = min(block_n, max(16, triton.next_power_of_2(N)))
@@ -151,6 +161,7 @@ def gemm_config(dtype: torch.dtype, N: int, K: int) -> dict:
         EVEN_K=K % block_k == 0,
         num_warps=warps,
         num_stages=stages,
+        **_target.COMPILE_OPTIONS,
     )
 
 
@@ -172,7 +183,7 @@ def linear(
     out = torch.empty((M, N), device=device, dtype=x.dtype)
     if M == 0 or N == 0:
         return out
-    config = gemm_config(x.dtype, N, K)
+    config = gemm_config(x.dtype, N, K, _target.device_arch(device))
     grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
     _linear_kernel[grid](
         x, weight, bias, out, M, N, K, x.stride(0), weight.stride(0), out.stride(0), ACTIVATION=act, **config

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastenc.kernels import _target
 from fastenc.kernels._checks import check_activation, check_backend, check_tensor
 from fastenc.kernels.gemm import _apply_activation
 
@@ -98,7 +99,7 @@ def row_config(hidden: int) -> dict:
     """One row per program: the block covers the row; more warps for wide rows."""
     block = triton.next_power_of_2(hidden)
     warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
-    return dict(BLOCK=block, num_warps=warps)
+    return dict(BLOCK=block, num_warps=warps, **_target.COMPILE_OPTIONS)
 
 
 def _check_norm_args(x, weight, bias, eps) -> torch.device:

@@ -8,9 +8,9 @@ place in the contiguous ``(3, heads, tokens, head_dim)`` output: column ``n`` be
 ``head = (n % hidden) // head_dim``) at ``d = n % head_dim``. This replaces the split / transpose /
 ``.contiguous()`` copy of the usual implementation, and gives attention unit-stride rows per head.
 
-Batch invariance and precision: as in ``gemm.py`` (no split-K, block sizes from N and K only, fp32
-accumulation, ``ieee`` products for fp32). The Q scale is applied in fp32 before the single rounding
-to the output dtype.
+Batch invariance and precision: as in ``gemm.py`` (no split-K, block sizes from N, K and the
+architecture only, fp32 accumulation, ``ieee`` products for fp32). The Q scale is applied in fp32
+before the single rounding to the output dtype.
 
 Limits: ``hidden`` must be a multiple of ``num_heads``; ``x`` and ``weight`` need a unit stride in
 their last dimension.
@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastenc.kernels import _target
 from fastenc.kernels._checks import check_backend, check_tensor
 from fastenc.kernels.gemm import _gemm_tile, _tile_coords, gemm_config
 
@@ -87,7 +88,7 @@ def fused_qkv(
     if tokens == 0 or hidden == 0:
         return out
     N, K = 3 * hidden, hidden
-    config = gemm_config(x.dtype, N, K)
+    config = gemm_config(x.dtype, N, K, _target.device_arch(device))
     grid = (triton.cdiv(tokens, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
     _fused_qkv_kernel[grid](
         x,

@@ -23,7 +23,7 @@ if not torch.cuda.is_available():  # the interpreter must be chosen before trito
 import fastenc.reference as reference  # noqa: E402
 from fastenc import kernels  # noqa: E402
 from fastenc.errors import BackendError  # noqa: E402
-from fastenc.kernels import _checks  # noqa: E402
+from fastenc.kernels import _target  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -313,7 +313,7 @@ def test_launcher_names_the_bad_argument(case):
 
 @pytest.mark.skipif(CUDA, reason="checks the CPU-without-interpreter error")
 def test_cpu_without_interpreter_is_a_backend_error(monkeypatch):
-    monkeypatch.setattr(_checks, "INTERPRETED", False)
+    monkeypatch.setattr(_target, "INTERPRETED", False)
     x, w, b = rand(4, 32, dtype=torch.float32), rand(8, 32, dtype=torch.float32), rand(8, dtype=torch.float32)
     with pytest.raises(BackendError, match="TRITON_INTERPRET"):
         kernels.linear(x, w, b)

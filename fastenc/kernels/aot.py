@@ -1,0 +1,296 @@
+"""Compile the Triton kernels for a GPU architecture on a machine that has no GPU.
+
+Triton's compiler, and the ``ptxas`` its wheel ships, need no GPU: only loading and launching a kernel
+do. ``compile_only(arch)`` makes Triton's active driver one that targets ``sm_<arch>`` and, at launch,
+records the compiled kernel instead of running it. The real launchers, called with CPU tensors of real
+shapes, then build exactly the kernels a GPU of that architecture would run: the same constexprs and
+block configs, the same specialisation of pointer and integer arguments (divisibility by 16), the same
+``num_warps`` and ``num_stages``. Nothing is computed: the outputs stay uninitialised.
+
+``compile_report`` does this for one encoder forward per model shape and reads from each cubin what
+decides whether a kernel runs, and how well: dynamic shared memory against the architecture's limit
+(Triton refuses the launch above it), registers per thread, bytes spilled to local memory, the
+tensor-core instruction in the SASS (``wgmma`` = HGMMA on sm_90, ``mma`` = HMMA on sm_8x, ``none``:
+CUDA cores) and asynchronous copies (LDGSTS or TMA: the software-pipelined loads), read with the
+``cuobjdump`` that Triton ships.
+
+    python -m fastenc.kernels.aot [--arch 90,80,86] [--dtype fp16,bf16] [--models bert-base,minilm]
+                                  [--markdown FILE] [--json FILE]
+
+Run it in a process without ``TRITON_INTERPRET`` (the interpreter replaces the compiler).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.driver import DriverBase
+from triton.runtime import driver as triton_driver
+
+from fastenc.kernels import _target
+
+# Encoder shapes the report compiles for: (hidden, heads, intermediate, embedding) of well-known models.
+MODELS = {
+    "bert-base": dict(hidden_size=768, num_attention_heads=12, intermediate_size=3072),
+    "minilm": dict(hidden_size=384, num_attention_heads=12, intermediate_size=1536),
+    "bert-large": dict(hidden_size=1024, num_attention_heads=16, intermediate_size=4096),
+    "electra-small": dict(hidden_size=256, num_attention_heads=4, intermediate_size=1024, embedding_size=128),
+}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# Lengths of the packed batches each model is run on: a full 32 x 128 batch (4096 tokens, divisible by
+# 16) and a ragged one (263 tokens): Triton specialises integer arguments on divisibility by 16.
+BATCHES = ([128] * 32, [7, 128, 1, 127])
+
+
+@dataclasses.dataclass
+class KernelBuild:
+    """One compiled kernel and what its cubin says."""
+
+    kernel: str
+    shape: str  # the launch's sizes that choose the config (K, N, head dim, row width) and activation
+    arch: int
+    dtype: str
+    model: str
+    config: dict  # the block constexprs, num_warps, num_stages
+    shared: int  # dynamic shared memory, bytes
+    shared_limit: int  # the architecture's per-block limit, bytes
+    registers: int  # per thread
+    spilled: int  # bytes of stack and local memory per thread (register spills)
+    tensor_cores: str  # "wgmma" (HGMMA), "mma" (HMMA) or "none"
+    async_copies: bool  # cp.async (LDGSTS) or TMA (UTMALDG) loads: the software pipeline is there
+
+    @property
+    def fits(self) -> bool:
+        return self.shared <= self.shared_limit
+
+
+def read_cubin(cubin: bytes) -> dict:
+    """Registers, spilled bytes, tensor-core and async-copy instructions of a cubin, from ``cuobjdump``."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        usage, sass = (subprocess.run([str(tool), flag, file.name], capture_output=True, text=True, check=True).stdout
+                       for flag in ("-res-usage", "-sass"))
+    match = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
+    if match is None:
+        raise RuntimeError(f"cannot read cuobjdump's resource usage:\n{usage}")
+    registers, stack, local = map(int, match.groups())
+    tensor_cores = "wgmma" if "HGMMA" in sass else "mma" if "HMMA" in sass else "none"
+    return dict(registers=registers, spilled=stack + local, tensor_cores=tensor_cores,
+                async_copies="LDGSTS" in sass or "UTMALDG" in sass)
+
+
+class _Utils:
+    """Device properties of ``sm_<arch>``; "loading" a binary reads its cubin instead."""
+
+    def __init__(self, arch: int):
+        self.arch = arch
+        self.cubins: list[dict] = []  # the function handle is an index into this list
+
+    def get_device_properties(self, device) -> dict:
+        return {"max_shared_mem": _target.shared_memory_limit(self.arch), "max_num_regs": 65536, "warpSize": 32}
+
+    def load_binary(self, name, cubin, shared, device):
+        self.cubins.append(read_cubin(cubin))
+        info = self.cubins[-1]
+        return None, len(self.cubins) - 1, info["registers"], info["spilled"], 1024
+
+
+class _Recorder:
+    """Stands in for Triton's kernel launcher: records the kernel and its arguments."""
+
+    def __init__(self, src, metadata, launches: list):
+        self.src, self.metadata, self.launches = src, metadata, launches
+
+    def __call__(self, grid_x, grid_y, grid_z, stream, function, packed_metadata, launch_metadata, enter_hook,
+                 exit_hook, *args):
+        arguments = dict(zip(self.src.fn.arg_names, args))
+        self.launches.append((self, function, arguments))
+
+
+class CompileOnlyDriver(DriverBase):
+    """A Triton driver that compiles for ``sm_<arch>`` and never touches a GPU."""
+
+    def __init__(self, arch: int):
+        self.arch = arch
+        self.utils = _Utils(arch)
+        self.launches: list = []
+        self.launcher_cls = lambda src, metadata: _Recorder(src, metadata, self.launches)
+
+    @classmethod
+    def is_active(cls) -> bool:
+        return False
+
+    def get_current_target(self) -> GPUTarget:
+        return GPUTarget("cuda", self.arch, 32)
+
+    # Triton caches compiled kernels per device: one "device" per architecture keeps them apart.
+    def get_current_device(self) -> int:
+        return 1000 + self.arch
+
+    def get_current_stream(self, device=None) -> int:
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def get_device_interface(self):
+        raise RuntimeError("the compile-only driver has no device")
+
+    def get_benchmarker(self):
+        raise RuntimeError("the compile-only driver cannot time kernels")
+
+    def map_python_to_cpp_type(self, ty: str) -> str:
+        raise RuntimeError("the compile-only driver builds no launcher")
+
+    def builds(self, dtype: str, model: str) -> list[KernelBuild]:
+        """One KernelBuild per distinct kernel launched so far (then forget the launches)."""
+        out = []
+        for recorder, function, arguments in self.launches:
+            config = {name: value for name, value in arguments.items() if name in CONFIG_KEYS}
+            config.update(num_warps=recorder.metadata.num_warps, num_stages=recorder.metadata.num_stages)
+            shape = " ".join(f"{name}={arguments[name]}" for name in SHAPE_KEYS
+                             if arguments.get(name, "none") != "none")
+            build = KernelBuild(kernel=recorder.src.fn.__name__.strip("_").removesuffix("_kernel"), shape=shape,
+                                arch=self.arch, dtype=dtype, model=model, config=config,
+                                shared=recorder.metadata.shared, shared_limit=_target.shared_memory_limit(self.arch),
+                                **self.utils.cubins[function])
+            if build not in out:  # the same build for another token count
+                out.append(build)
+        self.launches.clear()
+        return out
+
+
+CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_D", "BLOCK", "GROUP_M")
+SHAPE_KEYS = ("K", "N", "HEAD_DIM", "n_cols", "ACTIVATION")
+
+
+@contextlib.contextmanager
+def compile_only(arch: int):
+    """Within the block, the Triton launchers compile for ``sm_<arch>`` and record instead of running."""
+    if _target.INTERPRETED:
+        raise RuntimeError("compile_only needs the Triton compiler: run it without TRITON_INTERPRET")
+    driver = CompileOnlyDriver(arch)
+    # Restore the driver that was set, not reset_active(): without a GPU that would build the default
+    # CUDA driver, which fails.
+    previous = triton_driver._active
+    triton_driver.set_active(driver)
+    try:
+        with _target.compiling_for(arch):
+            yield driver
+    finally:
+        triton_driver._active = previous
+
+
+def encoder_for(model: str, dtype: torch.dtype):
+    """A one-layer encoder of ``model``'s shape over uninitialised CPU tensors, on the Triton ops."""
+    from fastenc import checkpoint, kernels
+    from fastenc.config import EncoderConfig
+    from fastenc.encoder import Encoder
+
+    shape = MODELS[model]
+    raw = dict(model_type="electra" if "embedding_size" in shape else "bert", vocab_size=1024,
+               num_hidden_layers=1, max_position_embeddings=512, type_vocab_size=2, **shape)
+    config = EncoderConfig.from_dict(raw, source=model)
+    shapes = checkpoint.encoder_shapes(config)
+    tensors = {name: torch.empty(shapes[name], dtype=dtype) for name in checkpoint.encoder_names(config)}
+    return Encoder(config, tensors, device=torch.device("cpu"), dtype=dtype, backend="triton", ops=kernels,
+                   cuda_graphs=False)
+
+
+def compile_report(archs=(90, 80), dtypes=("fp16", "bf16"), models=("bert-base", "minilm")) -> list[KernelBuild]:
+    """Compile every kernel of an encoder forward for each architecture, dtype and model shape."""
+    from fastenc import kernels
+
+    builds = []
+    for arch in archs:
+        for dtype in dtypes:
+            for model in models:
+                encoder = encoder_for(model, DTYPES[dtype])
+                with compile_only(arch) as driver:
+                    for lengths in BATCHES:
+                        ids = torch.ones(len(lengths), max(lengths), dtype=torch.long)
+                        mask = (torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]).long()
+                        hidden = encoder.forward_packed(encoder.pack(ids, mask))
+                    norm = encoder.config.hidden_size
+                    # The MLM head's transform, the one kernel the encoder itself does not launch.
+                    kernels.gelu_layer_norm(hidden, torch.empty(norm, dtype=hidden.dtype),
+                                            torch.empty(norm, dtype=hidden.dtype), 1e-12, encoder.config.activation)
+                    builds.extend(driver.builds(dtype, model))
+    return builds
+
+
+def environment() -> dict:
+    """Triton's and ptxas's versions (what the builds depend on), the commit and the time."""
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    lines = subprocess.run([str(ptxas), "--version"], capture_output=True, text=True, check=False).stdout.splitlines()
+    release = next((line.split(", ", 1)[1] for line in lines if ", release " in line), "unknown")
+    from fastenc.bench.report import git_commit
+
+    return {"triton": triton.__version__, "torch": torch.__version__, "ptxas": f"ptxas {release}",
+            "commit": git_commit(), "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def _size(n: int) -> str:
+    return f"{n} B" if n < 1024 else f"{n / 1024:g} KiB"
+
+
+def markdown(builds: list[KernelBuild]) -> str:
+    header = ("| arch | dtype | model | kernel | shape | config | shared (limit) | regs | spilled B | tensor cores "
+              "| async copies |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for b in builds:
+        config = " ".join(f"{k.removeprefix('BLOCK_').removeprefix('num_').lower()}{v}" for k, v in b.config.items())
+        lines.append(f"| sm_{b.arch} | {b.dtype} | {b.model} | {b.kernel} | {b.shape} | {config} | {_size(b.shared)} "
+                     f"({_size(b.shared_limit)}){'' if b.fits else ' **over**'} | {b.registers} | {b.spilled} "
+                     f"| {b.tensor_cores} | {'yes' if b.async_copies else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastenc.kernels.aot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", default="90,80", help="compute capabilities as integers, e.g. 90,80,86")
+    parser.add_argument("--dtype", default="fp16,bf16", help=f"from {', '.join(DTYPES)}")
+    parser.add_argument("--models", default="bert-base,minilm", help=f"from {', '.join(MODELS)}")
+    parser.add_argument("--markdown", type=Path, help="write the table here too")
+    parser.add_argument("--json", type=Path, help="write the builds as JSON here")
+    args = parser.parse_args(argv)
+    if _target.INTERPRETED:
+        parser.error("TRITON_INTERPRET is set: the interpreter replaces Triton's compiler; unset it")
+    try:
+        archs = [int(a) for a in args.arch.split(",")]
+    except ValueError:
+        parser.error(f"--arch: {args.arch!r} is not a list of integers such as 90,80")
+    dtypes, models = args.dtype.split(","), args.models.split(",")
+    for name, allowed in (("dtype", DTYPES), ("models", MODELS)):
+        unknown = [v for v in getattr(args, name).split(",") if v not in allowed]
+        if unknown:
+            parser.error(f"--{name}: unknown {', '.join(unknown)}; choose from {', '.join(allowed)}")
+    builds = compile_report(archs, dtypes, models)
+    env = environment()
+    table = (f"Compiled by Triton {env['triton']} with {env['ptxas']}, on no GPU (`python -m fastenc.kernels.aot`), "
+             f"commit {env['commit']}, {env['time']}.\n\n" + markdown(builds))
+    sys.stdout.write(table)
+    if args.markdown:
+        args.markdown.write_text(table)
+    if args.json:
+        builds_json = [dataclasses.asdict(b) for b in builds]
+        args.json.write_text(json.dumps({"env": env, "builds": builds_json}, indent=1) + "\n")
+    return 0 if all(b.fits for b in builds) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
