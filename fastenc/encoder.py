@@ -95,8 +95,8 @@ def resolve_backend(backend: str | None, device: torch.device) -> tuple[str, Mod
         from . import kernels
     except ImportError as exc:
         raise BackendError(f"backend 'triton' cannot be used: {exc}") from None
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
-        major, minor = torch.cuda.get_device_capability(device)
+    major, minor = torch.cuda.get_device_capability(device) if device.type == "cuda" else (8, 0)
+    if major < 8:
         warnings.warn(f"{torch.cuda.get_device_name(device)} is sm_{major}{minor}: Triton compiles the kernels to "
                       "CUDA-core code below sm_80 (no tensor cores); backend='torch' uses cuBLAS's tensor cores",
                       stacklevel=3)
