@@ -114,6 +114,30 @@ def test_bert_base_on_cuda(tmp_path, dtype):
     assert (out[mask == 0] == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_low_precision_triton_matches_transformers(family_dir, dtype):
+    """The whole model in fp16 and bf16 on the Triton backend (the interpreter on the CPU, the compiled
+    kernels on a GPU): its error against transformers in fp32 is at most 3x transformers' own in ``dtype``."""
+    from checkpoints import hf_model
+
+    family, path = family_dir
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    encoder = fastenc.Encoder.from_pretrained(path, device=device, dtype=dtype, backend="triton")
+    ids, mask, types = _batch(encoder, family, [21, 1, 9, 0], seed=10)
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if types is not None:
+        inputs["token_type_ids"] = types
+    model = hf_model(path, None, "eager")
+    with torch.no_grad():
+        reference = model(**inputs).last_hidden_state
+        baseline = model.to(dtype)(**inputs).last_hidden_state
+    out = encoder(ids, mask, types)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    result = compare("last_hidden_state", out, reference, baseline, mask=mask)
+    assert result.ok, result.line()
+    assert (out[mask == 0] == 0).all()
+
+
 def test_triton_forward_calls_no_torch_attention_softmax_layer_norm_or_gelu(family_dir, monkeypatch):
     family, path = family_dir
     encoder = fastenc.Encoder.from_pretrained(path, backend="triton")

@@ -27,9 +27,10 @@ from fastenc.kernels import _target  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-# bf16 is tested on CUDA only: in the Triton 3.9 interpreter tl.dot on bf16 gives wrong numbers and
-# fp32 -> bf16 casts truncate instead of rounding to nearest (up to 1 ulp, twice torch's error).
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+# bf16 runs under the interpreter too: tests/conftest.py installs fastenc.kernels.interpreter, whose
+# tl.dot reads bf16 operands exactly and whose fp32 -> bf16 casts round to nearest (Triton's own
+# interpreter does neither).
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ACTIVATIONS = [None, "gelu", "gelu_tanh", "relu"]
 # Added to twice torch's error: only matters where torch's op happens to be exact.
 ABS_FLOOR = {torch.float32: 1e-6, torch.float16: 1e-5, torch.bfloat16: 1e-4}
