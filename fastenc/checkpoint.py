@@ -288,12 +288,23 @@ def load_tensors(files: SafetensorsDir, table: dict, shapes: dict, dtype: torch.
     for ours, keys in plan.items():
         if len(keys) == 1:
             tensors[ours] = files.read(keys[0], dtype)
-            continue
-        out = torch.empty(shapes[ours], dtype=dtype, device=files.device)
-        for chunk, key in zip(out.chunk(len(keys)), keys):
-            files.read(key, dtype, out=chunk)
-        tensors[ours] = out
+        else:
+            out = torch.empty(shapes[ours], dtype=dtype, device=files.device)
+            for chunk, key in zip(out.chunk(len(keys)), keys):
+                files.read(key, dtype, out=chunk)
+            tensors[ours] = out
+        for key, part in zip(keys, tensors[ours].chunk(len(keys))):
+            _check_finite(files, key, part, dtype)
     return tensors
+
+
+def _check_finite(files, key: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
+    """A weight that is NaN or infinite in ``dtype`` (corrupt bytes, or an fp32 value past fp16's 65504)
+    would make every output NaN: refuse it at load, naming the tensor."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = tensor[~torch.isfinite(tensor)].flatten()[0].item()
+        raise LoadError(f"{files.where(key)}: tensor {key!r} holds non-finite values in {dtype} (e.g. {bad}); "
+                        "a corrupt file, or values outside the range of the dtype asked for")
 
 
 def load_encoder(files: SafetensorsDir, config: EncoderConfig, dtype: torch.dtype) -> tuple[dict, str]:

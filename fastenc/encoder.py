@@ -449,12 +449,18 @@ def _check_range(values: torch.Tensor, limit: int, name: str, limit_name: str) -
         raise InputError(f"{name}[{row}, {col}] = {values[row, col].item()} is outside [0, {limit_name}={limit})")
 
 
+_BYTES = (bytes, bytearray, memoryview)
+
+
 def _check_texts(texts) -> list[str]:
     if isinstance(texts, str):
         return [texts]
+    if isinstance(texts, _BYTES):  # a Sequence of ints: say what it is rather than "texts[0] is int"
+        raise TypeError(f"texts is {type(texts).__name__}, not str: decode it first (e.g. texts.decode('utf-8'))")
     if not isinstance(texts, Sequence):
         raise TypeError(f"texts must be a str or a sequence of str, got {type(texts).__name__}")
     for index, text in enumerate(texts):
         if not isinstance(text, str):
-            raise TypeError(f"texts[{index}] is {type(text).__name__}, not str")
+            hint = ": decode it first (e.g. .decode('utf-8'))" if isinstance(text, _BYTES) else ""
+            raise TypeError(f"texts[{index}] is {type(text).__name__}, not str{hint}")
     return list(texts)

@@ -28,6 +28,7 @@ import torch
 from . import heads as task_heads
 from .encoder import Encoder
 from .errors import InputError, LoadError
+from .tokenize import check_unicode
 
 TASKS = ("fill-mask", "text-classification", "token-classification", "question-answering")
 TASK_ALIASES = {"sentiment-analysis": "text-classification", "ner": "token-classification"}
@@ -156,6 +157,7 @@ class Pipeline:
                 tokenizer.no_truncation()
             encodings = tokenizer.encode_batch(inputs, is_pretokenized=is_pretokenized, add_special_tokens=True)
         except Exception as exc:  # tokenizers raises bare Exceptions (e.g. a question too long to truncate)
+            check_unicode(inputs, "input")  # a lone surrogate: name the input and the character
             raise InputError(f"cannot tokenize the input: {exc}") from None
         finally:
             tokenizer.no_truncation()

@@ -114,6 +114,19 @@ def _byte_level_bpe(vocab: Path, merges: Path, settings: dict) -> Tokenizer:
     return tokenizer
 
 
+def check_unicode(texts: list, what: str = "text") -> None:
+    """Raise ``InputError`` naming the first text that is not valid Unicode (a lone surrogate, as a file read
+    with ``errors="surrogateescape"`` leaves them), which no tokenizer can take. An item may also be a
+    tuple or list of strings (a text pair, pre-tokenized words)."""
+    for index, item in enumerate(texts):
+        for text in [item] if isinstance(item, str) else [t for t in item if isinstance(t, str)]:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise InputError(f"{what} {index} is not valid Unicode: {exc.reason} ({text[exc.start]!r}); "
+                                 "decode its bytes with errors='replace' first") from None
+
+
 def encode(tokenizer: Tokenizer, texts: list[str], max_length: int, truncate: bool) -> list[Encoding]:
     """Encode with special tokens, truncated to ``max_length`` tokens, or an ``InputError`` naming the text."""
     if truncate:
@@ -122,6 +135,9 @@ def encode(tokenizer: Tokenizer, texts: list[str], max_length: int, truncate: bo
         tokenizer.no_truncation()
     try:
         encodings = tokenizer.encode_batch(texts, add_special_tokens=True)
+    except TypeError:  # tokenizers' message for a str it cannot take; find the text and say why
+        check_unicode(texts)
+        raise
     finally:
         tokenizer.no_truncation()
     if not truncate:
