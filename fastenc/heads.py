@@ -125,7 +125,12 @@ HEAD_SPECS: dict[str, dict[str, HeadSpec]] = {
     },
     "gte": {
         "pooler": _BERT_POOLER,
-        "mlm": _mlm("lm_head.dense", "lm_head.layer_norm", "lm_head.decoder.weight", "lm_head.decoder.bias", "gelu"),
+        # the hub's (and transformers' saved) name first, transformers' module name second
+        "mlm": HeadSpec({**_linear("mlm.dense", "lm_head.dense"),
+                         "mlm.norm.weight": "lm_head.norm.weight|lm_head.layer_norm.weight",
+                         "mlm.norm.bias": "lm_head.norm.bias|lm_head.layer_norm.bias",
+                         "mlm.decoder.weight": "lm_head.decoder.weight", "mlm.decoder.bias": "lm_head.decoder.bias"},
+                        activation="gelu", tied="mlm.decoder.weight"),
         "sequence_classification": HeadSpec(_linear("seq.out", "classifier"), requires=("pooler",)),
         "token_classification": _TOKEN,
     },

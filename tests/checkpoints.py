@@ -8,7 +8,7 @@ suite covers head dims 24, 28, 32 and 40, intermediate sizes that are not powers
 
 The families after BERT (``NEW_FAMILIES``: MPNet, ModernBERT, NomicBERT, GTE) are built the same way;
 ModernBERT's tiny config has a window of ±8 tokens (``local_attention=16``) so that short test
-sequences already span several windows, and four layers (global, local, local, global).
+sequences already span several windows, and three layers (global, local, local).
 
 Main entry points::
 
@@ -47,6 +47,11 @@ import torch
 
 __all__ = [
     "FAMILIES",
+    "NEW_FAMILIES",
+    "ALL_FAMILIES",
+    "FAMILY_HEADS",
+    "families_with",
+    "mask_token",
     "HEADS",
     "FAMILY_DEFAULTS",
     "WORDPIECE_FAMILIES",
@@ -72,6 +77,16 @@ FAMILIES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electr
 NEW_FAMILIES = ("mpnet", "modernbert", "nomic_bert", "gte")
 ALL_FAMILIES = FAMILIES + NEW_FAMILIES
 HEADS = ("mlm", "sequence_classification", "token_classification", "question_answering", "pretraining")
+
+# The task heads transformers has a model for, per family (NomicBERT and GTE have no QA model).
+TASK_HEADS = ("mlm", "sequence_classification", "token_classification", "question_answering")
+FAMILY_HEADS = {family: TASK_HEADS for family in ALL_FAMILIES}
+FAMILY_HEADS.update({"nomic_bert": TASK_HEADS[:3], "gte": TASK_HEADS[:3]})
+
+
+def families_with(head: str, families=ALL_FAMILIES) -> tuple[str, ...]:
+    return tuple(family for family in families if head in FAMILY_HEADS[family])
+
 
 WORDPIECE_FAMILIES = ("bert", "distilbert", "electra", "albert", "nomic_bert")
 BPE_FAMILIES = ("roberta", "xlm-roberta", "camembert", "gte")
@@ -190,7 +205,7 @@ FAMILY_DEFAULTS: dict[str, dict] = {
     "modernbert": dict(
         hidden_size=80,
         num_attention_heads=2,
-        num_hidden_layers=4,  # global, local, local, global
+        num_hidden_layers=3,  # global, local, local
         intermediate_size=74,  # 37 * 2; Wi has 148 rows
         max_position_embeddings=128,
         hidden_activation="gelu",
@@ -504,6 +519,13 @@ def special_ids(family: str) -> dict[str, int]:
     if family in MODERNBERT_FAMILIES:
         return {"unk": 0, "cls": 1, "sep": 2, "pad": 3, "mask": 4}
     raise ValueError(f"unknown family {family!r}; expected one of {ALL_FAMILIES}")
+
+
+def mask_token(family: str) -> str:
+    """The mask token of the family's test tokenizer."""
+    if family in MODERNBERT_FAMILIES or family in WORDPIECE_FAMILIES:
+        return "[MASK]"
+    return "<mask>"
 
 
 def _added_tokens_decoder(tok) -> dict:
