@@ -41,12 +41,20 @@ from triton.runtime import driver as triton_driver
 
 from fastenc.kernels import _target
 
-# Encoder shapes the report compiles for: (hidden, heads, intermediate, embedding) of well-known models.
+# Encoder shapes the report compiles for: (hidden, heads, intermediate, embedding) of well-known models;
+# the families after BERT with their model_type and what decides their kernels' constexprs (two ModernBERT
+# layers: one global, one local).
 MODELS = {
     "bert-base": dict(hidden_size=768, num_attention_heads=12, intermediate_size=3072),
     "minilm": dict(hidden_size=384, num_attention_heads=12, intermediate_size=1536),
     "bert-large": dict(hidden_size=1024, num_attention_heads=16, intermediate_size=4096),
     "electra-small": dict(hidden_size=256, num_attention_heads=4, intermediate_size=1024, embedding_size=128),
+    "mpnet-base": dict(model_type="mpnet", hidden_size=768, num_attention_heads=12, intermediate_size=3072,
+                       max_position_embeddings=514),
+    "modernbert-base": dict(model_type="modernbert", hidden_size=768, num_attention_heads=12, intermediate_size=1152,
+                            num_hidden_layers=2, global_attn_every_n_layers=2),
+    "nomic-embed": dict(model_type="nomic_bert", hidden_size=768, num_attention_heads=12, intermediate_size=3072),
+    "gte-base": dict(model_type="gte", hidden_size=768, num_attention_heads=12, intermediate_size=3072),
 }
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # Lengths of the packed batches each model is run on: a full 32 x 128 batch (4096 tokens, divisible by
@@ -162,8 +170,10 @@ class CompileOnlyDriver(DriverBase):
         for recorder, function, arguments in self.launches:
             config = {name: value for name, value in arguments.items() if name in CONFIG_KEYS}
             config.update(num_warps=recorder.metadata.num_warps, num_stages=recorder.metadata.num_stages)
-            shape = " ".join(f"{name}={arguments[name]}" for name in SHAPE_KEYS
-                             if arguments.get(name, "none") != "none")
+            shape = " ".join([f"{name}={arguments[name]}" for name in SHAPE_KEYS
+                              if arguments.get(name, "none") != "none"]
+                             + [f"{name}={arguments[name]}" for name, default in FLAG_DEFAULTS.items()
+                                if arguments.get(name, default) != default])
             build = KernelBuild(kernel=recorder.src.fn.__name__.strip("_").removesuffix("_kernel"), shape=shape,
                                 arch=self.arch, dtype=dtype, model=model, config=config,
                                 shared=recorder.metadata.shared, shared_limit=_target.shared_memory_limit(self.arch),
@@ -176,6 +186,9 @@ class CompileOnlyDriver(DriverBase):
 
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_D", "BLOCK", "GROUP_M")
 SHAPE_KEYS = ("K", "N", "HEAD_DIM", "n_cols", "ACTIVATION")
+# The families' constexpr flags, shown with the shape where they differ from BERT's kernels.
+FLAG_DEFAULTS = {"HAS_BIAS": True, "HAS_POSITIONS": True, "HAS_RESIDUAL": False, "ROPE": False, "WINDOW": False,
+                 "REL_BIAS": False}
 
 
 @contextlib.contextmanager
@@ -201,9 +214,11 @@ def encoder_for(model: str, dtype: torch.dtype):
     from fastenc.config import EncoderConfig
     from fastenc.encoder import Encoder
 
-    shape = MODELS[model]
-    raw = dict(model_type="electra" if "embedding_size" in shape else "bert", vocab_size=1024,
-               num_hidden_layers=1, max_position_embeddings=512, type_vocab_size=2, **shape)
+    shape = dict(MODELS[model])
+    model_type = shape.pop("model_type", "electra" if "embedding_size" in shape else "bert")
+    raw = dict(model_type=model_type, vocab_size=1024, num_hidden_layers=1, max_position_embeddings=512,
+               type_vocab_size=2, pad_token_id=1)
+    raw.update(shape)
     config = EncoderConfig.from_dict(raw, source=model)
     shapes = checkpoint.encoder_shapes(config)
     tensors = {name: torch.empty(shapes[name], dtype=dtype) for name in checkpoint.encoder_names(config)}

@@ -37,7 +37,7 @@ farther than ``window`` tokens away is also farther than ``window`` positions aw
 never hold a key of the window. With a window a query row may see no key of some block, so that
 path guards the online softmax against ``-inf - (-inf)``.
 
-Relative position bias (``HAS_BIAS``, MPNet): ``bias[head, key position - query position + P - 1]`` is
+Relative position bias (``REL_BIAS``, MPNet): ``bias[head, key position - query position + P - 1]`` is
 added to each fp32 score, read from the ``(heads, 2P - 1)`` table by distance built once at load
 (``fastenc.family.relative_bias_by_distance``, transformers' own buckets); no ``(seq, seq)`` bias is
 ever made. A window and a bias are independent constexprs; plain BERT attention compiles to what
@@ -103,21 +103,21 @@ def _attention_step(
     BLOCK_N: tl.constexpr,
     MASK_KEYS: tl.constexpr,
     EVEN_D: tl.constexpr,
-    pos_q=None,  # (BLOCK_M,) int64 query positions, with WINDOW or HAS_BIAS
-    pos_base=None,  # this sequence's first position id, with WINDOW or HAS_BIAS
+    pos_q=None,  # (BLOCK_M,) int64 query positions, with WINDOW or REL_BIAS
+    pos_base=None,  # this sequence's first position id, with WINDOW or REL_BIAS
     window=0,
-    bias_row=None,  # this head's row of the (heads, 2P - 1) bias table, at distance 0, with HAS_BIAS
+    bias_row=None,  # this head's row of the (heads, 2P - 1) bias table, at distance 0, with REL_BIAS
     WINDOW: tl.constexpr = False,
-    HAS_BIAS: tl.constexpr = False,
+    REL_BIAS: tl.constexpr = False,
 ):
     """Fold one block of keys into the online softmax; returns the updated (acc, m_i, l_i)."""
     keys = start_n + tl.arange(0, BLOCK_N)
     k = _load_rows(k_base, keys, stride_k_token, offs_d, seqlen, HEAD_DIM, MASK_KEYS, EVEN_D)
     s = tl.dot(q, tl.trans(k), input_precision="ieee")  # (BLOCK_M, BLOCK_N) fp32 scores
-    if WINDOW or HAS_BIAS:
+    if WINDOW or REL_BIAS:
         pos_k = tl.load(pos_base + keys, mask=keys < seqlen, other=0).to(tl.int64)  # (BLOCK_N,)
         distance = pos_k[None, :] - pos_q[:, None]  # (BLOCK_M, BLOCK_N): key position - query position
-    if HAS_BIAS:
+    if REL_BIAS:
         s += tl.load(bias_row + distance, mask=(keys < seqlen)[None, :], other=0.0)
     if WINDOW:
         visible = (keys < seqlen)[None, :] & (distance <= window) & (distance >= -window)
@@ -161,13 +161,13 @@ def _attention_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     EVEN_D: tl.constexpr,  # BLOCK_D == HEAD_DIM: no head-dim mask
-    Positions_ptr=None,  # (tokens,) integer, with WINDOW or HAS_BIAS
-    Bias_ptr=None,  # (heads, 2P - 1) float32 bias by distance, with HAS_BIAS
+    Positions_ptr=None,  # (tokens,) integer, with WINDOW or REL_BIAS
+    Bias_ptr=None,  # (heads, 2P - 1) float32 bias by distance, with REL_BIAS
     stride_bias_head=0,
     bias_center=0,  # P - 1: the column of distance 0
     window=0,
     WINDOW: tl.constexpr = False,
-    HAS_BIAS: tl.constexpr = False,
+    REL_BIAS: tl.constexpr = False,
 ):
     pid_bh = tl.program_id(0)  # sequence * num_heads + head
     pid_m = tl.program_id(1)
@@ -190,11 +190,11 @@ def _attention_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    if WINDOW or HAS_BIAS:
+    if WINDOW or REL_BIAS:
         pos_base = Positions_ptr + start
         pos_q = tl.load(pos_base + offs_m, mask=offs_m < seqlen, other=0).to(tl.int64)  # (BLOCK_M,)
         bias_row = Bias_ptr
-        if HAS_BIAS:
+        if REL_BIAS:
             bias_row = Bias_ptr + head * stride_bias_head + bias_center
         lo, hi = 0, seqlen
         if WINDOW:  # only the key blocks that can hold a key of some row's window: the others are never read
@@ -203,7 +203,7 @@ def _attention_kernel(
         for start_n in range(lo, hi, BLOCK_N):  # every block masked: by the window and the sequence end
             acc, m_i, l_i = _attention_step(q, acc, m_i, l_i, k_base, v_base, stride_k_token, stride_v_token,
                                             start_n, seqlen, offs_d, HEAD_DIM, BLOCK_N, True, EVEN_D, pos_q,
-                                            pos_base, window, bias_row, WINDOW, HAS_BIAS)
+                                            pos_base, window, bias_row, WINDOW, REL_BIAS)
     else:
         full_end = (seqlen // BLOCK_N) * BLOCK_N
         for start_n in range(0, full_end, BLOCK_N):
@@ -305,7 +305,7 @@ def attention(
         bias_center=0 if bias is None else (bias.shape[1] - 1) // 2,
         window=0 if window is None else window,
         WINDOW=window is not None,
-        HAS_BIAS=bias is not None,
+        REL_BIAS=bias is not None,
     )
     return out
 
