@@ -13,7 +13,9 @@ batch.
 Precision: fp32 inputs use ``input_precision="ieee"``: exact fp32 products, so the fp32 path matches
 torch's fp32 matmul (TF32 would not meet the fp32 tolerance). On a GPU this runs on CUDA cores, not
 tensor cores; fp32 is the accuracy/debug path, fp16 and bf16 the fast one (the flag has no effect on
-16-bit operands, whose products are exact in the fp32 accumulator).
+16-bit operands, whose products are exact in the fp32 accumulator). Approximate on the GPU, exact under
+the interpreter: the tanh-GELU epilogue (``exp2`` compiles to ``ex2.approx.ftz.f32`` and its fp32 ``/`` to
+``div.full.f32``, each within 2 ulp); erf-GELU uses libdevice's ``erf`` (within 2 ulp).
 
 Limits: ``x`` and ``weight`` need a unit stride in their last dimension (rows may be strided);
 ``bias`` is required. The helpers ``_tile_coords``, ``_gemm_tile`` and ``_apply_activation`` are shared
@@ -27,7 +29,7 @@ import triton
 import triton.language as tl
 
 from fastenc.kernels import _target
-from fastenc.kernels._checks import check_activation, check_backend, check_tensor
+from fastenc.kernels._checks import on_device, check_activation, check_backend, check_tensor
 
 # Globals read inside @triton.jit functions must be constexpr.
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -185,7 +187,8 @@ def linear(
         return out
     config = gemm_config(x.dtype, N, K, _target.device_arch(device))
     grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
-    _linear_kernel[grid](
-        x, weight, bias, out, M, N, K, x.stride(0), weight.stride(0), out.stride(0), ACTIVATION=act, **config
-    )
+    with on_device(device):
+        _linear_kernel[grid](
+            x, weight, bias, out, M, N, K, x.stride(0), weight.stride(0), out.stride(0), ACTIVATION=act, **config
+        )
     return out

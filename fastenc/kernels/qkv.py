@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from fastenc.kernels import _target
-from fastenc.kernels._checks import check_backend, check_tensor
+from fastenc.kernels._checks import on_device, check_backend, check_tensor
 from fastenc.kernels.gemm import _gemm_tile, _tile_coords, gemm_config
 
 
@@ -90,18 +90,19 @@ def fused_qkv(
     N, K = 3 * hidden, hidden
     config = gemm_config(x.dtype, N, K, _target.device_arch(device))
     grid = (triton.cdiv(tokens, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
-    _fused_qkv_kernel[grid](
-        x,
-        weight,
-        bias,
-        out,
-        tokens,
-        N,
-        K,
-        x.stride(0),
-        weight.stride(0),
-        1.0 / math.sqrt(head_dim),
-        HEAD_DIM=head_dim,
-        **config,
-    )
+    with on_device(device):
+        _fused_qkv_kernel[grid](
+            x,
+            weight,
+            bias,
+            out,
+            tokens,
+            N,
+            K,
+            x.stride(0),
+            weight.stride(0),
+            1.0 / math.sqrt(head_dim),
+            HEAD_DIM=head_dim,
+            **config,
+        )
     return out
