@@ -62,16 +62,17 @@ to the commit it holds. Where matplotlib was missing, ``python -m fastenc.bench 
 [--readme README.md]`` writes the plot (and the README table) afterwards.
 """
 
-from .e2e import E2E_PROVIDERS, MODELS, Inputs, ModelSpec, Runner, Shape
-from .kernels import KernelCase, add_layer_norm_case, kernel_cases
-from .measure import DTYPES, Timing, attention_flops, encoder_flops, time_cpu
-from .report import README_END, README_START, Report, markdown, plot, render, update_readme, write_results
-from .suite import Plan, make_plan, run, run_from_args
+from .e2e import E2E_PROVIDERS, MODELS, E2ECase, Inputs, ModelSpec, Runner, Shape
+from .estimate import Budget, plan_estimate
+from .kernels import KernelCase, KernelRun, add_layer_norm_case, kernel_cases
+from .measure import DTYPES, Timing, attention_flops, device_compare, encoder_flops, time_cpu
+from .report import README_END, README_START, Report, git_commit, markdown, plot, render, update_readme, write_results
+from .suite import Plan, check_plan, make_plan, run, run_from_args
 
 __all__ = [
-    "make_plan", "run", "run_from_args", "render", "Plan", "Report", "Timing", "DTYPES",
-    "ModelSpec", "MODELS", "Shape", "Inputs", "Runner", "E2E_PROVIDERS",
-    "KernelCase", "kernel_cases", "add_layer_norm_case",
-    "encoder_flops", "attention_flops", "time_cpu",
+    "make_plan", "check_plan", "run", "run_from_args", "render", "Plan", "Report", "Timing", "DTYPES", "Budget",
+    "ModelSpec", "MODELS", "Shape", "E2ECase", "Inputs", "Runner", "E2E_PROVIDERS",
+    "KernelCase", "KernelRun", "kernel_cases", "add_layer_norm_case",
+    "encoder_flops", "attention_flops", "time_cpu", "device_compare", "plan_estimate", "git_commit",
     "markdown", "plot", "update_readme", "write_results", "README_START", "README_END",
 ]
