@@ -365,8 +365,9 @@ def _run_e2e_group(plan, report: Report, budget, cases: list[E2ECase], workdir: 
     dtype = DTYPES[dtype_name]
     providers = list(dict.fromkeys(p for case in cases for p in case.providers))
     built = (workdir / spec.name / "model.safetensors").exists()
-    refused = budget.refuse(e2e_group_seconds(plan, cases[0], providers, budget.peaks, build=not built)
-                            + e2e_case_seconds(plan, cases[0], budget.peaks))
+    setup = e2e_group_seconds(plan, cases[0], providers, budget.peaks, build=not built)
+    refused = budget.refuse(setup + e2e_case_seconds(plan, cases[0], budget.peaks))
+    started = time.monotonic()
     if refused:
         for case in cases:
             report.skip("e2e", case.name, "all", dtype_name, refused, model=spec.name)
@@ -405,13 +406,16 @@ def _run_e2e_group(plan, report: Report, budget, cases: list[E2ECase], workdir: 
                         f"{_exc_line(exc)}", model=spec.name)
         return
     for case in cases:
-        refused = budget.refuse(e2e_case_seconds(plan, case, budget.peaks))
+        estimate = e2e_case_seconds(plan, case, budget.peaks)
+        refused = budget.refuse(estimate)
         if refused:
             report.skip("e2e", case.name, "all", dtype_name, refused, model=spec.name)
             continue
         report.scope.add(("e2e", dtype_name, case.name))
         _run_e2e_case(plan, report, case, config, reference_run, baseline_run,
                       {name: runners[name] for name in case.providers if name in runners})
+        report.case_time("e2e", case.name, dtype_name, estimate + setup, time.monotonic() - started)
+        started, setup = time.monotonic(), 0.0  # the group's setup is charged to its first case
         report.flush()
     del runners, ctx, reference_run, baseline_run
 

@@ -39,20 +39,22 @@ class Machine:
     triton_compile_s: float  # one new Triton kernel specialisation, cold cache (the interpreter: none)
     load_gbps: float  # checkpoint read + copy to the device
     load_s: float  # fixed cost of one from_pretrained
-    build_s: float  # seconds per parameter to build and save a random checkpoint
+    build_s: float  # seconds per parameter to build and save a random checkpoint ...
+    build_fixed_s: float  # ... plus this
+    import_s: float  # importing transformers, once per process (the first e2e group pays it)
     efficiency: dict  # provider -> share of the matmul peak its GEMMs reach
     interpreter_program_s: float  # the Triton interpreter (CPU): seconds per program (a row, a query block)
 
 
 MACHINES = {
     "cuda": Machine(launch_s=8e-6, graph_launch_s=2e-6, compile_fixed_s=10.0, compile_layer_s=2.5,
-                    triton_compile_s=0.8, load_gbps=2.0, load_s=1.0, build_s=4e-8,
+                    triton_compile_s=0.8, load_gbps=2.0, load_s=1.0, build_s=4e-8, build_fixed_s=1.0, import_s=4.0,
                     efficiency={"fastenc": 0.6, "fastenc-packed": 0.6, "hf-sdpa": 0.45, "hf-eager": 0.35,
                                 "hf-compile": 0.5, "hf-flash": 0.5, "torch": 0.5, "sdpa": 0.5, "sdpa-flash": 0.5,
                                 "sdpa-varlen": 0.5, "flash-attn": 0.5},
                     interpreter_program_s=0.0),
-    "cpu": Machine(launch_s=3e-5, graph_launch_s=3e-5, compile_fixed_s=15.0, compile_layer_s=2.5,
-                   triton_compile_s=0.0, load_gbps=1.0, load_s=0.3, build_s=1e-7,
+    "cpu": Machine(launch_s=6e-5, graph_launch_s=6e-5, compile_fixed_s=15.0, compile_layer_s=2.5,
+                   triton_compile_s=0.0, load_gbps=1.0, load_s=0.4, build_s=1e-7, build_fixed_s=0.5, import_s=3.0,
                    efficiency={"fastenc": 0.8, "fastenc-packed": 0.8, "fastenc-torch": 0.8, "hf-sdpa": 0.8,
                                "hf-eager": 0.6, "hf-compile": 0.8, "torch": 0.5, "sdpa": 0.5, "sdpa-flash": 0.5},
                    interpreter_program_s=4e-3),
@@ -123,16 +125,23 @@ def e2e_case_seconds(plan, case, peaks: dict) -> float:
     return total
 
 
-def e2e_group_seconds(plan, case, providers: list[str], peaks: dict, build: bool = True) -> float:
+def e2e_group_seconds(plan, case, providers: list[str], peaks: dict, build: bool = True,
+                      first: bool | None = None) -> float:
     """Setup of a model in a dtype: build (once per model), the reference and every provider's model loaded,
-    Triton's kernels compiled for it on a cold cache."""
+    Triton's kernels compiled for it on a cold cache; the first group also imports transformers (``first``:
+    None asks whether this process has imported it yet)."""
     machine, spec = _machine(plan), case.model
     dtype_bytes = 4 if case.dtype == "fp32" else 2
     weights_gb = spec.parameters * dtype_bytes / 1e9
     hf_models = {"hf-eager": "eager", "hf-sdpa": "sdpa", "hf-compile": "sdpa", "hf-flash": "flash"}
     loads = 1 + len({hf_models[p] for p in providers if p in hf_models} | ({"sdpa"} if case.dtype != "fp32" else set()))
     loads += any(p.startswith("fastenc") for p in providers)
-    total = spec.parameters * machine.build_s * build + loads * (machine.load_s + weights_gb / machine.load_gbps)
+    if first is None:
+        import sys
+
+        first = "transformers" not in sys.modules
+    total = (spec.parameters * machine.build_s + machine.build_fixed_s) * build + machine.import_s * first
+    total += loads * (machine.load_s + weights_gb / machine.load_gbps)
     if any(p in ("fastenc", "fastenc-packed") for p in providers) and not plan.triton_warm:
         total += 2 * TRITON_KERNELS_PER_MODEL * machine.triton_compile_s  # full and ragged token counts
     return total
@@ -191,7 +200,7 @@ def plan_estimate(plan, peaks: dict) -> list[tuple[str, str, str, tuple[str, ...
                     break
                 group.append(later)
             seconds += e2e_group_seconds(plan, case, list(dict.fromkeys(p for c in group for p in c.providers)), peaks,
-                                         build=case.model.name not in built)
+                                         build=case.model.name not in built, first=not built)
             previous = (case.model.name, case.dtype)
             built.add(case.model.name)
         out.append(("e2e", case.name, case.dtype, case.providers, seconds))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
+import time
 from collections.abc import Callable
 
 import torch
@@ -332,13 +333,16 @@ def run_kernels(plan, report: Report, budget) -> None:
             if reason:
                 report.skip("kernel", "all", name, dtype_name, reason)
     for run in plan.kernels:
-        refused = budget.refuse(kernel_case_seconds(plan, run, budget.peaks))
+        estimate = kernel_case_seconds(plan, run, budget.peaks)
+        refused = budget.refuse(estimate)
         if refused:
             report.skip("kernel", run.name, "all", run.dtype, refused)
             continue
         report.log(f"kernel {run.name} {run.dtype}")
         report.scope.add(("kernel", run.dtype, run.name))
+        started = time.monotonic()
         _run_kernel_case(plan, report, run, unavailable)
+        report.case_time("kernel", run.name, run.dtype, estimate, time.monotonic() - started)
         report.flush()
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -62,6 +62,11 @@ class Report:
         self.skipped.append(entry)
         self.log(f"  not measured: {suite} {case} {provider} {dtype}: {reason}")
 
+    def case_time(self, suite: str, case: str, dtype: str, estimate: float, seconds: float) -> None:
+        """How long a case took beside its estimate (``estimate.py``): what the estimates are checked against."""
+        self.env.setdefault("case_seconds", []).append(
+            {"suite": suite, "case": case, "dtype": dtype, "estimate_s": round(estimate, 2), "seconds": round(seconds, 2)})
+
     def add_rates(self, base: dict, timing: Timing, rates: list[tuple[str, float]]) -> None:
         """One ``ms`` row, then one row per ``(metric, work per call)``; TFLOP/s and GB/s rows get their share
         of the matmul or copy peak (see ``set_shares``)."""
@@ -138,10 +143,11 @@ def git_commit(root: Path = ROOT) -> str:
     return provenance_commit(root)
 
 
-def provenance_commit(root: Path = ROOT) -> str:
-    """The commit recorded in ``.gpu/provenance.json`` when the tree was bundled, checked against the tree."""
+def provenance_commit(root: Path = ROOT, path: Path | None = None) -> str:
+    """The commit recorded in ``path`` (default ``<root>/.gpu/provenance.json``) when the tree was bundled,
+    checked against the tree."""
     try:
-        record = json.loads((root / PROVENANCE).read_text())
+        record = json.loads((path or root / PROVENANCE).read_text())
         commit = str(record["commit"])
         digest = tree_digest(root, record["files"])
     except (OSError, ValueError, KeyError, TypeError):
@@ -338,6 +344,15 @@ def markdown(result: dict) -> str:
             tokens = r.get("tokens", r["batch"] * r["seq"])
             lines.append(f"| {r['case']} | {tokens:,} | {r['dtype']} | {r['provider']} | "
                          f"{_fmt(r['value'])} ({_fmt(r['p20'])}-{_fmt(r['p80'])}) | {rate_text} | {share} | {rel} |")
+        lines.append("")
+
+    if env.get("case_seconds"):
+        lines += ["## Time per case", "",
+                  "Wall time of each case (its model's setup charged to its first case) beside the estimate the time "
+                  "budget decided with (`fastenc/bench/estimate.py`).", "",
+                  "| suite | case | dtype | estimate s | measured s |", "|---|---|---|---|---|"]
+        lines += [f"| {c['suite']} | {c['case']} | {c['dtype']} | {c['estimate_s']:.1f} | {c['seconds']:.1f} |"
+                  for c in env["case_seconds"]]
         lines.append("")
 
     if result.get("skipped"):

@@ -89,7 +89,7 @@ def check_plan(device: torch.device, small: bool = False) -> Plan:
     e2e = [E2ECase(model, main, "fp16", (*peers, "hf-eager")), E2ECase(model, latency, "fp16", peers),
            E2ECase(model, var, "fp16", peers), E2ECase(model, main, "bf16", peers),
            E2ECase(model, main, "fp16", ("hf-compile",))]
-    return Plan(device=device, quick=small, e2e=e2e, kernels=kernels, repeats=5 if small else 50,
+    return Plan(device=device, quick=small, e2e=e2e, kernels=kernels, repeats=3 if small else 50,
                 compile_backend="eager" if small and device.type == "cpu" else "inductor", name="gpu-check")
 
 
