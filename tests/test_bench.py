@@ -390,11 +390,22 @@ def test_measurements_are_guarded(tmp_path, monkeypatch, one_thread):
             raise RuntimeError("device lost")
         return measure(*args)
 
+    random_inputs = bench.Inputs.random.__func__
+
+    def faulting_inputs(cls, shape, *args, **kwargs):  # one case meets a device fault outside any provider
+        if shape.seq == 12:
+            raise RuntimeError("CUDA error: unspecified launch failure")
+        return random_inputs(cls, shape, *args, **kwargs)
+
     monkeypatch.setattr(bench_e2e, "memory_peak_mib", broken_memory)
     monkeypatch.setattr(bench_suite, "measure_peaks", peaks_once)
-    report = bench.run(tiny_plan([bench.E2ECase(TINY, bench.Shape(2, 8), "fp32", ("hf-sdpa",))]), quiet=True,
-                       output=tmp_path)
-    [row] = [r for r in report.rows if r["metric"] == "ms"]
+    monkeypatch.setattr(bench.Inputs, "random", classmethod(faulting_inputs))
+    cases = [bench.E2ECase(TINY, bench.Shape(2, seq), "fp32", ("hf-sdpa",)) for seq in (8, 12, 16)]
+    report = bench.run(tiny_plan(cases), quiet=True, output=tmp_path)
+    assert {r["case"] for r in report.rows} == {"bert-tiny:2x8", "bert-tiny:2x16"}
+    [lost] = report.skipped
+    assert lost["case"] == "bert-tiny:2x12" and "unspecified launch failure" in lost["reason"]
+    row = next(r for r in report.rows if r["metric"] == "ms")
     assert row["mem_mib"] is None
     assert any("could not be measured again" in note for note in report.env["notes"])
     check_schema(report.to_json())

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -210,3 +211,23 @@ def test_texts_are_real_and_mixed():
     assert len(set(texts)) == 300
     lengths = sorted(len(t.split()) for t in texts)
     assert lengths[30] < 15 and lengths[-30] > 60  # sentences and passages
+
+
+@pytest.mark.parametrize("output, exitcode, status", [
+    ("TARGET OK\n========= ERROR SUMMARY: 0 errors\n========= RACECHECK SUMMARY: 0 hazards displayed", 0, "ok"),
+    ("TARGET OK\n========= Invalid __global__ read of size 2\n========= ERROR SUMMARY: 1 error", 86, "failed"),
+    ("========= Error: Device not supported. Please refer to the documentation.", 1, "refused"),
+])
+def test_sanitizer_stage_reads_the_tool(tmp_path, monkeypatch, output, exitcode, status):
+    """The GPU path of the sanitizer stage, with a stand-in for compute-sanitizer that prints what the tool
+    prints (the real one runs on the GPU machine only)."""
+    fake = tmp_path / "compute-sanitizer"
+    fake.write_text(f"#!/bin/sh\ncat <<'EOF'\n{output}\nEOF\nexit {exitcode}\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(gpu_check, "find_sanitizer", lambda: str(fake))
+    args = SimpleNamespace(work=str(tmp_path), limit=120.0, dry_run=False, data=str(tmp_path))
+    stage = gpu_check.Stage("sanitizer", args)
+    gpu_check.stage_sanitizer(stage)
+    record = json.loads((tmp_path / "sanitizer.json").read_text())
+    assert record["status"] == status, record
+    assert set(record["checks"]) == {"memcheck", "racecheck"}

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 import importlib.util
 import tempfile
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .measure import (DTYPES, _sync, device_compare, encoder_flops, memory_peak_mib, settled_reserved,
+from .measure import (DTYPES, _sync, device_compare, encoder_flops, memory_peak_mib, release, settled_reserved,
                       time_providers)
 from .report import E2E_BASELINE, Report, _exc_line
 
@@ -353,9 +352,7 @@ def run_e2e(plan, report: Report, budget) -> None:
         for _, cases in groups:
             _run_e2e_group(plan, report, budget, cases, Path(tmp))
             report.flush()
-            gc.collect()
-            if plan.device.type == "cuda":
-                torch.cuda.empty_cache()
+            release(plan.device)
 
 
 def _run_e2e_group(plan, report: Report, budget, cases: list[E2ECase], workdir: Path) -> None:
@@ -412,8 +409,11 @@ def _run_e2e_group(plan, report: Report, budget, cases: list[E2ECase], workdir: 
             report.skip("e2e", case.name, "all", dtype_name, refused, model=spec.name)
             continue
         report.scope.add(("e2e", dtype_name, case.name))
-        _run_e2e_case(plan, report, case, config, reference_run, baseline_run,
-                      {name: runners[name] for name in case.providers if name in runners})
+        try:
+            _run_e2e_case(plan, report, case, config, reference_run, baseline_run,
+                          {name: runners[name] for name in case.providers if name in runners})
+        except Exception as exc:  # noqa: BLE001 - e.g. a sticky device fault: the case is lost, not the run
+            report.skip("e2e", case.name, "all", dtype_name, f"the case failed: {_exc_line(exc)}", model=spec.name)
         report.case_time("e2e", case.name, dtype_name, estimate + setup, time.monotonic() - started)
         started, setup = time.monotonic(), 0.0  # the group's setup is charged to its first case
         report.flush()

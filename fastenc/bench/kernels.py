@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from .. import reference
 from ..errors import BackendError
 from .e2e import Shape
-from .measure import DTYPES, attention_flops, device_compare, time_providers
+from .measure import DTYPES, attention_flops, device_compare, release, time_providers
 from .report import Report, _exc_line
 
 
@@ -341,11 +341,13 @@ def run_kernels(plan, report: Report, budget) -> None:
         report.log(f"kernel {run.name} {run.dtype}")
         report.scope.add(("kernel", run.dtype, run.name))
         started = time.monotonic()
-        _run_kernel_case(plan, report, run, unavailable)
+        try:
+            _run_kernel_case(plan, report, run, unavailable)
+        except Exception as exc:  # noqa: BLE001 - e.g. a sticky device fault: the case is lost, not the run
+            report.skip("kernel", run.name, "all", run.dtype, f"the case failed: {_exc_line(exc)}")
         report.case_time("kernel", run.name, run.dtype, estimate, time.monotonic() - started)
         report.flush()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        release(device)
 
 
 def _run_kernel_case(plan, report: Report, run: KernelRun, unavailable: dict) -> None:

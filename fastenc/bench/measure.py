@@ -169,6 +169,16 @@ def settled_reserved(device: torch.device) -> int:
     return torch.cuda.memory_reserved(device)
 
 
+def release(device: torch.device) -> None:
+    """Return cached memory between cases; never raises (after a device fault there is nothing to return)."""
+    gc.collect()
+    if device.type == "cuda":
+        try:
+            torch.cuda.empty_cache()
+        except Exception:  # noqa: BLE001
+            pass
+
+
 def memory_peak_mib(fn: Callable, device: torch.device) -> float | None:
     """MiB one call allocates above what is resident before it (CUDA); ``None`` on the CPU."""
     if device.type != "cuda":
