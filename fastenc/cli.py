@@ -203,16 +203,28 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(run=_info)
 
     bench = commands.add_parser("bench", help="fastenc side by side with transformers and torch; writes results")
+    bench.add_argument("--plan", choices=("full", "gpu-check"), default="full",
+                       help="full: the cross product of the options below (default); gpu-check: the GPU check's "
+                            "bench stage (the cases the performance goals need; small shapes on the CPU)")
     bench.add_argument("--suite", choices=("e2e", "kernel", "all"), default="all")
     bench.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     bench.add_argument("--dtype", help="comma-separated fp16,bf16,fp32 (default: fp16,bf16 on CUDA, fp32 on the CPU)")
     bench.add_argument("--quick", action="store_true", help="small shapes, few runs: a smoke test, not a result")
     bench.add_argument("--output", metavar="DIR", default="benchmarks/results",
-                       help="where the .json, .md and .png go (default: benchmarks/results)")
-    bench.add_argument("--models", help="comma-separated: bert-base, bert-base-2l, minilm "
-                                        "(default: bert-base,minilm on CUDA; minilm,bert-base-2l on the CPU)")
-    bench.add_argument("--providers", help="comma-separated subset of the providers (default: all that can run)")
+                       help="where the .json (rewritten after every case), .md and .png go "
+                            "(default: benchmarks/results)")
+    bench.add_argument("--models", help="comma-separated: bert-base, bert-base-2l, minilm-l6 "
+                                        "(default: bert-base,minilm-l6 on CUDA; minilm-l6,bert-base-2l on the CPU)")
+    bench.add_argument("--providers", help="comma-separated subset of the providers; exactly these run "
+                                           "(default: all that can run)")
+    bench.add_argument("--cases", metavar="PATTERNS", help="comma-separated case names or shell patterns, e.g. "
+                                                           "'bert-base:128x128,attention:*' (default: every case)")
+    bench.add_argument("--budget", type=float, metavar="SECONDS",
+                       help="stop starting cases whose estimate no longer fits; what is skipped is reported")
     bench.add_argument("--backend", choices=("torch", "triton"), help="fastenc's backend (default: the device's)")
+    bench.add_argument("--compile-backend", choices=("inductor", "eager", "aot_eager"),
+                       help="torch.compile's backend for hf-compile (default: inductor; 'eager': Dynamo alone, "
+                            "labelled as such)")
     bench.add_argument("--repeats", type=int, help="timed rounds on the CPU, minimum timed runs on CUDA")
     bench.add_argument("--readme", metavar="PATH", help="also put the table between this README's "
                                                         "<!-- fastenc-bench:start/end --> markers")
