@@ -181,7 +181,8 @@ def _serve(args) -> int:
     run(args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype, backend=args.backend,
         max_batch_tokens=args.max_batch_tokens, max_client_batch_size=args.max_client_batch_size,
         max_concurrent_requests=args.max_concurrent_requests, auto_truncate=args.auto_truncate,
-        payload_limit=args.payload_limit, threads=args.threads, log_level=args.log_level)
+        payload_limit=args.payload_limit, model_name=args.served_model_name, threads=args.threads,
+        log_level=args.log_level)
     return 0
 
 
@@ -200,6 +201,8 @@ def _add_serve(commands) -> None:
                        help="truncate long inputs by default (without it, a request must ask with truncate=true)")
     serve.add_argument("--payload-limit", type=int, default=2_000_000, metavar="BYTES",
                        help="largest request body; more is a 413 (default 2000000)")
+    serve.add_argument("--served-model-name", metavar="NAME",
+                       help="the model name /info and /v1/embeddings give (default: the checkpoint directory's name)")
     serve.add_argument("--threads", type=int, metavar="N",
                        help="torch threads for the model on the CPU (default: torch's, one per core)")
     serve.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))

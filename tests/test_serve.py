@@ -160,9 +160,11 @@ LONG = "word " * 300  # over MiniLM's 256 tokens
     ("/embed", {"inputs": []}, 422, "`inputs` is empty"),
     ("/embed", {"inputs": ""}, 422, "`inputs` is an empty string"),
     ("/embed", {"inputs": "a", "normalize": "no"}, 422, "`normalize` must be true or false, got a string"),
-    ("/embed", {"inputs": ["ok", LONG]}, 422, "`inputs`: text 1 has 302 tokens, over the limit of 256 (truncate=False)"),
+    ("/embed", {"inputs": ["ok", LONG]}, 422,
+     "`inputs`: text 1 has 302 tokens, over the limit of 256 (truncate=False)"),
     ("/embed", {"inputs": ["a"] * 33}, 413, "`inputs` has 33 inputs, over the maximum of 32 per request"),
-    ("/embed", {"inputs": "a", "dimensions": 999}, 422, "`dimensions` is 999; it must be between 1 and the model's 384"),
+    ("/embed", {"inputs": "a", "dimensions": 999}, 422,
+     "`dimensions` is 999; it must be between 1 and the model's 384"),
     ("/tokenize", {"inputs": {}}, 422, "`inputs` must be a string or an array of strings, got an object"),
     ("/predict", {"inputs": "a"}, 400, "/predict needs a sequence-classification head and this model has none"),
     ("/rerank", {"query": "q", "texts": ["a"]}, 400, "/rerank needs a sequence-classification head"),
@@ -232,7 +234,8 @@ def test_32_concurrent_clients_are_batched_and_exact(server, minilm):
 def test_a_client_that_disconnects_leaves_no_work(server, minilm):
     """A request queued behind a long batch whose client gives up never reaches the model."""
     blocker = ["a long passage about nothing in particular " * 30] * 32  # 32 x 256 tokens
-    before = metric(server, "fastenc_sequences_total", task="embed"), metric(server, "fastenc_cancelled_sequences_total")
+    before = (metric(server, "fastenc_sequences_total", task="embed"),
+              metric(server, "fastenc_cancelled_sequences_total"))
     with httpx.Client(timeout=120) as patient:
         with httpx.Client(timeout=0.2) as impatient:
 
@@ -353,7 +356,8 @@ def test_predict_texts_and_pairs(reranker):
     assert too_long.status_code == 422
     assert re.fullmatch(rf"input 0 has \d+ tokens, over the limit of {pipe.max_length} \(truncate=false\)",
                         too_long.json()["error"])
-    assert httpx.post(url + "/predict", json={"inputs": [["word " * 50, "word " * 50]], "truncate": True}).status_code == 200
+    cut = httpx.post(url + "/predict", json={"inputs": [["word " * 50, "word " * 50]], "truncate": True})
+    assert cut.status_code == 200
     assert httpx.get(url + "/info").json()["model_type"] == {"reranker": {"id2label": {"0": "negative"},
                                                                            "label2id": {"negative": 0}}}
 

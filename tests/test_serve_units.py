@@ -294,7 +294,26 @@ def test_rerank_needs_a_single_label_head_in_process(three_labels):
 
 
 def test_import_fastenc_stays_light():
-    code = "import sys, fastenc, fastenc.serve; print(sorted(m for m in ('starlette', 'uvicorn', 'prometheus_client', 'orjson') if m in sys.modules))"
+    code = ("import sys, fastenc, fastenc.serve; print(sorted(m for m in ('starlette', 'uvicorn', "
+            "'prometheus_client', 'orjson') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.replace("'", '"')) == []
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = subprocess.run([sys.executable, "-m", "fastenc", "serve", "--port", str(port)], capture_output=True,
+                              text=True, timeout=120)
+    assert busy.returncode == 2
+    assert busy.stderr.startswith(f"fastenc: error: cannot listen on 127.0.0.1:{port}: ")
+    assert busy.stderr.count("\n") == 1
+    code = "import sys; sys.modules['starlette'] = None; from fastenc.cli import main; sys.exit(main(['serve']))"
+    missing = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2
+    assert "fastenc serve needs the serve extra: pip install 'fastenc[serve]'" in missing.stderr

@@ -103,8 +103,9 @@ class Service:
         """The pooling ``embed()`` uses by default, and why this checkpoint cannot embed (None if it can)."""
         sentence = encoder._sentence
         if sentence is not None and sentence.unsupported_modules:
-            return "mean", (f"this checkpoint's sentence-transformers modules {', '.join(sentence.unsupported_modules)} "
-                            "are not supported by fastenc, so it serves no embeddings")
+            modules = ", ".join(sentence.unsupported_modules)
+            return "mean", (f"this checkpoint's sentence-transformers modules {modules} are not supported by "
+                            "fastenc, so it serves no embeddings")
         pooling = (sentence.pooling if sentence else None) or "mean"
         return (pooling, None) if pooling in POOLING_MODES else ("mean", f"pooling {pooling!r} is not supported")
 
