@@ -34,6 +34,7 @@ import platform
 import random
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -83,10 +84,11 @@ async def load(url: str, model: str, texts: list[str], concurrency: int, duratio
     begin = loop.time() + warmup
     end = begin + duration
     headers = {"content-type": "application/json"}
+    tls = ssl.create_default_context()  # one for all: httpx builds one per client otherwise, 25 ms of CPU each
 
     async def client() -> None:
         limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-        async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(300.0)) as http:
+        async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(300.0), verify=tls) as http:
             while loop.time() < end:
                 i = counter[0]
                 counter[0] += per_request

@@ -317,3 +317,12 @@ def test_cli_errors_are_one_line(tmp_path):
     missing = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2
     assert "fastenc serve needs the serve extra: pip install 'fastenc[serve]'" in missing.stderr
+
+
+def test_a_receiver_that_fails_does_not_stop_delivery():
+    def broken(outcome):
+        raise RuntimeError("event loop is closed")
+
+    j = Job([row(1)], "t", broken)
+    j.deliver(0, "value")  # logged, not raised
+    j.fail(RuntimeError("again"))  # finished once already: ignored

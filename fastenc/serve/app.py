@@ -22,11 +22,12 @@ import socket
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import orjson
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -111,8 +112,6 @@ class Service:
 
     # ------------------------------------------------------------------------------------- lifecycle
     async def startup(self) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
         self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="fastenc-tokenize")
         self.worker.start()
         await asyncio.get_running_loop().run_in_executor(None, self.worker.ready.wait)
@@ -363,7 +362,7 @@ class Service:
                 response = await handler(request)
             except ServeError as exc:
                 response = self._error(exc, openai)
-            except ClientGone:
+            except (ClientGone, ClientDisconnect):
                 response = Response(status_code=499)  # nobody reads it; counted as nginx counts it
             except Exception as exc:  # a bug, not the client's fault: say so, keep serving
                 log.exception("%s failed", route)

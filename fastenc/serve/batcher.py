@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
+
+log = logging.getLogger("fastenc.serve")
 
 
 class Closed(Exception):
@@ -64,7 +67,10 @@ class Job:
     def _finish(self, outcome) -> None:
         if not self._finished:
             self._finished = True
-            self.on_done(outcome)
+            try:
+                self.on_done(outcome)
+            except Exception:  # a receiver that is gone (its event loop closed) must not stop the worker
+                log.exception("a finished job could not be handed back")
 
 
 @dataclasses.dataclass
