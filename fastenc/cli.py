@@ -173,6 +173,42 @@ def _info(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    try:
+        from .serve.app import run
+    except ImportError as exc:
+        raise UserError(f"fastenc serve needs the serve extra: pip install 'fastenc[serve]' ({exc})") from None
+    run(args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype, backend=args.backend,
+        max_batch_tokens=args.max_batch_tokens, max_client_batch_size=args.max_client_batch_size,
+        max_concurrent_requests=args.max_concurrent_requests, auto_truncate=args.auto_truncate,
+        payload_limit=args.payload_limit, model_name=args.served_model_name, threads=args.threads,
+        log_level=args.log_level)
+    return 0
+
+
+def _add_serve(commands) -> None:
+    serve = commands.add_parser("serve", help="an HTTP server: TEI's routes, OpenAI's /v1/embeddings, /metrics")
+    _load_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8080, help="port to listen on; 0 picks a free one (default 8080)")
+    serve.add_argument("--max-batch-tokens", type=int, default=16384, metavar="N",
+                       help="real tokens per model batch (default 16384)")
+    serve.add_argument("--max-client-batch-size", type=int, default=32, metavar="N",
+                       help="inputs per request; more is a 413 (default 32)")
+    serve.add_argument("--max-concurrent-requests", type=int, default=512, metavar="N",
+                       help="requests admitted at once; more is a 429 (default 512)")
+    serve.add_argument("--auto-truncate", action="store_true",
+                       help="truncate long inputs by default (without it, a request must ask with truncate=true)")
+    serve.add_argument("--payload-limit", type=int, default=2_000_000, metavar="BYTES",
+                       help="largest request body; more is a 413 (default 2000000)")
+    serve.add_argument("--served-model-name", metavar="NAME",
+                       help="the model name /info and /v1/embeddings give (default: the checkpoint directory's name)")
+    serve.add_argument("--threads", type=int, metavar="N",
+                       help="torch threads for the model on the CPU (default: torch's, one per core)")
+    serve.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
+    serve.set_defaults(run=_serve)
+
+
 def _bench(args) -> int:
     from .bench import run_from_args
 
@@ -198,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(run=_check)
 
     _add_run(commands)
+    _add_serve(commands)
 
     info = commands.add_parser("info", help="versions, device, default backend, kernels")
     info.set_defaults(run=_info)
