@@ -6,8 +6,11 @@ A thin wrapper: the machinery is the ``fastenc/bench/`` package; every option of
 """
 
 import sys
+from pathlib import Path
 
-from fastenc.cli import main
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tree's fastenc, installed or not
+
+from fastenc.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(["bench", "--suite", "e2e", *sys.argv[1:]]))

@@ -18,7 +18,7 @@ PARAMS = [(case, provider) for case in bench.kernel_cases("cpu", quick=False)
 
 
 @pytest.mark.parametrize("case, provider", PARAMS,
-                         ids=[f"{c.case} {c.batch}x{c.seq} {p}" for c, p in PARAMS])
+                         ids=[f"{c.case} {p}" for c, p in PARAMS])
 def test_cpu_kernel(benchmark, case, provider):
     inputs = case.make_inputs(CPU, torch.float32)
     run, canonical = case.providers[provider](inputs)

@@ -173,6 +173,42 @@ def _info(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    try:
+        from .serve.app import run
+    except ImportError as exc:
+        raise UserError(f"fastenc serve needs the serve extra: pip install 'fastenc[serve]' ({exc})") from None
+    run(args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype, backend=args.backend,
+        max_batch_tokens=args.max_batch_tokens, max_client_batch_size=args.max_client_batch_size,
+        max_concurrent_requests=args.max_concurrent_requests, auto_truncate=args.auto_truncate,
+        payload_limit=args.payload_limit, model_name=args.served_model_name, threads=args.threads,
+        log_level=args.log_level)
+    return 0
+
+
+def _add_serve(commands) -> None:
+    serve = commands.add_parser("serve", help="an HTTP server: TEI's routes, OpenAI's /v1/embeddings, /metrics")
+    _load_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8080, help="port to listen on; 0 picks a free one (default 8080)")
+    serve.add_argument("--max-batch-tokens", type=int, default=16384, metavar="N",
+                       help="real tokens per model batch (default 16384)")
+    serve.add_argument("--max-client-batch-size", type=int, default=32, metavar="N",
+                       help="inputs per request; more is a 413 (default 32)")
+    serve.add_argument("--max-concurrent-requests", type=int, default=512, metavar="N",
+                       help="requests admitted at once; more is a 429 (default 512)")
+    serve.add_argument("--auto-truncate", action="store_true",
+                       help="truncate long inputs by default (without it, a request must ask with truncate=true)")
+    serve.add_argument("--payload-limit", type=int, default=2_000_000, metavar="BYTES",
+                       help="largest request body; more is a 413 (default 2000000)")
+    serve.add_argument("--served-model-name", metavar="NAME",
+                       help="the model name /info and /v1/embeddings give (default: the checkpoint directory's name)")
+    serve.add_argument("--threads", type=int, metavar="N",
+                       help="torch threads for the model on the CPU (default: torch's, one per core)")
+    serve.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
+    serve.set_defaults(run=_serve)
+
+
 def _bench(args) -> int:
     from .bench import run_from_args
 
@@ -198,21 +234,34 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(run=_check)
 
     _add_run(commands)
+    _add_serve(commands)
 
     info = commands.add_parser("info", help="versions, device, default backend, kernels")
     info.set_defaults(run=_info)
 
     bench = commands.add_parser("bench", help="fastenc side by side with transformers and torch; writes results")
+    bench.add_argument("--plan", choices=("full", "gpu-check"), default="full",
+                       help="full: the cross product of the options below (default); gpu-check: the GPU check's "
+                            "bench stage (the cases the performance goals need; small shapes on the CPU)")
     bench.add_argument("--suite", choices=("e2e", "kernel", "all"), default="all")
     bench.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     bench.add_argument("--dtype", help="comma-separated fp16,bf16,fp32 (default: fp16,bf16 on CUDA, fp32 on the CPU)")
     bench.add_argument("--quick", action="store_true", help="small shapes, few runs: a smoke test, not a result")
     bench.add_argument("--output", metavar="DIR", default="benchmarks/results",
-                       help="where the .json, .md and .png go (default: benchmarks/results)")
-    bench.add_argument("--models", help="comma-separated: bert-base, bert-base-2l, minilm "
-                                        "(default: bert-base,minilm on CUDA; minilm,bert-base-2l on the CPU)")
-    bench.add_argument("--providers", help="comma-separated subset of the providers (default: all that can run)")
+                       help="where the .json (rewritten after every case), .md and .png go "
+                            "(default: benchmarks/results)")
+    bench.add_argument("--models", help="comma-separated: bert-base, bert-base-2l, minilm-l6 "
+                                        "(default: bert-base,minilm-l6 on CUDA; minilm-l6,bert-base-2l on the CPU)")
+    bench.add_argument("--providers", help="comma-separated subset of the providers; exactly these run "
+                                           "(default: all that can run)")
+    bench.add_argument("--cases", metavar="PATTERNS", help="comma-separated case names or shell patterns, e.g. "
+                                                           "'bert-base:128x128,attention:*' (default: every case)")
+    bench.add_argument("--budget", type=float, metavar="SECONDS",
+                       help="stop starting cases whose estimate no longer fits; what is skipped is reported")
     bench.add_argument("--backend", choices=("torch", "triton"), help="fastenc's backend (default: the device's)")
+    bench.add_argument("--compile-backend", choices=("inductor", "eager", "aot_eager"),
+                       help="torch.compile's backend for hf-compile (default: inductor; 'eager': Dynamo alone, "
+                            "labelled as such)")
     bench.add_argument("--repeats", type=int, help="timed rounds on the CPU, minimum timed runs on CUDA")
     bench.add_argument("--readme", metavar="PATH", help="also put the table between this README's "
                                                         "<!-- fastenc-bench:start/end --> markers")

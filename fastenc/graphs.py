@@ -17,11 +17,24 @@ split-K, one program per sequence block in attention), a replay gives bitwise th
 All graphs share one memory pool (they never run concurrently), the number of graphs is bounded (the
 least recently used one is dropped first), and ``capture_all`` captures every bucket up front so the
 first real call is not the slow one. Only the Triton backend on CUDA uses graphs.
+
+Two rules keep replays safe wherever they are called from:
+
+* the static buffers are made, and the graph captured, with inference mode off: the pipelines run the
+  encoder inside ``torch.inference_mode()``, and a buffer made there would be an inference tensor that a
+  later replay outside it (``embed()``, ``encoder(...)``) may not update in place;
+* a bucket's sequence length never exceeds its token count (with a ``max_tokens`` that is not a power of
+  two, the next sequence bucket can be larger than the token bucket): such a batch runs eagerly, since
+  warming up and capturing one sequence of ``seqlen`` tokens would read and write past the buffers.
+
+Capture and replay happen under the encoder's device (``torch.cuda.device``), so an encoder on
+``cuda:1`` captures and replays there whichever device is current.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 
 import torch
@@ -65,12 +78,20 @@ class GraphRunner:
         self._graphs: collections.OrderedDict[tuple[int, int], _Graph] = collections.OrderedDict()
 
     def fits(self, batch) -> bool:
-        return 0 < batch.num_tokens <= self.max_tokens and len(batch.lengths) <= self.max_batch
+        if not (0 < batch.num_tokens <= self.max_tokens and len(batch.lengths) <= self.max_batch):
+            return False
+        tokens, seqlen = self.bucket(batch)
+        return seqlen <= tokens
 
     def bucket(self, batch) -> tuple[int, int]:
+        """``(tokens, seqlen)`` buckets of a batch; ``fits`` runs a batch whose seqlen bucket is larger eagerly."""
         tokens = next(b for b in self.token_buckets if b >= batch.num_tokens)
         seqlen = next(b for b in self.seqlen_buckets if b >= batch.max_seqlen)
         return tokens, seqlen
+
+    def _on_device(self):
+        device = self._encoder.device
+        return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
     @property
     def captured(self) -> list[tuple[int, int]]:
@@ -79,9 +100,13 @@ class GraphRunner:
     def run(self, batch) -> torch.Tensor:
         """The packed forward of ``batch`` from its bucket's graph: a fresh ``(tokens, hidden)`` tensor."""
         key = self.bucket(batch)
-        graph = self._graphs.get(key)
-        if graph is None:
-            graph = self._capture(*key)
+        if key[1] > key[0]:
+            raise ValueError(f"batch of {batch.num_tokens} tokens in bucket {key}: its sequence bucket exceeds "
+                             "its token bucket (fits() is False; run it eagerly)")
+        with self._on_device():
+            return self._replay(self._graphs.get(key) or self._capture(*key), key, batch)
+
+    def _replay(self, graph: _Graph, key: tuple[int, int], batch) -> torch.Tensor:
         self._graphs.move_to_end(key)
         tokens = batch.num_tokens
         graph.input_ids[:tokens].copy_(batch.input_ids)
@@ -101,9 +126,14 @@ class GraphRunner:
         for tokens in self.token_buckets:
             for seqlen in self.seqlen_buckets:
                 if seqlen <= tokens and (tokens, seqlen) not in self._graphs:
-                    self._capture(tokens, seqlen)
+                    with self._on_device():
+                        self._capture(tokens, seqlen)
 
+    @torch.inference_mode(False)  # static buffers that replays may update outside inference mode too
     def _capture(self, tokens: int, seqlen: int) -> _Graph:
+        if seqlen > tokens:
+            raise ValueError(f"bucket ({tokens}, {seqlen}): one sequence of {seqlen} tokens does not fit "
+                             f"{tokens} token rows")
         encoder = self._encoder
         device = encoder.device
         while len(self._graphs) >= self.max_graphs:

@@ -2,10 +2,10 @@
 
 Without CUDA the Triton kernels run under the Triton interpreter, which must be switched on before
 anything imports ``triton`` (sentence-transformers does, at import). This file is loaded first. Under
-the interpreter the suite also replaces its ``tl.dot`` (the host's BLAS, whose result for a row depends
-on the row's place in the tile) with an exact, position-independent one and makes bf16 casts round to
-nearest: ``fastenc/kernels/interpreter.py`` says why. Without that, the bitwise batch-invariance tests
-would pass or fail with the host's BLAS.
+the interpreter ``fastenc.kernels`` replaces its ``tl.dot`` (the host's BLAS, whose result for a row
+depends on the row's place in the tile) with an exact, position-independent one and makes bf16 casts
+round to nearest: ``fastenc/kernels/interpreter.py`` says why. Without that, the bitwise batch-invariance
+tests would pass or fail with the host's BLAS. It is imported here so that it is in place before any test.
 """
 
 import os
@@ -20,9 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 
 if not torch.cuda.is_available():
-    from fastenc.kernels import interpreter  # noqa: E402  (imports triton: after TRITON_INTERPRET is set)
-
-    interpreter.install()
+    import fastenc.kernels  # noqa: E402, F401  (imports triton: after TRITON_INTERPRET is set; installs the exact dot)
 
 
 def pytest_collection_modifyitems(config, items):

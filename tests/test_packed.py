@@ -28,14 +28,14 @@ def family_path(request, tmp_path_factory):
 @pytest.fixture(scope="module")
 def triton_bert(tmp_path_factory):
     path = make_checkpoint(tmp_path_factory.mktemp("bert"), "bert", seed=4)
-    return fastenc.Encoder.from_pretrained(path, backend="triton")
+    return fastenc.Encoder.from_pretrained(path, backend="triton", device="cpu")
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_packed_agrees_with_padded(family_path, backend):
     """Texts packed straight from the tokenizer vs the padded batch transformers runs."""
     family, path = family_path
-    encoder = fastenc.Encoder.from_pretrained(path, backend=backend)
+    encoder = fastenc.Encoder.from_pretrained(path, backend=backend, device="cpu")
     packed = encoder.pack_texts(TEXTS, max_length=48)
     hidden = encoder.forward_packed(packed)  # (tokens, hidden)
     assert hidden.shape == (packed.num_tokens, encoder.config.hidden_size)
@@ -52,7 +52,7 @@ def test_packed_agrees_with_padded(family_path, backend):
 
 def test_pack_and_pad_round_trip(family_path):
     _, path = family_path
-    encoder = fastenc.Encoder.from_pretrained(path)
+    encoder = fastenc.Encoder.from_pretrained(path, device="cpu")
     batch = encoder.tokenize(TEXTS, max_length=32)
     packed = encoder.pack(**batch)
     assert packed.shape == tuple(batch["input_ids"].shape) and packed.lengths == tuple(
@@ -138,8 +138,8 @@ def test_embed_respects_the_token_budget(triton_bert, monkeypatch):
 def test_cuda_graphs_option_errors(tmp_path):
     path = make_checkpoint(tmp_path, "bert")
     with pytest.raises(fastenc.BackendError, match="cuda_graphs=True"):
-        fastenc.Encoder.from_pretrained(path, cuda_graphs=True)
-    assert fastenc.Encoder.from_pretrained(path)._graphs is None
+        fastenc.Encoder.from_pretrained(path, cuda_graphs=True, device="cpu")
+    assert fastenc.Encoder.from_pretrained(path, device="cpu")._graphs is None
 
 
 # ------------------------------------------------------------------------------------------ CUDA only
@@ -185,3 +185,16 @@ def test_forward_never_syncs_with_the_host(cuda_encoder):
         cuda_encoder.forward_packed(packed)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.cuda
+def test_a_graph_captured_by_a_pipeline_replays_in_embed(tmp_path):
+    """The pipelines run under inference_mode: a bucket they capture must replay outside it too."""
+    path = make_checkpoint(tmp_path, "bert", head="mlm", seed=13)
+    encoder = fastenc.Encoder.from_pretrained(path, device="cuda", backend="triton")
+    eager = fastenc.Encoder.from_pretrained(path, device="cuda", backend="triton", cuda_graphs=False)
+    text = "Paris is the [MASK] of France."
+    fastenc.pipeline("fill-mask", encoder)(text)
+    assert len(encoder._graphs.captured) == 1
+    assert torch.equal(encoder.embed(text), eager.embed(text))
+    assert len(encoder._graphs.captured) == 1  # the same bucket, replayed

@@ -45,7 +45,7 @@ def _assert_matches(encoder, path, ids, mask, types):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_family_matches_transformers(family_dir, backend):
     family, path = family_dir
-    encoder = fastenc.Encoder.from_pretrained(path, backend=backend)
+    encoder = fastenc.Encoder.from_pretrained(path, backend=backend, device="cpu")
     ids, mask, types = _batch(encoder, family, LENGTHS)
     out = _assert_matches(encoder, path, ids, mask, types)
     assert (out[3] == 0).all()  # the all-padding row
@@ -53,7 +53,7 @@ def test_family_matches_transformers(family_dir, backend):
 
 def test_mask_with_holes_and_left_padding(family_dir):
     family, path = family_dir
-    encoder = fastenc.Encoder.from_pretrained(path)
+    encoder = fastenc.Encoder.from_pretrained(path, device="cpu")
     ids, mask, types = _batch(encoder, family, [9, 9, 9], seed=3)
     mask[0, 4] = 0  # a hole
     mask[1, :3] = 0  # left padding
@@ -62,7 +62,7 @@ def test_mask_with_holes_and_left_padding(family_dir):
 
 def test_no_mask_means_all_ones(family_dir):
     family, path = family_dir
-    encoder = fastenc.Encoder.from_pretrained(path)
+    encoder = fastenc.Encoder.from_pretrained(path, device="cpu")
     ids, mask, _ = _batch(encoder, family, [11, 11], seed=5)
     torch.testing.assert_close(encoder(ids), encoder(ids, mask), rtol=0, atol=0)
 
@@ -71,14 +71,14 @@ def test_no_mask_means_all_ones(family_dir):
 def test_albert_layer_sharing(tmp_path, groups, layers, inner):
     path = make_checkpoint(tmp_path, "albert", seed=2, num_hidden_groups=groups, num_hidden_layers=layers,
                            inner_group_num=inner)
-    encoder = fastenc.Encoder.from_pretrained(path)
+    encoder = fastenc.Encoder.from_pretrained(path, device="cpu")
     ids, mask, types = _batch(encoder, "albert", [17, 3, 1], seed=4)
     _assert_matches(encoder, path, ids, mask, types)
 
 
 def test_batch_of_zero_rows(family_dir):
     _, path = family_dir
-    encoder = fastenc.Encoder.from_pretrained(path)
+    encoder = fastenc.Encoder.from_pretrained(path, device="cpu")
     out = encoder(torch.zeros(0, 6, dtype=torch.long))
     assert out.shape == (0, 6, encoder.config.hidden_size)
 
@@ -86,7 +86,7 @@ def test_batch_of_zero_rows(family_dir):
 def test_full_length_rows(family_dir):
     """A row as long as the model allows (RoBERTa-style: max_position_embeddings - pad - 1)."""
     family, path = family_dir
-    encoder = fastenc.Encoder.from_pretrained(path)
+    encoder = fastenc.Encoder.from_pretrained(path, device="cpu")
     ids, mask, types = _batch(encoder, family, [encoder.config.max_length, 5], seed=6)
     _assert_matches(encoder, path, ids, mask, types)
 
@@ -114,14 +114,19 @@ def test_bert_base_on_cuda(tmp_path, dtype):
     assert (out[mask == 0] == 0).all()
 
 
+# The Triton backend runs where the machine has it: the compiled kernels on a GPU (a CUDA-marked test, so
+# the GPU check runs it), the interpreter on the CPU.
+TRITON_DEVICE = pytest.param("cuda", marks=pytest.mark.cuda) if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("device", [TRITON_DEVICE])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_low_precision_triton_matches_transformers(family_dir, dtype):
-    """The whole model in fp16 and bf16 on the Triton backend (the interpreter on the CPU, the compiled
-    kernels on a GPU): its error against transformers in fp32 is at most 3x transformers' own in ``dtype``."""
+def test_low_precision_triton_matches_transformers(family_dir, dtype, device):
+    """The whole model in fp16 and bf16 on the Triton backend: its error against transformers in fp32 is at
+    most 3x transformers' own in ``dtype``."""
     from checkpoints import hf_model
 
     family, path = family_dir
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     encoder = fastenc.Encoder.from_pretrained(path, device=device, dtype=dtype, backend="triton")
     ids, mask, types = _batch(encoder, family, [21, 1, 9, 0], seed=10)
     inputs = {"input_ids": ids, "attention_mask": mask}
@@ -140,7 +145,7 @@ def test_low_precision_triton_matches_transformers(family_dir, dtype):
 
 def test_triton_forward_calls_no_torch_attention_softmax_layer_norm_or_gelu(family_dir, monkeypatch):
     family, path = family_dir
-    encoder = fastenc.Encoder.from_pretrained(path, backend="triton")
+    encoder = fastenc.Encoder.from_pretrained(path, backend="triton", device="cpu")
     ids, mask, types = _batch(encoder, family, [9, 4], seed=9)
     expected = encoder(ids, mask, types)
 

@@ -32,7 +32,7 @@ LONG_TEXT = ("John lives in New York and works in London. Mary lives in Paris an
 
 @functools.cache
 def ours(task: str, family: str, head: str, **overrides):
-    return fastenc.pipeline(task, task_checkpoint(family, head, **overrides))
+    return fastenc.pipeline(task, task_checkpoint(family, head, **overrides), device="cpu")
 
 
 @functools.cache
@@ -86,7 +86,7 @@ def test_fill_mask_cleans_up_tokenization_spaces_as_configured(tmp_path, family)
     with C.quiet_transformers(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         expected = transformers.pipeline("fill-mask", model=str(path), device="cpu")(text, top_k=3)
-    got = fastenc.pipeline("fill-mask", path)(text, top_k=3)
+    got = fastenc.pipeline("fill-mask", path, device="cpu")(text, top_k=3)
     assert compare_outputs(got, expected) <= SCORE_TOL
     if family == "bert":
         assert ", world!" in got[0]["sequence"]
@@ -229,7 +229,7 @@ def test_question_answering_input_forms():
 
 # ------------------------------------------------------------------------------------------- batching
 def test_batches_go_through_the_encoder_in_batches(monkeypatch):
-    pipe = fastenc.pipeline("text-classification", task_checkpoint("bert", "sequence_classification"))
+    pipe = fastenc.pipeline("text-classification", task_checkpoint("bert", "sequence_classification"), device="cpu")
     texts = ["a cat", "the dog sat on the mat", "", "hello world", "x y z"]
     one_by_one = [pipe(text, top_k=None) for text in texts]
     calls = []
@@ -242,10 +242,10 @@ def test_batches_go_through_the_encoder_in_batches(monkeypatch):
 
 
 def test_pipeline_on_an_encoder_and_aliases():
-    encoder = Encoder.from_pretrained(task_checkpoint("distilbert", "token_classification"))
+    encoder = Encoder.from_pretrained(task_checkpoint("distilbert", "token_classification"), device="cpu")
     assert fastenc.pipeline("ner", encoder).encoder is encoder
-    assert fastenc.pipeline("sentiment-analysis", task_checkpoint("bert", "sequence_classification")).task == \
-        "text-classification"
+    pipe = fastenc.pipeline("sentiment-analysis", task_checkpoint("bert", "sequence_classification"), device="cpu")
+    assert pipe.task == "text-classification"
     with pytest.raises(InputError, match="loading options apply to a path"):
         fastenc.pipeline("ner", encoder, device="cpu")
     with pytest.raises(InputError, match="task 'summarization' is not supported"):
@@ -255,7 +255,7 @@ def test_pipeline_on_an_encoder_and_aliases():
 def test_pipeline_needs_a_tokenizer(tmp_path):
     path = C.make_checkpoint(tmp_path / "notok", "bert", head="mlm", tokenizer=None)
     with pytest.raises(LoadError, match="needs the checkpoint's tokenizer files"):
-        fastenc.pipeline("fill-mask", path)
+        fastenc.pipeline("fill-mask", path, device="cpu")
 
 
 def test_too_long_input_is_an_input_error():
@@ -265,8 +265,8 @@ def test_too_long_input_is_an_input_error():
 
 
 # ---------------------------------------------------------------------------------------- command line
-def _run(capsys, *argv):
-    code = main(["run", *argv])
+def _run(capsys, task, *argv):
+    code = main(["run", task, "--device", "cpu", *argv])  # compared with ours(): CPU, float32
     out, err = capsys.readouterr()
     return code, [json.loads(line) for line in out.splitlines()], err
 

@@ -1,4 +1,4 @@
-"""The end-to-end suite of ``fastenc bench``: the models (built locally or bundled), the padded batches,
+"""The end-to-end suite of ``fastenc bench``: the models (BERT shapes built locally), the padded batches,
 the providers (fastenc and transformers) and the run that checks each provider before timing it.
 """
 
@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 import importlib.util
 import tempfile
 import time
@@ -15,19 +14,23 @@ from pathlib import Path
 
 import torch
 
-from ..check import compare
-from .measure import DTYPES, _sync, encoder_flops, memory_peak_mib, time_providers
+from .measure import (DTYPES, _sync, device_compare, encoder_flops, memory_peak_mib, release, settled_reserved,
+                      time_providers)
 from .report import E2E_BASELINE, Report, _exc_line
 
 
 # ============================================================================================= models
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """A model the e2e suite runs: the bundled MiniLM (``layers=None``), or a BERT of the given shape with
-    random weights built locally."""
+    """A BERT-family shape the e2e suite runs, built locally with random perturbed weights.
+
+    Speed does not depend on the weights' values, and a local build needs no download and nothing that
+    cannot travel to a GPU machine (the bundled all-MiniLM-L6-v2 is not there; its real weights serve the
+    ``embed`` comparison of ``benchmarks/gpu_check.py`` only).
+    """
 
     name: str
-    layers: int | None = None
+    layers: int = 12
     hidden: int = 768
     heads: int = 12
     intermediate: int = 3072
@@ -35,19 +38,19 @@ class ModelSpec:
 
     def materialize(self, workdir: Path) -> Path:
         """A checkpoint directory (config.json + model.safetensors) both fastenc and transformers load."""
-        if self.layers is None:
-            from ..encoder import default_model_path
-            from ..pooling import SentenceConfig
-
-            return SentenceConfig.from_dir(default_model_path()).transformer_dir
         return make_bert_checkpoint(workdir / self.name, layers=self.layers, hidden=self.hidden, heads=self.heads,
                                     intermediate=self.intermediate, vocab=self.vocab)
 
+    @property
+    def parameters(self) -> int:
+        h, i = self.hidden, self.intermediate
+        return self.vocab * h + 514 * h + self.layers * (4 * h * h + 2 * h * i + 9 * h + i)
+
 
 MODELS = {
-    "bert-base": ModelSpec("bert-base", layers=12),
+    "bert-base": ModelSpec("bert-base"),
     "bert-base-2l": ModelSpec("bert-base-2l", layers=2),  # BERT-base width, 2 layers: the CPU's stand-in
-    "minilm": ModelSpec("minilm"),
+    "minilm-l6": ModelSpec("minilm-l6", layers=6, hidden=384, heads=12, intermediate=1536),  # all-MiniLM-L6's shape
 }
 
 
@@ -152,6 +155,20 @@ class Inputs:
         return {k: v.to(self.device) for k, v in self.cpu().items()}
 
 
+@dataclasses.dataclass(frozen=True)
+class E2ECase:
+    """One model at one shape and dtype, with the providers to run on it."""
+
+    model: ModelSpec
+    shape: Shape
+    dtype: str
+    providers: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.model.name}:{self.shape.case()}"
+
+
 # ====================================================================================== e2e providers
 @dataclasses.dataclass
 class ModelContext:
@@ -161,7 +178,8 @@ class ModelContext:
     device: torch.device
     dtype: torch.dtype
     backend: str | None  # fastenc backend for the ``fastenc`` providers (None: the device's default)
-    cache: dict = dataclasses.field(default_factory=dict)  # shared between providers (one Encoder)
+    compile_backend: str = "inductor"  # torch.compile's backend for hf-compile
+    cache: dict = dataclasses.field(default_factory=dict)  # shared between providers (one Encoder, one HF model)
 
 
 @dataclasses.dataclass
@@ -169,10 +187,17 @@ class Runner:
     """A loaded provider: ``prepare(inputs)`` returns the zero-argument call that is timed.
 
     ``packed``: the call returns ``(tokens, hidden)`` real tokens only, not ``(batch, seq, hidden)``.
+    ``mode``: what a call runs, ``"graph"`` (a CUDA graph replay), ``"eager"`` or ``"compiled"``; a function of
+    the inputs where that depends on them. ``compiled``: torch.compile'd (its compiles are counted).
     """
 
     prepare: Callable[[Inputs], Callable[[], torch.Tensor]]
     packed: bool = False
+    mode: str | Callable[[Inputs], str] = "eager"
+    compiled: bool = False
+
+    def mode_for(self, inputs: Inputs) -> str:
+        return self.mode(inputs) if callable(self.mode) else self.mode
 
 
 def _encoder(ctx: ModelContext, backend: str | None):
@@ -192,7 +217,11 @@ def _fastenc_call(backend_override: str | None = None) -> Callable[[ModelContext
             batch = inputs.cpu()
             return lambda: encoder(**batch)
 
-        return Runner(prepare)
+        def mode(inputs: Inputs) -> str:  # the public call replays a CUDA graph when the batch fits one
+            graphs = encoder._graphs
+            return "graph" if graphs is not None and graphs.fits(encoder.pack(**inputs.cpu())) else "eager"
+
+        return Runner(prepare, mode=mode)
 
     return load
 
@@ -212,17 +241,28 @@ def _fastenc_packed(ctx: ModelContext) -> Runner:
 
         return run
 
-    return Runner(prepare, packed=True)
+    return Runner(prepare, packed=True)  # forward_packed never replays a graph: eager
 
 
-def _hf(implementation: str, compiled: bool = False) -> Callable[[ModelContext], Runner]:
-    def load(ctx: ModelContext) -> Runner:
+def _hf_model(ctx: ModelContext, implementation: str):
+    """One transformers model per attention implementation, shared by the providers that use it."""
+    key = ("hf", implementation)
+    if key not in ctx.cache:
         from transformers import AutoModel
 
         with _quiet_transformers():
             model = AutoModel.from_pretrained(str(ctx.model_dir), attn_implementation=implementation, dtype=ctx.dtype)
-        model = model.to(ctx.device).eval()
-        forward = torch.compile(model, dynamic=False) if compiled else model
+        ctx.cache[key] = model.to(ctx.device).eval()
+    return ctx.cache[key]
+
+
+def _hf(implementation: str, compiled: bool = False) -> Callable[[ModelContext], Runner]:
+    def load(ctx: ModelContext) -> Runner:
+        model = _hf_model(ctx, implementation)
+        # fullgraph: a graph break raises instead of running part of the model eagerly; recompiles past
+        # Dynamo's limit raise too (run_e2e sets fail_on_recompile_limit_hit): an hf-compile row is compiled.
+        forward = (torch.compile(model, dynamic=False, fullgraph=True, backend=ctx.compile_backend) if compiled
+                   else model)
 
         def prepare(inputs: Inputs):
             batch = inputs.on_device()
@@ -233,7 +273,7 @@ def _hf(implementation: str, compiled: bool = False) -> Callable[[ModelContext],
 
             return run
 
-        return Runner(prepare)
+        return Runner(prepare, mode="compiled" if compiled else "eager", compiled=compiled)
 
     return load
 
@@ -267,39 +307,85 @@ def _read_config(model_dir: Path):
     return EncoderConfig.from_file(model_dir / "config.json")
 
 
-def run_e2e(plan, report: Report) -> None:
-    """Every provider on every (model, shape, dtype) of ``plan`` (a ``suite.Plan``), checked against hf-sdpa
-    before it is timed."""
-    device = plan.device
-    with tempfile.TemporaryDirectory(prefix="fastenc-bench-") as tmp:
-        for dtype_name in plan.dtypes:
-            dtype = DTYPES[dtype_name]
-            report.scope.add(("e2e", dtype_name, None))  # provider-level skips name no model
-            for spec in plan.models:
-                report.scope.add(("e2e", dtype_name, spec.name))
-                _run_e2e_model(plan, report, spec, Path(tmp), dtype_name, dtype)
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+@contextlib.contextmanager
+def _dynamo_settings(recompile_limit: int | None):
+    """Recompiles past Dynamo's limit raise (``FailOnRecompileLimitHit``) instead of running eager."""
+    from torch import _dynamo
+
+    config = _dynamo.config
+    saved = config.recompile_limit, config.fail_on_recompile_limit_hit
+    if recompile_limit is not None:
+        config.recompile_limit = recompile_limit
+    config.fail_on_recompile_limit_hit = True
+    try:
+        yield
+    finally:
+        config.recompile_limit, config.fail_on_recompile_limit_hit = saved
 
 
-def _run_e2e_model(plan, report: Report, spec: ModelSpec, workdir: Path, dtype_name: str,
-                   dtype: torch.dtype) -> None:
-    device = plan.device
+def _compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def _reason(exc: BaseException) -> str:
+    if type(exc).__name__ == "FailOnRecompileLimitHit":
+        from torch import _dynamo
+
+        return (f"torch.compile reached Dynamo's recompile limit ({_dynamo.config.recompile_limit}) and would "
+                f"run eager: not timed as a compiled model ({_exc_line(exc)})")
+    return _exc_line(exc)
+
+
+def run_e2e(plan, report: Report, budget) -> None:
+    """Every case of ``plan.e2e`` (a ``suite.Plan``), model by model; each provider's output checked against
+    hf-sdpa in float32 before it is timed; the results file rewritten after each case."""
+    groups: list[tuple[tuple[str, str], list[E2ECase]]] = []
+    for case in plan.e2e:
+        key = (case.model.name, case.dtype)
+        if groups and groups[-1][0] == key:
+            groups[-1][1].append(case)
+        else:
+            groups.append((key, [case]))
+    with tempfile.TemporaryDirectory(prefix="fastenc-bench-") as tmp, _dynamo_settings(plan.recompile_limit):
+        for _, cases in groups:
+            _run_e2e_group(plan, report, budget, cases, Path(tmp))
+            report.flush()
+            release(plan.device)
+
+
+def _run_e2e_group(plan, report: Report, budget, cases: list[E2ECase], workdir: Path) -> None:
+    from .estimate import e2e_case_seconds, e2e_group_seconds
+
+    device, spec, dtype_name = plan.device, cases[0].model, cases[0].dtype
+    dtype = DTYPES[dtype_name]
+    providers = list(dict.fromkeys(p for case in cases for p in case.providers))
+    built = (workdir / spec.name / "model.safetensors").exists()
+    setup = e2e_group_seconds(plan, cases[0], providers, budget.peaks, build=not built)
+    refused = budget.refuse(setup + e2e_case_seconds(plan, cases[0], budget.peaks))
+    started = time.monotonic()
+    if refused:
+        for case in cases:
+            report.skip("e2e", case.name, "all", dtype_name, refused, model=spec.name)
+        return
     report.log(f"e2e {spec.name} {dtype_name}")
+    if "hf-compile" in providers:
+        from torch import _dynamo
+
+        _dynamo.reset()  # the recompile limit counts transformers' shared code objects across models
     try:
         model_dir = spec.materialize(workdir)
         config = _read_config(model_dir)
         reference_run = _hf("sdpa")(ModelContext(model_dir, device, torch.float32, None))
-        baseline_run = (_hf("sdpa")(ModelContext(model_dir, device, dtype, None))
-                        if dtype != torch.float32 else None)
     except Exception as exc:  # noqa: BLE001
-        report.skip("e2e", "all", "all", dtype_name, f"the model or its float32 hf-sdpa reference did not load: "
-                    f"{_exc_line(exc)}", model=spec.name)
+        for case in cases:
+            report.skip("e2e", case.name, "all", dtype_name, f"the model or its float32 hf-sdpa reference did not "
+                        f"load: {_exc_line(exc)}", model=spec.name)
         return
-    ctx = ModelContext(model_dir, device, dtype, plan.backend)
+    ctx = ModelContext(model_dir, device, dtype, plan.backend, plan.compile_backend)
     runners: dict[str, Runner] = {}
-    for name in plan.providers:
+    for name in providers:
         loader, unavailable = E2E_PROVIDERS[name]
         reason = unavailable(device)
         if reason is None:
@@ -308,58 +394,107 @@ def _run_e2e_model(plan, report: Report, spec: ModelSpec, workdir: Path, dtype_n
             except Exception as exc:  # noqa: BLE001
                 reason = f"failed to load: {_exc_line(exc)}"
         if reason is not None:
-            report.skip("e2e", "all", name, dtype_name, reason, model=spec.name)
-
-    for shape in plan.shapes:
-        if shape.seq > config.max_length:
-            report.skip("e2e", shape.case(), "all", dtype_name,
-                        f"sequence {shape.seq} is over the model's {config.max_length} positions", model=spec.name)
+            report.skip("e2e", f"{spec.name}:all", name, dtype_name, reason, model=spec.name)
+    try:  # hf-sdpa in the run's dtype: the low-precision baseline of the tolerance rule (shared with the provider)
+        baseline_run = _hf("sdpa")(ctx) if dtype != torch.float32 else None
+    except Exception as exc:  # noqa: BLE001
+        for case in cases:
+            report.skip("e2e", case.name, "all", dtype_name, f"the {dtype_name} hf-sdpa baseline did not load: "
+                        f"{_exc_line(exc)}", model=spec.name)
+        return
+    for case in cases:
+        estimate = e2e_case_seconds(plan, case, budget.peaks)
+        refused = budget.refuse(estimate)
+        if refused:
+            report.skip("e2e", case.name, "all", dtype_name, refused, model=spec.name)
             continue
-        inputs = Inputs.random(shape, config.vocab_size, config.pad_token_id, device)
-        case = shape.case()
-        mask = inputs.attention_mask.bool()
+        report.scope.add(("e2e", dtype_name, case.name))
         try:
-            with torch.inference_mode():
-                reference_out = reference_run.prepare(inputs)().float().cpu()  # (batch, seq, hidden)
-                baseline_out = baseline_run.prepare(inputs)().float().cpu() if baseline_run else None
-        except Exception as exc:  # noqa: BLE001
-            report.skip("e2e", case, "all", dtype_name, f"the {E2E_BASELINE} reference failed: {_exc_line(exc)}",
-                        model=spec.name)
-            continue
-        fns, first_call = {}, {}
-        for name, runner in runners.items():
-            try:
-                fn = runner.prepare(inputs)
-                start = time.perf_counter()
-                out = fn()
-                _sync(device)
-                first_call[name] = time.perf_counter() - start
-                if runner.packed:  # (tokens, hidden): compare with the real tokens of the references
-                    check = compare(f"{name} {case}", out, reference_out[mask],
-                                    baseline_out[mask] if baseline_out is not None else None)
-                else:
-                    check = compare(f"{name} {case}", out, reference_out, baseline_out, mask=inputs.attention_mask)
-                del out
-            except Exception as exc:  # noqa: BLE001
-                report.skip("e2e", case, name, dtype_name, _exc_line(exc), model=spec.name)
-                continue
-            if not check.ok:  # never time a wrong answer
-                report.skip("e2e", case, name, dtype_name, f"output check against {E2E_BASELINE} (float32 "
-                            f"reference) failed: {check.line()}", model=spec.name)
-                continue
-            fns[name] = fn
-        timings = time_providers(fns, device, plan.repeats)
-        flops = encoder_flops(inputs.lengths, config.hidden_size, config.intermediate_size, config.num_hidden_layers)
-        tokens = sum(inputs.lengths)
-        for name, timing in timings.items():
-            if isinstance(timing, Exception):
-                report.skip("e2e", case, name, dtype_name, f"failed while timed: {_exc_line(timing)}", model=spec.name)
-                continue
-            base = {"suite": "e2e", "case": case, "provider": name, "dtype": dtype_name,
-                    "batch": shape.batch, "seq": inputs.input_ids.shape[1], "model": spec.name, "tokens": tokens,
-                    "mem_mib": memory_peak_mib(fns[name], device), "first_call_s": first_call[name]}
-            report.add_rates(base, timing, [("tokens/s", tokens), ("TFLOP/s", flops)])
-            report.log(f"  {spec.name} {case} {dtype_name} {name}: {timing.median:.3f} ms "
-                       f"({timing.p20:.3f}-{timing.p80:.3f}), {tokens / timing.median * 1e3:,.0f} tokens/s")
-        del fns
+            _run_e2e_case(plan, report, case, config, reference_run, baseline_run,
+                          {name: runners[name] for name in case.providers if name in runners})
+        except Exception as exc:  # noqa: BLE001 - e.g. a sticky device fault: the case is lost, not the run
+            report.skip("e2e", case.name, "all", dtype_name, f"the case failed: {_exc_line(exc)}", model=spec.name)
+        report.case_time("e2e", case.name, dtype_name, estimate + setup, time.monotonic() - started)
+        started, setup = time.monotonic(), 0.0  # the group's setup is charged to its first case
+        report.flush()
     del runners, ctx, reference_run, baseline_run
+
+
+def _run_e2e_case(plan, report: Report, case: E2ECase, config, reference_run: Runner, baseline_run: Runner | None,
+                  runners: dict[str, Runner]) -> None:
+    device, shape, dtype_name, model = plan.device, case.shape, case.dtype, case.model.name
+    if shape.seq > config.max_length:
+        report.skip("e2e", case.name, "all", dtype_name,
+                    f"sequence {shape.seq} is over the model's {config.max_length} positions", model=model)
+        return
+    inputs = Inputs.random(shape, config.vocab_size, config.pad_token_id, device)
+    mask = inputs.attention_mask.to(device)
+    packed_reference = packed_baseline = None
+    try:
+        with torch.inference_mode():
+            reference_out = reference_run.prepare(inputs)().float()  # (batch, seq, hidden) on the device
+            baseline_out = baseline_run.prepare(inputs)() if baseline_run else None
+            if runners and any(r.packed for r in runners.values()):
+                keep = mask.bool()
+                packed_reference = reference_out[keep]
+                packed_baseline = baseline_out[keep] if baseline_out is not None else None
+    except Exception as exc:  # noqa: BLE001
+        report.skip("e2e", case.name, "all", dtype_name, f"the {E2E_BASELINE} reference failed: {_exc_line(exc)}",
+                    model=model)
+        return
+    fns, extra, graphs_after = {}, {}, {}
+    for name, runner in runners.items():
+        try:
+            fn = runner.prepare(inputs)
+            mode = runner.mode_for(inputs)
+            graphs = _compiled_graphs() if runner.compiled else 0
+            before = settled_reserved(device)
+            start = time.perf_counter()
+            out = fn()
+            _sync(device)
+            first_call = time.perf_counter() - start
+            if runner.packed:  # (tokens, hidden): compare with the real tokens of the references
+                check = device_compare(f"{name} {case.name}", out, packed_reference, packed_baseline)
+            else:
+                check = device_compare(f"{name} {case.name}", out, reference_out, baseline_out, mask=mask)
+            del out
+            held = (settled_reserved(device) - before) / 2**20 if device.type == "cuda" else None
+        except Exception as exc:  # noqa: BLE001
+            report.skip("e2e", case.name, name, dtype_name, _reason(exc), model=model)
+            continue
+        if not check.ok:  # never time a wrong answer
+            report.skip("e2e", case.name, name, dtype_name, f"output check against {E2E_BASELINE} (float32 "
+                        f"reference) failed: {check.line()}", model=model)
+            continue
+        fns[name] = fn
+        extra[name] = {"mode": mode, "first_call_s": first_call, "held_mib": held}
+        if runner.compiled:
+            graphs_after[name] = _compiled_graphs()
+            extra[name] |= {"compile_backend": plan.compile_backend, "compile_s": first_call,
+                            "compiled_graphs": graphs_after[name] - graphs}
+    del reference_out, baseline_out
+    packed_reference = packed_baseline = None
+    timings = time_providers(fns, device, plan.repeats)
+    flops = encoder_flops(inputs.lengths, config.hidden_size, config.intermediate_size, config.num_hidden_layers)
+    tokens = sum(inputs.lengths)
+    for name, timing in timings.items():
+        if isinstance(timing, Exception):
+            report.skip("e2e", case.name, name, dtype_name, f"failed while timed: {_reason(timing)}", model=model)
+            continue
+        info = extra[name]
+        if name in graphs_after and _compiled_graphs() != graphs_after[name]:
+            report.skip("e2e", case.name, name, dtype_name, "torch.compile compiled again while being timed: the "
+                        "timing mixes compilation and runs", model=model)
+            continue
+        try:
+            peak = memory_peak_mib(fns[name], device)
+            mem = None if peak is None else peak + max(info["held_mib"] or 0.0, 0.0)
+        except Exception as exc:  # noqa: BLE001 - a row without its memory, never a lost row
+            report.log(f"  memory of {name} {case.name} not measured: {_exc_line(exc)}")
+            mem = None
+        base = {"suite": "e2e", "case": case.name, "provider": name, "dtype": dtype_name, "batch": shape.batch,
+                "seq": shape.seq, "model": model, "tokens": tokens, "mem_mib": mem, **info}
+        report.add_rates(base, timing, [("tokens/s", tokens), ("TFLOP/s", flops)])
+        report.log(f"  {case.name} {dtype_name} {name} ({info['mode']}): {timing.median:.3f} ms "
+                   f"({timing.p20:.3f}-{timing.p80:.3f}), {tokens / timing.median * 1e3:,.0f} tokens/s")
+    del fns

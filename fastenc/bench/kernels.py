@@ -7,16 +7,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
+import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from .. import reference
-from ..check import compare
 from ..errors import BackendError
 from .e2e import Shape
-from .measure import DTYPES, attention_flops, time_providers
+from .measure import DTYPES, attention_flops, device_compare, release, time_providers
 from .report import Report, _exc_line
 
 
@@ -30,9 +30,10 @@ class KernelCase:
     """
 
     kernel: str
-    case: str
+    case: str  # "<kernel>:<what>:<size>", e.g. "attention:hd64:64x512", "attention-var:hd64:var64x8-512"
     batch: int
-    seq: int
+    seq: int  # the case's sequence length (the longest a variable-length case may draw)
+    tokens: int  # real tokens per call
     make_inputs: Callable[[torch.device, torch.dtype], dict]
     reference: Callable[[dict], torch.Tensor]  # the torch twin, also run on float32 copies of the inputs
     providers: dict[str, Callable[[dict], tuple[Callable, Callable]]]
@@ -131,6 +132,7 @@ def attention_case(batch: int, seq: int, var: bool, heads: int = 12, head_dim: i
         return (lambda: flash_attn_varlen_func(q, k, v, x["cu"], x["cu"], width, width, softmax_scale=1.0),
                 lambda out: out.reshape(tokens, heads * head_dim))
 
+    size = Shape(batch, seq, 8 if var else None).case()
     providers = {
         "fastenc": _kernel("attention", lambda f, x: f(x["q"], x["k"], x["v"], x["cu"], x["max"])),
         "torch": _twin(ref),
@@ -139,8 +141,9 @@ def attention_case(batch: int, seq: int, var: bool, heads: int = 12, head_dim: i
         "sdpa-varlen": varlen,
         "flash-attn": flash_attn,
     }
-    return KernelCase("attention", f"attention{'-var' if var else ''} hd{head_dim}", batch, width, make_inputs, ref,
-                      providers, lambda dtype: attention_flops(lengths, heads * head_dim), "TFLOP/s", baseline="sdpa")
+    return KernelCase("attention", f"attention{'-var' if var else ''}:hd{head_dim}:{size}", batch, seq, tokens,
+                      make_inputs, ref, providers, lambda dtype: attention_flops(lengths, heads * head_dim), "TFLOP/s",
+                      baseline="sdpa")
 
 
 def fused_qkv_case(batch: int, seq: int, hidden: int = 768, heads: int = 12) -> KernelCase:
@@ -163,7 +166,7 @@ def fused_qkv_case(batch: int, seq: int, hidden: int = 768, heads: int = 12) -> 
     def twin(x):
         return (lambda: reference.fused_qkv(x["x"], x["w"], x["b"], heads)), (lambda out: torch.stack(tuple(out)))
 
-    return KernelCase("fused_qkv", f"fused_qkv h{hidden}", batch, seq, make_inputs, ref,
+    return KernelCase("fused_qkv", f"fused_qkv:h{hidden}:{batch}x{seq}", batch, seq, tokens, make_inputs, ref,
                       {"fastenc": fastenc_provider, "torch": twin},
                       lambda dtype: 2 * tokens * hidden * 3 * hidden, "TFLOP/s")
 
@@ -179,8 +182,8 @@ def linear_case(batch: int, seq: int, n_in: int, n_out: int, activation: str | N
     def ref(x):
         return reference.linear(x["x"], x["w"], x["b"], activation)
 
-    return KernelCase("linear", f"linear {n_in}->{n_out}{' ' + activation if activation else ''}", batch, seq,
-                      make_inputs, ref,
+    return KernelCase("linear", f"linear:in{n_in}-out{n_out}{'-' + activation if activation else ''}:{batch}x{seq}",
+                      batch, seq, tokens, make_inputs, ref,
                       {"fastenc": _kernel("linear", lambda f, x: f(x["x"], x["w"], x["b"], activation)),
                        "torch": _twin(ref)},
                       lambda dtype: 2 * tokens * n_in * n_out, "TFLOP/s")
@@ -205,7 +208,8 @@ def add_layer_norm_case(batch: int, seq: int, hidden: int = 768) -> KernelCase:
     def work(dtype):  # read x and residual, write the output; weight and bias once
         return (3 * tokens * hidden + 2 * hidden) * dtype.itemsize
 
-    return KernelCase("add_layer_norm", f"add_layer_norm h{hidden}", batch, seq, make_inputs, ref,
+    return KernelCase("add_layer_norm", f"add_layer_norm:h{hidden}:{batch}x{seq}", batch, seq, tokens, make_inputs,
+                      ref,
                       {"fastenc": _kernel("add_layer_norm",
                                           lambda f, x: f(x["x"], x["r"], x["weight"], x["bias"], x["eps"])),
                        "torch": _twin(ref)},
@@ -225,7 +229,8 @@ def gelu_layer_norm_case(batch: int, seq: int, hidden: int = 768) -> KernelCase:
     def work(dtype):  # read x, write the output; weight and bias once
         return (2 * tokens * hidden + 2 * hidden) * dtype.itemsize
 
-    return KernelCase("gelu_layer_norm", f"gelu_layer_norm h{hidden}", batch, seq, make_inputs, ref,
+    return KernelCase("gelu_layer_norm", f"gelu_layer_norm:h{hidden}:{batch}x{seq}", batch, seq, tokens,
+                      make_inputs, ref,
                       {"fastenc": _kernel("gelu_layer_norm",
                                           lambda f, x: f(x["x"], x["weight"], x["bias"], x["eps"], "gelu")),
                        "torch": _twin(ref)},
@@ -252,7 +257,7 @@ def embeddings_case(batch: int, seq: int, hidden: int = 768, vocab: int = 30522)
     def work(dtype):  # three int64 ids and three gathered rows read per token, one row written
         return tokens * 3 * 8 + (4 * tokens * hidden + 2 * hidden) * dtype.itemsize
 
-    return KernelCase("embeddings", f"embeddings h{hidden}", batch, seq, make_inputs, ref,
+    return KernelCase("embeddings", f"embeddings:h{hidden}:{batch}x{seq}", batch, seq, tokens, make_inputs, ref,
                       {"fastenc": _kernel("embeddings", lambda f, x: f(*args(x))), "torch": _twin(ref)},
                       work, "GB/s")
 
@@ -302,30 +307,52 @@ def _kernel_provider_unavailable(name: str, device: torch.device) -> str | None:
     return None
 
 
-def run_kernels(plan, report: Report) -> None:
-    """Every provider on every case and dtype of ``plan`` (a ``suite.Plan``), checked against the float32 torch
-    twin before it is timed."""
+@dataclasses.dataclass(frozen=True)
+class KernelRun:
+    """One kernel case in one dtype, with the providers to run on it."""
+
+    case: KernelCase
+    dtype: str
+    providers: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return self.case.case
+
+
+def run_kernels(plan, report: Report, budget) -> None:
+    """Every case of ``plan.kernels`` (a ``suite.Plan``), each provider checked against the float32 torch twin
+    before it is timed; the results file rewritten after each case."""
+    from .estimate import kernel_case_seconds
+
     device = plan.device
-    cases = plan.kernel_cases
-    names = list(dict.fromkeys(name for case in cases for name in case.providers))
+    names = list(dict.fromkeys(name for run in plan.kernels for name in run.providers))
     unavailable = {name: _kernel_provider_unavailable(name, device) for name in names}
-    for dtype_name in plan.dtypes:
-        report.scope.add(("kernel", dtype_name, None))
+    for dtype_name in dict.fromkeys(run.dtype for run in plan.kernels):
         for name, reason in unavailable.items():
             if reason:
                 report.skip("kernel", "all", name, dtype_name, reason)
-    for dtype_name in plan.dtypes:
-        dtype = DTYPES[dtype_name]
-        report.log(f"kernels {dtype_name}")
-        for case in cases:
-            _run_kernel_case(plan, report, case, dtype_name, dtype, unavailable)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+    for run in plan.kernels:
+        estimate = kernel_case_seconds(plan, run, budget.peaks)
+        refused = budget.refuse(estimate)
+        if refused:
+            report.skip("kernel", run.name, "all", run.dtype, refused)
+            continue
+        report.log(f"kernel {run.name} {run.dtype}")
+        report.scope.add(("kernel", run.dtype, run.name))
+        started = time.monotonic()
+        try:
+            _run_kernel_case(plan, report, run, unavailable)
+        except Exception as exc:  # noqa: BLE001 - e.g. a sticky device fault: the case is lost, not the run
+            report.skip("kernel", run.name, "all", run.dtype, f"the case failed: {_exc_line(exc)}")
+        report.case_time("kernel", run.name, run.dtype, estimate, time.monotonic() - started)
+        report.flush()
+        release(device)
 
 
-def _run_kernel_case(plan, report: Report, case: KernelCase, dtype_name: str, dtype: torch.dtype,
-                     unavailable: dict) -> None:
-    device = plan.device
+def _run_kernel_case(plan, report: Report, run: KernelRun, unavailable: dict) -> None:
+    device, case, dtype_name = plan.device, run.case, run.dtype
+    dtype = DTYPES[dtype_name]
     try:
         inputs = case.make_inputs(device, dtype)
         upcast = {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
@@ -336,13 +363,13 @@ def _run_kernel_case(plan, report: Report, case: KernelCase, dtype_name: str, dt
         report.skip("kernel", case.case, "all", dtype_name, f"inputs or reference failed: {_exc_line(exc)}")
         return
     fns = {}
-    for name, provider in case.providers.items():
-        if unavailable.get(name) or (plan.kernel_providers and name not in plan.kernel_providers):
+    for name in run.providers:
+        if unavailable.get(name) or name not in case.providers:
             continue
         try:
-            run, canonical = provider(inputs)
-            out = canonical(run())
-            check = compare(f"{name} {case.case}", out, expected, baseline)
+            fn, canonical = case.providers[name](inputs)
+            out = canonical(fn())
+            check = device_compare(f"{name} {case.case}", out, expected, baseline)
             del out
         except Exception as exc:  # noqa: BLE001
             report.skip("kernel", case.case, name, dtype_name, _exc_line(exc))
@@ -351,7 +378,7 @@ def _run_kernel_case(plan, report: Report, case: KernelCase, dtype_name: str, dt
             report.skip("kernel", case.case, name, dtype_name, f"output check against the float32 torch twin "
                         f"failed: {check.line()}")
             continue
-        fns[name] = run
+        fns[name] = fn
     del expected, baseline
     work = case.work(dtype)
     for name, timing in time_providers(fns, device, plan.repeats).items():
@@ -359,8 +386,8 @@ def _run_kernel_case(plan, report: Report, case: KernelCase, dtype_name: str, dt
             report.skip("kernel", case.case, name, dtype_name, f"failed while timed: {_exc_line(timing)}")
             continue
         base = {"suite": "kernel", "case": case.case, "provider": name, "dtype": dtype_name, "batch": case.batch,
-                "seq": case.seq, "kernel": case.kernel, "baseline": case.baseline}
+                "seq": case.seq, "tokens": case.tokens, "kernel": case.kernel, "baseline": case.baseline,
+                "mode": "eager"}
         report.add_rates(base, timing, [(case.unit, work)])
         rate = work / (timing.median * 1e-3) / (1e12 if case.unit == "TFLOP/s" else 1e9)
-        report.log(f"  {case.case} {case.batch}x{case.seq} {dtype_name} {name}: {timing.median:.4f} ms, "
-                   f"{rate:.3g} {case.unit}")
+        report.log(f"  {case.case} {dtype_name} {name}: {timing.median:.4f} ms, {rate:.3g} {case.unit}")

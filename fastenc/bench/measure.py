@@ -1,20 +1,30 @@
-"""What ``fastenc bench`` measures with: the work counted (FLOPs), timing, memory peaks and the ceilings.
+"""What ``fastenc bench`` measures with: the work counted (FLOPs), timing, output checks, memory and the
+ceilings.
 
 Timing is ``triton.testing.do_bench`` on CUDA and interleaved ``time.perf_counter`` rounds on the CPU;
-the ceilings (a square GEMM, a device copy) are measured in the run, never assumed. The package
-docstring (``fastenc/bench/__init__.py``) has the FLOP formula and the rules.
+the ceilings (a square GEMM, a device copy) are measured in the run, never assumed. Output checks apply
+``fastenc.check``'s tolerance rule on the tensors' own device and copy back only its scalars (a whole
+BERT-base output is tens of MB; a kernel suite's worth is GBs). The package docstring
+(``fastenc/bench/__init__.py``) has the FLOP formula and the rules.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
 
+from ..check import FP32_RTOL, LOW_PRECISION_FACTOR, Comparison
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# triton.testing.do_bench's floors as time_cuda calls it: every timing spends at least WARMUP_MS warming up
+# and REP_MS timed, whatever the call's speed (and min_runs calls when those take longer).
+WARMUP_MS, REP_MS = 25.0, 100.0
 
 
 # =============================================================================================== work
@@ -90,8 +100,8 @@ def time_cuda(fn: Callable, min_runs: int) -> Timing:
     end.record()
     torch.cuda.synchronize()
     estimate = max(start.elapsed_time(end) / 3, 1e-3)  # ms per call
-    median, p20, p80 = triton.testing.do_bench(fn, warmup=max(25.0, 5 * estimate), rep=max(100.0, min_runs * estimate),
-                                               quantiles=[0.5, 0.2, 0.8])
+    median, p20, p80 = triton.testing.do_bench(fn, warmup=max(WARMUP_MS, 5 * estimate),
+                                               rep=max(REP_MS, min_runs * estimate), quantiles=[0.5, 0.2, 0.8])
     return Timing(median, p20, p80)
 
 
@@ -110,6 +120,63 @@ def time_providers(fns: dict[str, Callable], device: torch.device, repeats: int)
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+# ===================================================================================== output checks
+def device_compare(name: str, ours: torch.Tensor, reference: torch.Tensor, baseline: torch.Tensor | None = None,
+                   mask: torch.Tensor | None = None) -> Comparison:
+    """``fastenc.check.compare``'s rule, reduced where the tensors live; only four scalars are copied back.
+
+    ``mask`` (``(batch, seq)``, 1 = real token) limits the comparison to real tokens of padded outputs.
+    """
+    device = reference.device
+    ours = ours.to(device)
+    if mask is not None:
+        keep = mask.to(device).bool()[..., None]  # (batch, seq, 1): broadcast over the hidden size
+        if not bool(keep.any()):
+            return Comparison(name, 0.0, 0.0, 0.0)
+    elif reference.numel() == 0:
+        return Comparison(name, 0.0, 0.0, 0.0)
+
+    def largest(x: torch.Tensor) -> torch.Tensor:  # max |x| over the compared positions, as fp32
+        x = x.abs().float()
+        return (torch.where(keep, x, 0.0) if mask is not None else x).amax()
+
+    finite = torch.isfinite(torch.where(keep, ours, 0.0) if mask is not None else ours).all()
+    error = largest(ours.float() - reference.float())
+    scale = largest(reference)
+    base = largest(baseline.to(device).float() - reference.float()) if baseline is not None else torch.zeros_like(scale)
+    finite, error, scale, base = torch.stack([finite.float(), error, scale, base]).tolist()  # one copy to the host
+    if not finite:
+        return Comparison(name, float("inf"), scale, 0.0)
+    limit = FP32_RTOL * scale
+    if baseline is not None:
+        limit = max(limit, LOW_PRECISION_FACTOR * base)
+    return Comparison(name, error, scale, limit)
+
+
+# ============================================================================================= memory
+def settled_reserved(device: torch.device) -> int:
+    """Bytes the caching allocator holds once freed blocks are returned to the driver (CUDA; 0 elsewhere).
+
+    What stays is what something keeps alive: tensors, and a CUDA graph's private memory pool.
+    """
+    if device.type != "cuda":
+        return 0
+    gc.collect()
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    return torch.cuda.memory_reserved(device)
+
+
+def release(device: torch.device) -> None:
+    """Return cached memory between cases; never raises (after a device fault there is nothing to return)."""
+    gc.collect()
+    if device.type == "cuda":
+        try:
+            torch.cuda.empty_cache()
+        except Exception:  # noqa: BLE001
+            pass
 
 
 def memory_peak_mib(fn: Callable, device: torch.device) -> float | None:
@@ -154,8 +221,13 @@ def measure_peaks(device: torch.device, quick: bool, repeats: int) -> dict:
     }
 
 
-def best_peaks(first: dict, second: dict) -> dict:
+def best_peaks(first: dict, second: dict | None) -> dict:
+    """The higher of the two measurements of each ceiling (``second`` is None when it could not be taken)."""
     peaks = dict(first)
+    if second is None:
+        for key in ("matmul_tflops", "copy_gbps"):
+            peaks[key + "_measured"] = [first[key]]
+        return peaks
     for key in ("matmul_tflops", "copy_gbps"):
         peaks[key] = max(first[key], second[key])
         peaks[key + "_measured"] = [first[key], second[key]]

@@ -1,11 +1,18 @@
-"""The plan of a ``fastenc bench`` run (from the command-line values) and the run itself: peaks, suites,
-peaks again; ``run_from_args`` is ``fastenc bench``.
+"""The plan of a ``fastenc bench`` run (from the command-line values, or the GPU check's fixed plan) and the
+run itself: peaks, kernel cases, e2e cases, peaks again; ``run_from_args`` is ``fastenc bench``.
+
+A plan is a list of cases, each with its own providers and dtype: the full plan is the cross product of
+the command line's dtypes, models, shapes and providers; ``check_plan`` is the bench stage of
+``benchmarks/gpu_check.py`` (the cases the performance goals need, nothing more). ``--providers`` and
+``--cases`` filter either exactly; ``--budget`` skips, and reports, every case whose estimate
+(``estimate.py``) no longer fits.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import fnmatch
 import importlib.util
 import os
 import sys
@@ -14,89 +21,168 @@ from pathlib import Path
 import torch
 
 from ..errors import FastencError, InputError
-from .e2e import DEFAULT_E2E_PROVIDERS, E2E_PROVIDERS, MODELS, QUICK_SKIPS, ModelSpec, Shape, e2e_shapes, run_e2e
-from .kernels import KernelCase, kernel_cases, run_kernels
+from .e2e import DEFAULT_E2E_PROVIDERS, E2E_PROVIDERS, MODELS, QUICK_SKIPS, E2ECase, ModelSpec, Shape, e2e_shapes, \
+    run_e2e
+from .estimate import Budget, peaks_seconds
+from .kernels import KernelRun, add_layer_norm_case, attention_case, gelu_layer_norm_case, kernel_cases, run_kernels
 from .measure import DTYPES, best_peaks, measure_peaks
-from .report import Report, collect_env, update_readme, write_results
+from .report import Report, collect_env, results_paths, update_readme, write_results
 
 SUITES = ("e2e", "kernel")
+PLANS = ("full", "gpu-check")
 CPU_DTYPE_NOTE = ("CPU runs use fp32: fp16/bf16 GEMMs on the CPU take slow paths that say nothing about "
                   "the GPU kernels.")
+# The GPU check's plan at small shapes (the CPU rehearsal): a 2-layer BERT with head dim 32.
+SMALL_MODEL = ModelSpec("bert-small-2l", layers=2, hidden=64, heads=2, intermediate=128, vocab=1000)
 
 
 # =============================================================================================== plan
 @dataclasses.dataclass
 class Plan:
     device: torch.device
-    dtypes: list[str]
-    suites: list[str]
     quick: bool
     backend: str | None = None
-    models: list[ModelSpec] = dataclasses.field(default_factory=list)
-    shapes: list[Shape] = dataclasses.field(default_factory=list)
-    providers: list[str] = dataclasses.field(default_factory=list)
-    kernel_cases: list[KernelCase] = dataclasses.field(default_factory=list)
-    kernel_providers: list[str] | None = None  # None: all
+    e2e: list[E2ECase] = dataclasses.field(default_factory=list)
+    kernels: list[KernelRun] = dataclasses.field(default_factory=list)
     repeats: int = 20
+    budget_s: float | None = None
+    compile_backend: str = "inductor"  # torch.compile's backend for hf-compile ("eager": Dynamo alone)
+    recompile_limit: int | None = None  # Dynamo's recompile limit while e2e runs (None: torch's default)
+    triton_warm: bool = False  # Triton's cache already holds the kernels (the estimate then counts no compile)
+    name: str = "full"
+
+    @property
+    def dtypes(self) -> list[str]:
+        return list(dict.fromkeys([c.dtype for c in self.e2e] + [r.dtype for r in self.kernels]))
+
+    @property
+    def suites(self) -> list[str]:
+        return [s for s, cases in (("kernel", self.kernels), ("e2e", self.e2e)) if cases]
+
+    def case_names(self) -> list[str]:
+        return list(dict.fromkeys([c.name for c in self.e2e] + [r.name for r in self.kernels]))
 
 
 def _split(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
+def check_plan(device: torch.device, small: bool = False) -> Plan:
+    """The bench stage of the GPU check: the cases issue 13's goals need.
+
+    Kernels first (no model to load), then BERT-base fp16 at 128 x 128 (fastenc and the eager and SDPA peers),
+    1 x 128 (latency, a CUDA graph) and ``var64x8-512``, bf16 at 128 x 128, and last, alone, ``hf-compile`` at
+    128 x 128 (its 30-60 s compile is the plan's largest and least certain cost). ``small``: the same plan
+    at small shapes, for the CPU.
+    """
+    if small:
+        model, main, latency, var = SMALL_MODEL, Shape(4, 32), Shape(1, 32), Shape(8, 64, var_min=4)
+        attention = attention_case(2, 64, False, heads=2, head_dim=64)
+        norms = [add_layer_norm_case(2, 8, 64), gelu_layer_norm_case(2, 8, 64)]
+    else:
+        model, main, latency, var = MODELS["bert-base"], Shape(128, 128), Shape(1, 128), Shape(64, 512, var_min=8)
+        attention = attention_case(64, 512, False)  # 32,768 tokens, 12 heads of 64
+        norms = [add_layer_norm_case(128, 512, 768), gelu_layer_norm_case(128, 512, 768)]
+    kernels = [KernelRun(attention, "fp16", ("fastenc", "sdpa", "sdpa-flash"))]
+    kernels += [KernelRun(case, "fp16", ("fastenc", "torch")) for case in norms]
+    peers = ("fastenc", "fastenc-packed", "hf-sdpa")
+    e2e = [E2ECase(model, main, "fp16", (*peers, "hf-eager")), E2ECase(model, latency, "fp16", peers),
+           E2ECase(model, var, "fp16", peers), E2ECase(model, main, "bf16", peers),
+           E2ECase(model, main, "fp16", ("hf-compile",))]
+    return Plan(device=device, quick=small, e2e=e2e, kernels=kernels, repeats=3 if small else 50,
+                compile_backend="eager" if small and device.type == "cpu" else "inductor", name="gpu-check")
+
+
 def make_plan(suite: str = "all", device=None, dtype: str | None = None, quick: bool = False,
               models: str | None = None, providers: str | None = None, backend: str | None = None,
-              repeats: int | None = None) -> tuple[Plan, list[tuple[str, str]]]:
-    """The run's plan from command-line values, and the providers left out on purpose (name, reason)."""
+              repeats: int | None = None, cases: str | None = None, budget: float | None = None,
+              plan: str = "full", for_estimate: bool = False) -> tuple[Plan, list[tuple[str, str]]]:
+    """The run's plan from command-line values, and the providers left out on purpose (name, reason).
+
+    ``for_estimate``: the device need not be present (``python -m fastenc.bench estimate --device cuda``).
+    """
     from ..encoder import resolve_device
 
-    device = resolve_device(device)
+    device = torch.device(device) if for_estimate else resolve_device(device)
     if suite not in (*SUITES, "all"):
         raise InputError(f"--suite {suite!r}: use e2e, kernel or all")
-    dtypes = _split(dtype) or (["fp16", "bf16"] if device.type == "cuda" else ["fp32"])
-    for name in dtypes:
+    if plan not in PLANS:
+        raise InputError(f"--plan {plan!r}: use {' or '.join(PLANS)}")
+    dtypes = _split(dtype)
+    for name in dtypes or ():
         if name not in DTYPES:
             raise InputError(f"--dtype {name!r}: use fp16, bf16 or fp32 (comma-separated)")
     if backend not in (None, "torch", "triton"):
         raise InputError(f"--backend {backend!r}: use torch or triton")
-    model_names = _split(models) or (["bert-base", "minilm"] if device.type == "cuda" else ["minilm", "bert-base-2l"])
-    for name in model_names:
-        if name not in MODELS:
+    model_names = _split(models)
+    for name in model_names or ():
+        if name not in MODELS and not (plan == "gpu-check" and name == SMALL_MODEL.name):
             raise InputError(f"--models {name!r}: use one of {', '.join(MODELS)}")
-    cases = kernel_cases(device.type, quick)
-    kernel_names = list(dict.fromkeys(n for case in cases for n in case.providers))
+    if repeats is not None and repeats < 1:
+        raise InputError(f"--repeats {repeats}: must be at least 1")
+    if budget is not None and budget <= 0:
+        raise InputError(f"--budget {budget}: must be a positive number of seconds")
+    kernel_names = list(dict.fromkeys(n for case in kernel_cases("cuda", False) for n in case.providers))
     chosen = _split(providers)
+    for name in chosen or ():
+        if name not in E2E_PROVIDERS and name not in kernel_names:
+            raise InputError(f"--providers {name!r}: e2e providers are {', '.join(E2E_PROVIDERS)}; kernel "
+                             f"providers are {', '.join(kernel_names)}")
     left_out: list[tuple[str, str]] = []
-    if chosen:
-        for name in chosen:
-            if name not in E2E_PROVIDERS and name not in kernel_names:
-                raise InputError(f"--providers {name!r}: e2e providers are {', '.join(E2E_PROVIDERS)}; kernel "
-                                 f"providers are {', '.join(kernel_names)}")
-        e2e_providers = [n for n in chosen if n in E2E_PROVIDERS]
-        kernel_providers = [n for n in chosen if n in kernel_names]
+
+    if plan == "gpu-check":
+        result = check_plan(device, small=quick or device.type == "cpu")
     else:
-        e2e_providers = list(DEFAULT_E2E_PROVIDERS)
-        kernel_providers = None
-        if quick:
+        dtypes_full = dtypes or (["fp16", "bf16"] if device.type == "cuda" else ["fp32"])
+        names = model_names or (["bert-base", "minilm-l6"] if device.type == "cuda" else ["minilm-l6", "bert-base-2l"])
+        e2e_providers = [n for n in DEFAULT_E2E_PROVIDERS]
+        if quick and not chosen:
             for name, reason in QUICK_SKIPS.items():
                 e2e_providers.remove(name)
                 left_out.append((name, reason))
-    if repeats is None:
-        repeats = (5 if quick else 20) if device.type == "cpu" else (20 if quick else 100)
-    if repeats < 1:
-        raise InputError(f"--repeats {repeats}: must be at least 1")
-    plan = Plan(device=device, dtypes=dtypes, suites=list(SUITES) if suite == "all" else [suite], quick=quick,
-                backend=backend, models=[MODELS[n] for n in model_names], shapes=e2e_shapes(device.type, quick),
-                providers=e2e_providers, kernel_cases=cases, kernel_providers=kernel_providers, repeats=repeats)
-    return plan, left_out
+        shapes = e2e_shapes(device.type, quick)
+        e2e = [E2ECase(MODELS[m], shape, d, tuple(e2e_providers if not chosen else E2E_PROVIDERS))
+               for d in dtypes_full for m in names for shape in shapes]
+        kernels = [KernelRun(case, d, tuple(case.providers)) for d in dtypes_full
+                   for case in kernel_cases(device.type, quick)]
+        result = Plan(device=device, quick=quick, e2e=e2e, kernels=kernels)
+    result.backend = backend
+    if repeats is not None:
+        result.repeats = repeats
+    elif plan == "full":
+        result.repeats = (5 if quick else 20) if device.type == "cpu" else (20 if quick else 100)
+    result.budget_s = budget
+
+    # Exact filters: what is named is what runs (an e2e-only --providers runs no kernel case, and loads no
+    # model for a kernel-only one).
+    if suite != "all":
+        result.e2e, result.kernels = (result.e2e, []) if suite == "e2e" else ([], result.kernels)
+    if plan == "gpu-check" and dtypes:
+        result.e2e = [c for c in result.e2e if c.dtype in dtypes]
+        result.kernels = [r for r in result.kernels if r.dtype in dtypes]
+    if plan == "gpu-check" and model_names:
+        result.e2e = [c for c in result.e2e if c.model.name in model_names]
+    if chosen:
+        result.e2e = [dataclasses.replace(c, providers=tuple(p for p in c.providers if p in chosen))
+                      for c in result.e2e]
+        result.kernels = [dataclasses.replace(r, providers=tuple(p for p in r.providers if p in chosen))
+                          for r in result.kernels]
+        result.e2e = [c for c in result.e2e if c.providers]
+        result.kernels = [r for r in result.kernels if r.providers]
+    patterns = _split(cases)
+    if patterns:
+        names = result.case_names()
+        for pattern in patterns:
+            if not fnmatch.filter(names, pattern):
+                raise InputError(f"--cases {pattern!r} matches no case of this plan; its cases are "
+                                 f"{', '.join(names) or 'none'}")
+        result.e2e = [c for c in result.e2e if any(fnmatch.fnmatchcase(c.name, p) for p in patterns)]
+        result.kernels = [r for r in result.kernels if any(fnmatch.fnmatchcase(r.name, p) for p in patterns)]
+    return result, left_out
 
 
-def run(plan: Plan, left_out: list[tuple[str, str]] = (), quiet: bool = False) -> Report:
-    """Measure the peaks, then the suites; returns the report (nothing written yet)."""
-    from ..encoder import resolve_backend
-
-    backend, _ = resolve_backend(plan.backend, plan.device)
-    env = collect_env(plan.device, backend, plan.quick)
+# ================================================================================================ run
+def _notes(plan: Plan, env: dict, backend: str) -> list[str]:
     notes = []
     if plan.device.type == "cpu":
         notes.append(CPU_DTYPE_NOTE if plan.dtypes == ["fp32"] else
@@ -112,35 +198,81 @@ def run(plan: Plan, left_out: list[tuple[str, str]] = (), quiet: bool = False) -
                          "timings are not a result; rerun on an idle machine (or with OMP_NUM_THREADS=1).")
     if env["triton_interpreter"] and plan.device.type == "cpu":
         notes.append("Triton interpreter on: fastenc Triton rows time the interpreter, not a GPU kernel.")
-    env["notes"] = notes
+    if plan.e2e:
+        models = sorted({f"{c.model.name} ({c.model.layers} x {c.model.hidden}, {c.model.heads} heads)"
+                         for c in plan.e2e})
+        notes.append("End-to-end models are built locally with random perturbed weights (speed does not depend on "
+                     "the values): " + ", ".join(models) + ".")
+    if any("hf-compile" in c.providers for c in plan.e2e):
+        notes.append(f"hf-compile: torch.compile(dynamic=False, fullgraph=True, backend={plan.compile_backend!r}), "
+                     "Dynamo reset per model and dtype; a graph break or a recompile past Dynamo's limit is a skip, "
+                     "never an eager row.")
+    return notes
+
+
+def run(plan: Plan, left_out: list[tuple[str, str]] = (), quiet: bool = False, output: Path | None = None) -> Report:
+    """Measure the peaks, then the cases. With ``output``, the results JSON there is rewritten after each case
+    (the markdown and the plot are ``write_results``'s, at the end)."""
+    from ..encoder import resolve_backend
+
+    backend, _ = resolve_backend(plan.backend, plan.device)
+    env = collect_env(plan.device, backend, plan.quick)
+    env["plan"] = plan.name
+    env["notes"] = _notes(plan, env, backend)
+    if plan.budget_s is not None:
+        env["budget_s"] = plan.budget_s
+    report = Report(env, {}, quiet=quiet)
+    report.scope |= {("e2e", c.dtype, c.name) for c in plan.e2e} | {("kernel", r.dtype, r.name) for r in plan.kernels}
+    budget = Budget(plan.budget_s, reserve=peaks_seconds(plan))
     if not quiet:
-        print(f"fastenc bench on {env['gpu']}: suites {', '.join(plan.suites)}, dtypes {', '.join(plan.dtypes)}"
-              f"{', quick' if plan.quick else ''}", file=sys.stderr)
+        print(f"fastenc bench on {env['gpu']}: plan {plan.name}, suites {', '.join(plan.suites) or 'none'}, dtypes "
+              f"{', '.join(plan.dtypes) or 'none'}{', quick' if plan.quick else ''}", file=sys.stderr)
     peaks = measure_peaks(plan.device, plan.quick, plan.repeats)
-    report = Report(env, peaks, quiet=quiet)
+    report.peaks = budget.peaks = peaks
+    if output is not None:
+        report.open(results_paths(env, output)["json"])
     report.log(f"peaks: matmul {peaks['matmul_tflops']:.3g} TFLOP/s ({peaks['matmul']}), "
                f"copy {peaks['copy_gbps']:.3g} GB/s")
-    if "e2e" in plan.suites:
-        for name, reason in left_out:
-            for dtype_name in plan.dtypes:
-                report.skip("e2e", "all", name, dtype_name, reason)
-        run_e2e(plan, report)
-    if "kernel" in plan.suites:
-        run_kernels(plan, report)
-    report.set_shares(best_peaks(peaks, measure_peaks(plan.device, plan.quick, plan.repeats)))
+    for name, reason in left_out:
+        for dtype_name in dict.fromkeys(c.dtype for c in plan.e2e):
+            report.skip("e2e", "all", name, dtype_name, reason)
+    report.flush()
+    if plan.kernels:
+        run_kernels(plan, report, budget)
+    if plan.e2e:
+        run_e2e(plan, report, budget)
+    try:
+        second = measure_peaks(plan.device, plan.quick, plan.repeats)
+    except Exception as exc:  # noqa: BLE001 - the rows stand on the first measurement
+        report.env["notes"].append(f"The peaks could not be measured again after the suites ({exc}): shares are "
+                                   "against the measurement before them.")
+        second = None
+    report.set_shares(best_peaks(peaks, second))
+    report.env["seconds"] = round(budget.spent(), 1)
+    skipped_by_budget = [s for s in report.skipped if s["reason"].startswith("time budget")]
+    if skipped_by_budget:
+        report.env["notes"].append(f"The time budget ({plan.budget_s:.0f} s) left {len(skipped_by_budget)} case(s) "
+                                   "unmeasured: " + ", ".join(f"{s['case']} {s['dtype']}" for s in skipped_by_budget)
+                                   + ".")
+    report.flush()
     return report
 
 
 # ======================================================================================== command line
 def run_from_args(args: argparse.Namespace) -> int:
     """``fastenc bench``: the arguments are declared in ``fastenc/cli.py``."""
-    if args.suite != "kernel" and importlib.util.find_spec("transformers") is None:
+    plan, left_out = make_plan(args.suite, args.device, args.dtype, args.quick, args.models, args.providers,
+                               args.backend, args.repeats, args.cases, args.budget, args.plan)
+    if plan.e2e and importlib.util.find_spec("transformers") is None:
         raise FastencError("fastenc bench compares with transformers: pip install 'fastenc[hf]' "
                            "(or run --suite kernel)")
-    plan, left_out = make_plan(args.suite, args.device, args.dtype, args.quick, args.models, args.providers,
-                               args.backend, args.repeats)
-    report = run(plan, left_out)
-    paths = write_results(report, Path(args.output))
+    if args.compile_backend:
+        plan.compile_backend = args.compile_backend
+    if not plan.e2e and not plan.kernels:
+        raise InputError("nothing to run: the filters (--suite, --dtype, --models, --providers, --cases) left no case")
+    output = Path(args.output)
+    report = run(plan, left_out, output=output)
+    paths = write_results(report, output)
     md = paths["md"].read_text()
     print(md)
     if args.readme:

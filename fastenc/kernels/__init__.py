@@ -8,8 +8,15 @@ GPU; on the CPU the launchers run only under the Triton interpreter (``TRITON_IN
 Block configs are fixed per GPU architecture (``_target``); ``python -m fastenc.kernels.aot`` compiles
 every kernel for any architecture without a GPU and reports shared memory, registers, spills and the
 tensor-core instructions of each (``aot``).
+
+Under the interpreter, importing this package installs ``interpreter``'s exact, position-independent
+``tl.dot`` and round-to-nearest bf16 casts (Triton's own are the host's BLAS, whose result for a row
+depends on its place in the tile, and integer arithmetic on bf16 bits), so that every process running
+these kernels on the CPU (the tests, a server the tests start, the GPU check's dry run) computes the
+same bits.
 """
 
+from fastenc.kernels import _target
 from fastenc.kernels.attention import attention
 from fastenc.kernels.embeddings import embeddings
 from fastenc.kernels.gemm import gated_linear, linear
@@ -28,6 +35,11 @@ KERNELS = (
     ("layer_norm", "LayerNorm(x), one row per program, fp32 statistics"),
     ("gelu_layer_norm", "LayerNorm(act(x)), one row per program, fp32 statistics"),
 )
+
+if _target.INTERPRETED:
+    from fastenc.kernels import interpreter as _interpreter
+
+    _interpreter.install()
 
 __all__ = ["KERNELS", "add_layer_norm", "attention", "embeddings", "fused_qkv", "gated_linear", "gelu_layer_norm",
            "layer_norm", "linear"]

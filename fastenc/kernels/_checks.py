@@ -8,6 +8,8 @@ Triton cannot drive) raise ``fastenc.errors.BackendError``.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from fastenc.errors import BackendError
@@ -33,6 +35,12 @@ def check_backend(name: str, tensor: torch.Tensor) -> torch.device:
             "(set TRITON_INTERPRET=1 before triton is first imported) to run on the CPU"
         )
     raise BackendError(f"{name} is on {device}: the Triton kernels run on CUDA devices (or the CPU interpreter)")
+
+
+def on_device(device: torch.device):
+    """Launch under ``device``: Triton launches on the current CUDA device and its current stream, so an
+    encoder on ``cuda:1`` while device 0 is current would otherwise launch on the wrong GPU."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def check_tensor(

@@ -16,6 +16,15 @@ CUDA cores) and asynchronous copies (LDGSTS or TMA: the software-pipelined loads
 
     python -m fastenc.kernels.aot [--arch 90,80,86] [--dtype fp16,bf16] [--models bert-base,minilm]
                                   [--markdown FILE] [--json FILE]
+    python -m fastenc.kernels.aot --sweep [--arch 90,86] [--dtype fp16,bf16,fp32] [...]
+
+``--sweep`` compiles, instead of model forwards, the kernels whose configs depend on a width: attention
+at every head dim from 16 to 128 (powers of two and the masked ones users run: 24, 40, 48, 80, 96) and
+the row kernels (LayerNorms, embeddings) at widths from 96 to the largest supported. ``problems``
+lists every build that would fail or slow down on a GPU: over the shared memory limit, or spilling
+registers; the command exits non-zero when there is any, so a config change that regresses fails
+its test. ``tight`` lists the builds that use all 255 registers without spilling (one change away
+from it): reported, not failed.
 
 Run it in a process without ``TRITON_INTERPRET`` (the interpreter replaces the compiler).
 """
@@ -248,6 +257,55 @@ def compile_report(archs=(90, 80), dtypes=("fp16", "bf16"), models=("bert-base",
     return builds
 
 
+SWEEP_HEAD_DIMS = (16, 24, 32, 40, 48, 64, 80, 96, 128)
+SWEEP_WIDTHS = (96, 384, 768, 1024, 4096, 8192, 16384)
+
+
+def sweep_report(archs=(90, 86), dtypes=("fp16", "bf16", "fp32")) -> list[KernelBuild]:
+    """Compile attention at every head dim and the row kernels at every width, per architecture and dtype."""
+    from fastenc import kernels
+    from fastenc.kernels.layer_norm import MAX_HIDDEN
+
+    lengths = [7, 128, 1, 127]  # ragged: masked query and key tails
+    cu_seqlens = torch.tensor([0, 7, 135, 136, 263], dtype=torch.int32)
+    tokens, builds = sum(lengths), []
+    for arch in archs:
+        for name in dtypes:
+            dtype = DTYPES[name]
+            with compile_only(arch) as driver:
+                for head_dim in SWEEP_HEAD_DIMS:
+                    q = torch.empty(2, tokens, head_dim, dtype=dtype)
+                    kernels.attention(q, q, q, cu_seqlens, max(lengths))
+                for width in (w for w in SWEEP_WIDTHS if w <= MAX_HIDDEN):
+                    x, w = torch.empty(tokens, width, dtype=dtype), torch.empty(width, dtype=dtype)
+                    ids = torch.zeros(tokens, dtype=torch.long)
+                    kernels.add_layer_norm(x, x, w, w, 1e-12)
+                    kernels.gelu_layer_norm(x, w, w, 1e-12, "gelu_tanh")
+                    kernels.embeddings(ids, ids, ids, x, x, x, w, w, 1e-12)
+                builds.extend(driver.builds(name, "sweep"))
+    return builds
+
+
+def _where(b: KernelBuild) -> str:
+    return f"sm_{b.arch} {b.dtype} {b.kernel} {b.shape}"
+
+
+def problems(builds: list[KernelBuild]) -> list[str]:
+    """Every build that would fail (shared memory) or slow down (register spills) on a GPU."""
+    out = []
+    for b in builds:
+        if not b.fits:
+            out.append(f"{_where(b)}: {_size(b.shared)} of shared memory, over the limit of {_size(b.shared_limit)}")
+        if b.spilled:
+            out.append(f"{_where(b)}: spills {b.spilled} B a thread")
+    return out
+
+
+def tight(builds: list[KernelBuild]) -> list[str]:
+    """Builds that use every one of the 255 registers without spilling: no headroom left."""
+    return [f"{_where(b)}: uses all 255 registers" for b in builds if b.registers >= 255 and not b.spilled]
+
+
 def environment() -> dict:
     """Triton's and ptxas's versions (what the builds depend on), the commit and the time."""
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
@@ -282,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="bert-base,minilm", help=f"from {', '.join(MODELS)}")
     parser.add_argument("--markdown", type=Path, help="write the table here too")
     parser.add_argument("--json", type=Path, help="write the builds as JSON here")
+    parser.add_argument("--sweep", action="store_true", help="attention at every head dim and the row kernels "
+                                                             "at every width, instead of model forwards")
     args = parser.parse_args(argv)
     if _target.INTERPRETED:
         parser.error("TRITON_INTERPRET is set: the interpreter replaces Triton's compiler; unset it")
@@ -294,17 +354,22 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [v for v in getattr(args, name).split(",") if v not in allowed]
         if unknown:
             parser.error(f"--{name}: unknown {', '.join(unknown)}; choose from {', '.join(allowed)}")
-    builds = compile_report(archs, dtypes, models)
+    builds = sweep_report(archs, dtypes) if args.sweep else compile_report(archs, dtypes, models)
+    found, near = problems(builds), tight(builds)
     env = environment()
-    table = (f"Compiled by Triton {env['triton']} with {env['ptxas']}, on no GPU (`python -m fastenc.kernels.aot`), "
-             f"commit {env['commit']}, {env['time']}.\n\n" + markdown(builds))
+    command = "python -m fastenc.kernels.aot" + (" --sweep" if args.sweep else "")
+    table = (f"Compiled by Triton {env['triton']} with {env['ptxas']}, on no GPU (`{command}`), "
+             f"commit {env['commit']}, {env['time']}.\n\n" + markdown(builds)
+             + ("\nProblems:\n" + "".join(f"- {p}\n" for p in found) if found else "\nNo problems: every build fits "
+                "its shared memory and spills nothing.\n")
+             + ("\nTight (no spill, no register headroom):\n" + "".join(f"- {p}\n" for p in near) if near else ""))
     sys.stdout.write(table)
     if args.markdown:
         args.markdown.write_text(table)
     if args.json:
         builds_json = [dataclasses.asdict(b) for b in builds]
-        args.json.write_text(json.dumps({"env": env, "builds": builds_json}, indent=1) + "\n")
-    return 0 if all(b.fits for b in builds) else 1
+        args.json.write_text(json.dumps({"env": env, "builds": builds_json, "problems": found, "tight": near}, indent=1) + "\n")
+    return 1 if found else 0
 
 
 if __name__ == "__main__":

@@ -21,7 +21,9 @@ once; an empty sequence writes nothing. The output row ``t`` gets head ``h`` in 
 Precision: scores, softmax statistics and the accumulator are fp32; the probabilities are cast to the
 input dtype for the second ``tl.dot`` (as in FlashAttention). fp32 inputs use ``ieee`` products.
 Every real query row sees at least one real key, so ``l >= 1``; the final division is guarded anyway
-so that padding rows can never produce NaN.
+so that padding rows can never produce NaN. Approximate on the GPU, exact under the interpreter: ``exp2``
+(``ex2.approx.ftz.f32``, as in FlashAttention and the Triton tutorial: relative error about 2^-22, far
+below the fp16/bf16 rounding of P) and the final fp32 ``/`` by ``l`` (``div.full.f32``, within 2 ulp).
 
 Batch invariance: a sequence's programs read only that sequence, and the block sizes depend only on
 the head dim, dtype and GPU architecture, so a sequence gives bitwise the same output alone or inside
@@ -55,7 +57,7 @@ import triton
 import triton.language as tl
 
 from fastenc.kernels import _target
-from fastenc.kernels._checks import INDEX_DTYPES, check_backend, check_tensor
+from fastenc.kernels._checks import INDEX_DTYPES, check_backend, check_tensor, on_device
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -223,21 +225,31 @@ def _attention_kernel(
 def attention_config(head_dim: int, dtype: torch.dtype, arch: int = _target.DEFAULT_ARCH) -> dict:
     """Fixed block sizes from the head dim, dtype and GPU architecture only (never the sequence lengths).
 
-    16-bit inputs on sm_80 and newer: 128 queries x 64 keys per step. On sm_90 one warpgroup (4 warps)
-    issues ``wgmma`` for the 128 rows; on sm_8x ``mma`` keeps the accumulator in each warp's registers,
-    and with 4 warps a head dim of 64 needs all 255 registers (spilling on sm_86), so sm_8x takes
-    8 warps. fp32, and GPUs older than sm_80, run on CUDA cores, where Triton's FMA products spill
-    registers at any block size: 32 x 16 blocks keep that to about 200 bytes a thread, against over
-    1 KiB for 64 x 32.
+    Chosen from what ``python -m fastenc.kernels.aot --sweep`` reports (registers and spills at head dims
+    16 to 128, sm_90 and sm_86, Triton 3.6 and 3.9), to be timed and tuned on a GPU:
+
+    * 16-bit inputs on sm_80 and newer: 128 queries x 64 keys per step. On sm_90 one warpgroup (4 warps)
+      issues ``wgmma`` for the 128 rows when the head dim is a power of two up to 64; a masked head dim
+      (24, 40, 48) with 4 warps needs up to all 255 registers, so it and every 128-wide head block take
+      8 warps (two warpgroups). On sm_8x ``mma`` keeps the accumulator in each warp's registers, and with
+      4 warps a head dim of 64 needs all 255 registers (spilling on sm_86): 8 warps there; a 128-wide head
+      block takes 32 keys a step (64 spilled 16 B at head dims 80 and 96; 32 uses all 255 registers
+      there without spilling, 242 at 128).
+    * fp32, and GPUs older than sm_80, run on CUDA cores (``ieee`` FMA products), where Triton holds the
+      operand tiles in registers: the tile per thread must stay small. 32 x 16 blocks with 4 warps up to a
+      32-wide head block, 8 warps at 64 (4 spilled 200 B), and 16 x 16 with 8 warps at 128 (32 x 16
+      spilled 728 to 1400 B). These are the accuracy path, not the fast one.
     """
     block_d = max(16, triton.next_power_of_2(head_dim))
     even_d = block_d == head_dim
-    if dtype == torch.float32 or arch < 80:  # CUDA-core FMA path: small blocks keep register spills small
-        return dict(BLOCK_D=block_d, EVEN_D=even_d, BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=2,
+    if dtype == torch.float32 or arch < 80:  # CUDA-core FMA path: keep the per-thread tiles small
+        block_m, warps = (32, 4) if block_d <= 32 else (32, 8) if block_d == 64 else (16, 8)
+        return dict(BLOCK_D=block_d, EVEN_D=even_d, BLOCK_M=block_m, BLOCK_N=16, num_warps=warps, num_stages=2,
                     **_target.COMPILE_OPTIONS)
-    warps = 4 if block_d <= 64 and arch >= 90 else 8
-    return dict(BLOCK_D=block_d, EVEN_D=even_d, BLOCK_M=128, BLOCK_N=64, num_warps=warps, num_stages=3,
-                **_target.COMPILE_OPTIONS)
+    one_warpgroup = arch >= 90 and (block_d <= 32 or (block_d == 64 and even_d))
+    block_n = 32 if arch < 90 and block_d == 128 else 64
+    return dict(BLOCK_D=block_d, EVEN_D=even_d, BLOCK_M=128, BLOCK_N=block_n, num_warps=4 if one_warpgroup else 8,
+                num_stages=3, **_target.COMPILE_OPTIONS)
 
 
 def attention(
@@ -283,30 +295,31 @@ def attention(
     grid = (batch * heads, triton.cdiv(max_seqlen, config["BLOCK_M"]))
     if grid[1] > 65535:
         raise ValueError(f"max_seqlen {max_seqlen} is too long: at most {65535 * config['BLOCK_M']} tokens")
-    _attention_kernel[grid](
-        q,
-        k,
-        v,
-        out,
-        cu_seqlens,
-        heads,
-        q.stride(0),
-        q.stride(1),
-        k.stride(0),
-        k.stride(1),
-        v.stride(0),
-        v.stride(1),
-        out.stride(0),
-        HEAD_DIM=head_dim,
-        **config,
-        Positions_ptr=positions if window is not None or bias is not None else None,
-        Bias_ptr=bias,
-        stride_bias_head=0 if bias is None else bias.stride(0),
-        bias_center=0 if bias is None else (bias.shape[1] - 1) // 2,
-        window=0 if window is None else window,
-        WINDOW=window is not None,
-        REL_BIAS=bias is not None,
-    )
+    with on_device(device):
+        _attention_kernel[grid](
+            q,
+            k,
+            v,
+            out,
+            cu_seqlens,
+            heads,
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            v.stride(0),
+            v.stride(1),
+            out.stride(0),
+            HEAD_DIM=head_dim,
+            **config,
+            Positions_ptr=positions if window is not None or bias is not None else None,
+            Bias_ptr=bias,
+            stride_bias_head=0 if bias is None else bias.stride(0),
+            bias_center=0 if bias is None else (bias.shape[1] - 1) // 2,
+            window=0 if window is None else window,
+            WINDOW=window is not None,
+            REL_BIAS=bias is not None,
+        )
     return out
 
 

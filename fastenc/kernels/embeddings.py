@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastenc.kernels._checks import INDEX_DTYPES, check_backend, check_tensor
+from fastenc.kernels._checks import INDEX_DTYPES, check_backend, check_tensor, on_device
 from fastenc.kernels.layer_norm import MAX_HIDDEN, _layer_norm_row, row_config
 
 
@@ -102,25 +102,26 @@ def embeddings(
     out = torch.empty((tokens, emb), device=device, dtype=dtype)
     if tokens == 0:
         return out
-    _embeddings_kernel[(tokens,)](
-        input_ids,
-        position_ids if has_positions else None,
-        token_type_ids if has_types else None,
-        word_emb,
-        pos_emb,
-        type_emb,
-        weight,
-        bias,
-        out,
-        word_emb.stride(0),
-        pos_emb.stride(0) if has_positions else 0,
-        type_emb.stride(0) if has_types else 0,
-        out.stride(0),
-        emb,
-        float(eps),
-        HAS_TYPES=has_types,
-        **row_config(emb),
-        HAS_POSITIONS=has_positions,
-        HAS_BIAS=bias is not None,
-    )
+    with on_device(device):
+        _embeddings_kernel[(tokens,)](
+            input_ids,
+            position_ids if has_positions else None,
+            token_type_ids if has_types else None,
+            word_emb,
+            pos_emb,
+            type_emb,
+            weight,
+            bias,
+            out,
+            word_emb.stride(0),
+            pos_emb.stride(0) if has_positions else 0,
+            type_emb.stride(0) if has_types else 0,
+            out.stride(0),
+            emb,
+            float(eps),
+            HAS_TYPES=has_types,
+            **row_config(emb),
+            HAS_POSITIONS=has_positions,
+            HAS_BIAS=bias is not None,
+        )
     return out

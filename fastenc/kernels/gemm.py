@@ -13,7 +13,9 @@ batch.
 Precision: fp32 inputs use ``input_precision="ieee"``: exact fp32 products, so the fp32 path matches
 torch's fp32 matmul (TF32 would not meet the fp32 tolerance). On a GPU this runs on CUDA cores, not
 tensor cores; fp32 is the accuracy/debug path, fp16 and bf16 the fast one (the flag has no effect on
-16-bit operands, whose products are exact in the fp32 accumulator).
+16-bit operands, whose products are exact in the fp32 accumulator). Approximate on the GPU, exact under
+the interpreter: the tanh-GELU epilogue (``exp2`` compiles to ``ex2.approx.ftz.f32`` and its fp32 ``/`` to
+``div.full.f32``, each within 2 ulp); erf-GELU uses libdevice's ``erf`` (within 2 ulp).
 
 Bias-free layers (ModernBERT, NomicBERT) take ``HAS_BIAS=False`` rather than a zero vector. The
 pre-LayerNorm blocks add their skip connection in the epilogue (``HAS_RESIDUAL``): ``x + Wo(a)`` costs
@@ -38,7 +40,7 @@ import triton
 import triton.language as tl
 
 from fastenc.kernels import _target
-from fastenc.kernels._checks import check_activation, check_backend, check_tensor
+from fastenc.kernels._checks import on_device, check_activation, check_backend, check_tensor
 
 # Globals read inside @triton.jit functions must be constexpr.
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -247,11 +249,12 @@ def linear(
         return out
     config = gemm_config(x.dtype, N, K, _target.device_arch(device))
     grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
-    _linear_kernel[grid](
-        x, weight, bias, out, M, N, K, x.stride(0), weight.stride(0), out.stride(0), ACTIVATION=act, **config,
-        Residual_ptr=residual, stride_residual_row=0 if residual is None else residual.stride(0),
-        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-    )
+    with on_device(device):
+        _linear_kernel[grid](
+            x, weight, bias, out, M, N, K, x.stride(0), weight.stride(0), out.stride(0), ACTIVATION=act, **config,
+            Residual_ptr=residual, stride_residual_row=0 if residual is None else residual.stride(0),
+            HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+        )
     return out
 
 
@@ -279,8 +282,9 @@ def gated_linear(
         return out
     config = gemm_config(x.dtype, rows, K, _target.device_arch(device))  # the GEMM's N: the weight's rows
     grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(rows, config["BLOCK_N"]),)
-    _gated_linear_kernel[grid](
-        x, weight, bias, out, M, N, K, x.stride(0), weight.stride(0), out.stride(0), ACTIVATION=act,
-        HAS_BIAS=bias is not None, **config,
-    )
+    with on_device(device):
+        _gated_linear_kernel[grid](
+            x, weight, bias, out, M, N, K, x.stride(0), weight.stride(0), out.stride(0), ACTIVATION=act,
+            HAS_BIAS=bias is not None, **config,
+        )
     return out

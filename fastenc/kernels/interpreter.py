@@ -38,7 +38,10 @@ A third, smaller repair: Triton 3.6's interpreter turns a scalar into a Python i
 0-dimensional arrays can be converted to Python scalars", raised by every ``range(0, K, BLOCK_K)``);
 Triton 3.9 squeezes the array first, and so does the ``__index__`` installed here, on any version.
 
-Idempotent; ``uninstall()`` restores Triton's methods. The test suite installs it (``tests/conftest.py``).
+Idempotent; ``uninstall()`` restores Triton's methods. ``fastenc.kernels`` installs it when it is imported
+with the interpreter on, so every process that runs fastenc's kernels on the CPU computes the same bits
+(the tests, a server they start in a subprocess, the GPU check's dry run); other Triton kernels of the
+same process get the exact dot too.
 """
 
 from __future__ import annotations

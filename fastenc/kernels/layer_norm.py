@@ -7,8 +7,11 @@ registers, which is exact where the one-pass ``E[x^2] - E[x]^2`` cancels), and a
 ``(x - mean) * rstd * weight + bias``; the result is cast once at the store. This is the forward of the
 Triton layer-norm tutorial and Liger-Kernel's ``layer_norm``, without the backward's saved statistics.
 
-Precision: statistics in fp32; ``rstd`` uses the correctly rounded ``sqrt_rn``/``div_rn`` (one per row,
-so free) rather than the approximate ``rsqrt``. The residual sum and the activation are not rounded to
+Precision: statistics in fp32; the mean, the variance and ``rstd`` use the correctly rounded
+``div_rn``/``sqrt_rn`` (three per row, so free) rather than fp32 ``/``, which the GPU compiles to an
+approximate divide (``div.full.f32``), and ``rsqrt``. What stays approximate on the GPU: the tanh-GELU
+of ``gelu_layer_norm`` (``exp2`` is ``ex2.approx.ftz`` and its ``/`` approximate, as in the GEMM
+epilogue; erf-GELU uses libdevice's ``erf``). The interpreter computes all of these exactly. The residual sum and the activation are not rounded to
 the input dtype before the norm (the reference rounds them), which only removes error.
 
 Batch invariance: a row reads only itself; the reduction order depends only on the hidden size.
@@ -17,7 +20,8 @@ Batch invariance: a row reads only itself; the reduction order depends only on t
 preceding GEMM's epilogue (``linear(..., residual=)``). Norms without a bias (ModernBERT's) take
 ``HAS_BIAS=False``.
 
-Limits: hidden sizes up to 65536 (a row must fit one program); rows may be strided, the last stride
+Limits: hidden sizes up to 16384 (a row must fit one program's registers: wider rows spill; no
+BERT-family encoder comes near it); rows may be strided, the last stride
 must be 1; ``weight`` and ``bias`` have the input's dtype.
 """
 
@@ -28,10 +32,12 @@ import triton
 import triton.language as tl
 
 from fastenc.kernels import _target
-from fastenc.kernels._checks import check_activation, check_backend, check_tensor
+from fastenc.kernels._checks import on_device, check_activation, check_backend, check_tensor
 from fastenc.kernels.gemm import _apply_activation
 
-MAX_HIDDEN = 65536
+# A row must fit one program's registers: at 32768 fp32 values a row spills even with 32 warps (the
+# register file allows 64 a thread there), so wider rows are refused (the torch backend takes any width).
+MAX_HIDDEN = 16384
 
 
 @triton.jit
@@ -47,9 +53,11 @@ def _layer_norm_row(
 ):
     """LayerNorm of one fp32 row held in registers; masked lanes are ignored and come back as 0."""
     x = tl.where(mask, x, 0.0)
-    mean = tl.sum(x, axis=0) / n_cols
+    width = n_cols.to(tl.float32)
+    # div_rn: fp32 `/` compiles to an approximate divide on the GPU (div.full.f32, up to 2 ulp).
+    mean = tl.div_rn(tl.sum(x, axis=0), width)
     centred = tl.where(mask, x - mean, 0.0)
-    var = tl.sum(centred * centred, axis=0) / n_cols
+    var = tl.div_rn(tl.sum(centred * centred, axis=0), width)
     rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
     weight = tl.load(W_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
@@ -138,20 +146,21 @@ def add_layer_norm(
     out = torch.empty((tokens, hidden), device=device, dtype=x.dtype)
     if tokens == 0:
         return out
-    _add_layer_norm_kernel[(tokens,)](
-        x,
-        residual,
-        weight,
-        bias,
-        out,
-        x.stride(0),
-        residual.stride(0),
-        out.stride(0),
-        hidden,
-        float(eps),
-        **row_config(hidden),
-        HAS_BIAS=bias is not None,
-    )
+    with on_device(device):
+        _add_layer_norm_kernel[(tokens,)](
+            x,
+            residual,
+            weight,
+            bias,
+            out,
+            x.stride(0),
+            residual.stride(0),
+            out.stride(0),
+            hidden,
+            float(eps),
+            **row_config(hidden),
+            HAS_BIAS=bias is not None,
+        )
     return out
 
 
@@ -179,8 +188,9 @@ def gelu_layer_norm(
     out = torch.empty((tokens, hidden), device=device, dtype=x.dtype)
     if tokens == 0:
         return out
-    _gelu_layer_norm_kernel[(tokens,)](
-        x, weight, bias, out, x.stride(0), out.stride(0), hidden, float(eps), ACTIVATION=act, **row_config(hidden),
-        HAS_BIAS=bias is not None,
-    )
+    with on_device(device):
+        _gelu_layer_norm_kernel[(tokens,)](
+            x, weight, bias, out, x.stride(0), out.stride(0), hidden, float(eps), ACTIVATION=act, **row_config(hidden),
+            HAS_BIAS=bias is not None,
+        )
     return out

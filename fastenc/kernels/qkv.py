@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from fastenc.kernels import _target
-from fastenc.kernels._checks import INDEX_DTYPES, check_backend, check_tensor
+from fastenc.kernels._checks import INDEX_DTYPES, check_backend, check_tensor, on_device
 from fastenc.kernels.gemm import _gemm_tile, _tile_coords, gemm_config
 
 
@@ -150,23 +150,24 @@ def fused_qkv(
     N, K = 3 * hidden, hidden
     config = gemm_config(x.dtype, N, K, _target.device_arch(device))
     grid = (triton.cdiv(tokens, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
-    _fused_qkv_kernel[grid](
-        x,
-        weight,
-        bias,
-        out,
-        tokens,
-        N,
-        K,
-        x.stride(0),
-        weight.stride(0),
-        1.0 / math.sqrt(head_dim),
-        HEAD_DIM=head_dim,
-        **config,
-        Positions_ptr=positions if rope is not None else None,
-        Rope_ptr=rope,
-        stride_rope_row=0 if rope is None else rope.stride(0),
-        HAS_BIAS=bias is not None,
-        ROPE=rope is not None,
-    )
+    with on_device(device):
+        _fused_qkv_kernel[grid](
+            x,
+            weight,
+            bias,
+            out,
+            tokens,
+            N,
+            K,
+            x.stride(0),
+            weight.stride(0),
+            1.0 / math.sqrt(head_dim),
+            HEAD_DIM=head_dim,
+            **config,
+            Positions_ptr=positions if rope is not None else None,
+            Rope_ptr=rope,
+            stride_rope_row=0 if rope is None else rope.stride(0),
+            HAS_BIAS=bias is not None,
+            ROPE=rope is not None,
+        )
     return out

@@ -19,11 +19,16 @@ import torch
 from fastenc.kernels import _target
 
 MATMUL_KERNELS = {"linear", "gated_linear", "fused_qkv", "attention"}
+SWEEP_ARCHS = (90, 86)
+
+
+def _compile_env() -> dict:
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
 
 def _compile(tmp_path_factory, dtypes: str, models: str) -> list[dict]:
     out = tmp_path_factory.mktemp("aot") / "builds.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = _compile_env()
     command = [sys.executable, "-m", "fastenc.kernels.aot", "--arch", "90,86", "--dtype", dtypes,
                "--models", models, "--json", str(out)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
@@ -94,6 +99,61 @@ def test_matrix_products_run_on_pipelined_tensor_cores(builds):
             assert b["tensor_cores"] == "none", b
 
 
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """``--sweep`` for sm_90 and sm_86 in fp16, bf16 and fp32: one compiler process per architecture, in parallel."""
+    folder = tmp_path_factory.mktemp("sweep")
+    runs = {}
+    for arch in SWEEP_ARCHS:
+        command = [sys.executable, "-m", "fastenc.kernels.aot", "--sweep", "--arch", str(arch), "--dtype",
+                   "fp16,bf16,fp32", "--json", str(folder / f"{arch}.json")]
+        runs[arch] = subprocess.Popen(command, env=_compile_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True)
+    results = {}
+    for arch, process in runs.items():
+        output, _ = process.communicate(timeout=900)
+        results[arch] = (process.returncode, output, json.loads((folder / f"{arch}.json").read_text()))
+    return results
+
+
+def test_no_config_spills_at_any_head_dim_or_width(sweep):
+    """Attention at head dims 16 to 128 and the row kernels at widths up to the largest supported, per dtype.
+    On sm_90 (the H100/H200) every build also keeps register headroom; on sm_86 the 128-wide head block at
+    head dims 80 and 96 uses all 255 registers without spilling (documented in attention_config)."""
+    from fastenc.kernels.aot import SWEEP_HEAD_DIMS
+
+    for arch, (returncode, output, report) in sweep.items():
+        assert report["problems"] == [], report["problems"]
+        assert returncode == 0, output
+        allowed = set() if arch == 90 else {f"sm_{arch} {dtype} attention HEAD_DIM={d}: uses all 255 registers"
+                                            for dtype in ("fp16", "bf16") for d in (80, 96)}
+        assert set(report["tight"]) <= allowed, report["tight"]
+        builds = report["builds"]
+        for dtype in ("fp16", "bf16", "fp32"):
+            head_dims = sorted(int(b["shape"].split("=")[1]) for b in builds
+                               if b["kernel"] == "attention" and b["dtype"] == dtype)
+            assert head_dims == sorted(SWEEP_HEAD_DIMS), (arch, dtype, head_dims)
+            widths = {b["shape"] for b in builds if b["kernel"] == "add_layer_norm" and b["dtype"] == dtype}
+            assert "n_cols=16384" in widths, (arch, dtype, widths)
+
+
+def test_the_sweep_reports_a_regression():
+    """``problems`` names a spill and a build over the shared memory limit; ``tight`` one at the register cap."""
+    from fastenc.kernels.aot import KernelBuild, problems, tight
+
+    def build(**changes):
+        fields = dict(kernel="attention", shape="HEAD_DIM=80", arch=90, dtype="fp16", model="sweep", config={},
+                      shared=1024, shared_limit=2048, registers=128, spilled=0, tensor_cores="wgmma",
+                      async_copies=True)
+        return KernelBuild(**{**fields, **changes})
+
+    assert problems([build()]) == [] and tight([build()]) == []
+    builds = [build(spilled=64, registers=255), build(registers=255), build(shared=4096)]
+    assert problems(builds) == ["sm_90 fp16 attention HEAD_DIM=80: spills 64 B a thread",
+                                "sm_90 fp16 attention HEAD_DIM=80: 4 KiB of shared memory, over the limit of 2 KiB"]
+    assert tight(builds) == ["sm_90 fp16 attention HEAD_DIM=80: uses all 255 registers"]
+
+
 def test_configs_are_chosen_per_architecture():
     from fastenc.kernels.attention import attention_config
     from fastenc.kernels.gemm import gemm_config
@@ -103,6 +163,8 @@ def test_configs_are_chosen_per_architecture():
     assert _target.shared_memory_limit(70) == min(_target.SHARED_MEMORY.values())
     assert attention_config(64, torch.float16, 90)["num_warps"] == 4
     assert attention_config(64, torch.float16, 86)["num_warps"] == 8  # 4 warps spill on sm_86
+    assert attention_config(40, torch.float16, 90)["num_warps"] == 8  # masked head dim: 4 warps use all 255 registers
+    assert attention_config(128, torch.float32, 90)["BLOCK_M"] == 16  # CUDA-core tiles: 32 rows spilled 728 B
     assert gemm_config(torch.float16, 3072, 768, 75)["BLOCK_M"] == 64  # no tensor cores: CUDA-core tiles
     with _target.compiling_for(86):
         assert _target.device_arch(torch.device("cpu")) == 86 and _target.compiling()

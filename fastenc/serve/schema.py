@@ -1,0 +1,216 @@
+"""Request bodies: JSON in, validated request objects out, or a ``ServeError`` naming the problem.
+
+The shapes are text-embeddings-inference's (``router/src/http/types.rs``) and OpenAI's embeddings API;
+the status codes are fastenc's: 422 for a body that cannot be read, a wrong type, an empty input or a
+text over the limit; 413 for too many inputs or too many bytes; 429 when the server is full; 400 for a
+route the model has no head for. Nothing here touches the model or imports the HTTP stack.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+Text = str
+Pair = tuple[str, str]
+
+
+class ServeError(Exception):
+    """An answer other than 200: ``status``, TEI's ``error_type`` and a message naming the problem."""
+
+    def __init__(self, status: int, message: str, error_type: str = "validation"):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.error_type = error_type
+
+
+def unprocessable(message: str) -> ServeError:
+    return ServeError(422, message, "validation")
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    max_client_batch_size: int
+    hidden_size: int
+    auto_truncate: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbedRequest:
+    texts: list[str]
+    normalize: bool = True
+    truncate: bool = False
+    dimensions: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class OpenAIEmbedRequest:
+    texts: list[str]
+    model: str | None = None
+    encoding_format: str = "float"
+    dimensions: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictRequest:
+    items: list[Text | Pair]
+    single: bool  # one input: the answer is one list of predictions, not a list of lists
+    truncate: bool = False
+    raw_scores: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class RerankRequest:
+    query: str
+    texts: list[str]
+    truncate: bool = False
+    raw_scores: bool = False
+    return_text: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizeRequest:
+    texts: list[str]
+    add_special_tokens: bool = True
+
+
+def _kind(value) -> str:
+    """A JSON value's type, as a client would name it."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def parse_body(body: bytes) -> dict:
+    """The request body as a JSON object, or 422 saying why it is not one."""
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise unprocessable(f"malformed JSON in the request body: {exc}") from None
+    if not isinstance(data, dict):
+        raise unprocessable(f"the request body must be a JSON object, got {_kind(data)}")
+    return data
+
+
+def _required(body: dict, key: str):
+    if key not in body:
+        raise unprocessable(f"missing field `{key}`")
+    return body[key]
+
+
+def _flag(body: dict, key: str, default: bool) -> bool:
+    value = body.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise unprocessable(f"`{key}` must be true or false, got {_kind(value)}")
+    return value
+
+
+def _string(value, name: str) -> str:
+    if not isinstance(value, str):
+        raise unprocessable(f"`{name}` must be a string, got {_kind(value)}")
+    if not value:
+        raise unprocessable(f"`{name}` is an empty string")
+    return value
+
+
+def _count(n: int, name: str, limits: Limits) -> None:
+    if n == 0:
+        raise unprocessable(f"`{name}` is empty")
+    if n > limits.max_client_batch_size:
+        raise ServeError(413, f"`{name}` has {n} inputs, over the maximum of {limits.max_client_batch_size} per "
+                              "request (--max-client-batch-size)")
+
+
+def _texts(value, name: str, limits: Limits) -> list[str]:
+    """A string or a non-empty array of non-empty strings."""
+    if isinstance(value, str):
+        return [_string(value, name)]
+    if not isinstance(value, list):
+        raise unprocessable(f"`{name}` must be a string or an array of strings, got {_kind(value)}")
+    _count(len(value), name, limits)
+    return [_string(item, f"{name}[{index}]") for index, item in enumerate(value)]
+
+
+def _dimensions(body: dict, limits: Limits) -> int | None:
+    value = body.get("dimensions")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise unprocessable(f"`dimensions` must be an integer, got {_kind(value)}")
+    if not 0 < value <= limits.hidden_size:
+        raise unprocessable(f"`dimensions` is {value}; it must be between 1 and the model's {limits.hidden_size}")
+    return value
+
+
+def parse_embed(body: dict, limits: Limits) -> EmbedRequest:
+    """TEI's ``POST /embed``: ``inputs``, ``normalize`` (default true), ``truncate``, ``dimensions``."""
+    return EmbedRequest(texts=_texts(_required(body, "inputs"), "inputs", limits),
+                        normalize=_flag(body, "normalize", True),
+                        truncate=_flag(body, "truncate", limits.auto_truncate),
+                        dimensions=_dimensions(body, limits))
+
+
+def parse_openai_embed(body: dict, limits: Limits) -> OpenAIEmbedRequest:
+    """OpenAI's ``POST /v1/embeddings``: ``input``, ``model``, ``encoding_format``, ``dimensions``."""
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise unprocessable(f"`model` must be a string, got {_kind(model)}")
+    encoding_format = body.get("encoding_format") or "float"
+    if encoding_format not in ("float", "base64"):
+        raise unprocessable(f"`encoding_format` must be \"float\" or \"base64\", got {encoding_format!r}")
+    return OpenAIEmbedRequest(texts=_texts(_required(body, "input"), "input", limits), model=model,
+                              encoding_format=encoding_format, dimensions=_dimensions(body, limits))
+
+
+def _sequence(value, name: str) -> Text | Pair:
+    """``[text]`` or ``[text, text_pair]``."""
+    if not isinstance(value, list) or not 1 <= len(value) <= 2:
+        raise unprocessable(f"`{name}` must be a string, [text] or [text, text_pair], got "
+                            f"{_kind(value) if not isinstance(value, list) else f'an array of {len(value)}'}")
+    strings = [_string(item, f"{name}[{index}]") for index, item in enumerate(value)]
+    return strings[0] if len(strings) == 1 else (strings[0], strings[1])
+
+
+def parse_predict(body: dict, limits: Limits) -> PredictRequest:
+    """TEI's ``POST /predict``: ``inputs`` is a text, a pair ``[a, b]``, or a batch of ``[a]`` / ``[a, b]``."""
+    inputs = _required(body, "inputs")
+    truncate, raw_scores = _flag(body, "truncate", limits.auto_truncate), _flag(body, "raw_scores", False)
+    if isinstance(inputs, str):
+        return PredictRequest([_string(inputs, "inputs")], True, truncate, raw_scores)
+    if not isinstance(inputs, list):
+        raise unprocessable(f"`inputs` must be a string, a pair [text, text_pair] or an array of them, "
+                            f"got {_kind(inputs)}")
+    if inputs and isinstance(inputs[0], str):  # one text or one pair, as TEI reads it
+        return PredictRequest([_sequence(inputs, "inputs")], True, truncate, raw_scores)
+    _count(len(inputs), "inputs", limits)
+    items = [_sequence(item, f"inputs[{index}]") for index, item in enumerate(inputs)]
+    return PredictRequest(items, False, truncate, raw_scores)
+
+
+def parse_rerank(body: dict, limits: Limits) -> RerankRequest:
+    """TEI's ``POST /rerank``: ``query``, ``texts``, ``truncate``, ``raw_scores``, ``return_text``."""
+    texts = _required(body, "texts")
+    if not isinstance(texts, list):
+        raise unprocessable(f"`texts` must be an array of strings, got {_kind(texts)}")
+    return RerankRequest(query=_string(_required(body, "query"), "query"), texts=_texts(texts, "texts", limits),
+                         truncate=_flag(body, "truncate", limits.auto_truncate),
+                         raw_scores=_flag(body, "raw_scores", False), return_text=_flag(body, "return_text", False))
+
+
+def parse_tokenize(body: dict, limits: Limits) -> TokenizeRequest:
+    """TEI's ``POST /tokenize``: ``inputs`` and ``add_special_tokens`` (default true)."""
+    return TokenizeRequest(_texts(_required(body, "inputs"), "inputs", limits),
+                           _flag(body, "add_special_tokens", True))
