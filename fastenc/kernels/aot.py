@@ -286,6 +286,27 @@ def sweep_report(archs=(90, 86), dtypes=("fp16", "bf16", "fp32")) -> list[Kernel
     return builds
 
 
+def positional_sweep_report(archs=(90, 86), dtypes=("fp16", "bf16", "fp32"),
+                            head_dims=SWEEP_HEAD_DIMS) -> list[KernelBuild]:
+    """The windowed and the relative-bias attention (ModernBERT's local layers, MPNet) at every head dim."""
+    from fastenc import kernels
+
+    lengths = [7, 128, 1, 127]
+    cu_seqlens = torch.tensor([0, 7, 135, 136, 263], dtype=torch.int32)
+    tokens, builds = sum(lengths), []
+    positions = torch.zeros(tokens, dtype=torch.long)
+    bias = torch.empty(2, 2 * 514 - 1, dtype=torch.float32)
+    for arch in archs:
+        for name in dtypes:
+            with compile_only(arch) as driver:
+                for head_dim in head_dims:
+                    q = torch.empty(2, tokens, head_dim, dtype=DTYPES[name])
+                    kernels.attention(q, q, q, cu_seqlens, max(lengths), positions, 64)
+                    kernels.attention(q, q, q, cu_seqlens, max(lengths), positions, None, bias)
+                builds.extend(driver.builds(name, "sweep"))
+    return builds
+
+
 def _where(b: KernelBuild) -> str:
     return f"sm_{b.arch} {b.dtype} {b.kernel} {b.shape}"
 
@@ -340,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="bert-base,minilm", help=f"from {', '.join(MODELS)}")
     parser.add_argument("--markdown", type=Path, help="write the table here too")
     parser.add_argument("--json", type=Path, help="write the builds as JSON here")
+    parser.add_argument("--positional", action="store_true", help="with --sweep: the windowed and relative-bias "
+                        "attention (ModernBERT, MPNet) at every head dim, instead")
     parser.add_argument("--sweep", action="store_true", help="attention at every head dim and the row kernels "
                                                              "at every width, instead of model forwards")
     args = parser.parse_args(argv)
@@ -354,10 +377,14 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [v for v in getattr(args, name).split(",") if v not in allowed]
         if unknown:
             parser.error(f"--{name}: unknown {', '.join(unknown)}; choose from {', '.join(allowed)}")
-    builds = sweep_report(archs, dtypes) if args.sweep else compile_report(archs, dtypes, models)
+    if args.sweep:
+        builds = positional_sweep_report(archs, dtypes) if args.positional else sweep_report(archs, dtypes)
+    else:
+        builds = compile_report(archs, dtypes, models)
     found, near = problems(builds), tight(builds)
     env = environment()
-    command = "python -m fastenc.kernels.aot" + (" --sweep" if args.sweep else "")
+    command = "python -m fastenc.kernels.aot" + (" --sweep" if args.sweep else "") + (
+        " --positional" if args.sweep and args.positional else "")
     table = (f"Compiled by Triton {env['triton']} with {env['ptxas']}, on no GPU (`{command}`), "
              f"commit {env['commit']}, {env['time']}.\n\n" + markdown(builds)
              + ("\nProblems:\n" + "".join(f"- {p}\n" for p in found) if found else "\nNo problems: every build fits "

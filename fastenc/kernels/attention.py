@@ -252,6 +252,33 @@ def attention_config(head_dim: int, dtype: torch.dtype, arch: int = _target.DEFA
                 num_stages=3, **_target.COMPILE_OPTIONS)
 
 
+def positional_config(head_dim: int, dtype: torch.dtype, arch: int = _target.DEFAULT_ARCH, *, window: bool = False,
+                      rel_bias: bool = False) -> dict:
+    """``attention_config`` for the windowed (``WINDOW``) and relative-bias (``REL_BIAS``) kernels, which also
+    hold a block of positions (and of bias) in registers. Where BERT's config would spill with them
+    (``python -m fastenc.kernels.aot --sweep --positional``, Triton 3.9 and 3.6, fp16 and bf16):
+
+    * sm_90, relative bias, head blocks up to 32 (one warpgroup): 255 registers and 40-136 B spilled with
+      4 warps; 8 warps use 168-223.
+    * sm_8x, window, head blocks up to 32: 8-16 B spilled with 64 keys a step; 32 keys use about 100.
+    * sm_8x, relative bias, 128-wide head blocks (head dims 80-128): 16 B spilled with 128 queries and
+      8 warps; 64 queries with 8 warps still spill 16 B under Triton 3.6 (ptxas holds them to 128
+      registers); 64 queries with 4 warps use 184 (3.6) to 228 (3.9).
+
+    The fp32 and pre-sm_80 configs have room (the sweep finds no spill).
+    """
+    config = attention_config(head_dim, dtype, arch)
+    if dtype == torch.float32 or arch < 80 or not (window or rel_bias):
+        return config
+    if rel_bias and arch >= 90 and config["num_warps"] == 4:
+        config["num_warps"] = 8
+    if window and arch < 90 and config["BLOCK_D"] <= 32:
+        config["BLOCK_N"] = 32
+    if rel_bias and arch < 90 and config["BLOCK_D"] == 128:
+        config.update(BLOCK_M=64, num_warps=4)
+    return config
+
+
 def attention(
     q: torch.Tensor,  # (heads, tokens, head_dim), pre-scaled
     k: torch.Tensor,  # (heads, tokens, head_dim)
@@ -291,7 +318,8 @@ def attention(
     batch = cu_seqlens.numel() - 1
     if tokens == 0 or batch == 0 or heads == 0 or max_seqlen == 0:
         return out
-    config = attention_config(head_dim, q.dtype, _target.device_arch(device))
+    config = positional_config(head_dim, q.dtype, _target.device_arch(device), window=window is not None,
+                               rel_bias=bias is not None)
     grid = (batch * heads, triton.cdiv(max_seqlen, config["BLOCK_M"]))
     if grid[1] > 65535:
         raise ValueError(f"max_seqlen {max_seqlen} is too long: at most {65535 * config['BLOCK_M']} tokens")

@@ -61,8 +61,11 @@ def _layer_norm_row(
     rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
     weight = tl.load(W_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
-        return centred * rstd * weight + tl.load(B_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    return centred * rstd * weight
+        bias = tl.load(B_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        y = centred * rstd * weight + bias
+    else:
+        y = centred * rstd * weight
+    return y
 
 
 @triton.jit

@@ -50,7 +50,24 @@ def family_builds(tmp_path_factory):
     return _compile(tmp_path_factory, "fp16", "modernbert-base,mpnet-base")
 
 
-@pytest.fixture(scope="module", params=["bert", "family"])
+# The windowed and relative-bias attention at the head dims where BERT's configs would spill with them
+# (see attention.positional_config; the whole sweep: python -m fastenc.kernels.aot --sweep --positional).
+@pytest.fixture(scope="module")
+def positional_builds(tmp_path_factory):
+    out = tmp_path_factory.mktemp("aot") / "positional.json"
+    script = ("import dataclasses, json, sys; from fastenc.kernels import aot; "
+              "builds = aot.positional_sweep_report((90, 86), ('fp16',), (32, 96)); "
+              "json.dump([dataclasses.asdict(b) for b in builds], open(sys.argv[1], 'w'))")
+    result = subprocess.run([sys.executable, "-c", script, str(out)], env=_compile_env(), capture_output=True,
+                            text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    builds = json.loads(out.read_text())
+    assert {(b["arch"], b["shape"]) for b in builds} == {(arch, f"HEAD_DIM={d} {flag}=True") for arch in (90, 86)
+                                                         for d in (32, 96) for flag in ("WINDOW", "REL_BIAS")}
+    return builds
+
+
+@pytest.fixture(scope="module", params=["bert", "family", "positional"])
 def builds(request):
     return request.getfixturevalue(f"{request.param}_builds")
 
