@@ -101,8 +101,11 @@ def gated_linear(
     SwiGLU (NomicBERT), GeGLU (ModernBERT, GTE): ``fastenc.family.interleave_gate`` puts the two halves
     of a checkpoint's weight row by row, so that one GEMM tile holds both halves of its output columns.
     """
-    h = _matmul(x, weight, bias)
-    return apply_activation(h[:, 0::2], activation) * h[:, 1::2]
+    tokens, features = x.shape[0], weight.shape[0] // 2
+    # one copy to (tokens, 2, features): the activation and the product then run on contiguous rows,
+    # several times faster on the CPU than on the every-other-column views
+    h = _matmul(x, weight, bias).view(tokens, features, 2).transpose(1, 2).contiguous()
+    return apply_activation(h[:, 0], activation).mul_(h[:, 1])
 
 
 def fused_qkv(
@@ -185,38 +188,42 @@ def attention(
 
 
 def _attention_with_positions(q, k, v, cu_seqlens, max_seqlen, positions, window, bias):
-    """``attention`` with a window or a position bias: an explicit float mask over the padded layout."""
+    """``attention`` with a window or a position bias: an explicit mask over the padded layout."""
     heads, tokens, head_dim = q.shape
     batch = cu_seqlens.numel() - 1
     cu = cu_seqlens.to(torch.long)
+    full = tokens == batch * max_seqlen  # every sequence is full: no padding to add
     token = torch.arange(tokens, device=q.device)
-    seq = torch.searchsorted(cu[1:], token, right=True)  # (tokens,) which sequence
+    seq = token // max_seqlen if full else torch.searchsorted(cu[1:], token, right=True)  # (tokens,) which sequence
     slot = seq * max_seqlen + (token - cu[seq])  # (tokens,) place in the padded layout
     position = (token - cu[seq]) if positions is None else positions.to(torch.long)
 
-    def pad(t, fill=0):  # (..., tokens, *rest) -> (..., batch * seq, *rest)
-        padded = t.new_full((*t.shape[:-2], batch * max_seqlen, t.shape[-1]), fill)
+    def pad(t):  # (..., tokens, rest) -> (..., batch * seq, rest)
+        if full:
+            return t
+        padded = t.new_zeros((*t.shape[:-2], batch * max_seqlen, t.shape[-1]))
         padded[..., slot, :] = t
         return padded
 
-    q, k, v = (pad(t).view(heads, batch, max_seqlen, head_dim).transpose(0, 1) for t in (q, k, v))
+    q, k, v = (pad(t).reshape(heads, batch, max_seqlen, head_dim).transpose(0, 1) for t in (q, k, v))
     pos = pad(position[:, None]).view(batch, max_seqlen)
-    lengths = cu[1:] - cu[:-1]
-    real = torch.arange(max_seqlen, device=q.device) < lengths[:, None]  # (batch, seq)
-    keep = real[:, None, :].expand(batch, max_seqlen, max_seqlen)  # (batch, query, key)
     distance = pos[:, None, :] - pos[:, :, None]  # (batch, query, key): key position - query position
+    keep = None  # (batch, query, key) bool, None: every key
+    if not full:
+        real = torch.arange(max_seqlen, device=q.device) < (cu[1:] - cu[:-1])[:, None]  # (batch, seq)
+        keep = real[:, None, :] | ~real[:, :, None]  # padding rows attend to everything: finite, dropped below
     if window is not None:
-        keep = keep & (distance.abs() <= window)
-    keep = keep | ~real[:, :, None]  # padding rows attend to everything: finite, and dropped below
-    mask = torch.zeros(batch, 1, max_seqlen, max_seqlen, dtype=q.dtype, device=q.device)
-    mask.masked_fill_(~keep[:, None], float("-inf"))
+        near = distance.abs() <= window
+        keep = near if keep is None else keep & near
+    mask = None if keep is None else keep[:, None]  # (batch, 1, query, key)
     if bias is not None:
         span = (bias.shape[1] - 1) // 2
         index = (distance + span).clamp(0, bias.shape[1] - 1)  # padding's distances are never read
-        mask = mask + bias.to(q.dtype)[:, index].permute(1, 0, 2, 3)  # (batch, heads, query, key)
+        scores = bias.to(q.dtype)[:, index].permute(1, 0, 2, 3)  # (batch, heads, query, key)
+        mask = scores if mask is None else scores.masked_fill(~mask, float("-inf"))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
     out = out.permute(0, 2, 1, 3).reshape(batch * max_seqlen, heads * head_dim)  # (B*S, hidden)
-    return out[slot]
+    return out if full else out[slot]
 
 
 def add_layer_norm(
