@@ -245,11 +245,45 @@ def _rope_family(raw: dict, default_theta: float, biases: frozenset) -> Family |
     return Family(positions="rope", ffn="gated", biases=biases, layers=layers)
 
 
+# nomic-embed's own config.json (its remote code's GPT-2-style names) -> transformers' NomicBertConfig names
+_NOMIC_HUB_KEYS = {"n_embd": "hidden_size", "n_head": "num_attention_heads", "n_layer": "num_hidden_layers",
+                   "n_inner": "intermediate_size", "n_positions": "max_position_embeddings",
+                   "layer_norm_epsilon": "layer_norm_eps", "rotary_emb_base": "rope_theta"}
+_NOMIC_GATES = {"swiglu": "silu", "geglu": "gelu"}  # its gated activations; "glu" (sigmoid) is not supported
+
+
+def _nomic_hub_config(raw: dict) -> tuple[dict, str | None]:
+    """nomic-embed's hub config.json in transformers' names, and what fastenc cannot run of it (or None)."""
+    out = {**raw, **{ours: raw[theirs] for theirs, ours in _NOMIC_HUB_KEYS.items() if theirs in raw}}
+    if raw.get("n_inner", 0) is None and isinstance(out.get("hidden_size"), int):
+        out["intermediate_size"] = 4 * out["hidden_size"]  # GPT-2's default
+    activation = raw.get("activation_function", "swiglu")
+    out["hidden_act"] = _NOMIC_GATES.get(activation, "silu")
+    if activation not in _NOMIC_GATES:
+        return out, f"activation_function {activation!r} is not supported (only {', '.join(_NOMIC_GATES)})"
+    for key, expected in (("rotary_emb_fraction", 1.0), ("prenorm", False), ("parallel_block", False),
+                          ("rotary_emb_scale_base", None), ("rotary_scaling_factor", None)):
+        if raw.get(key, expected) != expected:
+            return out, f"{key} {raw[key]!r} is not supported (only {expected!r})"
+    return out, None
+
+
 def _nomic_bert(raw: dict) -> dict:
+    hub, problem = "n_embd" in raw, None  # nomic-embed's own config.json, or transformers'
+    if hub:
+        raw, problem = _nomic_hub_config(raw)
     fields = _bert(raw)
     fields["hidden_act"] = raw.get("hidden_act", "silu")
     fields["max_position_embeddings"] = raw.get("max_position_embeddings", 2048)
-    fields["family"] = _rope_family(raw, 1000.0, frozenset({"norm"}))  # linears without bias (transformers)
+    biases = {"norm"}  # transformers' NomicBERT: linears without bias; nomic-embed's own config says
+    if hub:
+        biases |= {part for part, key in (("qkv", "qkv_proj_bias"), ("attn_out", "qkv_proj_bias"),
+                                          ("ffn_in", "mlp_fc1_bias"), ("ffn_out", "mlp_fc2_bias"))
+                   if raw.get(key, True) is True}  # nomic's defaults: biases
+    family = _rope_family(raw, 1000.0, frozenset(biases))
+    if hub and not isinstance(family, str) and raw.get("rotary_emb_interleaved", False) is True:
+        family = dataclasses.replace(family, rope_pairs="interleaved")
+    fields["family"] = problem or family
     return fields
 
 

@@ -58,6 +58,7 @@ class Family:
     ffn: str = "plain"  # "plain" or "gated"
     biases: frozenset = frozenset(BIASED_PARTS)  # the parts that have a bias
     layers: tuple[LayerKind, ...] = ()  # one per depth; empty: every block is LayerKind()
+    rope_pairs: str = "halves"  # the checkpoint's rotary pairs: (d, d + D/2) ("halves") or (2i, 2i + 1)
 
     def layer(self, depth: int) -> LayerKind:
         return self.layers[depth] if self.layers else LayerKind()
@@ -156,7 +157,7 @@ def prepare(tensors: dict, family: Family, num_heads: int, num_layers: int, *, g
     ``gate_linear_first``: the checkpoint stores a gated projection as ``[linear; activated]``."""
     out = dict(tensors)
     for i in range(num_layers):
-        if family.positions == "rope":
+        if family.positions == "rope" and family.rope_pairs == "halves":  # "interleaved": already pair order
             for part in ("weight", "bias"):
                 name = f"layers.{i}.qkv.{part}"
                 if name in out:

@@ -228,6 +228,43 @@ def test_hub_and_transformers_layouts_load_alike(family, tmp_path):
     assert torch.equal(from_disk(ids, mask, types), from_model(ids, mask, types))
 
 
+def test_nomic_embed_hub_config(tmp_path):
+    """nomic-embed's own config.json (GPT-2-style names: n_embd, rotary_emb_base, activation_function
+    "swiglu", …) reads as transformers' NomicBertConfig; its rotary_emb_interleaved checkpoints, whose Q and
+    K rows are in pair order already, load too."""
+    from fastenc import family as families
+    from safetensors.torch import load_file, save_file
+
+    path = make_checkpoint(tmp_path / "native", "nomic_bert", seed=3)
+    expected_encoder = fastenc.Encoder.from_pretrained(path)
+    ids, mask, types = _batch(expected_encoder, "nomic_bert", [17, 5], seed=2)
+    expected = expected_encoder(ids, mask, types)
+    native = json.loads((path / "config.json").read_text())
+    hub = {key: value for key, value in native.items()
+           if key not in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size",
+                          "max_position_embeddings", "layer_norm_eps", "rope_parameters", "hidden_act", "head_dim")}
+    hub.update(n_embd=native["hidden_size"], n_head=native["num_attention_heads"], n_layer=native["num_hidden_layers"],
+               n_inner=native["intermediate_size"], n_positions=native["max_position_embeddings"],
+               layer_norm_epsilon=native["layer_norm_eps"], rotary_emb_base=native["rope_parameters"]["rope_theta"],
+               rotary_emb_fraction=1.0, rotary_emb_interleaved=False, activation_function="swiglu", prenorm=False,
+               qkv_proj_bias=False, mlp_fc1_bias=False, mlp_fc2_bias=False)
+    (path / "config.json").write_text(json.dumps(hub))
+    assert torch.equal(fastenc.Encoder.from_pretrained(path)(ids, mask, types), expected)
+
+    tensors = load_file(path / "model.safetensors")
+    for key in [k for k in tensors if k.endswith("attn.Wqkv.weight")]:
+        tensors[key] = families.rotary_pair_order(tensors[key], native["num_attention_heads"])
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps({**hub, "rotary_emb_interleaved": True}))
+    torch.testing.assert_close(fastenc.Encoder.from_pretrained(path)(ids, mask, types), expected, rtol=0, atol=0)
+    for change, needle in (({"activation_function": "gelu"}, "activation_function 'gelu'"),
+                           ({"rotary_emb_fraction": 0.5}, "rotary_emb_fraction 0.5"),
+                           ({"prenorm": True}, "prenorm True")):
+        (path / "config.json").write_text(json.dumps({**hub, **change}))
+        with pytest.raises(fastenc.LoadError, match=needle):
+            fastenc.Encoder.from_pretrained(path)
+
+
 def test_mpnet_sentence_transformer_embeddings(tmp_path):
     """all-mpnet-base-v2's layout (mean pooling, normalised): embed(), and the optimized
     SentenceTransformer, against sentence-transformers."""
