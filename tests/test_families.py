@@ -215,6 +215,15 @@ def test_modernbert_classifier_pooling(tmp_path, pooling):
 
 
 # ------------------------------------------------------------------------------- layouts and configs
+def test_gte_without_token_types(tmp_path):
+    """gte-base-en-v1.5's layout: type_vocab_size 0, no token-type table."""
+    path = make_checkpoint(tmp_path, "gte", seed=6, type_vocab_size=0)
+    encoder = fastenc.Encoder.from_pretrained(path)
+    assert encoder.config.type_vocab_size == 0 and "embeddings.token_type" not in encoder._tensors
+    ids, mask, _ = _batch(encoder, "gte", [19, 4], seed=5)
+    _assert_matches(encoder, path, ids, mask, None)
+
+
 @pytest.mark.parametrize("family", ["nomic_bert", "gte"])
 def test_hub_and_transformers_layouts_load_alike(family, tmp_path):
     """transformers saves NomicBERT and GTE in the hub's layout (emb_ln, Wqkv, fc11/fc12, up_gate_proj …);
