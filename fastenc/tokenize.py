@@ -114,8 +114,10 @@ def _byte_level_bpe(vocab: Path, merges: Path, settings: dict) -> Tokenizer:
     return tokenizer
 
 
-def encode(tokenizer: Tokenizer, texts: list[str], max_length: int, truncate: bool) -> list[Encoding]:
-    """Encode with special tokens, truncated to ``max_length`` tokens, or an ``InputError`` naming the text."""
+def encode(tokenizer: Tokenizer, texts: list[str], max_length: int, truncate: bool, *,
+           offset: int = 0) -> list[Encoding]:
+    """Encode with special tokens, truncated to ``max_length`` tokens, or an ``InputError`` naming the text
+    (its index plus ``offset``, for texts taken from a longer stream)."""
     if truncate:
         tokenizer.enable_truncation(max_length)
     else:
@@ -128,6 +130,6 @@ def encode(tokenizer: Tokenizer, texts: list[str], max_length: int, truncate: bo
         for index, encoding in enumerate(encodings):
             if len(encoding.ids) > max_length:
                 raise InputError(
-                    f"text {index} has {len(encoding.ids)} tokens, over the limit of {max_length} (truncate=False)"
+                    f"text {index + offset} has {len(encoding.ids)} tokens, over the limit of {max_length} (truncate=False)"
                 )
     return encodings
