@@ -42,10 +42,7 @@ def _read_texts(args) -> list[str]:
 def _embed(args) -> int:
     """Stream TEXT arguments, then the rows of --file, through ``embed_iter`` into the output, in order."""
     import signal
-    from collections import deque
-
-    from .corpus import BadRow, Row, open_writer, read_ranges, read_rows
-    from .encoder import DEFAULT_WINDOW, Encoder
+    import threading
 
     if args.ray:
         return _embed_ray(args)
@@ -54,8 +51,22 @@ def _embed(args) -> int:
     if args.id_field is not None and args.texts:
         raise UserError("--id-field takes ids from --file rows: give no TEXT arguments with it")
     with_ids = args.id_field is not None
+    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
+        return _embed_stream(args, with_ids)
+    previous = signal.signal(signal.SIGTERM, _exit_on_signal)  # unwind like Ctrl-C: the temporary output goes
+    try:
+        return _embed_stream(args, with_ids)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _embed_stream(args, with_ids: bool) -> int:
+    from collections import deque
+
+    from .corpus import BadRow, Row, open_writer, read_ranges, read_rows
+    from .encoder import DEFAULT_WINDOW, Encoder
+
     window = args.window or DEFAULT_WINDOW
-    signal.signal(signal.SIGTERM, _exit_on_signal)  # like Ctrl-C: unwind, so the temporary output is removed
     calibration = read_ranges(args.calibration) if args.calibration else None
     # the output first: a path that cannot be written fails before the model loads
     with open_writer(args.output, precision=args.precision, dim=args.dim or 0, with_ids=with_ids) as writer:
@@ -86,9 +97,9 @@ def _embed(args) -> int:
         stream = encoder.embed_iter(texts(), batch_size=args.batch_size, max_tokens=args.max_tokens,
                                     window=window, max_length=args.max_length, pooling=args.pooling,
                                     dim=args.dim, precision=args.precision, calibration=calibration)
-        for window in stream.windows():
+        for vectors in stream.windows():
             writer.ranges = stream.calibration
-            writer.write([ids.popleft() for _ in range(len(window))] if with_ids else None, window)
+            writer.write([ids.popleft() for _ in range(len(vectors))] if with_ids else None, vectors)
         writer.commit()
     skipped.report(writer.rows)
     return 0
@@ -123,7 +134,7 @@ def _embed_ray(args) -> int:
     import shutil
     import tempfile
 
-    from .corpus import input_format, ranges_document, read_ranges, read_rows
+    from .corpus import Row, input_format, ranges_document, read_ranges, read_rows
     from .encoder import DEFAULT_WINDOW
 
     if args.file is None or args.file == "-" or args.texts:
@@ -146,8 +157,8 @@ def _embed_ray(args) -> int:
         from .encoder import Encoder
 
         encoder = Encoder.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
-        sample = [row.text for _, row in zip(range(args.window or DEFAULT_WINDOW), read_rows(args.file, text_field=args.text_field))
-                  if hasattr(row, "text")]
+        rows = read_rows(args.file, text_field=args.text_field)
+        sample = [row.text for _, row in zip(range(args.window or DEFAULT_WINDOW), rows) if isinstance(row, Row)]
         calibration = encoder.calibrate(sample, dim=args.dim, max_length=args.max_length, pooling=args.pooling)
     try:
         temp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".part", dir=output.parent))

@@ -85,7 +85,9 @@ def count_rows(path: str) -> int | None:
 
 def _open_binary(path: str) -> IO[bytes]:
     if path == "-":
-        return sys.stdin.buffer
+        # A reader of its own on fd 0, not sys.stdin.buffer: the read-ahead thread may be blocked in it when
+        # the run is interrupted, and at shutdown Python takes sys.stdin.buffer's lock (a fatal error then)
+        return open(sys.stdin.fileno(), "rb", closefd=False)
     try:
         return open(path, "rb")
     except OSError as exc:
@@ -114,8 +116,7 @@ def _line_rows(path: str, fmt: str, text_field: str, id_field: str | None) -> It
                 id_type = type(row.id)
             yield row
     finally:
-        if handle is not sys.stdin.buffer:
-            handle.close()
+        handle.close()
 
 
 def _lines(handle: IO[bytes], name: str) -> Iterator[bytes]:

@@ -29,7 +29,7 @@ from .graphs import GraphRunner
 from .packing import PackedBatch, token_budget_batches
 from .pooling import POOLING_MODES, SentenceConfig, pool
 from .quantize import Storage, int8_ranges
-from .streaming import PROGRESS_MIN_TEXTS, EmbedStream, Progress, read_ahead
+from .streaming import PROGRESS_MIN_TEXTS, EmbedStream, HeapTrimmer, Progress, read_ahead
 from .tokenize import encode, load_tokenizer
 
 BACKENDS = ("torch", "triton")
@@ -460,6 +460,7 @@ class Encoder:
                        ahead: bool) -> Iterator[torch.Tensor]:
         """Stored vectors ``(n, width)`` per window of ``plan.window`` texts, in order."""
         windows = self._tokenized_windows(texts, plan)
+        trim = HeapTrimmer()
         try:
             for encodings, batches in read_ahead(windows) if ahead else windows:
                 progress.window(len(encodings))
@@ -469,6 +470,8 @@ class Encoder:
                     vectors[rows] = pool(self._run(packed), list(packed.lengths), plan.pooling,
                                          normalize=plan.normalize).cpu()
                     progress.batch(len(rows), packed.num_tokens)
+                del encodings, packed
+                trim()  # else glibc's heap grows window after window (see HeapTrimmer)
                 yield plan.storage.apply(vectors)
         finally:
             progress.close()

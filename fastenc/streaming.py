@@ -8,10 +8,13 @@ length of the stream.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import os
 import sys
+import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import torch
@@ -23,12 +26,84 @@ PROGRESS_MIN_TEXTS = 256  # below this, a progress bar is noise
 
 def read_ahead(items: Iterator[T]) -> Iterator[T]:
     """The items of ``items`` in order; the next one is produced in a worker thread while the caller
-    works on the current one. An exception raised producing an item is raised here, in its turn."""
-    with ThreadPoolExecutor(1, thread_name_prefix="fastenc-read-ahead") as worker:
-        future = worker.submit(next, items, _DONE)
-        while (item := future.result()) is not _DONE:
-            future = worker.submit(next, items, _DONE)
-            yield item
+    works on the current one. An exception raised producing an item is raised here, in its turn.
+
+    The worker is a daemon thread, one per item: a caller that stops (an error, Ctrl-C) never waits
+    for it, even when it is blocked reading a pipe that will not close.
+    """
+    def fetch(slot: list) -> None:
+        try:
+            slot.append((True, next(items, _DONE)))
+        except BaseException as exc:  # handed to the caller, raised there
+            slot.append((False, exc))
+
+    def start() -> tuple[threading.Thread, list]:
+        slot: list = []
+        thread = threading.Thread(target=fetch, args=(slot,), name="fastenc-read-ahead", daemon=True)
+        thread.start()
+        return thread, slot
+
+    thread, slot = start()
+    while True:
+        thread.join()
+        ok, item = slot[0]
+        if not ok:
+            raise item
+        if item is _DONE:
+            return
+        thread, slot = start()
+        yield item
+
+
+def _malloc_trim():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def _resident_bytes() -> int:
+    try:
+        with open("/proc/self/statm", "rb") as handle:
+            return int(handle.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+class HeapTrimmer:
+    """Gives the C heap's free pages back to the system when resident memory has grown by ``slack``.
+
+    Each window frees tensors of new shapes, and glibc keeps such freed chunks in its heap: without a
+    trim, a stream's resident memory creeps up window after window although nothing is leaked
+    (measured: +3.5 MiB per window of 1,024 short texts; ``malloc_trim`` took it back to the start).
+    Trimming after every window costs page faults (+25% CPU time on that test), so trim only when
+    resident memory passes its level after the window that followed the last trim (or the first
+    window) by ``slack``: it stays within ``slack`` of that steady state, trimmed every few dozen windows.
+    Elsewhere than glibc on Linux, nothing is done.
+    """
+
+    def __init__(self, slack: int = 64 << 20):
+        self.slack = slack
+        self.steady: int | None = None  # resident bytes after a window (working set included); None: measure next
+
+    def __call__(self) -> None:
+        """Call after each window."""
+        if _MALLOC_TRIM is None:
+            return
+        resident = _resident_bytes()
+        if self.steady is None:
+            self.steady = resident
+        elif resident > self.steady + self.slack:
+            _MALLOC_TRIM(0)
+            self.steady = None  # the next window rebuilds its working set: measure the level again then
 
 
 class Progress:

@@ -109,5 +109,7 @@ def embed_dataset(ds, *, column: str = "text", model: str | os.PathLike | None =
     constructor = dict(model=None if model is None else os.fspath(model), column=column, output_column=output_column,
                        device=device, dtype=dtype, backend=backend, on_error=on_error, **embed_kwargs)
     resources = {key: value for key, value in (("num_gpus", num_gpus), ("num_cpus", num_cpus)) if value is not None}
+    from ray.data import ActorPoolStrategy
+
     return ds.map_batches(EmbedBatch, fn_constructor_kwargs=constructor, batch_format="pyarrow",
-                          batch_size=rows_per_batch, concurrency=concurrency, **resources)
+                          batch_size=rows_per_batch, compute=ActorPoolStrategy(size=concurrency), **resources)
