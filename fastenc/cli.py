@@ -130,6 +130,7 @@ def _exit_on_signal(signum, frame):
 
 def _embed_ray(args) -> int:
     """``--ray``: read --file with Ray Data, embed on ``--concurrency`` actors, write Parquet shards to DIR."""
+    import logging
     import os
     import shutil
     import tempfile
@@ -166,27 +167,38 @@ def _embed_ray(args) -> int:
         raise UserError(f"cannot write --output {output}: {exc.strerror or exc}") from None
     try:
         if not ray.is_initialized():
-            ray.init(logging_level="WARNING", log_to_driver=False)  # RAY_ADDRESS joins a running cluster
-        ray.data.DataContext.get_current().execution_options.preserve_order = True
+            ray.init(logging_level="ERROR", log_to_driver=False)  # RAY_ADDRESS joins a running cluster
+        context = ray.data.DataContext.get_current()
+        context.execution_options.preserve_order = True
+        context.enable_progress_bars = sys.stderr.isatty()  # else Ray logs its progress: quiet it (errors are ours)
+        logging.getLogger("ray.data").setLevel(logging.INFO if sys.stderr.isatty() else logging.CRITICAL)
         fmt = input_format(args.file)
         columns = [args.text_field] + ([args.id_field] if args.id_field else [])
+        # Reading and writing take a quarter CPU: actors hold a whole one each, and with as many actors as
+        # CPUs, whole-CPU read or write tasks would wait for them forever.
+        io = {"num_cpus": _RAY_IO_CPUS}
         if fmt == "parquet":
-            ds = ray.data.read_parquet(args.file, columns=columns)
+            ds = ray.data.read_parquet(args.file, columns=columns, **io)
         elif fmt == "jsonl":
-            ds = ray.data.read_json(args.file, lines=True).select_columns(columns)
+            ds = ray.data.read_json(args.file, lines=True, **io)
         else:
             if args.id_field:
                 raise UserError(f"{args.file}: --id-field needs a .jsonl or .parquet file (a text file has only lines)")
-            ds = ray.data.read_text(args.file).rename_columns({"text": args.text_field})
+            ds = ray.data.read_text(args.file, **io)
+            if args.text_field != "text":
+                ds = ds.rename_columns({"text": args.text_field}, **io)
+        num_cpus = args.num_cpus
+        if num_cpus is None:  # leave half a CPU of the cluster to reading and writing (else they can starve)
+            num_cpus = min(1.0, max(ray.cluster_resources().get("CPU", 1) - 0.5, 0.25) / args.concurrency)
         ds = embed_dataset(ds, column=args.text_field, model=args.model, concurrency=args.concurrency,
-                           num_gpus=args.num_gpus, device=args.device, dtype=args.dtype, backend=args.backend,
+                           num_gpus=args.num_gpus, num_cpus=num_cpus, device=args.device, dtype=args.dtype, backend=args.backend,
                            on_error="skip" if args.on_error == "skip" else "raise", batch_size=args.batch_size,
                            max_length=args.max_length, pooling=args.pooling, dim=args.dim,
                            precision=args.precision, calibration=calibration)
-        keep = ["embedding"] if not args.id_field else ["id", "embedding"]
         if args.id_field and args.id_field != "id":
-            ds = ds.rename_columns({args.id_field: "id"})
-        ds.select_columns(keep).write_parquet(str(temp))
+            ds = ds.rename_columns({args.id_field: "id"}, **io)
+        ds = ds.select_columns(["id", "embedding"] if args.id_field else ["embedding"], **io)
+        ds.write_parquet(str(temp), ray_remote_args=io)
         if calibration is not None:
             (temp / "ranges.json").write_text(json.dumps(ranges_document(calibration)), encoding="utf-8")
         if output.is_dir():
@@ -200,8 +212,16 @@ def _embed_ray(args) -> int:
     return 0
 
 
+_RAY_IO_CPUS = 0.25
+
+
 def _ray_error_line(exc: BaseException) -> str:
-    """The fastenc error inside a Ray failure (Ray wraps it in its own exceptions), else Ray's first line."""
+    """The fastenc error inside a Ray failure, else Ray's first line.
+
+    Ray hands the driver its own exception (``RayTaskError(UserCodeException)``) whose text holds the
+    actor's traceback; the original exception object does not come back, so its last line is read."""
+    import re
+
     from .errors import FastencError
 
     seen, todo = set(), [exc]
@@ -213,7 +233,12 @@ def _ray_error_line(exc: BaseException) -> str:
         if isinstance(error, FastencError):
             return str(error)
         todo += [error.__cause__, error.__context__, getattr(error, "cause", None)]
-    first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    text = str(exc)
+    ours = re.findall(r"^\s*(?:fastenc\.\w+\.)?(?:InputError|LoadError|BackendError|FastencError|CorpusError|BadRow): "
+                      r"(.+)$", text, flags=re.MULTILINE)
+    if ours:
+        return ours[-1].strip()
+    first = next((line for line in text.splitlines() if line.strip()), type(exc).__name__)
     return f"Ray: {type(exc).__name__}: {first}"
 
 
@@ -374,6 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "out to --output DIR")
     embed.add_argument("--concurrency", type=_positive_int, default=1, metavar="N", help="Ray actors (default 1)")
     embed.add_argument("--num-gpus", type=float, default=None, metavar="G", help="GPUs per Ray actor")
+    embed.add_argument("--num-cpus", type=float, default=None, metavar="C",
+                       help="CPUs per Ray actor (default: the cluster's less half a CPU, shared by the actors, "
+                            "at most 1)")
     embed.add_argument("texts", nargs="*", metavar="TEXT")
     embed.set_defaults(run=_embed)
 
