@@ -73,16 +73,6 @@ def read_rows(path: str, *, text_field: str = "text", id_field: str | None = Non
     return _line_rows(path, fmt, text_field, id_field)
 
 
-def count_rows(path: str) -> int | None:
-    """Rows in the file when that is cheap to know (Parquet metadata), else ``None``."""
-    if input_format(path) != "parquet":
-        return None
-    try:
-        return _open_parquet(path).metadata.num_rows
-    except CorpusError:
-        return None
-
-
 def _open_binary(path: str) -> IO[bytes]:
     if path == "-":
         # A reader of its own on fd 0, not sys.stdin.buffer: the read-ahead thread may be blocked in it when
