@@ -10,10 +10,12 @@ the device.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import sys
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 
@@ -26,6 +28,8 @@ from .errors import BackendError, FastencError, InputError, LoadError
 from .graphs import GraphRunner
 from .packing import PackedBatch, token_budget_batches
 from .pooling import POOLING_MODES, SentenceConfig, pool
+from .quantize import Storage, int8_ranges
+from .streaming import PROGRESS_MIN_TEXTS, EmbedStream, HeapTrimmer, Progress, read_ahead
 from .tokenize import encode, load_tokenizer
 
 BACKENDS = ("torch", "triton")
@@ -34,8 +38,8 @@ _DTYPES = {
     "fp16": torch.float16, "float16": torch.float16,
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
 }
-_PROGRESS_MIN_TEXTS = 256  # below this, a progress bar is noise
 DEFAULT_MAX_TOKENS = 16384  # embed()'s token budget per batch: real tokens, padding is never made
+DEFAULT_WINDOW = 4096  # texts embed()/embed_iter() tokenize, batch and pool together: the memory bound of a stream
 
 
 def default_model_path() -> Path:
@@ -159,6 +163,7 @@ class Encoder:
         unique = [Layer.from_tensors(tensors, i) for i in range(checkpoint.num_unique_layers(config))]
         self._layers = [unique[i] for i in checkpoint.layer_schedule(config)]
         self._graphs = GraphRunner(self) if resolve_cuda_graphs(cuda_graphs, device, backend) else None
+        self._tokenizer_lock = threading.Lock()  # encode() sets the tokenizer's truncation: one caller at a time
 
     # ----------------------------------------------------------------------------------------- loading
     @classmethod
@@ -347,14 +352,16 @@ class Encoder:
             raise InputError(f"max_length {max_length} is over the model's limit of {self.config.max_length} tokens")
         return max_length
 
-    def _encode(self, texts: list[str], max_length: int | None, truncate: bool):
+    def _encode(self, texts: list[str], max_length: int | None, truncate: bool, offset: int = 0):
+        """Encodings of ``texts``; errors name a text by its index plus ``offset`` (its place in a stream)."""
         tokenizer = self._require_tokenizer()
         if self._sentence is not None and self._sentence.do_lower_case:
             texts = [text.lower() for text in texts]
-        encodings = encode(tokenizer, texts, self._max_length(max_length), truncate)
+        with self._tokenizer_lock:
+            encodings = encode(tokenizer, texts, self._max_length(max_length), truncate, offset=offset)
         for index, encoding in enumerate(encodings):
             if encoding.ids and max(encoding.ids) >= self.config.vocab_size:
-                raise InputError(f"text {index}: the tokenizer produced id {max(encoding.ids)}, "
+                raise InputError(f"text {index + offset}: the tokenizer produced id {max(encoding.ids)}, "
                                  f"outside the model's vocab_size {self.config.vocab_size}")
         return encodings
 
@@ -376,15 +383,63 @@ class Encoder:
 
     def embed(self, texts: str | Sequence[str], *, batch_size: int = 32, max_length: int | None = None,
               truncate: bool = True, pooling: str | None = None, normalize: bool | None = None,
-              progress: bool | None = None, max_tokens: int = DEFAULT_MAX_TOKENS) -> torch.Tensor:
-        """One float32 CPU vector per text; a text's vector does not depend on its neighbours.
+              progress: bool | None = None, max_tokens: int = DEFAULT_MAX_TOKENS, dim: int | None = None,
+              precision: str = "float32", calibration=None, window: int = DEFAULT_WINDOW) -> torch.Tensor:
+        """One CPU vector per text; a text's vector does not depend on its neighbours.
 
-        Texts are sorted by length and packed into batches of at most ``max_tokens`` real tokens and
-        ``batch_size`` texts (a text longer than the budget goes alone); the result is in the caller's order.
+        Texts are taken ``window`` at a time (the windows ``embed_iter`` makes, so both give the same
+        bits); within a window they are sorted by length and packed into batches of at most ``max_tokens``
+        real tokens and ``batch_size`` texts (a text longer than the budget goes alone); the result is
+        in the caller's order. ``dim`` keeps the first ``dim`` coordinates (re-normalised when
+        ``normalize``); ``precision`` stores them as ``float32``, ``float16``, ``int8`` (against
+        ``calibration`` ranges ``(2, dim)``, by default those of the first window) or ``binary`` (uint8,
+        8 signs per byte): see ``fastenc.quantize``.
         """
         single = isinstance(texts, str)
         texts = _check_texts(texts)
-        for name, value in (("batch_size", batch_size), ("max_tokens", max_tokens)):
+        plan = self._embed_plan(batch_size=batch_size, max_tokens=max_tokens, window=window, max_length=max_length,
+                                truncate=truncate, pooling=pooling, normalize=normalize, dim=dim,
+                                precision=precision, calibration=calibration)
+        out = torch.zeros(len(texts), plan.storage.width, dtype=plan.storage.dtype)
+        if progress is None:
+            progress = len(texts) >= PROGRESS_MIN_TEXTS and sys.stderr.isatty()
+        start = 0
+        for vectors in self._embed_windows(iter(texts), plan, Progress(progress, total=len(texts)), ahead=False):
+            out[start:start + len(vectors)] = vectors
+            start += len(vectors)
+        return out[0] if single else out
+
+    def embed_iter(self, texts: Iterable[str], *, batch_size: int = 32, max_tokens: int | None = None,
+                   window: int = DEFAULT_WINDOW, progress: bool | None = None, read_ahead: bool = True,
+                   **embed_kwargs) -> EmbedStream:
+        """Vectors of any iterable of ``str`` (a generator over a file, say), yielded in input order.
+
+        The stream is cut into windows of ``window`` texts, each embedded exactly as ``embed`` embeds
+        the same window, so the bits are those of ``embed(texts, window=window, ...)`` on the same
+        backend, at any length; only two windows are held at once. With ``read_ahead`` the next window
+        is read and tokenized in a worker thread while the current one runs. ``embed_kwargs``:
+        ``max_length``, ``truncate``, ``pooling``, ``normalize``, ``dim``, ``precision``, ``calibration``.
+        ``progress=None``: a bar (texts/s, tokens/s) on stderr when it is a terminal and the first window
+        is big. Returns an iterator of 1-D tensors (see ``fastenc.streaming.EmbedStream``).
+        """
+        if isinstance(texts, (str, bytes, bytearray)) or not isinstance(texts, Iterable):
+            raise TypeError(f"texts must be an iterable of str, got {type(texts).__name__}")
+        plan = self._embed_plan(batch_size=batch_size, window=window,
+                                max_tokens=DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens, **embed_kwargs)
+        counter = Progress(progress)
+        return EmbedStream(self._embed_windows(iter(texts), plan, counter, ahead=read_ahead), plan.storage, counter)
+
+    def calibrate(self, texts: Sequence[str], *, dim: int | None = None, **embed_kwargs) -> torch.Tensor:
+        """int8 calibration ranges ``(2, dim)`` (each coordinate's min and max) over the vectors of
+        ``texts``, a sample of the corpus: pass them as ``calibration=`` so every window, process or
+        Ray actor codes vectors alike."""
+        return int8_ranges(self.embed(texts, dim=dim, **embed_kwargs))
+
+    def _embed_plan(self, *, batch_size: int, max_tokens: int, window: int, max_length: int | None = None,
+                    truncate: bool = True, pooling: str | None = None, normalize: bool | None = None,
+                    dim: int | None = None, precision: str = "float32", calibration=None) -> "_EmbedPlan":
+        """Check embed's options once, before any text is read."""
+        for name, value in (("batch_size", batch_size), ("max_tokens", max_tokens), ("window", window)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InputError(f"{name} must be a positive int, got {value!r}")
         sentence = self._sentence
@@ -397,21 +452,40 @@ class Encoder:
             raise InputError(f"pooling {pooling!r} is not supported; use one of {', '.join(POOLING_MODES)}")
         if normalize is None:
             normalize = bool(sentence and sentence.normalize)
+        self._max_length(max_length)  # a bad max_length fails now, not at the first window
+        storage = Storage.make(dim, precision, calibration, hidden_size=self.config.hidden_size, normalize=normalize)
+        return _EmbedPlan(batch_size, max_tokens, window, max_length, truncate, pooling, normalize, storage)
 
-        encodings = self._encode(texts, max_length, truncate)
-        batches = token_budget_batches([len(e.ids) for e in encodings], batch_size, max_tokens)
-        out = torch.zeros(len(texts), self.config.hidden_size, dtype=torch.float32)
-        if progress is None:
-            progress = len(texts) >= _PROGRESS_MIN_TEXTS and sys.stderr.isatty()
-        if progress:
-            from tqdm.auto import tqdm
+    def _embed_windows(self, texts: Iterator[str], plan: "_EmbedPlan", progress: Progress, *,
+                       ahead: bool) -> Iterator[torch.Tensor]:
+        """Stored vectors ``(n, width)`` per window of ``plan.window`` texts, in order."""
+        windows = self._tokenized_windows(texts, plan)
+        trim = HeapTrimmer()
+        try:
+            for encodings, batches in read_ahead(windows) if ahead else windows:
+                progress.window(len(encodings))
+                vectors = torch.zeros(len(encodings), self.config.hidden_size, dtype=torch.float32)
+                for rows in batches:
+                    packed = self._pack_encodings([encodings[i] for i in rows])
+                    vectors[rows] = pool(self._run(packed), list(packed.lengths), plan.pooling,
+                                         normalize=plan.normalize).cpu()
+                    progress.batch(len(rows), packed.num_tokens)
+                del encodings, packed
+                trim()  # else glibc's heap grows window after window (see HeapTrimmer)
+                yield plan.storage.apply(vectors)
+        finally:
+            progress.close()
 
-            batches = tqdm(batches, desc="embed", unit="batch", file=sys.stderr)
-        for rows in batches:
-            packed = self._pack_encodings([encodings[i] for i in rows])
-            vectors = pool(self._run(packed), list(packed.lengths), pooling, normalize=normalize)
-            out[rows] = vectors.cpu()
-        return out[0] if single else out
+    def _tokenized_windows(self, texts: Iterator[str], plan: "_EmbedPlan"):
+        """``(encodings, batches)`` per window: the texts tokenized and grouped by the token budget."""
+        start = 0
+        while chunk := list(itertools.islice(texts, plan.window)):
+            for index, text in enumerate(chunk):
+                if not isinstance(text, str):
+                    raise TypeError(f"texts[{start + index}] is {type(text).__name__}, not str")
+            encodings = self._encode(chunk, plan.max_length, plan.truncate, offset=start)
+            yield encodings, token_budget_batches([len(e.ids) for e in encodings], plan.batch_size, plan.max_tokens)
+            start += len(chunk)
 
     def _pack_encodings(self, encodings) -> PackedBatch:
         lengths = [len(e.ids) for e in encodings]
@@ -431,6 +505,20 @@ class Encoder:
             seen = seen - torch.repeat_interleave(before, counts)
             positions = seen * not_pad + self.config.pad_token_id
         return self._pack(ids, positions, types, lengths)
+
+
+@dataclasses.dataclass(frozen=True)
+class _EmbedPlan:
+    """embed's options, checked: how texts are batched, pooled and stored."""
+
+    batch_size: int
+    max_tokens: int
+    window: int
+    max_length: int | None
+    truncate: bool
+    pooling: str
+    normalize: bool
+    storage: Storage
 
 
 def _as_tensor(value, name: str) -> torch.Tensor:
