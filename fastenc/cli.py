@@ -48,7 +48,8 @@ def _embed(args) -> int:
         raise UserError(f"--output {output}: the suffix must be .npy or .jsonl")
     encoder = Encoder.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
     # progress=None: a bar on stderr when it is a terminal and the input is big (stdout stays clean)
-    vectors = encoder.embed(texts, batch_size=args.batch_size, max_length=args.max_length, pooling=args.pooling)
+    vectors = encoder.embed(texts, batch_size=args.batch_size, max_length=args.max_length, pooling=args.pooling,
+                            prompt_name=args.prompt_name)
     if output is not None and output.suffix == ".npy":
         import numpy as np
 
@@ -190,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--batch-size", type=int, default=32)
     embed.add_argument("--max-length", type=int, default=None)
     embed.add_argument("--pooling", choices=("mean", "cls", "max", "mean_sqrt_len"), default=None)
+    embed.add_argument("--prompt-name", metavar="NAME", help="prepend the checkpoint's prompt NAME "
+                                                              "(config_sentence_transformers.json), e.g. query")
     embed.add_argument("texts", nargs="*", metavar="TEXT")
     embed.set_defaults(run=_embed)
 
