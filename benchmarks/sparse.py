@@ -261,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     load_before = [round(x, 2) for x in os.getloadavg()]
+    env = environment(args.device)  # the commit as the run starts
     with tempfile.TemporaryDirectory(prefix="fastenc-sparse-") as tmp:
         path = build_checkpoint(Path(tmp), args.model)
         texts = make_texts(path, args.texts, args.tokens)
@@ -282,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
 
         encoder = fastenc.Encoder.from_pretrained(path, device=args.device, dtype=dtype)
         backend, vocab = encoder.backend, encoder.config.vocab_size
-    result = {"env": environment(args.device), "args": {k: v for k, v in vars(args).items() if k != "worker"},
+    result = {"env": env, "args": {k: v for k, v in vars(args).items() if k != "worker"},
               "backend": backend, "vocab": vocab, "max_difference": difference, "load_before": load_before,
               "load_after": [round(x, 2) for x in os.getloadavg()], "rows": rows}
     result["args"]["output"] = str(args.output)
