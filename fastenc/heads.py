@@ -14,6 +14,8 @@ What each family computes (transformers' modeling files, v5):
   weight is the word embedding matrix when the checkpoint ties them (it is then absent from the file,
   and the encoder's own tensor is reused, not copied). Logits are computed only at the asked positions.
   The activation is the encoder's for BERT, DistilBERT and ALBERT, exact GELU for RoBERTa and ELECTRA.
+  SPLADE vectors (``sparse_vectors``) run the same transform, then ``ops.splade_pool``: the decoder,
+  the SPLADE activation and the pooling over each text's tokens in one op, vocabulary tile by tile.
 * sequence classification: BERT and ALBERT ``classifier(pooler)``; RoBERTa-likes
   ``out_proj(tanh(dense(first)))``; DistilBERT ``classifier(relu(pre_classifier(first)))``; ELECTRA
   ``out_proj(gelu(dense(first)))``.

@@ -692,7 +692,9 @@ class RerankPipeline(Pipeline):
         return torch.sigmoid
 
     def __call__(self, query: str, texts: Sequence[str], *, top_k: int | None = None, return_text: bool = False,
-                 batch_size: int | None = None) -> list[dict]:
+                 raw_scores: bool = False, truncation: bool = True, batch_size: int | None = None) -> list[dict]:
+        """``raw_scores``: the logits, without the activation (text-embeddings-inference's ``raw_scores``);
+        ``truncation=False``: a pair over the model's length is an ``InputError`` instead of being cut."""
         if not isinstance(query, str):
             raise TypeError(f"query must be a str, got {type(query).__name__}")
         if isinstance(texts, str):
@@ -700,12 +702,14 @@ class RerankPipeline(Pipeline):
         texts = _texts(texts)
         if top_k is not None:
             top_k = _positive_int(top_k, "top_k")
-        encodings = self._tokenize([(query, text) for text in texts], truncation=True, max_length=self.pair_length)
+        encodings = self._tokenize([(query, text) for text in texts], truncation=truncation,
+                                   max_length=self.pair_length)
         logits = self._run(encodings, lambda packed, hidden, rows: task_heads.sequence_logits(
             self.encoder, hidden, packed.lengths).float().cpu(), batch_size)
         if not texts:
             return []
-        scores = self.activation(torch.cat(logits)).tolist()  # float32, as CrossEncoder scores them
+        logits = torch.cat(logits)  # float32, as CrossEncoder scores them
+        scores = (logits if raw_scores else self.activation(logits)).tolist()
         results = [{"index": index, "score": score} for index, score in enumerate(scores)]
         if return_text:
             for result, text in zip(results, texts):

@@ -276,7 +276,7 @@ def _cross_encoder(path: pathlib.Path, family: str, activation_fn=None, seed: in
 
 
 QUERY = "where is the capital of france"
-DOCUMENTS = ["Paris is the capital of France.", "The cat sat on the mat.", "", "capital " * 80,
+DOCUMENTS = ["Paris is the capital of France.", "The cat sat on the mat.", "", "capital " * 100,
              "France is a country in Europe; its capital is Paris.", "a"]
 
 
@@ -297,6 +297,10 @@ def test_rerank_matches_cross_encoder(tmp_path, family, activation):
     assert type(cross_encoder.activation_fn) is (torch.nn.Sigmoid if activation is None else type(activation))
     assert rerank(QUERY, DOCUMENTS, top_k=2) == [{"index": r["index"], "score": r["score"]} for r in got[:2]]
     assert rerank(QUERY, []) == []
+    if activation is None:  # raw_scores: the logits, in the same order (sigmoid is monotone)
+        raw = rerank(QUERY, DOCUMENTS, raw_scores=True)
+        assert [r["index"] for r in raw] == [r["index"] for r in got]
+        assert all(abs(torch.sigmoid(torch.tensor(r["score"])).item() - g["score"]) < 1e-6 for r, g in zip(raw, got))
 
 
 def test_rerank_errors(tmp_path):
@@ -308,6 +312,8 @@ def test_rerank_errors(tmp_path):
         rerank(["q"], DOCUMENTS)
     with pytest.raises(InputError, match="top_k"):
         rerank(QUERY, DOCUMENTS, top_k=0)
+    with pytest.raises(InputError, match="input 3 has .* tokens"):
+        rerank(QUERY, DOCUMENTS, truncation=False)  # "capital " * 100 is over the 96 positions
     three = C.make_checkpoint(tmp_path / "three", "bert", head="sequence_classification", num_labels=3)
     with pytest.raises(LoadError, match="one label.*3"):
         fastenc.pipeline("rerank", three)
