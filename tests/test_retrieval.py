@@ -223,6 +223,8 @@ def test_sparse_vectors_match_sentence_transformers(tmp_path, family, pooling, a
         assert 0.05 < (dense > 0).float().mean() < 1  # a real mix of active and inactive words
         single = encoder.embed_sparse(texts[4])
         assert single.shape == (encoder.config.vocab_size,) and single.layout == torch.sparse_coo
+        if backend == "triton":  # the fused kernel: a text's vector is the same bits alone or in a batch
+            assert torch.equal(_dense(single), dense[4])
         torch.testing.assert_close(_dense(single), dense[4], rtol=1e-5, atol=1e-6)  # torch: within rounding
     # top_k keeps each vector's largest values, as max_active_dims does
     top = _dense(Encoder.from_pretrained(path).embed_sparse(texts, top_k=5))
