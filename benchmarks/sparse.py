@@ -6,9 +6,9 @@
 Same checkpoint, same texts, same machine, one batch size at a time: texts/s (median and range of
 ``--repeats`` timed calls over ``--texts`` texts with ``batch_size`` = the batch) and the peak memory one
 call takes above what the loaded model holds (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the
-process's peak resident set, ``ru_maxrss``, in a fresh process per provider and batch, after a warm-up
-call on two texts). sentence-transformers computes the ``(batch, seq, vocab)`` logits and then pools
-them; fastenc pools vocabulary tile by tile (Triton: one fused kernel; CPU: the torch twin, 1024 words
+process's resident set sampled every millisecond during the call, in a fresh process per provider and
+batch, after a warm-up call on two texts). sentence-transformers computes the ``(batch, seq, vocab)`` logits and then pools
+them; fastenc pools vocabulary tile by tile (Triton: one fused kernel; CPU: the torch twin, 4096 words
 at a time), so its peak should stay nearly flat as the batch grows.
 
 The checkpoint, built once in a temporary directory: ``minilm`` is the bundled all-MiniLM-L6-v2 encoder
@@ -29,11 +29,11 @@ import datetime
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -133,6 +133,34 @@ def load(provider: str, path: Path, device: str, dtype: torch.dtype):
     return lambda texts, batch: model.encode(texts, batch_size=batch, show_progress_bar=False)
 
 
+class ResidentPeak:
+    """The most resident memory the process holds inside the block above what it held on entering, from
+    ``/proc/self/statm`` sampled every millisecond by a thread (``ru_maxrss`` would also count the peak
+    of loading the model)."""
+
+    def __enter__(self):
+        self._page = os.sysconf("SC_PAGE_SIZE")
+        self._base = self._peak = self._resident()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _resident(self) -> int:
+        with open("/proc/self/statm") as file:
+            return int(file.read().split()[1]) * self._page
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.001):
+            self._peak = max(self._peak, self._resident())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self._peak = max(self._peak, self._resident())
+        self.mib = (self._peak - self._base) / 2**20
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -151,9 +179,9 @@ def measure(provider: str, path: Path, device: str, dtype: torch.dtype, texts: l
         _sync(device)
         peak_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux: the peak so far
-        encode(texts[:batch], batch)
-        peak_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+        with ResidentPeak() as peak:
+            encode(texts[:batch], batch)
+        peak_mib = peak.mib
     seconds = []
     for _ in range(repeats):
         start = time.perf_counter()

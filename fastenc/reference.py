@@ -143,7 +143,7 @@ def gelu_layer_norm(
     return F.layer_norm(apply_activation(x, activation), (x.shape[-1],), weight, bias, eps)
 
 
-SPLADE_VOCAB_CHUNK = 1024  # words per chunk of splade_pool's twin: its scratch is (tokens, 1024), not (tokens, vocab)
+SPLADE_VOCAB_CHUNK = 4096  # words per chunk of splade_pool's twin: its scratch is (tokens, 4096), not (tokens, vocab)
 
 
 def splade_activation(x: torch.Tensor, activation: str) -> torch.Tensor:
