@@ -8,9 +8,9 @@ fastenc's encoder alone with mean pooling, to show what the SPLADE head adds): t
 ``--repeats`` timed calls over ``--texts`` texts with ``batch_size`` = the batch) and the peak memory one
 call takes above what the loaded model holds (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the
 process's resident set sampled every millisecond during the call, in a fresh process per provider and
-batch, after a warm-up call on two texts). sentence-transformers computes the ``(batch, seq, vocab)`` logits and then pools
-them; fastenc pools vocabulary tile by tile (Triton: one fused kernel; CPU: the torch twin, 4096 words
-at a time), so its peak should stay nearly flat as the batch grows.
+batch, after a warm-up call on two texts). sentence-transformers computes the ``(batch, seq, vocab)``
+logits and then pools them; fastenc pools vocabulary tile by tile (Triton: one fused kernel; CPU: the
+torch twin, 4096 words at a time), so its peak should stay nearly flat as the batch grows.
 
 The checkpoint, built once in a temporary directory: ``minilm`` is the bundled all-MiniLM-L6-v2 encoder
 (real weights, 384 wide, 30,522 words) with a seeded random MLM head whose decoder is tied to the word
@@ -78,7 +78,8 @@ def build_checkpoint(directory: Path, model: str) -> Path:
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         if (tokenizer_dir / name).is_file():
             (directory / name).write_bytes((tokenizer_dir / name).read_bytes())
-    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.base.modules.transformer.Transformer"},
+    modules = [{"idx": 0, "name": "0", "path": "",
+                "type": "sentence_transformers.base.modules.transformer.Transformer"},
                {"idx": 1, "name": "1", "path": "1_SpladePooling",
                 "type": "sentence_transformers.sparse_encoder.modules.splade_pooling.SpladePooling"}]
     (directory / "modules.json").write_text(json.dumps(modules))
@@ -248,7 +249,7 @@ def environment(device: str) -> dict:
 def markdown(result: dict) -> str:
     env, args = result["env"], result["args"]
     lines = [
-        f"# SPLADE vectors: fastenc `embed_sparse` vs sentence-transformers `SparseEncoder.encode`\n",
+        "# SPLADE vectors: fastenc `embed_sparse` vs sentence-transformers `SparseEncoder.encode`\n",
         f"{env['device']} ({env['cpus']} CPUs, torch threads {env['torch_threads']}), torch {env['torch']}, "
         f"triton {env['triton']}, transformers {env['transformers']}, sentence-transformers "
         f"{env['sentence_transformers']}, commit {env['commit']}, {env['time']}.\n",
