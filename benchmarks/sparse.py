@@ -1,12 +1,13 @@
 """SPLADE vectors: ``Encoder.embed_sparse`` against sentence-transformers' ``SparseEncoder.encode``.
 
     python benchmarks/sparse.py [--device cpu|cuda] [--dtype fp32|fp16|bf16] [--model minilm|bert-base]
-                                [--batches 8,32,64] [--texts 128] [--tokens 128] [--repeats 3] [--output DIR]
+                                [--batches 8,32,64] [--texts 128] [--tokens 128] [--repeats 5] [--output DIR]
 
 Same checkpoint, same texts, same machine, one batch size at a time (and, as a reference row,
 fastenc's encoder alone with mean pooling, to show what the SPLADE head adds): texts/s (median and
-range of ``--repeats`` timed calls over ``--texts`` texts with ``batch_size`` = the batch) and the peak
-memory one call takes above what the loaded model holds (CUDA: ``torch.cuda.max_memory_allocated``;
+range of ``--repeats`` timed calls over ``--texts`` texts with ``batch_size`` = the batch, the
+providers' calls interleaved in one process) and the peak memory one call of ``batch`` texts takes
+above what the loaded model holds (CUDA: ``torch.cuda.max_memory_allocated``;
 CPU: the process's resident set sampled every millisecond during the call, in a fresh process per
 provider and batch, after a warm-up call on two texts). sentence-transformers computes the ``(batch,
 seq, vocab)`` logits and then pools them; fastenc pools vocabulary tile by tile (Triton: one fused
@@ -213,33 +214,46 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure(provider: str, path: Path, device: str, dtype: torch.dtype, texts: list[str], batch: int,
-            repeats: int) -> dict:
-    """One provider at one batch size: peak memory of one call of ``batch`` texts, then timed runs."""
+PROVIDERS = ("fastenc", "sentence-transformers", "fastenc-encoder")
+
+
+def peak_memory(provider: str, path: Path, device: str, dtype: torch.dtype, texts: list[str], batch: int) -> dict:
+    """The peak memory of one call of ``batch`` texts, above what the loaded model holds (after a warm-up)."""
     encode = load(provider, path, device, dtype)
     encode(texts[:2], 2)  # warm-up: kernels compiled, allocator and thread pools started
     _sync(device)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        encode(texts[:batch], batch)
+        out = encode(texts[:batch], batch)
         _sync(device)
         peak_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
         with ResidentPeak() as peak:
-            encode(texts[:batch], batch)
+            out = encode(texts[:batch], batch)
         peak_mib = peak.mib
-    seconds = []
+    active = out.coalesce()._nnz() / batch if out.layout == torch.sparse_coo else None
+    return {"peak_mib": peak_mib, "active_per_text": active}
+
+
+def throughput(encoders: dict, device: str, texts: list[str], batch: int, repeats: int) -> dict:
+    """texts/s of each provider, their timed calls interleaved round by round, so that a shared machine's
+    changing load falls on every provider alike: ``{provider: (median, min, max)}``."""
+    seconds = {provider: [] for provider in encoders}
+    for encode in encoders.values():
+        encode(texts[:batch], batch)  # warm-up at this batch size
     for _ in range(repeats):
-        start = time.perf_counter()
-        out = encode(texts, batch)
-        _sync(device)
-        seconds.append(time.perf_counter() - start)
-    nnz = out.coalesce()._nnz() / len(texts) if out.layout == torch.sparse_coo else None
-    rates = sorted(len(texts) / s for s in seconds)
-    return {"provider": provider, "batch": batch, "texts": len(texts), "texts_per_s": statistics.median(rates),
-            "texts_per_s_min": rates[0], "texts_per_s_max": rates[-1], "peak_mib": peak_mib,
-            "active_per_text": nnz}
+        for provider, encode in encoders.items():
+            _sync(device)
+            start = time.perf_counter()
+            encode(texts, batch)
+            _sync(device)
+            seconds[provider].append(time.perf_counter() - start)
+    out = {}
+    for provider, times in seconds.items():
+        rates = sorted(len(texts) / t for t in times)
+        out[provider] = (statistics.median(rates), rates[0], rates[-1])
+    return out
 
 
 def check(path: Path, device: str, dtype: torch.dtype, texts: list[str]) -> float:
@@ -321,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", default=None, help="batch sizes (default: 8,32,64 on CPU, 8,32,128,512 on CUDA)")
     parser.add_argument("--texts", type=int, default=None, help="texts per timed call (default: the largest batch)")
     parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--worker", nargs=3, metavar=("PROVIDER", "CHECKPOINT", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -332,10 +346,10 @@ def main(argv: list[str] | None = None) -> int:
     args.texts = args.texts or max(batches)
     dtype = DTYPES[args.dtype]
 
-    if args.worker:  # one provider at one batch size, in a process of its own (CPU peak memory)
+    if args.worker:  # one provider's peak memory at one batch size, in a process of its own
         provider, checkpoint, batch = args.worker
-        texts = make_texts(Path(checkpoint), args.texts, args.tokens)
-        print(json.dumps(measure(provider, Path(checkpoint), args.device, dtype, texts, int(batch), args.repeats)))
+        texts = make_texts(Path(checkpoint), int(batch), args.tokens)
+        print(json.dumps(peak_memory(provider, Path(checkpoint), args.device, dtype, texts, int(batch))))
         return 0
 
     load_before = [round(x, 2) for x in os.getloadavg()]
@@ -344,19 +358,27 @@ def main(argv: list[str] | None = None) -> int:
         path = build_checkpoint(Path(tmp), args.model, args.tokens)
         texts = make_texts(path, args.texts, args.tokens)
         difference = check(path, args.device, dtype, texts[:16])
-        rows = []
+        memory = {}
         for batch in batches:
-            for provider in ("fastenc", "sentence-transformers", "fastenc-encoder"):
+            for provider in PROVIDERS:
                 command = [sys.executable, __file__, "--worker", provider, str(path), str(batch), "--device",
-                           args.device, "--dtype", args.dtype, "--texts", str(args.texts), "--tokens",
-                           str(args.tokens), "--repeats", str(args.repeats)]
+                           args.device, "--dtype", args.dtype, "--tokens", str(args.tokens)]
                 done = subprocess.run(command, capture_output=True, text=True, check=False,
                                       env={**os.environ, "PYTHONPATH": str(ROOT)})
                 if done.returncode != 0:
                     raise SystemExit(f"{provider} at batch {batch} failed:\n{done.stderr[-3000:]}")
-                rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-                print(f"batch {batch:>4} {provider:<22} {rows[-1]['texts_per_s']:8.1f} texts/s "
-                      f"{rows[-1]['peak_mib']:8.0f} MiB", file=sys.stderr)
+                memory[provider, batch] = json.loads(done.stdout.strip().splitlines()[-1])
+                print(f"batch {batch:>4} {provider:<22} {memory[provider, batch]['peak_mib']:8.0f} MiB",
+                      file=sys.stderr)
+        encoders = {provider: load(provider, path, args.device, dtype) for provider in PROVIDERS}
+        rows = []
+        for batch in batches:
+            rates = throughput(encoders, args.device, texts, batch, args.repeats)
+            for provider in PROVIDERS:
+                median, low, high = rates[provider]
+                rows.append({"provider": provider, "batch": batch, "texts": len(texts), "texts_per_s": median,
+                             "texts_per_s_min": low, "texts_per_s_max": high, **memory[provider, batch]})
+                print(f"batch {batch:>4} {provider:<22} {median:8.1f} texts/s", file=sys.stderr)
         import fastenc
 
         encoder = fastenc.Encoder.from_pretrained(path, device=args.device, dtype=dtype)
