@@ -96,7 +96,8 @@ def _embed_stream(args, with_ids: bool) -> int:
         # progress=None: a bar (texts/s, tokens/s) when stderr is a terminal and the input is big
         stream = encoder.embed_iter(texts(), batch_size=args.batch_size, max_tokens=args.max_tokens,
                                     window=window, max_length=args.max_length, pooling=args.pooling,
-                                    dim=args.dim, precision=args.precision, calibration=calibration)
+                                    dim=args.dim, precision=args.precision, calibration=calibration,
+                                    prompt_name=args.prompt_name)
         for vectors in stream.windows():
             writer.ranges = stream.calibration
             writer.write([ids.popleft() for _ in range(len(vectors))] if with_ids else None, vectors)
@@ -160,7 +161,8 @@ def _embed_ray(args) -> int:
         encoder = Encoder.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
         rows = read_rows(args.file, text_field=args.text_field)
         sample = [row.text for _, row in zip(range(args.window or DEFAULT_WINDOW), rows) if isinstance(row, Row)]
-        calibration = encoder.calibrate(sample, dim=args.dim, max_length=args.max_length, pooling=args.pooling)
+        calibration = encoder.calibrate(sample, dim=args.dim, max_length=args.max_length, pooling=args.pooling,
+                                        prompt_name=args.prompt_name)
     try:
         temp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".part", dir=output.parent))
     except OSError as exc:
@@ -191,10 +193,10 @@ def _embed_ray(args) -> int:
         if num_cpus is None:  # leave half a CPU of the cluster to reading and writing (else they can starve)
             num_cpus = min(1.0, max(ray.cluster_resources().get("CPU", 1) - 0.5, 0.25) / args.concurrency)
         ds = embed_dataset(ds, column=args.text_field, model=args.model, concurrency=args.concurrency,
-                           num_gpus=args.num_gpus, num_cpus=num_cpus, device=args.device, dtype=args.dtype, backend=args.backend,
-                           on_error="skip" if args.on_error == "skip" else "raise", batch_size=args.batch_size,
-                           max_length=args.max_length, pooling=args.pooling, dim=args.dim,
-                           precision=args.precision, calibration=calibration)
+                           num_gpus=args.num_gpus, num_cpus=num_cpus, device=args.device, dtype=args.dtype,
+                           backend=args.backend, on_error="skip" if args.on_error == "skip" else "raise",
+                           batch_size=args.batch_size, max_length=args.max_length, pooling=args.pooling, dim=args.dim,
+                           precision=args.precision, calibration=calibration, prompt_name=args.prompt_name)
         if args.id_field and args.id_field != "id":
             ds = ds.rename_columns({args.id_field: "id"}, **io)
         ds = ds.select_columns(["id", "embedding"] if args.id_field else ["embedding"], **io)
@@ -438,6 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--num-cpus", type=float, default=None, metavar="C",
                        help="CPUs per Ray actor (default: the cluster's less half a CPU, shared by the actors, "
                             "at most 1)")
+    embed.add_argument("--prompt-name", metavar="NAME", help="prepend the checkpoint's prompt NAME "
+                                                              "(config_sentence_transformers.json), e.g. query")
     embed.add_argument("texts", nargs="*", metavar="TEXT")
     embed.set_defaults(run=_embed)
 

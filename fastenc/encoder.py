@@ -27,7 +27,7 @@ from .config import EncoderConfig
 from .errors import BackendError, FastencError, InputError, LoadError
 from .graphs import GraphRunner
 from .packing import PackedBatch, token_budget_batches
-from .pooling import POOLING_MODES, SentenceConfig, pool
+from .pooling import POOLING_MODES, SentenceConfig, SpladeConfig, pool
 from .quantize import Storage, int8_ranges
 from .streaming import PROGRESS_MIN_TEXTS, EmbedStream, HeapTrimmer, Progress, read_ahead
 from .tokenize import encode, load_tokenizer
@@ -384,7 +384,8 @@ class Encoder:
     def embed(self, texts: str | Sequence[str], *, batch_size: int = 32, max_length: int | None = None,
               truncate: bool = True, pooling: str | None = None, normalize: bool | None = None,
               progress: bool | None = None, max_tokens: int = DEFAULT_MAX_TOKENS, dim: int | None = None,
-              precision: str = "float32", calibration=None, window: int = DEFAULT_WINDOW) -> torch.Tensor:
+              precision: str = "float32", calibration=None, window: int = DEFAULT_WINDOW,
+              prompt_name: str | None = None, prompt: str | None = None) -> torch.Tensor:
         """One CPU vector per text; a text's vector does not depend on its neighbours.
 
         Texts are taken ``window`` at a time (the windows ``embed_iter`` makes, so both give the same
@@ -393,13 +394,14 @@ class Encoder:
         in the caller's order. ``dim`` keeps the first ``dim`` coordinates (re-normalised when
         ``normalize``); ``precision`` stores them as ``float32``, ``float16``, ``int8`` (against
         ``calibration`` ranges ``(2, dim)``, by default those of the first window) or ``binary`` (uint8,
-        8 signs per byte): see ``fastenc.quantize``.
+        8 signs per byte): see ``fastenc.quantize``. ``prompt_name`` (one of the checkpoint's ``prompts``) or
+        ``prompt`` is prepended to every text, as sentence-transformers does (see ``_prompt``).
         """
         single = isinstance(texts, str)
         texts = _check_texts(texts)
         plan = self._embed_plan(batch_size=batch_size, max_tokens=max_tokens, window=window, max_length=max_length,
                                 truncate=truncate, pooling=pooling, normalize=normalize, dim=dim,
-                                precision=precision, calibration=calibration)
+                                precision=precision, calibration=calibration, prompt_name=prompt_name, prompt=prompt)
         out = torch.zeros(len(texts), plan.storage.width, dtype=plan.storage.dtype)
         if progress is None:
             progress = len(texts) >= PROGRESS_MIN_TEXTS and sys.stderr.isatty()
@@ -418,7 +420,8 @@ class Encoder:
         the same window, so the bits are those of ``embed(texts, window=window, ...)`` on the same
         backend, at any length; only two windows are held at once. With ``read_ahead`` the next window
         is read and tokenized in a worker thread while the current one runs. ``embed_kwargs``:
-        ``max_length``, ``truncate``, ``pooling``, ``normalize``, ``dim``, ``precision``, ``calibration``.
+        ``max_length``, ``truncate``, ``pooling``, ``normalize``, ``dim``, ``precision``, ``calibration``,
+        ``prompt_name``, ``prompt``.
         ``progress=None``: a bar (texts/s, tokens/s) on stderr when it is a terminal and the first window
         is big. Returns an iterator of 1-D tensors (see ``fastenc.streaming.EmbedStream``).
         """
@@ -435,9 +438,126 @@ class Encoder:
         Ray actor codes vectors alike."""
         return int8_ranges(self.embed(texts, dim=dim, **embed_kwargs))
 
+    # ------------------------------------------------------------------------------------------ retrieval
+    def _prompt(self, prompt_name: str | None, prompt: str | None) -> str:
+        """The text to prepend, as sentence-transformers resolves it: ``prompt`` if given (``prompt_name`` is
+        then ignored, with a warning), else the checkpoint's prompt called ``prompt_name``, else its
+        ``default_prompt_name``'s, else none."""
+        prompts = self._sentence.prompts if self._sentence else {}
+        if prompt is not None:
+            if not isinstance(prompt, str):
+                raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+            if prompt_name is not None:
+                warnings.warn("both prompt and prompt_name given: prompt_name is ignored (as in sentence-transformers)",
+                              stacklevel=3)
+            return prompt
+        if prompt_name is not None:
+            if prompt_name not in prompts:
+                known = ", ".join(map(repr, prompts)) or "none"
+                raise InputError(f"prompt_name {prompt_name!r} is not one of this checkpoint's prompts "
+                                 f"(config_sentence_transformers.json): {known}")
+            return prompts[prompt_name]
+        default = self._sentence.default_prompt_name if self._sentence else None
+        return prompts[default] if default is not None else ""
+
+    def _prompt_skip(self, prompt: str, max_length: int | None) -> int:
+        """Prompt tokens to leave out of the pooling: 0 unless the pooling config says ``include_prompt:
+        false``; then the prompt's token count with special tokens but without a trailing one ([CLS] + the
+        prompt for BERT), as sentence-transformers' ``Transformer`` measures it."""
+        if not prompt or self._sentence is None or self._sentence.include_prompt:
+            return 0
+        encoding = self._encode([prompt], max_length, truncate=True)[0]
+        return len(encoding.ids) - (1 if encoding.special_tokens_mask and encoding.special_tokens_mask[-1] else 0)
+
+    def _prompted(self, texts: list[str], prompt_name: str | None, prompt: str | None,
+                  max_length: int | None) -> tuple[list[str], int]:
+        """``(texts with the prompt prepended, prompt tokens to leave out of the pooling)``."""
+        prompt = self._prompt(prompt_name, prompt)
+        if not prompt:  # sentence-transformers skips an empty prompt altogether
+            return texts, 0
+        return [prompt + text for text in texts], self._prompt_skip(prompt, max_length)
+
+    def _batches(self, texts: list[str], *, batch_size: int, max_length: int | None, truncate: bool,
+                 progress: bool | None, max_tokens: int, desc: str):
+        """``(rows, packed)`` per token-budget batch of ``texts`` (as ``embed`` batches them)."""
+        for name, value in (("batch_size", batch_size), ("max_tokens", max_tokens)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"{name} must be a positive int, got {value!r}")
+        encodings = self._encode(texts, max_length, truncate)
+        batches = token_budget_batches([len(e.ids) for e in encodings], batch_size, max_tokens)
+        if progress is None:
+            progress = len(texts) >= PROGRESS_MIN_TEXTS and sys.stderr.isatty()
+        if progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, desc=desc, unit="batch", file=sys.stderr)
+        for rows in batches:
+            yield rows, self._pack_encodings([encodings[i] for i in rows])
+
+    def embed_tokens(self, texts: str | Sequence[str], *, batch_size: int = 32, max_length: int | None = None,
+                     truncate: bool = True, progress: bool | None = None, max_tokens: int = DEFAULT_MAX_TOKENS,
+                     prompt_name: str | None = None, prompt: str | None = None) -> list[torch.Tensor] | torch.Tensor:
+        """Token vectors: per text a float32 CPU ``(n_i, hidden)`` tensor, the last hidden states of its ``n_i``
+        real tokens (special tokens and any prompt included), as sentence-transformers'
+        ``encode(output_value="token_embeddings")``. A single ``str`` gives one tensor."""
+        single = isinstance(texts, str)
+        texts = _check_texts(texts)
+        texts, _ = self._prompted(texts, prompt_name, prompt, max_length)
+        out: list[torch.Tensor | None] = [None] * len(texts)
+        for rows, packed in self._batches(texts, batch_size=batch_size, max_length=max_length, truncate=truncate,
+                                          progress=progress, max_tokens=max_tokens, desc="embed_tokens"):
+            hidden = self._run(packed).float().cpu()  # (tokens, hidden)
+            for row, tokens in zip(rows, hidden.split(list(packed.lengths))):
+                out[row] = tokens.clone()  # its own storage, not a view that keeps the batch alive
+        return out[0] if single else out
+
+    def embed_sparse(self, texts: str | Sequence[str], *, top_k: int | None = None, batch_size: int = 32,
+                     max_length: int | None = None, truncate: bool = True, progress: bool | None = None,
+                     max_tokens: int = DEFAULT_MAX_TOKENS, prompt_name: str | None = None,
+                     prompt: str | None = None) -> torch.Tensor:
+        """SPLADE vectors: a float32 CPU sparse COO tensor ``(len(texts), vocab_size)`` (``(vocab_size,)`` for
+        a single ``str``), as sentence-transformers' ``SparseEncoder.encode``.
+
+        The checkpoint needs a masked-LM head; its ``SpladePooling`` config says how to pool (max or sum)
+        and activate (``relu``: ``log1p(relu)``; ``log1p_relu``: ``log1p(log1p(relu))``), by default max
+        and relu as SparseEncoder does for a plain masked LM. ``top_k`` keeps each vector's largest
+        values (``None``: the checkpoint's ``max_active_dims``, else all). On the Triton backend the
+        projection onto the vocabulary, the activation and the pooling are one fused kernel, so the
+        ``(tokens, vocab)`` logits never reach memory; the torch backend walks the vocabulary in chunks.
+        """
+        task_heads.require(self, "mlm")
+        if top_k is None and self._sentence is not None:
+            top_k = self._sentence.max_active_dims
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise InputError(f"top_k must be a positive int or None, got {top_k!r}")
+        splade = (self._sentence.splade if self._sentence else None) or SpladeConfig()
+        single = isinstance(texts, str)
+        texts = _check_texts(texts)
+        texts, _ = self._prompted(texts, prompt_name, prompt, max_length)
+        vocab = self.config.vocab_size
+        found_rows, found_cols, found_values = [], [], []
+        for rows, packed in self._batches(texts, batch_size=batch_size, max_length=max_length, truncate=truncate,
+                                          progress=progress, max_tokens=max_tokens, desc="embed_sparse"):
+            with torch.inference_mode():
+                vectors = task_heads.sparse_vectors(self, self._run(packed), packed.cu_seqlens, splade.pooling,
+                                                    splade.activation)  # (batch, vocab) float32
+                if top_k is not None and top_k < vocab:  # as sentence-transformers' select_max_active_dims
+                    values, cols = vectors.topk(top_k, dim=1)
+                    vectors = torch.zeros_like(vectors).scatter_(1, cols, values)
+                local, cols = vectors.nonzero(as_tuple=True)
+                found_values.append(vectors[local, cols].cpu())
+            found_rows.append(torch.tensor(rows, dtype=torch.long)[local.cpu()])
+            found_cols.append(cols.cpu())
+        indices = torch.stack([torch.cat(found_rows), torch.cat(found_cols)]) if found_rows else \
+            torch.zeros(2, 0, dtype=torch.long)
+        values = torch.cat(found_values) if found_values else torch.zeros(0)
+        out = torch.sparse_coo_tensor(indices, values, (len(texts), vocab), check_invariants=False).coalesce()
+        return out[0] if single else out
+
     def _embed_plan(self, *, batch_size: int, max_tokens: int, window: int, max_length: int | None = None,
                     truncate: bool = True, pooling: str | None = None, normalize: bool | None = None,
-                    dim: int | None = None, precision: str = "float32", calibration=None) -> "_EmbedPlan":
+                    dim: int | None = None, precision: str = "float32", calibration=None,
+                    prompt_name: str | None = None, prompt: str | None = None) -> "_EmbedPlan":
         """Check embed's options once, before any text is read."""
         for name, value in (("batch_size", batch_size), ("max_tokens", max_tokens), ("window", window)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -446,6 +566,9 @@ class Encoder:
         if sentence is not None and sentence.unsupported_modules:
             raise FastencError(f"embed() cannot reproduce the sentence-transformers modules "
                                f"{', '.join(sentence.unsupported_modules)} of this checkpoint")
+        if pooling is None and sentence is not None and sentence.splade is not None:
+            raise FastencError("this checkpoint is a sentence-transformers SparseEncoder (SpladePooling): use "
+                               "embed_sparse() for its vectors, or pass pooling= to pool its hidden states")
         if pooling is None:
             pooling = (sentence.pooling if sentence else None) or "mean"
         if pooling not in POOLING_MODES:
@@ -454,7 +577,9 @@ class Encoder:
             normalize = bool(sentence and sentence.normalize)
         self._max_length(max_length)  # a bad max_length fails now, not at the first window
         storage = Storage.make(dim, precision, calibration, hidden_size=self.config.hidden_size, normalize=normalize)
-        return _EmbedPlan(batch_size, max_tokens, window, max_length, truncate, pooling, normalize, storage)
+        prompt = self._prompt(prompt_name, prompt)
+        return _EmbedPlan(batch_size, max_tokens, window, max_length, truncate, pooling, normalize, storage, prompt,
+                          self._prompt_skip(prompt, max_length))
 
     def _embed_windows(self, texts: Iterator[str], plan: "_EmbedPlan", progress: Progress, *,
                        ahead: bool) -> Iterator[torch.Tensor]:
@@ -468,7 +593,7 @@ class Encoder:
                 for rows in batches:
                     packed = self._pack_encodings([encodings[i] for i in rows])
                     vectors[rows] = pool(self._run(packed), list(packed.lengths), plan.pooling,
-                                         normalize=plan.normalize).cpu()
+                                         normalize=plan.normalize, skip=plan.skip).cpu()
                     progress.batch(len(rows), packed.num_tokens)
                 del encodings, packed
                 trim()  # else glibc's heap grows window after window (see HeapTrimmer)
@@ -483,6 +608,8 @@ class Encoder:
             for index, text in enumerate(chunk):
                 if not isinstance(text, str):
                     raise TypeError(f"texts[{start + index}] is {type(text).__name__}, not str")
+            if plan.prompt:
+                chunk = [plan.prompt + text for text in chunk]
             encodings = self._encode(chunk, plan.max_length, plan.truncate, offset=start)
             yield encodings, token_budget_batches([len(e.ids) for e in encodings], plan.batch_size, plan.max_tokens)
             start += len(chunk)
@@ -519,6 +646,8 @@ class _EmbedPlan:
     pooling: str
     normalize: bool
     storage: Storage
+    prompt: str  # prepended to every text ("" for none)
+    skip: int  # the prompt's tokens left out of the pooling (include_prompt: false)
 
 
 def _as_tensor(value, name: str) -> torch.Tensor:
