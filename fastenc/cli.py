@@ -40,28 +40,208 @@ def _read_texts(args) -> list[str]:
 
 
 def _embed(args) -> int:
-    from .encoder import Encoder
+    """Stream TEXT arguments, then the rows of --file, through ``embed_iter`` into the output, in order."""
+    import signal
+    import threading
 
-    texts = _read_texts(args)
-    output = Path(args.output) if args.output else None
-    if output is not None and output.suffix not in (".npy", ".jsonl"):
-        raise UserError(f"--output {output}: the suffix must be .npy or .jsonl")
-    encoder = Encoder.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
-    # progress=None: a bar on stderr when it is a terminal and the input is big (stdout stays clean)
-    vectors = encoder.embed(texts, batch_size=args.batch_size, max_length=args.max_length, pooling=args.pooling)
-    if output is not None and output.suffix == ".npy":
-        import numpy as np
+    if args.ray:
+        return _embed_ray(args)
+    if not args.texts and args.file is None:
+        raise UserError("no texts to embed: give TEXT arguments or --file PATH (or - for standard input)")
+    if args.id_field is not None and args.texts:
+        raise UserError("--id-field takes ids from --file rows: give no TEXT arguments with it")
+    with_ids = args.id_field is not None
+    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
+        return _embed_stream(args, with_ids)
+    previous = signal.signal(signal.SIGTERM, _exit_on_signal)  # unwind like Ctrl-C: the temporary output goes
+    try:
+        return _embed_stream(args, with_ids)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
-        np.save(output, vectors.numpy())
-        return 0
-    lines = (json.dumps([round(x, 7) for x in row]) for row in vectors.tolist())
-    if output is None:
-        for line in lines:
-            sys.stdout.write(line + "\n")
-    else:
-        with output.open("w", encoding="utf-8") as handle:
-            handle.writelines(line + "\n" for line in lines)
+
+def _embed_stream(args, with_ids: bool) -> int:
+    from collections import deque
+
+    from .corpus import BadRow, Row, open_writer, read_ranges, read_rows
+    from .encoder import DEFAULT_WINDOW, Encoder
+
+    window = args.window or DEFAULT_WINDOW
+    calibration = read_ranges(args.calibration) if args.calibration else None
+    # the output first: a path that cannot be written fails before the model loads
+    with open_writer(args.output, precision=args.precision, dim=args.dim or 0, with_ids=with_ids) as writer:
+        encoder = Encoder.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
+        writer.dim = args.dim or encoder.config.hidden_size
+        ids: deque = deque()  # ids of rows read, not yet written (at most two windows)
+        skipped = _Skipped()
+
+        def rows():
+            for number, text in enumerate(args.texts, start=1):
+                yield Row(f"TEXT argument {number}", text)
+            if args.file is not None:
+                yield from read_rows(args.file, text_field=args.text_field, id_field=args.id_field,
+                                     batch_rows=min(window, 65536))
+
+        def texts():  # runs in embed_iter's read-ahead thread
+            for row in rows():
+                if isinstance(row, BadRow):
+                    if args.on_error == "stop":
+                        raise row
+                    skipped.add(row)
+                    continue
+                if with_ids:
+                    ids.append(row.id)
+                yield row.text
+
+        # progress=None: a bar (texts/s, tokens/s) when stderr is a terminal and the input is big
+        stream = encoder.embed_iter(texts(), batch_size=args.batch_size, max_tokens=args.max_tokens,
+                                    window=window, max_length=args.max_length, pooling=args.pooling,
+                                    dim=args.dim, precision=args.precision, calibration=calibration,
+                                    prompt_name=args.prompt_name)
+        for vectors in stream.windows():
+            writer.ranges = stream.calibration
+            writer.write([ids.popleft() for _ in range(len(vectors))] if with_ids else None, vectors)
+        writer.commit()
+    skipped.report(writer.rows)
     return 0
+
+
+class _Skipped:
+    """Bad rows skipped by ``--on-error skip``: each of the first few named on stderr, then a count."""
+
+    SHOWN = 20
+
+    def __init__(self):
+        self.count = 0
+
+    def add(self, row) -> None:
+        self.count += 1
+        if self.count <= self.SHOWN:
+            print(f"fastenc: skipped {row}", file=sys.stderr)
+
+    def report(self, written: int) -> None:
+        if self.count:
+            print(f"fastenc: skipped {self.count} bad row(s) (the first {min(self.count, self.SHOWN)} named above); "
+                  f"wrote {written}", file=sys.stderr)
+
+
+def _exit_on_signal(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def _embed_ray(args) -> int:
+    """``--ray``: read --file with Ray Data, embed on ``--concurrency`` actors, write Parquet shards to DIR."""
+    import logging
+    import os
+    import shutil
+    import tempfile
+
+    from .corpus import Row, input_format, ranges_document, read_ranges, read_rows
+    from .encoder import DEFAULT_WINDOW
+
+    if args.file is None or args.file == "-" or args.texts:
+        raise UserError("--ray embeds --file PATH (a .parquet, .jsonl or .txt file or a directory of them); "
+                        "not TEXT arguments or standard input")
+    if args.output is None or Path(args.output).suffix in (".npy", ".jsonl", ".parquet"):
+        raise UserError("--ray writes a directory of Parquet shards: give --output DIR")
+    output = Path(args.output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise UserError(f"--output {output} exists; --ray writes a new directory of shards")
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise UserError("--ray needs Ray Data: pip install 'fastenc[ray]'") from None
+    from .integrations.ray import embed_dataset
+
+    calibration = read_ranges(args.calibration) if args.calibration else None
+    if args.precision == "int8" and calibration is None:  # one set of ranges for every actor: the first window's
+        from .encoder import Encoder
+
+        encoder = Encoder.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
+        rows = read_rows(args.file, text_field=args.text_field)
+        sample = [row.text for _, row in zip(range(args.window or DEFAULT_WINDOW), rows) if isinstance(row, Row)]
+        calibration = encoder.calibrate(sample, dim=args.dim, max_length=args.max_length, pooling=args.pooling,
+                                        prompt_name=args.prompt_name)
+    try:
+        temp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".part", dir=output.parent))
+    except OSError as exc:
+        raise UserError(f"cannot write --output {output}: {exc.strerror or exc}") from None
+    try:
+        if not ray.is_initialized():
+            ray.init(logging_level="ERROR", log_to_driver=False)  # RAY_ADDRESS joins a running cluster
+        context = ray.data.DataContext.get_current()
+        context.execution_options.preserve_order = True
+        context.enable_progress_bars = sys.stderr.isatty()  # else Ray logs its progress: quiet it (errors are ours)
+        logging.getLogger("ray.data").setLevel(logging.INFO if sys.stderr.isatty() else logging.CRITICAL)
+        fmt = input_format(args.file)
+        columns = [args.text_field] + ([args.id_field] if args.id_field else [])
+        # Reading and writing take a quarter CPU: actors hold a whole one each, and with as many actors as
+        # CPUs, whole-CPU read or write tasks would wait for them forever.
+        io = {"num_cpus": _RAY_IO_CPUS}
+        if fmt == "parquet":
+            ds = ray.data.read_parquet(args.file, columns=columns, **io)
+        elif fmt == "jsonl":
+            ds = ray.data.read_json(args.file, lines=True, **io)
+        else:
+            if args.id_field:
+                raise UserError(f"{args.file}: --id-field needs a .jsonl or .parquet file (a text file has only lines)")
+            ds = ray.data.read_text(args.file, **io)
+            if args.text_field != "text":
+                ds = ds.rename_columns({"text": args.text_field}, **io)
+        num_cpus = args.num_cpus
+        if num_cpus is None:  # leave half a CPU of the cluster to reading and writing (else they can starve)
+            num_cpus = min(1.0, max(ray.cluster_resources().get("CPU", 1) - 0.5, 0.25) / args.concurrency)
+        ds = embed_dataset(ds, column=args.text_field, model=args.model, concurrency=args.concurrency,
+                           num_gpus=args.num_gpus, num_cpus=num_cpus, device=args.device, dtype=args.dtype,
+                           backend=args.backend, on_error="skip" if args.on_error == "skip" else "raise",
+                           batch_size=args.batch_size, max_length=args.max_length, pooling=args.pooling, dim=args.dim,
+                           precision=args.precision, calibration=calibration, prompt_name=args.prompt_name)
+        if args.id_field and args.id_field != "id":
+            ds = ds.rename_columns({args.id_field: "id"}, **io)
+        ds = ds.select_columns(["id", "embedding"] if args.id_field else ["embedding"], **io)
+        ds.write_parquet(str(temp), ray_remote_args=io)
+        if calibration is not None:
+            (temp / "ranges.json").write_text(json.dumps(ranges_document(calibration)), encoding="utf-8")
+        if output.is_dir():
+            output.rmdir()  # empty, checked above
+        os.replace(temp, output)
+    except BaseException as exc:
+        shutil.rmtree(temp, ignore_errors=True)
+        if isinstance(exc, Exception) and not isinstance(exc, UserError):
+            raise UserError(_ray_error_line(exc)) from None
+        raise
+    return 0
+
+
+_RAY_IO_CPUS = 0.25
+
+
+def _ray_error_line(exc: BaseException) -> str:
+    """The fastenc error inside a Ray failure, else Ray's first line.
+
+    Ray hands the driver its own exception (``RayTaskError(UserCodeException)``) whose text holds the
+    actor's traceback; the original exception object does not come back, so its last line is read."""
+    import re
+
+    from .errors import FastencError
+
+    seen, todo = set(), [exc]
+    while todo:
+        error = todo.pop()
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        if isinstance(error, FastencError):
+            return str(error)
+        todo += [error.__cause__, error.__context__, getattr(error, "cause", None)]
+    text = str(exc)
+    ours = re.findall(r"^\s*(?:fastenc\.\w+\.)?(?:InputError|LoadError|BackendError|FastencError|CorpusError|BadRow): "
+                      r"(.+)$", text, flags=re.MULTILINE)
+    if ours:
+        return ours[-1].strip()
+    first = next((line for line in text.splitlines() if line.strip()), type(exc).__name__)
+    return f"Ray: {type(exc).__name__}: {first}"
 
 
 def _check(args) -> int:
@@ -74,6 +254,16 @@ def _check(args) -> int:
     for result in results:
         print(result.line())
     return 0 if all(r.ok for r in results) else 1
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {value!r}")
+    return number
 
 
 def _top_k(value: str) -> int | str:
@@ -219,13 +409,39 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastenc", description="Fast BERT-family encoders on Triton kernels.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    embed = commands.add_parser("embed", help="embed texts; JSON lines on stdout or .npy/.jsonl to --output")
+    embed = commands.add_parser("embed", help="embed texts or a corpus file; JSON lines on stdout or "
+                                              ".npy/.jsonl/.parquet to --output")
     _load_args(embed)
-    embed.add_argument("--file", metavar="PATH", help="one text per line; - reads standard input")
-    embed.add_argument("--output", metavar="PATH", help="write vectors to PATH (.npy or .jsonl)")
-    embed.add_argument("--batch-size", type=int, default=32)
+    embed.add_argument("--file", metavar="PATH", help=".txt (a text a line; - reads standard input), .jsonl or "
+                                                      ".parquet, streamed with bounded memory")
+    embed.add_argument("--text-field", default="text", metavar="NAME", help="the text's field or column (default: text)")
+    embed.add_argument("--id-field", metavar="NAME", help="a field or column of ids to carry to the output")
+    embed.add_argument("--output", metavar="PATH", help="write vectors to PATH (.npy, .jsonl or .parquet; with --ray "
+                                                        "a directory of Parquet shards), whole or not at all")
+    embed.add_argument("--on-error", choices=("stop", "skip"), default="stop",
+                       help="a bad row (not UTF-8, no text field, not a string) stops the run (default) or is "
+                            "skipped and reported")
+    embed.add_argument("--dim", type=_positive_int, metavar="N", help="keep the first N coordinates, re-normalised")
+    embed.add_argument("--precision", choices=("float32", "float16", "int8", "binary"), default="float32",
+                       help="int8 writes its calibration ranges beside the output (NAME.ranges.json); binary packs "
+                            "8 signs per byte")
+    embed.add_argument("--calibration", metavar="JSON", help="int8 ranges from an earlier NAME.ranges.json "
+                                                             "(default: those of the first window)")
+    embed.add_argument("--batch-size", type=_positive_int, default=32)
+    embed.add_argument("--max-tokens", type=_positive_int, metavar="N", help="real tokens per batch (default 16384)")
+    embed.add_argument("--window", type=_positive_int, metavar="N",
+                       help="texts read, tokenized and batched together: the memory bound (default 4096)")
     embed.add_argument("--max-length", type=int, default=None)
     embed.add_argument("--pooling", choices=("mean", "cls", "max", "mean_sqrt_len"), default=None)
+    embed.add_argument("--ray", action="store_true", help="run on Ray Data (fastenc[ray]): --file in, Parquet shards "
+                                                          "out to --output DIR")
+    embed.add_argument("--concurrency", type=_positive_int, default=1, metavar="N", help="Ray actors (default 1)")
+    embed.add_argument("--num-gpus", type=float, default=None, metavar="G", help="GPUs per Ray actor")
+    embed.add_argument("--num-cpus", type=float, default=None, metavar="C",
+                       help="CPUs per Ray actor (default: the cluster's less half a CPU, shared by the actors, "
+                            "at most 1)")
+    embed.add_argument("--prompt-name", metavar="NAME", help="prepend the checkpoint's prompt NAME "
+                                                              "(config_sentence_transformers.json), e.g. query")
     embed.add_argument("texts", nargs="*", metavar="TEXT")
     embed.set_defaults(run=_embed)
 

@@ -14,10 +14,12 @@ the device.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import sys
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 
@@ -30,7 +32,9 @@ from .config import EncoderConfig
 from .errors import BackendError, FastencError, InputError, LoadError
 from .graphs import GraphRunner
 from .packing import PackedBatch, token_budget_batches
-from .pooling import POOLING_MODES, SentenceConfig, pool
+from .pooling import POOLING_MODES, SentenceConfig, SpladeConfig, pool
+from .quantize import Storage, int8_ranges
+from .streaming import PROGRESS_MIN_TEXTS, EmbedStream, HeapTrimmer, Progress, read_ahead
 from .tokenize import encode, load_tokenizer
 
 BACKENDS = ("torch", "triton")
@@ -39,8 +43,8 @@ _DTYPES = {
     "fp16": torch.float16, "float16": torch.float16,
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
 }
-_PROGRESS_MIN_TEXTS = 256  # below this, a progress bar is noise
 DEFAULT_MAX_TOKENS = 16384  # embed()'s token budget per batch: real tokens, padding is never made
+DEFAULT_WINDOW = 4096  # texts embed()/embed_iter() tokenize, batch and pool together: the memory bound of a stream
 
 
 def default_model_path() -> Path:
@@ -177,6 +181,7 @@ class Encoder:
                                                                   config.max_position_embeddings)
                                if family.relative_bias else None)
         self._graphs = GraphRunner(self) if resolve_cuda_graphs(cuda_graphs, device, backend) else None
+        self._tokenizer_lock = threading.Lock()  # encode() sets the tokenizer's truncation: one caller at a time
 
     # ----------------------------------------------------------------------------------------- loading
     @classmethod
@@ -389,14 +394,16 @@ class Encoder:
             raise InputError(f"max_length {max_length} is over the model's limit of {self.config.max_length} tokens")
         return max_length
 
-    def _encode(self, texts: list[str], max_length: int | None, truncate: bool):
+    def _encode(self, texts: list[str], max_length: int | None, truncate: bool, offset: int = 0):
+        """Encodings of ``texts``; errors name a text by its index plus ``offset`` (its place in a stream)."""
         tokenizer = self._require_tokenizer()
         if self._sentence is not None and self._sentence.do_lower_case:
             texts = [text.lower() for text in texts]
-        encodings = encode(tokenizer, texts, self._max_length(max_length), truncate)
+        with self._tokenizer_lock:
+            encodings = encode(tokenizer, texts, self._max_length(max_length), truncate, offset=offset)
         for index, encoding in enumerate(encodings):
             if encoding.ids and max(encoding.ids) >= self.config.vocab_size:
-                raise InputError(f"text {index}: the tokenizer produced id {max(encoding.ids)}, "
+                raise InputError(f"text {index + offset}: the tokenizer produced id {max(encoding.ids)}, "
                                  f"outside the model's vocab_size {self.config.vocab_size}")
         return encodings
 
@@ -418,42 +425,236 @@ class Encoder:
 
     def embed(self, texts: str | Sequence[str], *, batch_size: int = 32, max_length: int | None = None,
               truncate: bool = True, pooling: str | None = None, normalize: bool | None = None,
-              progress: bool | None = None, max_tokens: int = DEFAULT_MAX_TOKENS) -> torch.Tensor:
-        """One float32 CPU vector per text; a text's vector does not depend on its neighbours.
+              progress: bool | None = None, max_tokens: int = DEFAULT_MAX_TOKENS, dim: int | None = None,
+              precision: str = "float32", calibration=None, window: int = DEFAULT_WINDOW,
+              prompt_name: str | None = None, prompt: str | None = None) -> torch.Tensor:
+        """One CPU vector per text; a text's vector does not depend on its neighbours.
 
-        Texts are sorted by length and packed into batches of at most ``max_tokens`` real tokens and
-        ``batch_size`` texts (a text longer than the budget goes alone); the result is in the caller's order.
+        Texts are taken ``window`` at a time (the windows ``embed_iter`` makes, so both give the same
+        bits); within a window they are sorted by length and packed into batches of at most ``max_tokens``
+        real tokens and ``batch_size`` texts (a text longer than the budget goes alone); the result is
+        in the caller's order. ``dim`` keeps the first ``dim`` coordinates (re-normalised when
+        ``normalize``); ``precision`` stores them as ``float32``, ``float16``, ``int8`` (against
+        ``calibration`` ranges ``(2, dim)``, by default those of the first window) or ``binary`` (uint8,
+        8 signs per byte): see ``fastenc.quantize``. ``prompt_name`` (one of the checkpoint's ``prompts``) or
+        ``prompt`` is prepended to every text, as sentence-transformers does (see ``_prompt``).
         """
         single = isinstance(texts, str)
         texts = _check_texts(texts)
+        plan = self._embed_plan(batch_size=batch_size, max_tokens=max_tokens, window=window, max_length=max_length,
+                                truncate=truncate, pooling=pooling, normalize=normalize, dim=dim,
+                                precision=precision, calibration=calibration, prompt_name=prompt_name, prompt=prompt)
+        out = torch.zeros(len(texts), plan.storage.width, dtype=plan.storage.dtype)
+        if progress is None:
+            progress = len(texts) >= PROGRESS_MIN_TEXTS and sys.stderr.isatty()
+        start = 0
+        for vectors in self._embed_windows(iter(texts), plan, Progress(progress, total=len(texts)), ahead=False):
+            out[start:start + len(vectors)] = vectors
+            start += len(vectors)
+        return out[0] if single else out
+
+    def embed_iter(self, texts: Iterable[str], *, batch_size: int = 32, max_tokens: int | None = None,
+                   window: int = DEFAULT_WINDOW, progress: bool | None = None, read_ahead: bool = True,
+                   **embed_kwargs) -> EmbedStream:
+        """Vectors of any iterable of ``str`` (a generator over a file, say), yielded in input order.
+
+        The stream is cut into windows of ``window`` texts, each embedded exactly as ``embed`` embeds
+        the same window, so the bits are those of ``embed(texts, window=window, ...)`` on the same
+        backend, at any length; only two windows are held at once. With ``read_ahead`` the next window
+        is read and tokenized in a worker thread while the current one runs. ``embed_kwargs``:
+        ``max_length``, ``truncate``, ``pooling``, ``normalize``, ``dim``, ``precision``, ``calibration``,
+        ``prompt_name``, ``prompt``.
+        ``progress=None``: a bar (texts/s, tokens/s) on stderr when it is a terminal and the first window
+        is big. Returns an iterator of 1-D tensors (see ``fastenc.streaming.EmbedStream``).
+        """
+        if isinstance(texts, (str, bytes, bytearray)) or not isinstance(texts, Iterable):
+            raise TypeError(f"texts must be an iterable of str, got {type(texts).__name__}")
+        plan = self._embed_plan(batch_size=batch_size, window=window,
+                                max_tokens=DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens, **embed_kwargs)
+        counter = Progress(progress)
+        return EmbedStream(self._embed_windows(iter(texts), plan, counter, ahead=read_ahead), plan.storage, counter)
+
+    def calibrate(self, texts: Sequence[str], *, dim: int | None = None, **embed_kwargs) -> torch.Tensor:
+        """int8 calibration ranges ``(2, dim)`` (each coordinate's min and max) over the vectors of
+        ``texts``, a sample of the corpus: pass them as ``calibration=`` so every window, process or
+        Ray actor codes vectors alike."""
+        return int8_ranges(self.embed(texts, dim=dim, **embed_kwargs))
+
+    # ------------------------------------------------------------------------------------------ retrieval
+    def _prompt(self, prompt_name: str | None, prompt: str | None) -> str:
+        """The text to prepend, as sentence-transformers resolves it: ``prompt`` if given (``prompt_name`` is
+        then ignored, with a warning), else the checkpoint's prompt called ``prompt_name``, else its
+        ``default_prompt_name``'s, else none."""
+        prompts = self._sentence.prompts if self._sentence else {}
+        if prompt is not None:
+            if not isinstance(prompt, str):
+                raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+            if prompt_name is not None:
+                warnings.warn("both prompt and prompt_name given: prompt_name is ignored (as in sentence-transformers)",
+                              stacklevel=3)
+            return prompt
+        if prompt_name is not None:
+            if prompt_name not in prompts:
+                known = ", ".join(map(repr, prompts)) or "none"
+                raise InputError(f"prompt_name {prompt_name!r} is not one of this checkpoint's prompts "
+                                 f"(config_sentence_transformers.json): {known}")
+            return prompts[prompt_name]
+        default = self._sentence.default_prompt_name if self._sentence else None
+        return prompts[default] if default is not None else ""
+
+    def _prompt_skip(self, prompt: str, max_length: int | None) -> int:
+        """Prompt tokens to leave out of the pooling: 0 unless the pooling config says ``include_prompt:
+        false``; then the prompt's token count with special tokens but without a trailing one ([CLS] + the
+        prompt for BERT), as sentence-transformers' ``Transformer`` measures it."""
+        if not prompt or self._sentence is None or self._sentence.include_prompt:
+            return 0
+        encoding = self._encode([prompt], max_length, truncate=True)[0]
+        return len(encoding.ids) - (1 if encoding.special_tokens_mask and encoding.special_tokens_mask[-1] else 0)
+
+    def _prompted(self, texts: list[str], prompt_name: str | None, prompt: str | None,
+                  max_length: int | None) -> tuple[list[str], int]:
+        """``(texts with the prompt prepended, prompt tokens to leave out of the pooling)``."""
+        prompt = self._prompt(prompt_name, prompt)
+        if not prompt:  # sentence-transformers skips an empty prompt altogether
+            return texts, 0
+        return [prompt + text for text in texts], self._prompt_skip(prompt, max_length)
+
+    def _batches(self, texts: list[str], *, batch_size: int, max_length: int | None, truncate: bool,
+                 progress: bool | None, max_tokens: int, desc: str):
+        """``(rows, packed)`` per token-budget batch of ``texts`` (as ``embed`` batches them)."""
         for name, value in (("batch_size", batch_size), ("max_tokens", max_tokens)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"{name} must be a positive int, got {value!r}")
+        encodings = self._encode(texts, max_length, truncate)
+        batches = token_budget_batches([len(e.ids) for e in encodings], batch_size, max_tokens)
+        if progress is None:
+            progress = len(texts) >= PROGRESS_MIN_TEXTS and sys.stderr.isatty()
+        if progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, desc=desc, unit="batch", file=sys.stderr)
+        for rows in batches:
+            yield rows, self._pack_encodings([encodings[i] for i in rows])
+
+    def embed_tokens(self, texts: str | Sequence[str], *, batch_size: int = 32, max_length: int | None = None,
+                     truncate: bool = True, progress: bool | None = None, max_tokens: int = DEFAULT_MAX_TOKENS,
+                     prompt_name: str | None = None, prompt: str | None = None) -> list[torch.Tensor] | torch.Tensor:
+        """Token vectors: per text a float32 CPU ``(n_i, hidden)`` tensor, the last hidden states of its ``n_i``
+        real tokens (special tokens and any prompt included), as sentence-transformers'
+        ``encode(output_value="token_embeddings")``. A single ``str`` gives one tensor."""
+        single = isinstance(texts, str)
+        texts = _check_texts(texts)
+        texts, _ = self._prompted(texts, prompt_name, prompt, max_length)
+        out: list[torch.Tensor | None] = [None] * len(texts)
+        for rows, packed in self._batches(texts, batch_size=batch_size, max_length=max_length, truncate=truncate,
+                                          progress=progress, max_tokens=max_tokens, desc="embed_tokens"):
+            hidden = self._run(packed).float().cpu()  # (tokens, hidden)
+            for row, tokens in zip(rows, hidden.split(list(packed.lengths))):
+                out[row] = tokens.clone()  # its own storage, not a view that keeps the batch alive
+        return out[0] if single else out
+
+    def embed_sparse(self, texts: str | Sequence[str], *, top_k: int | None = None, batch_size: int = 32,
+                     max_length: int | None = None, truncate: bool = True, progress: bool | None = None,
+                     max_tokens: int = DEFAULT_MAX_TOKENS, prompt_name: str | None = None,
+                     prompt: str | None = None) -> torch.Tensor:
+        """SPLADE vectors: a float32 CPU sparse COO tensor ``(len(texts), vocab_size)`` (``(vocab_size,)`` for
+        a single ``str``), as sentence-transformers' ``SparseEncoder.encode``.
+
+        The checkpoint needs a masked-LM head; its ``SpladePooling`` config says how to pool (max or sum)
+        and activate (``relu``: ``log1p(relu)``; ``log1p_relu``: ``log1p(log1p(relu))``), by default max
+        and relu as SparseEncoder does for a plain masked LM. ``top_k`` keeps each vector's largest
+        values (``None``: the checkpoint's ``max_active_dims``, else all). On the Triton backend the
+        projection onto the vocabulary, the activation and the pooling are one fused kernel, so the
+        ``(tokens, vocab)`` logits never reach memory; the torch backend walks the vocabulary in chunks.
+        """
+        task_heads.require(self, "mlm")
+        if top_k is None and self._sentence is not None:
+            top_k = self._sentence.max_active_dims
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise InputError(f"top_k must be a positive int or None, got {top_k!r}")
+        splade = (self._sentence.splade if self._sentence else None) or SpladeConfig()
+        single = isinstance(texts, str)
+        texts = _check_texts(texts)
+        texts, _ = self._prompted(texts, prompt_name, prompt, max_length)
+        vocab = self.config.vocab_size
+        found_rows, found_cols, found_values = [], [], []
+        for rows, packed in self._batches(texts, batch_size=batch_size, max_length=max_length, truncate=truncate,
+                                          progress=progress, max_tokens=max_tokens, desc="embed_sparse"):
+            with torch.inference_mode():
+                vectors = task_heads.sparse_vectors(self, self._run(packed), packed.cu_seqlens, splade.pooling,
+                                                    splade.activation)  # (batch, vocab) float32
+                if top_k is not None and top_k < vocab:  # as sentence-transformers' select_max_active_dims
+                    values, cols = vectors.topk(top_k, dim=1)
+                    vectors = torch.zeros_like(vectors).scatter_(1, cols, values)
+                local, cols = vectors.nonzero(as_tuple=True)
+                found_values.append(vectors[local, cols].cpu())
+            found_rows.append(torch.tensor(rows, dtype=torch.long)[local.cpu()])
+            found_cols.append(cols.cpu())
+        indices = torch.stack([torch.cat(found_rows), torch.cat(found_cols)]) if found_rows else \
+            torch.zeros(2, 0, dtype=torch.long)
+        values = torch.cat(found_values) if found_values else torch.zeros(0)
+        out = torch.sparse_coo_tensor(indices, values, (len(texts), vocab), check_invariants=False).coalesce()
+        return out[0] if single else out
+
+    def _embed_plan(self, *, batch_size: int, max_tokens: int, window: int, max_length: int | None = None,
+                    truncate: bool = True, pooling: str | None = None, normalize: bool | None = None,
+                    dim: int | None = None, precision: str = "float32", calibration=None,
+                    prompt_name: str | None = None, prompt: str | None = None) -> "_EmbedPlan":
+        """Check embed's options once, before any text is read."""
+        for name, value in (("batch_size", batch_size), ("max_tokens", max_tokens), ("window", window)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InputError(f"{name} must be a positive int, got {value!r}")
         sentence = self._sentence
         if sentence is not None and sentence.unsupported_modules:
             raise FastencError(f"embed() cannot reproduce the sentence-transformers modules "
                                f"{', '.join(sentence.unsupported_modules)} of this checkpoint")
+        if pooling is None and sentence is not None and sentence.splade is not None:
+            raise FastencError("this checkpoint is a sentence-transformers SparseEncoder (SpladePooling): use "
+                               "embed_sparse() for its vectors, or pass pooling= to pool its hidden states")
         if pooling is None:
             pooling = (sentence.pooling if sentence else None) or "mean"
         if pooling not in POOLING_MODES:
             raise InputError(f"pooling {pooling!r} is not supported; use one of {', '.join(POOLING_MODES)}")
         if normalize is None:
             normalize = bool(sentence and sentence.normalize)
+        self._max_length(max_length)  # a bad max_length fails now, not at the first window
+        storage = Storage.make(dim, precision, calibration, hidden_size=self.config.hidden_size, normalize=normalize)
+        prompt = self._prompt(prompt_name, prompt)
+        return _EmbedPlan(batch_size, max_tokens, window, max_length, truncate, pooling, normalize, storage, prompt,
+                          self._prompt_skip(prompt, max_length))
 
-        encodings = self._encode(texts, max_length, truncate)
-        batches = token_budget_batches([len(e.ids) for e in encodings], batch_size, max_tokens)
-        out = torch.zeros(len(texts), self.config.hidden_size, dtype=torch.float32)
-        if progress is None:
-            progress = len(texts) >= _PROGRESS_MIN_TEXTS and sys.stderr.isatty()
-        if progress:
-            from tqdm.auto import tqdm
+    def _embed_windows(self, texts: Iterator[str], plan: "_EmbedPlan", progress: Progress, *,
+                       ahead: bool) -> Iterator[torch.Tensor]:
+        """Stored vectors ``(n, width)`` per window of ``plan.window`` texts, in order."""
+        windows = self._tokenized_windows(texts, plan)
+        trim = HeapTrimmer()
+        try:
+            for encodings, batches in read_ahead(windows) if ahead else windows:
+                progress.window(len(encodings))
+                vectors = torch.zeros(len(encodings), self.config.hidden_size, dtype=torch.float32)
+                for rows in batches:
+                    packed = self._pack_encodings([encodings[i] for i in rows])
+                    vectors[rows] = pool(self._run(packed), list(packed.lengths), plan.pooling,
+                                         normalize=plan.normalize, skip=plan.skip).cpu()
+                    progress.batch(len(rows), packed.num_tokens)
+                del encodings, packed
+                trim()  # else glibc's heap grows window after window (see HeapTrimmer)
+                yield plan.storage.apply(vectors)
+        finally:
+            progress.close()
 
-            batches = tqdm(batches, desc="embed", unit="batch", file=sys.stderr)
-        for rows in batches:
-            packed = self._pack_encodings([encodings[i] for i in rows])
-            vectors = pool(self._run(packed), list(packed.lengths), pooling, normalize=normalize)
-            out[rows] = vectors.cpu()
-        return out[0] if single else out
+    def _tokenized_windows(self, texts: Iterator[str], plan: "_EmbedPlan"):
+        """``(encodings, batches)`` per window: the texts tokenized and grouped by the token budget."""
+        start = 0
+        while chunk := list(itertools.islice(texts, plan.window)):
+            for index, text in enumerate(chunk):
+                if not isinstance(text, str):
+                    raise TypeError(f"texts[{start + index}] is {type(text).__name__}, not str")
+            if plan.prompt:
+                chunk = [plan.prompt + text for text in chunk]
+            encodings = self._encode(chunk, plan.max_length, plan.truncate, offset=start)
+            yield encodings, token_budget_batches([len(e.ids) for e in encodings], plan.batch_size, plan.max_tokens)
+            start += len(chunk)
 
     def _pack_encodings(self, encodings) -> PackedBatch:
         lengths = [len(e.ids) for e in encodings]
@@ -473,6 +674,22 @@ class Encoder:
             seen = seen - torch.repeat_interleave(before, counts)
             positions = seen * not_pad + self.config.pad_token_id
         return self._pack(ids, positions, types, lengths)
+
+
+@dataclasses.dataclass(frozen=True)
+class _EmbedPlan:
+    """embed's options, checked: how texts are batched, pooled and stored."""
+
+    batch_size: int
+    max_tokens: int
+    window: int
+    max_length: int | None
+    truncate: bool
+    pooling: str
+    normalize: bool
+    storage: Storage
+    prompt: str  # prepended to every text ("" for none)
+    skip: int  # the prompt's tokens left out of the pooling (include_prompt: false)
 
 
 def _as_tensor(value, name: str) -> torch.Tensor:

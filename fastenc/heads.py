@@ -14,6 +14,8 @@ What each family computes (transformers' modeling files, v5):
   weight is the word embedding matrix when the checkpoint ties them (it is then absent from the file,
   and the encoder's own tensor is reused, not copied). Logits are computed only at the asked positions.
   The activation is the encoder's for BERT, DistilBERT and ALBERT, exact GELU for RoBERTa and ELECTRA.
+  SPLADE vectors (``sparse_vectors``) run the same transform, then ``ops.splade_pool``: the decoder,
+  the SPLADE activation and the pooling over each text's tokens in one op, vocabulary tile by tile.
 * sequence classification: BERT and ALBERT ``classifier(pooler)``; RoBERTa-likes
   ``out_proj(tanh(dense(first)))``; DistilBERT ``classifier(relu(pre_classifier(first)))``; ELECTRA
   ``out_proj(gelu(dense(first)))``.
@@ -415,14 +417,36 @@ def mlm_logits(encoder, hidden: torch.Tensor, index: torch.Tensor | None = None)
     Only the asked rows go through the head: the decoder GEMM, ``vocab x hidden`` per token, is most of
     its cost, and a fill-mask call needs it at one or two tokens, not at every token.
     """
-    require(encoder, "mlm")
-    ops, c, t = encoder._ops, encoder.config, encoder._head_tensors["mlm"]
     if index is not None:
         hidden = hidden.index_select(0, index.to(hidden.device))
+    x = _mlm_transform(encoder, hidden)  # (N, E)
+    decoder, bias = _mlm_decoder(encoder)
+    return encoder._ops.linear(x, decoder, bias)  # (N, vocab)
+
+
+def sparse_vectors(encoder, hidden: torch.Tensor, cu_seqlens: torch.Tensor, pooling: str = "max",
+                   activation: str = "relu") -> torch.Tensor:
+    """SPLADE vectors ``(batch, vocab)`` float32 of packed texts: the MLM head's logits, activated
+    (``log1p(relu)``, or ``log1p(log1p(relu))`` for ``"log1p_relu"``) and pooled (max or sum) over each
+    text's tokens by ``ops.splade_pool``, which never holds the ``(tokens, vocab)`` logits whole."""
+    x = _mlm_transform(encoder, hidden)  # (T, E)
+    decoder, bias = _mlm_decoder(encoder)
+    return encoder._ops.splade_pool(x, decoder, bias, cu_seqlens, pooling, activation)
+
+
+def _mlm_transform(encoder, hidden: torch.Tensor) -> torch.Tensor:
+    """The MLM head's transform ``LayerNorm(act(dense(h)))``: ``(N, E)``."""
+    require(encoder, "mlm")
+    ops, c, t = encoder._ops, encoder.config, encoder._head_tensors["mlm"]
     x = ops.linear(hidden, t["mlm.dense.weight"], t.get("mlm.dense.bias"))  # (N, E)
-    x = ops.gelu_layer_norm(x, t["mlm.norm.weight"], t.get("mlm.norm.bias"), c.layer_norm_eps,
-                            _activation(encoder, "mlm"))
+    return ops.gelu_layer_norm(x, t["mlm.norm.weight"], t.get("mlm.norm.bias"), c.layer_norm_eps,
+                               _activation(encoder, "mlm"))
+
+
+def _mlm_decoder(encoder) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The decoder's ``(vocab, E)`` weight and ``(vocab,)`` bias; tied: the word embeddings themselves, no copy."""
+    t = encoder._head_tensors["mlm"]
     decoder = t.get("mlm.decoder.weight")
-    if decoder is None:  # tied: the word embeddings themselves, no copy
+    if decoder is None:
         decoder = encoder._tensors["embeddings.word"]
-    return ops.linear(x, decoder, t.get("mlm.decoder.bias"))  # (N, vocab)
+    return decoder, t.get("mlm.decoder.bias")  # None: ModernBERT with decoder_bias false

@@ -7,6 +7,10 @@ batch's attention is padded as little as possible) and its head, and post-proces
 ``token_classification.py``): same keys in the same order, same words, offsets and labels; scores are
 Python floats.
 
+Reranking (``"rerank"``) scores ``(query, text)`` pairs with a cross-encoder (a one-label sequence
+classifier) and orders them as sentence-transformers' ``CrossEncoder.rank`` does (see
+``RerankPipeline``).
+
 Question answering follows the rule in ``API.md`` (transformers v5 ships no such pipeline): contexts
 too long for ``max_seq_len`` tokens are split into windows overlapping by ``doc_stride`` tokens; in each
 window ``p_start``/``p_end`` are the softmax of the start/end logits over the context tokens only, the
@@ -30,7 +34,7 @@ from .encoder import Encoder
 from .errors import InputError, LoadError
 from .tokenize import check_unicode
 
-TASKS = ("fill-mask", "text-classification", "token-classification", "question-answering")
+TASKS = ("fill-mask", "text-classification", "token-classification", "question-answering", "rerank")
 TASK_ALIASES = {"sentiment-analysis": "text-classification", "ner": "token-classification"}
 AGGREGATION_STRATEGIES = ("none", "simple", "first", "average", "max")
 CLASSIFICATION_FUNCTIONS = ("softmax", "sigmoid", "none")
@@ -637,6 +641,83 @@ def best_spans(encoding, start_logits: torch.Tensor, end_logits: torch.Tensor, m
     return spans
 
 
+# ------------------------------------------------------------------------------------------------ rerank
+# A CrossEncoder's activation_fn (the dotted path sentence-transformers saves) -> the score function.
+SCORE_ACTIVATIONS = {
+    "torch.nn.modules.activation.Sigmoid": torch.sigmoid, "torch.nn.Sigmoid": torch.sigmoid,
+    "torch.nn.modules.linear.Identity": lambda x: x, "torch.nn.Identity": lambda x: x,
+    "torch.nn.modules.activation.Tanh": torch.tanh, "torch.nn.Tanh": torch.tanh,
+}
+
+
+class RerankPipeline(Pipeline):
+    """``p(query, texts, top_k=None, return_text=False)``: ``[{"index", "score"(, "text")}]``, best first.
+
+    As sentence-transformers' ``CrossEncoder.rank``: each ``(query, text)`` pair is tokenized as a pair
+    (truncated longest first to the model's length), scored by the one-label classifier and its
+    activation (``activation_fn`` from ``config_sentence_transformers.json`` or ``config.json``'s
+    ``sentence_transformers``; sigmoid by default), then sorted by score, highest first, ties in input
+    order; ``top_k`` keeps the first ones. The pairs run through the encoder packed, without padding.
+    """
+
+    task, head = "rerank", "sequence_classification"
+
+    def __init__(self, encoder: Encoder, *, batch_size: int = 32):
+        super().__init__(encoder, batch_size=batch_size)
+        labels = task_heads.num_labels(encoder.config)
+        if labels != 1:
+            raise LoadError(f"{encoder.path or 'this encoder'}: reranking needs a cross-encoder with one label "
+                            f"(a relevance score); this classifier has {labels}")
+        self.activation = self._activation()
+        limit = encoder._sentence.max_seq_length if encoder._sentence else None
+        self.pair_length = min(limit, self.max_length) if limit else self.max_length
+
+    def _activation(self):
+        """The score function, found where ``CrossEncoder`` looks for it, in the same order."""
+        sentence, raw = self.encoder._sentence, self.encoder.config.raw
+        settings = raw.get("sentence_transformers")
+        for path in (sentence.activation_fn if sentence else None,
+                     settings.get("activation_fn") if isinstance(settings, dict) else None,
+                     raw.get("sbert_ce_default_activation_function")):
+            if not isinstance(path, str):
+                continue
+            if not path.startswith("torch."):  # CrossEncoder loads only torch's without trust_remote_code
+                warnings.warn(f"activation_fn {path!r} is not a torch module; scoring with the default sigmoid, "
+                              "as sentence-transformers does without trust_remote_code", stacklevel=4)
+                break
+            if path not in SCORE_ACTIVATIONS:
+                raise LoadError(f"{self.encoder.path or 'this encoder'}: the cross-encoder's activation_fn {path!r} "
+                                f"is not supported; fastenc supports {', '.join(SCORE_ACTIVATIONS)}")
+            return SCORE_ACTIVATIONS[path]
+        return torch.sigmoid
+
+    def __call__(self, query: str, texts: Sequence[str], *, top_k: int | None = None, return_text: bool = False,
+                 raw_scores: bool = False, truncation: bool = True, batch_size: int | None = None) -> list[dict]:
+        """``raw_scores``: the logits, without the activation (text-embeddings-inference's ``raw_scores``);
+        ``truncation=False``: a pair over the model's length is an ``InputError`` instead of being cut."""
+        if not isinstance(query, str):
+            raise TypeError(f"query must be a str, got {type(query).__name__}")
+        if isinstance(texts, str):
+            raise TypeError("texts must be a list of str (the documents to rank), not one str")
+        texts = _texts(texts)
+        if top_k is not None:
+            top_k = _positive_int(top_k, "top_k")
+        encodings = self._tokenize([(query, text) for text in texts], truncation=truncation,
+                                   max_length=self.pair_length)
+        logits = self._run(encodings, lambda packed, hidden, rows: task_heads.sequence_logits(
+            self.encoder, hidden, packed.lengths).float().cpu(), batch_size)
+        if not texts:
+            return []
+        logits = torch.cat(logits)  # float32, as CrossEncoder scores them
+        scores = (logits if raw_scores else self.activation(logits)).tolist()
+        results = [{"index": index, "score": score} for index, score in enumerate(scores)]
+        if return_text:
+            for result, text in zip(results, texts):
+                result["text"] = text
+        results.sort(key=lambda result: result["score"], reverse=True)  # stable: ties keep the input order
+        return results[:top_k]
+
+
 # -------------------------------------------------------------------------------------------- helpers
 def _texts(inputs, allow_empty: bool = True) -> list[str]:
     if isinstance(inputs, str):
@@ -672,4 +753,5 @@ _PIPELINES = {
     "text-classification": TextClassificationPipeline,
     "token-classification": TokenClassificationPipeline,
     "question-answering": QuestionAnsweringPipeline,
+    "rerank": RerankPipeline,
 }

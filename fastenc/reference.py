@@ -257,3 +257,50 @@ def gelu_layer_norm(
 ) -> torch.Tensor:  # (tokens, hidden)
     """``LayerNorm(act(x))``: the transform of the masked-LM head."""
     return F.layer_norm(apply_activation(x, activation), (x.shape[-1],), weight, bias, eps)
+
+
+SPLADE_VOCAB_CHUNK = 4096  # words per chunk of splade_pool's twin: its scratch is (tokens, 4096), not (tokens, vocab)
+
+
+def splade_activation(x: torch.Tensor, activation: str) -> torch.Tensor:
+    """SpladePooling's activation: ``log1p(relu(x))`` (``"relu"``) or ``log1p(log1p(relu(x)))`` (``"log1p_relu"``)."""
+    x = torch.log1p(torch.relu(x))
+    if activation == "log1p_relu":
+        return torch.log1p(x)
+    if activation != "relu":
+        raise ValueError(f"unknown SPLADE activation {activation!r}; expected 'relu' or 'log1p_relu'")
+    return x
+
+
+def splade_pool(
+    x: torch.Tensor,  # (tokens, hidden): the MLM transform's output
+    weight: torch.Tensor,  # (vocab, hidden): the MLM decoder (the word embeddings when tied)
+    bias: torch.Tensor,  # (vocab,)
+    cu_seqlens: torch.Tensor,  # (batch + 1,) int32
+    pooling: str = "max",
+    activation: str = "relu",
+) -> torch.Tensor:  # (batch, vocab) float32 (float64 for float64 inputs)
+    """SPLADE vectors: ``pool_over_tokens(act(x @ weight.T + bias))`` per packed sequence, ``pool`` max or sum.
+
+    The vocabulary is processed in chunks of ``SPLADE_VOCAB_CHUNK`` words, as the Triton kernel walks it
+    in tiles, so the ``(tokens, vocab)`` logits are never held whole. The activation is monotone, so max
+    pooling pools the logits first and activates the pooled row (an empty sequence pools to 0).
+    """
+    if pooling not in ("max", "sum"):
+        raise ValueError(f"unknown SPLADE pooling {pooling!r}; expected 'max' or 'sum'")
+    batch, vocab = cu_seqlens.numel() - 1, weight.shape[0]
+    out_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.long)
+    text = torch.repeat_interleave(torch.arange(batch, device=x.device), lengths)  # (tokens,) which text
+    out = torch.empty(batch, vocab, dtype=out_dtype, device=x.device)
+    for start in range(0, vocab, SPLADE_VOCAB_CHUNK):
+        end = min(start + SPLADE_VOCAB_CHUNK, vocab)
+        logits = torch.addmm(bias[start:end], x, weight[start:end].t()).to(out_dtype)  # (tokens, chunk)
+        if pooling == "max":
+            pooled = logits.new_full((batch, end - start), float("-inf"))
+            pooled.scatter_reduce_(0, text[:, None].expand_as(logits), logits, "amax")
+            out[:, start:end] = splade_activation(pooled, activation)
+        else:
+            pooled = logits.new_zeros(batch, end - start)
+            out[:, start:end] = pooled.index_add_(0, text, splade_activation(logits, activation))
+    return out

@@ -114,7 +114,7 @@ def _byte_level_bpe(vocab: Path, merges: Path, settings: dict) -> Tokenizer:
     return tokenizer
 
 
-def check_unicode(texts: list, what: str = "text") -> None:
+def check_unicode(texts: list, what: str = "text", offset: int = 0) -> None:
     """Raise ``InputError`` naming the first text that is not valid Unicode (a lone surrogate, as a file read
     with ``errors="surrogateescape"`` leaves them), which no tokenizer can take. An item may also be a
     tuple or list of strings (a text pair, pre-tokenized words)."""
@@ -123,12 +123,14 @@ def check_unicode(texts: list, what: str = "text") -> None:
             try:
                 text.encode("utf-8")
             except UnicodeEncodeError as exc:
-                raise InputError(f"{what} {index} is not valid Unicode: {exc.reason} ({text[exc.start]!r}); "
+                raise InputError(f"{what} {index + offset} is not valid Unicode: {exc.reason} ({text[exc.start]!r}); "
                                  "decode its bytes with errors='replace' first") from None
 
 
-def encode(tokenizer: Tokenizer, texts: list[str], max_length: int, truncate: bool) -> list[Encoding]:
-    """Encode with special tokens, truncated to ``max_length`` tokens, or an ``InputError`` naming the text."""
+def encode(tokenizer: Tokenizer, texts: list[str], max_length: int, truncate: bool, *,
+           offset: int = 0) -> list[Encoding]:
+    """Encode with special tokens, truncated to ``max_length`` tokens, or an ``InputError`` naming the text
+    (its index plus ``offset``, for texts taken from a longer stream)."""
     if truncate:
         tokenizer.enable_truncation(max_length)
     else:
@@ -136,14 +138,13 @@ def encode(tokenizer: Tokenizer, texts: list[str], max_length: int, truncate: bo
     try:
         encodings = tokenizer.encode_batch(texts, add_special_tokens=True)
     except TypeError:  # tokenizers' message for a str it cannot take; find the text and say why
-        check_unicode(texts)
+        check_unicode(texts, offset=offset)
         raise
     finally:
         tokenizer.no_truncation()
     if not truncate:
         for index, encoding in enumerate(encodings):
             if len(encoding.ids) > max_length:
-                raise InputError(
-                    f"text {index} has {len(encoding.ids)} tokens, over the limit of {max_length} (truncate=False)"
-                )
+                raise InputError(f"text {index + offset} has {len(encoding.ids)} tokens, over the limit of "
+                                 f"{max_length} (truncate=False)")
     return encodings

@@ -49,7 +49,7 @@ def test_embed_file_and_outputs(tmp_path, expected):
 @pytest.mark.parametrize("args, needle", [
     (("embed",), "no texts"),
     (("embed", "--model", "/definitely/not/here", "x"), "not a directory"),
-    (("embed", "--output", "vectors.csv", "x"), ".npy or .jsonl"),
+    (("embed", "--output", "vectors.csv", "x"), "suffix must be one of .npy, .jsonl, .parquet"),
     (("embed", "--file", "/definitely/not/here.txt"), "cannot read --file"),
     (("embed", "--backend", "nope", "x"), "backend 'nope'"),
     (("embed", "--dtype", "int4", "x"), "dtype 'int4'"),

@@ -12,14 +12,18 @@ optional, and importing them costs seconds. Instead:
   ``sys.meta_path``: it finds nothing itself, but wraps the real loader of exactly those two modules so
   that, right after the module has run, the registration runs on it — so ``import transformers``
   stays as fast as it was, and a registration never imports anything. The finder removes itself once
-  both modules are registered.
+  both modules are registered. A module that is in ``sys.modules`` but still running (another thread is
+  importing it, or ``import fastenc`` happens inside its own import) is registered by a daemon thread
+  once its import completes: registering a half-run module failed with "partially initialized module".
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.abc
 import logging
 import sys
+import threading
 from collections.abc import Callable
 from types import ModuleType
 
@@ -102,6 +106,29 @@ def _run_callback(callback: Callable[[ModuleType], None], module: ModuleType) ->
         logger.warning("fastenc: could not register attn_implementation='fastenc' with %s: %s", module.__name__, exc)
 
 
+def _initializing(module: ModuleType) -> bool:
+    """Whether ``module`` is still being executed by an import (importlib marks its spec meanwhile)."""
+    return bool(getattr(getattr(module, "__spec__", None), "_initializing", False))
+
+
+def _register_when_imported(name: str, callback: Callable[[ModuleType], None]) -> None:
+    """Run ``callback`` on module ``name`` once its import, under way in this or another thread, completes.
+
+    ``import_module`` of a module another thread is importing waits for that import to finish; a daemon
+    thread does the waiting, so neither ``import fastenc`` nor that import waits for the other.
+    """
+    def wait_then_register():
+        try:
+            module = importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001 - the importer sees its own error; ours is only a warning
+            logger.warning("fastenc: could not register attn_implementation='fastenc': %s failed to import: %s",
+                           name, exc)
+            return
+        _run_callback(callback, module)
+
+    threading.Thread(target=wait_then_register, name=f"fastenc-register-{name}", daemon=True).start()
+
+
 def install_import_hooks() -> None:
     """Register ``attn_implementation="fastenc"`` with transformers, now or when it gets imported."""
     if any(isinstance(finder, _RegisterOnImport) for finder in sys.meta_path):
@@ -112,9 +139,11 @@ def install_import_hooks() -> None:
     for name, callback in (("transformers.modeling_utils", integration.register_attention),
                            ("transformers.masking_utils", integration.register_mask)):
         module = sys.modules.get(name)
-        if module is not None:
-            _run_callback(callback, module)
-        else:
+        if module is None:
             pending[name] = callback
+        elif _initializing(module):
+            _register_when_imported(name, callback)
+        else:
+            _run_callback(callback, module)
     if pending:
         sys.meta_path.insert(0, _RegisterOnImport(pending))

@@ -22,6 +22,7 @@ from fastenc.kernels.embeddings import embeddings
 from fastenc.kernels.gemm import gated_linear, linear
 from fastenc.kernels.layer_norm import add_layer_norm, gelu_layer_norm, layer_norm
 from fastenc.kernels.qkv import fused_qkv
+from fastenc.kernels.splade import splade_pool
 
 KERNELS = (
     ("embeddings", "word + position (+ type) gather, sum and LayerNorm in one pass, one token per program"),
@@ -34,6 +35,8 @@ KERNELS = (
     ("add_layer_norm", "LayerNorm(x + residual), one row per program, fp32 statistics"),
     ("layer_norm", "LayerNorm(x), one row per program, fp32 statistics"),
     ("gelu_layer_norm", "LayerNorm(act(x)), one row per program, fp32 statistics"),
+    ("splade_pool", "SPLADE head: vocabulary GEMM tiles, log1p-ReLU and per-text max/sum pooling in registers; "
+                    "the (tokens, vocab) logits never reach memory"),
 )
 
 if _target.INTERPRETED:
@@ -42,4 +45,4 @@ if _target.INTERPRETED:
     _interpreter.install()
 
 __all__ = ["KERNELS", "add_layer_norm", "attention", "embeddings", "fused_qkv", "gated_linear", "gelu_layer_norm",
-           "layer_norm", "linear"]
+           "layer_norm", "linear", "splade_pool"]

@@ -69,6 +69,7 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # Lengths of the packed batches each model is run on: a full 32 x 128 batch (4096 tokens, divisible by
 # 16) and a ragged one (263 tokens): Triton specialises integer arguments on divisibility by 16.
 BATCHES = ([128] * 32, [7, 128, 1, 127])
+SPLADE_VOCAB = 30522  # BERT's vocabulary, for the SPLADE kernel
 
 
 @dataclasses.dataclass
@@ -194,7 +195,7 @@ class CompileOnlyDriver(DriverBase):
 
 
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_D", "BLOCK", "GROUP_M")
-SHAPE_KEYS = ("K", "N", "HEAD_DIM", "n_cols", "ACTIVATION")
+SHAPE_KEYS = ("K", "N", "HEAD_DIM", "n_cols", "ACTIVATION", "POOLING")
 # The families' constexpr flags, shown with the shape where they differ from BERT's kernels.
 FLAG_DEFAULTS = {"HAS_BIAS": True, "HAS_POSITIONS": True, "HAS_RESIDUAL": False, "ROPE": False, "WINDOW": False,
                  "REL_BIAS": False}
@@ -248,11 +249,17 @@ def compile_report(archs=(90, 80), dtypes=("fp16", "bf16"), models=("bert-base",
                     for lengths in BATCHES:
                         ids = torch.ones(len(lengths), max(lengths), dtype=torch.long)
                         mask = (torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]).long()
-                        hidden = encoder.forward_packed(encoder.pack(ids, mask))
+                        packed = encoder.pack(ids, mask)
+                        hidden = encoder.forward_packed(packed)
                     norm = encoder.config.hidden_size
                     # The MLM head's transform, the one kernel the encoder itself does not launch.
                     kernels.gelu_layer_norm(hidden, torch.empty(norm, dtype=hidden.dtype),
                                             torch.empty(norm, dtype=hidden.dtype), 1e-12, encoder.config.activation)
+                    # The SPLADE head's fused kernel at BERT's vocabulary (a partial last tile), both variants.
+                    decoder = torch.empty(SPLADE_VOCAB, norm, dtype=hidden.dtype)
+                    for pooling, activation in (("max", "relu"), ("sum", "log1p_relu")):
+                        kernels.splade_pool(hidden, decoder, torch.empty(SPLADE_VOCAB, dtype=hidden.dtype),
+                                            packed.cu_seqlens, pooling, activation)
                     builds.extend(driver.builds(dtype, model))
     return builds
 

@@ -18,7 +18,7 @@ import torch
 
 from fastenc.kernels import _target
 
-MATMUL_KERNELS = {"linear", "gated_linear", "fused_qkv", "attention"}
+MATMUL_KERNELS = {"linear", "gated_linear", "fused_qkv", "attention", "splade_pool"}
 SWEEP_ARCHS = (90, 86)
 
 
@@ -80,9 +80,11 @@ def test_every_kernel_of_the_forward_compiles(bert_builds, family_builds):
         for dtype in ("fp16", "bf16"):
             kernels = {b["kernel"] for b in builds if b["arch"] == arch and b["dtype"] == dtype}
             assert kernels == {"embeddings", "fused_qkv", "attention", "linear", "add_layer_norm",
-                               "gelu_layer_norm"}, (arch, dtype)
+                               "gelu_layer_norm", "splade_pool"}, (arch, dtype)
     ffn = {b["shape"] for b in builds if b["kernel"] == "linear"}
     assert ffn == {"K=768 N=768", "K=768 N=3072 ACTIVATION=gelu", "K=3072 N=768"}
+    splade = {b["shape"] for b in builds if b["kernel"] == "splade_pool"}
+    assert splade == {"K=768 N=30522 ACTIVATION=relu POOLING=max", "K=768 N=30522 ACTIVATION=log1p_relu POOLING=sum"}
     for arch in (90, 86):
         shapes = {(b["model"], b["kernel"], b["shape"]) for b in family_builds if b["arch"] == arch}
         assert shapes >= {

@@ -252,6 +252,54 @@ def test_embeddings(dtype, with_types, emb):
     assert_matches(out, expected, torch_out, "embeddings")
 
 
+# --- splade_pool --------------------------------------------------------------------------------
+
+SPLADE_LENGTHS = [1, 7, 0, 70]  # a one-token text, an empty one, one past a 64-token block
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("pooling, activation", [("max", "relu"), ("sum", "log1p_relu")])
+@pytest.mark.parametrize("hidden, vocab", [(72, 203), (64, 130)])  # K ragged / even; the last vocab tile partial
+def test_splade_pool(dtype, pooling, activation, hidden, vocab):
+    x = rand(sum(SPLADE_LENGTHS), hidden, dtype=dtype, pad=4)  # NaN past column K: reading it would show
+    weight = rand(vocab, hidden, dtype=dtype, scale=hidden**-0.5, pad=4)
+    bias = rand(vocab, dtype=dtype) - 1.5  # most logits negative, as in a trained SPLADE head
+    cu_seqlens = cu_seqlens_of(SPLADE_LENGTHS)
+    out = kernels.splade_pool(x, weight, bias, cu_seqlens, pooling, activation)
+    assert out.shape == (len(SPLADE_LENGTHS), vocab) and out.dtype == torch.float32
+    expected = reference.splade_pool(*f64(x, weight, bias), cu_seqlens, pooling, activation)
+    torch_out = reference.splade_pool(x, weight, bias, cu_seqlens, pooling, activation)
+    assert_matches(out, expected, torch_out, f"splade_pool[{pooling}, {activation}]")
+    assert (out >= 0).all() and (out[2] == 0).all()  # non-negative; the empty text pools to zero
+    assert 0.02 < (out[0] > 0).float().mean() < 0.5  # the one-token text: a mix of active and inactive words
+
+
+def test_splade_pool_matches_the_twin_chunk_by_chunk():
+    """The twin's vocabulary chunks meet: a vocabulary over one chunk gives the unchunked result."""
+    vocab = reference.SPLADE_VOCAB_CHUNK + 37
+    x, weight = rand(9, 24, dtype=torch.float64), rand(vocab, 24, dtype=torch.float64)
+    bias = rand(vocab, dtype=torch.float64)
+    cu_seqlens = cu_seqlens_of([4, 5])
+    logits = reference.splade_activation(reference.linear(x, weight, bias), "log1p_relu")
+    for pooling, pooled in (("max", torch.stack([logits[:4].amax(0), logits[4:].amax(0)])),
+                            ("sum", torch.stack([logits[:4].sum(0), logits[4:].sum(0)]))):
+        torch.testing.assert_close(reference.splade_pool(x, weight, bias, cu_seqlens, pooling, "log1p_relu"), pooled)
+
+
+def test_splade_pool_rows_are_batch_invariant():
+    lengths = [70, 7, 1, 33]
+    x = rand(sum(lengths), 96, dtype=torch.float16)
+    weight, bias = rand(150, 96, dtype=torch.float16, scale=0.1), rand(150, dtype=torch.float16)
+    for pooling, activation in (("max", "relu"), ("sum", "log1p_relu")):
+        full = kernels.splade_pool(x, weight, bias, cu_seqlens_of(lengths), pooling, activation)
+        start = 0
+        for row, n in enumerate(lengths):
+            alone = kernels.splade_pool(x[start:start + n].clone(), weight, bias, cu_seqlens_of([n]), pooling,
+                                        activation)
+            assert torch.equal(alone[0], full[row]), (pooling, row)
+            start += n
+
+
 # --- launcher errors ----------------------------------------------------------------------------
 
 
@@ -297,6 +345,10 @@ def _bad_calls() -> dict:
             ValueError,
             "token_type_ids",
         ),
+        "splade_pool weight shape": (lambda: kernels.splade_pool(x, w[:, :16], b, cu), ValueError, "weight"),
+        "splade_pool cu_seqlens dtype": (lambda: kernels.splade_pool(x, w, b, cu.long()), ValueError, "cu_seqlens"),
+        "splade_pool pooling": (lambda: kernels.splade_pool(x, w, b, cu, "mean"), ValueError, "pooling"),
+        "splade_pool activation": (lambda: kernels.splade_pool(x, w, b, cu, "max", "gelu"), ValueError, "activation"),
         "embeddings pos_emb": (
             lambda: kernels.embeddings(ids, ids, None, table, table[:, :16], None, ln_w, ln_b, 1e-12),
             ValueError,
@@ -324,7 +376,7 @@ def test_launchers_mirror_the_reference():
     """Same names, parameters and defaults as fastenc.reference; KERNELS lists each once."""
     names = [name for name, _ in kernels.KERNELS]
     assert sorted(names) == ["add_layer_norm", "attention", "embeddings", "fused_qkv", "gated_linear", "gelu_layer_norm",
-                             "layer_norm", "linear"]
+                             "layer_norm", "linear", "splade_pool"]
     for name in names:
         ours, theirs = inspect.signature(getattr(kernels, name)), inspect.signature(getattr(reference, name))
         assert [(p.name, p.default) for p in ours.parameters.values()] == [
