@@ -548,9 +548,8 @@ class Encoder:
         out: list[torch.Tensor | None] = [None] * len(texts)
         for rows, packed in self._batches(texts, batch_size=batch_size, max_length=max_length, truncate=truncate,
                                           progress=progress, max_tokens=max_tokens, desc="embed_tokens"):
-            hidden = self._run(packed).float().cpu()  # (tokens, hidden)
-            for row, tokens in zip(rows, hidden.split(list(packed.lengths))):
-                out[row] = tokens.clone()  # its own storage, not a view that keeps the batch alive
+            for row, tokens in zip(rows, _token_vectors(self._run(packed), packed.lengths)):
+                out[row] = tokens
         return out[0] if single else out
 
     def embed_sparse(self, texts: str | Sequence[str], *, top_k: int | None = None, batch_size: int = 32,
@@ -568,11 +567,7 @@ class Encoder:
         ``(tokens, vocab)`` logits never reach memory; the torch backend walks the vocabulary in chunks.
         """
         task_heads.require(self, "mlm")
-        if top_k is None and self._sentence is not None:
-            top_k = self._sentence.max_active_dims
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-            raise InputError(f"top_k must be a positive int or None, got {top_k!r}")
-        splade = (self._sentence.splade if self._sentence else None) or SpladeConfig()
+        top_k = self._sparse_top_k(top_k)
         single = isinstance(texts, str)
         texts = _check_texts(texts)
         texts, _ = self._prompted(texts, prompt_name, prompt, max_length)
@@ -581,11 +576,7 @@ class Encoder:
         for rows, packed in self._batches(texts, batch_size=batch_size, max_length=max_length, truncate=truncate,
                                           progress=progress, max_tokens=max_tokens, desc="embed_sparse"):
             with torch.inference_mode():
-                vectors = task_heads.sparse_vectors(self, self._run(packed), packed.cu_seqlens, splade.pooling,
-                                                    splade.activation)  # (batch, vocab) float32
-                if top_k is not None and top_k < vocab:  # as sentence-transformers' select_max_active_dims
-                    values, cols = vectors.topk(top_k, dim=1)
-                    vectors = torch.zeros_like(vectors).scatter_(1, cols, values)
+                vectors = self._sparse_vectors(self._run(packed), packed.cu_seqlens, top_k)  # (batch, vocab)
                 local, cols = vectors.nonzero(as_tuple=True)
                 found_values.append(vectors[local, cols].cpu())
             found_rows.append(torch.tensor(rows, dtype=torch.long)[local.cpu()])
@@ -595,6 +586,26 @@ class Encoder:
         values = torch.cat(found_values) if found_values else torch.zeros(0)
         out = torch.sparse_coo_tensor(indices, values, (len(texts), vocab), check_invariants=False).coalesce()
         return out[0] if single else out
+
+    def _sparse_top_k(self, top_k: int | None) -> int | None:
+        """``embed_sparse``'s ``top_k``, checked: as given, else the checkpoint's ``max_active_dims``, else None."""
+        if top_k is None and self._sentence is not None:
+            top_k = self._sentence.max_active_dims
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise InputError(f"top_k must be a positive int or None, got {top_k!r}")
+        return top_k
+
+    def _sparse_vectors(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor, top_k: int | None) -> torch.Tensor:
+        """SPLADE vectors ``(batch, vocab)`` float32 on the device, of the packed texts ``cu_seqlens`` cuts
+        ``hidden`` into: the checkpoint's ``SpladePooling`` (else SparseEncoder's max/relu), then each row's
+        ``top_k`` largest values kept, as sentence-transformers' ``select_max_active_dims`` (a checked
+        ``top_k``: see ``_sparse_top_k``). ``embed_sparse`` and ``fastenc serve``'s ``/embed_sparse`` run this."""
+        splade = (self._sentence.splade if self._sentence else None) or SpladeConfig()
+        vectors = task_heads.sparse_vectors(self, hidden, cu_seqlens, splade.pooling, splade.activation)
+        if top_k is not None and top_k < self.config.vocab_size:
+            values, cols = vectors.topk(top_k, dim=1)
+            vectors = torch.zeros_like(vectors).scatter_(1, cols, values)
+        return vectors
 
     def _embed_plan(self, *, batch_size: int, max_tokens: int, window: int, max_length: int | None = None,
                     truncate: bool = True, pooling: str | None = None, normalize: bool | None = None,
@@ -690,6 +701,12 @@ class _EmbedPlan:
     storage: Storage
     prompt: str  # prepended to every text ("" for none)
     skip: int  # the prompt's tokens left out of the pooling (include_prompt: false)
+
+
+def _token_vectors(hidden: torch.Tensor, lengths) -> list[torch.Tensor]:
+    """Packed ``(tokens, hidden)`` states -> one float32 CPU ``(n_i, hidden)`` tensor per sequence, each with its
+    own storage (not a view that keeps the batch alive). ``embed_tokens`` and ``/embed_all`` run this."""
+    return [tokens.clone() for tokens in hidden.float().cpu().split(list(lengths))]
 
 
 def _as_tensor(value, name: str) -> torch.Tensor:

@@ -170,7 +170,7 @@ class Pipeline:
             for window in [encoding, *encoding.overflowing]:
                 if len(window.ids) > limit:
                     raise InputError(f"input {index} has {len(window.ids)} tokens, over the model's limit of "
-                                     f"{limit} (pass truncation=True to cut it)")
+                                     f"{limit} (truncation is off)")
                 if window.ids and max(window.ids) >= vocab_size:
                     raise InputError(f"input {index}: the tokenizer produced id {max(window.ids)}, outside the "
                                      f"model's vocab_size {vocab_size}")
@@ -702,14 +702,34 @@ class RerankPipeline(Pipeline):
         texts = _texts(texts)
         if top_k is not None:
             top_k = _positive_int(top_k, "top_k")
-        encodings = self._tokenize([(query, text) for text in texts], truncation=truncation,
-                                   max_length=self.pair_length)
-        logits = self._run(encodings, lambda packed, hidden, rows: task_heads.sequence_logits(
-            self.encoder, hidden, packed.lengths).float().cpu(), batch_size)
-        if not texts:
+        logits = self._run(self.pairs(query, texts, truncation=truncation), self.logits, batch_size)
+        return self.rank(self.scores(logits, raw_scores), texts, top_k=top_k, return_text=return_text)
+
+    # The steps of a call, each also run by ``fastenc serve``'s ``/rerank`` (which batches the pairs of
+    # many requests in its model worker between the first step and the second).
+    def pairs(self, query: str, texts: list[str], *, truncation: bool = True) -> list:
+        """The encodings of the ``(query, text)`` pairs: tokenized as pairs, truncated longest first to the
+        cross-encoder's length (``max_seq_length``, else the model's), or an ``InputError`` when
+        ``truncation=False`` and a pair is over the model's limit."""
+        return self._tokenize([(query, text) for text in texts], truncation=truncation, max_length=self.pair_length)
+
+    def logits(self, packed, hidden: torch.Tensor, rows=None) -> torch.Tensor:
+        """The classifier's float32 CPU logits ``(n, 1)`` of packed pairs' hidden states ``(tokens, hidden)``."""
+        return task_heads.sequence_logits(self.encoder, hidden, packed.lengths).float().cpu()
+
+    def scores(self, logits: Sequence[torch.Tensor], raw_scores: bool = False) -> list[float]:
+        """One score per pair from its float32 logits (a ``(1,)`` tensor per pair, in input order): the
+        checkpoint's activation, as CrossEncoder applies it, or the logits themselves with ``raw_scores``."""
+        if not len(logits):
             return []
-        logits = torch.cat(logits)  # float32, as CrossEncoder scores them
-        scores = (logits if raw_scores else self.activation(logits)).tolist()
+        logits = torch.cat([row.reshape(-1) for row in logits])  # (n,) float32, as CrossEncoder scores them
+        return (logits if raw_scores else self.activation(logits)).tolist()
+
+    @staticmethod
+    def rank(scores: list[float], texts: list[str], *, top_k: int | None = None,
+             return_text: bool = False) -> list[dict]:
+        """``[{"index", "score"(, "text")}]`` sorted by score, highest first, ties in input order (a stable
+        sort, as ``CrossEncoder.rank``); the first ``top_k``."""
         results = [{"index": index, "score": score} for index, score in enumerate(scores)]
         if return_text:
             for result, text in zip(results, texts):

@@ -15,6 +15,8 @@ Main entry points::
     make_checkpoint(path, family, *, head=None, seed=0, tokenizer="json", **overrides) -> Path
     make_sentence_transformer(path, *, pooling="mean", normalize=True, subfolder=False,
                               max_seq_length=None) -> Path
+    minilm_with_prompts(minilm_path, directory, *, default=None, include_prompt=True) -> Path
+    make_sparse_encoder(path, family, pooling, activation, *, layout, max_active_dims=None, seed=0) -> Path
     save_sharded(path, max_shard_size="20KB") -> Path
     rewrite_weights(path, fn) -> Path        (rename / drop / reshape tensors of model.safetensors)
     hf_model(path, head=None, attn_implementation="eager") -> transformers.PreTrainedModel
@@ -785,6 +787,58 @@ def make_sentence_transformer(path, *, pooling: str = "mean", normalize: bool = 
     (path / "config_sentence_transformers.json").write_text(
         json.dumps({"prompts": {}, "default_prompt_name": None, "similarity_fn_name": "cosine"}, indent=2) + "\n"
     )
+    return path
+
+
+# ------------------------------------------------------------------------------------------- retrieval
+PROMPTS = {"query": "query: ", "passage": "Represent this passage for retrieval: ", "empty": ""}
+
+
+def minilm_with_prompts(minilm_path, directory: pathlib.Path, *, default: str | None = None,
+                        include_prompt: bool = True) -> pathlib.Path:
+    """A copy of the bundled MiniLM's directory with ``PROMPTS`` in its config (``default_prompt_name``
+    ``default``, the pooling config's ``include_prompt``); weights linked, not copied."""
+    source = pathlib.Path(minilm_path)
+    directory = pathlib.Path(directory)
+    directory.mkdir()
+    for item in source.iterdir():
+        if item.is_file() and item.name != "config_sentence_transformers.json":
+            (directory / item.name).symlink_to(item)
+    (directory / "1_Pooling").mkdir()
+    pooling = json.loads((source / "1_Pooling" / "config.json").read_text())
+    (directory / "1_Pooling" / "config.json").write_text(json.dumps({**pooling, "include_prompt": include_prompt}))
+    if (source / "2_Normalize").is_dir():
+        (directory / "2_Normalize").mkdir()
+    config = {"prompts": PROMPTS, "default_prompt_name": default, "similarity_fn_name": "cosine"}
+    (directory / "config_sentence_transformers.json").write_text(json.dumps(config))
+    return directory
+
+
+def make_sparse_encoder(path, family: str, pooling: str, activation: str, *, layout: str,
+                        max_active_dims: int | None = None, seed: int = 0) -> pathlib.Path:
+    """A tiny masked LM saved as a sentence-transformers SparseEncoder: ``layout="current"`` as
+    sentence-transformers 6 writes it (Transformer with transformer_task fill-mask), ``"legacy"`` as
+    version 5 did (MLMTransformer)."""
+    path = pathlib.Path(path)
+    make_checkpoint(path, family, head="mlm", seed=seed)
+    transformer = ("sentence_transformers.base.modules.transformer.Transformer" if layout == "current"
+                   else "sentence_transformers.sparse_encoder.models.MLMTransformer")
+    modules = [{"idx": 0, "name": "0", "path": "", "type": transformer},
+               {"idx": 1, "name": "1", "path": "1_SpladePooling",
+                "type": "sentence_transformers.sparse_encoder.models.SpladePooling"}]
+    (path / "modules.json").write_text(json.dumps(modules))
+    (path / "1_SpladePooling").mkdir()
+    (path / "1_SpladePooling" / "config.json").write_text(json.dumps(
+        {"pooling_strategy": pooling, "activation_function": activation, "word_embedding_dimension": None}))
+    sbert = {"transformer_task": "fill-mask", "modality_config": {"text": {"method": "forward",
+             "method_output_name": "logits"}}, "module_output_name": "token_embeddings"} if layout == "current" \
+        else {"max_seq_length": 64, "do_lower_case": False}
+    (path / "sentence_bert_config.json").write_text(json.dumps(sbert))
+    config = {"model_type": "SparseEncoder", "prompts": {"query": "", "document": ""}, "default_prompt_name": None,
+              "similarity_fn_name": "dot"}
+    if max_active_dims is not None:
+        config["max_active_dims"] = max_active_dims
+    (path / "config_sentence_transformers.json").write_text(json.dumps(config))
     return path
 
 

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 TEXTS = ["What is the capital of France?", "", "a", "Paris is the capital and largest city of France. " * 8,
          "Ünïcödé, 中文 and emoji 😍"]
 LONG = "Paris is the capital and largest city of France. " * 30  # over MiniLM's 256 tokens
-PROMPTS = {"query": "query: ", "passage": "Represent this passage for retrieval: ", "empty": ""}
+PROMPTS = C.PROMPTS  # query, passage and an empty one
 
 
 def _quiet_st(cls, path):
@@ -40,26 +40,9 @@ def _quiet_st(cls, path):
 
 
 # ------------------------------------------------------------------------------------------------ prompts
-def _minilm_with_prompts(minilm_path, directory: pathlib.Path, *, default=None, include_prompt=True) -> pathlib.Path:
-    """A copy of the bundled MiniLM's directory with ``PROMPTS`` in its config; weights linked, not copied."""
-    source = pathlib.Path(minilm_path)
-    directory.mkdir()
-    for item in source.iterdir():
-        if item.is_file() and item.name != "config_sentence_transformers.json":
-            (directory / item.name).symlink_to(item)
-    (directory / "1_Pooling").mkdir()
-    pooling = json.loads((source / "1_Pooling" / "config.json").read_text())
-    (directory / "1_Pooling" / "config.json").write_text(json.dumps({**pooling, "include_prompt": include_prompt}))
-    if (source / "2_Normalize").is_dir():
-        (directory / "2_Normalize").mkdir()
-    config = {"prompts": PROMPTS, "default_prompt_name": default, "similarity_fn_name": "cosine"}
-    (directory / "config_sentence_transformers.json").write_text(json.dumps(config))
-    return directory
-
-
 @pytest.fixture(scope="module")
 def prompted(minilm_path, tmp_path_factory):
-    path = _minilm_with_prompts(minilm_path, tmp_path_factory.mktemp("prompts") / "minilm")
+    path = C.minilm_with_prompts(minilm_path, tmp_path_factory.mktemp("prompts") / "minilm")
     from sentence_transformers import SentenceTransformer
 
     return Encoder.from_pretrained(path), _quiet_st(SentenceTransformer, path), path
@@ -96,7 +79,7 @@ def test_default_prompt_and_excluded_prompt_tokens(prompted, minilm_path, tmp_pa
 
     for name, options, prompt_name in (("default", dict(default="query"), None),
                                        ("excluded", dict(include_prompt=False), "passage")):
-        path = _minilm_with_prompts(minilm_path, tmp_path / name, **options)
+        path = C.minilm_with_prompts(minilm_path, tmp_path / name, **options)
         encoder, st = Encoder.from_pretrained(path), _quiet_st(SentenceTransformer, path)
         ours = encoder.embed(TEXTS, prompt_name=prompt_name)
         _assert_same_vectors(ours, st.encode(TEXTS, prompt_name=prompt_name, convert_to_tensor=True))
@@ -118,7 +101,7 @@ def test_unknown_prompt_name_lists_the_known_ones(prompted, tmp_path):
 
 
 def test_bad_prompt_config_is_a_load_error(minilm_path, tmp_path):
-    path = _minilm_with_prompts(minilm_path, tmp_path / "bad")
+    path = C.minilm_with_prompts(minilm_path, tmp_path / "bad")
     (path / "config_sentence_transformers.json").write_text(json.dumps({"prompts": PROMPTS,
                                                                         "default_prompt_name": "doc"}))
     with pytest.raises(LoadError, match="default_prompt_name 'doc'"):
@@ -164,33 +147,6 @@ def test_token_vectors_are_the_hidden_states(backend, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- SPLADE
-def _sparse_encoder(path: pathlib.Path, family: str, pooling: str, activation: str, *, layout: str,
-                    max_active_dims: int | None = None, seed: int = 0) -> pathlib.Path:
-    """A tiny masked LM saved as a sentence-transformers SparseEncoder: ``layout="current"`` as
-    sentence-transformers 6 writes it (Transformer with transformer_task fill-mask), ``"legacy"`` as
-    version 5 did (MLMTransformer)."""
-    C.make_checkpoint(path, family, head="mlm", seed=seed)
-    transformer = ("sentence_transformers.base.modules.transformer.Transformer" if layout == "current"
-                   else "sentence_transformers.sparse_encoder.models.MLMTransformer")
-    modules = [{"idx": 0, "name": "0", "path": "", "type": transformer},
-               {"idx": 1, "name": "1", "path": "1_SpladePooling",
-                "type": "sentence_transformers.sparse_encoder.models.SpladePooling"}]
-    (path / "modules.json").write_text(json.dumps(modules))
-    (path / "1_SpladePooling").mkdir()
-    (path / "1_SpladePooling" / "config.json").write_text(json.dumps(
-        {"pooling_strategy": pooling, "activation_function": activation, "word_embedding_dimension": None}))
-    sbert = {"transformer_task": "fill-mask", "modality_config": {"text": {"method": "forward",
-             "method_output_name": "logits"}}, "module_output_name": "token_embeddings"} if layout == "current" \
-        else {"max_seq_length": 64, "do_lower_case": False}
-    (path / "sentence_bert_config.json").write_text(json.dumps(sbert))
-    config = {"model_type": "SparseEncoder", "prompts": {"query": "", "document": ""}, "default_prompt_name": None,
-              "similarity_fn_name": "dot"}
-    if max_active_dims is not None:
-        config["max_active_dims"] = max_active_dims
-    (path / "config_sentence_transformers.json").write_text(json.dumps(config))
-    return path
-
-
 SPLADE_CASES = [  # vocabularies of 203 and 300 words: neither a multiple of the kernel's tiles
     ("bert", "max", "log1p_relu", "current"),
     ("roberta", "sum", "relu", "legacy"),
@@ -207,7 +163,7 @@ def _dense(sparse: torch.Tensor) -> torch.Tensor:
 def test_sparse_vectors_match_sentence_transformers(tmp_path, family, pooling, activation, layout):
     from sentence_transformers import SparseEncoder
 
-    path = _sparse_encoder(tmp_path / family, family, pooling, activation, layout=layout)
+    path = C.make_sparse_encoder(tmp_path / family, family, pooling, activation, layout=layout)
     st = _quiet_st(SparseEncoder, path)
     texts = TEXTS[:3] + ["the cat sat on the mat " * 3, "Paris is the capital and largest city of France."]
     expected = _dense(st.encode(texts))
@@ -233,7 +189,7 @@ def test_sparse_vectors_match_sentence_transformers(tmp_path, family, pooling, a
 
 
 def test_sparse_defaults_and_errors(tmp_path, minilm_path):
-    path = _sparse_encoder(tmp_path / "k", "bert", "max", "relu", layout="current", max_active_dims=7)
+    path = C.make_sparse_encoder(tmp_path / "k", "bert", "max", "relu", layout="current", max_active_dims=7)
     encoder = Encoder.from_pretrained(path)
     vectors = encoder.embed_sparse(["the cat sat on the mat", "a"])
     assert ((_dense(vectors) > 0).sum(1) == 7).all()  # the checkpoint's max_active_dims is the default top_k

@@ -1,10 +1,13 @@
 """``fastenc serve`` as users run it: a subprocess on a free loopback port, spoken to with httpx and with the
-official ``openai`` client. Answers are checked against ``embed()`` and the text-classification pipeline in
-this process; the bad-input cases each with their status and message; 429s, disconnects and SIGTERM."""
+official ``openai`` client. Answers are checked against the Python API in this process (``embed()`` with and
+without ``prompt_name``, ``embed_tokens``, ``embed_sparse``, the text-classification and rerank pipelines);
+the bad-input cases each with their status and message; 429s, disconnects and SIGTERM."""
 
 import asyncio
 import base64
 import contextlib
+import json
+import math
 import os
 import random
 import re
@@ -18,7 +21,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from checkpoints import make_checkpoint
+from checkpoints import PROMPTS, make_checkpoint, make_sparse_encoder, minilm_with_prompts
 
 import fastenc
 
@@ -139,6 +142,8 @@ def test_tokenize_info_health_metrics(server, minilm):
     info = httpx.get(server + "/info").json()
     assert info["model_type"] == {"embedding": {"pooling": "mean"}}
     assert info["max_input_length"] == 256 and info["max_client_batch_size"] == 32 and info["model_dtype"] == "float32"
+    assert info["routes"] == ["/embed", "/embed_all", "/tokenize", "/v1/embeddings"]
+    assert info["prompts"] == [] and info["default_prompt_name"] is None
     assert httpx.get(server + "/health").status_code == 200
     metrics = httpx.get(server + "/metrics")
     assert metrics.headers["content-type"].startswith("text/plain")
@@ -169,6 +174,13 @@ LONG = "word " * 300  # over MiniLM's 256 tokens
     ("/predict", {"inputs": "a"}, 400, "/predict needs a sequence-classification head and this model has none"),
     ("/rerank", {"query": "q", "texts": ["a"]}, 400, "/rerank needs a sequence-classification head"),
     ("/rerank", {"query": "q", "texts": []}, 422, "`texts` is empty"),
+    ("/embed_sparse", {"inputs": "a"}, 400,
+     "/embed_sparse needs a masked-language-model head (a SPLADE checkpoint) and this model has none (heads: pooler)"),
+    ("/embed_all", {"inputs": []}, 422, "`inputs` is empty"),
+    ("/embed_all", {"inputs": ["ok", LONG]}, 422,
+     "`inputs`: text 1 has 302 tokens, over the limit of 256 (truncate=False)"),
+    ("/embed", {"inputs": "a", "prompt_name": "query"}, 422,
+     "prompt_name 'query' is not one of this checkpoint's prompts (config_sentence_transformers.json): none"),
 ])
 def test_bad_input(server, route, body, status, message):
     content = body if isinstance(body, bytes) else None
@@ -314,35 +326,56 @@ def test_sigterm_finishes_the_requests_in_flight(minilm_path, minilm, tmp_path):
 # --------------------------------------------------------------------------------- cross-encoder routes
 @pytest.fixture(scope="module")
 def reranker(tmp_path_factory):
+    """A cross-encoder (one label) whose config_sentence_transformers.json names tanh as its activation_fn, as
+    CrossEncoder saves one: /rerank scores with it (TEI would take a sigmoid), /predict keeps TEI's sigmoid."""
     path = make_checkpoint(tmp_path_factory.mktemp("rerank"), "bert", head="sequence_classification", seed=7,
                            num_labels=1)
+    (path / "config_sentence_transformers.json").write_text(json.dumps(
+        {"activation_fn": "torch.nn.modules.activation.Tanh"}))
     with serving("--model", str(path), log_path=path / "server.log") as (url, _):
-        yield url, fastenc.pipeline("text-classification", str(path))
+        yield url, fastenc.pipeline("text-classification", str(path)), fastenc.pipeline("rerank", str(path))
 
 
 def sigmoid(x):
     return 1 / (1 + np.exp(-x))
 
 
-def test_rerank_scores_pairs_like_the_pipeline(reranker):
-    url, pipe = reranker
-    query, texts = "what is a cat", ["a cat is an animal", "stocks fell", "cats purr", "the weather"]
-    response = httpx.post(url + "/rerank", json={"query": query, "texts": texts, "raw_scores": True,
+QUERY, DOCUMENTS = "what is a cat", ["a cat is an animal", "stocks fell", "cats purr", "the weather", "a cat"]
+
+
+@pytest.mark.parametrize("raw_scores", [False, True])
+def test_rerank_is_the_rerank_pipeline(reranker, raw_scores):
+    url, _, rerank = reranker
+    response = httpx.post(url + "/rerank", json={"query": QUERY, "texts": DOCUMENTS, "raw_scores": raw_scores,
                                                  "return_text": True})
     assert response.status_code == 200, response.text
-    ranks = response.json()
-    logits = [p["score"] for p in pipe([{"text": query, "text_pair": t} for t in texts], function_to_apply="none")]
-    assert [r["index"] for r in ranks] == sorted(range(4), key=lambda i: logits[i], reverse=True)
-    for rank in ranks:
-        assert list(rank) == ["index", "text", "score"] and rank["text"] == texts[rank["index"]]
-        assert abs(rank["score"] - logits[rank["index"]]) < 1e-5
-    squashed = httpx.post(url + "/rerank", json={"query": query, "texts": texts}).json()
-    for rank in squashed:
-        assert "text" not in rank and abs(rank["score"] - sigmoid(logits[rank["index"]])) < 1e-5
+    ranks, expected = response.json(), rerank(QUERY, DOCUMENTS, return_text=True, raw_scores=raw_scores)
+    assert [r["index"] for r in ranks] == [r["index"] for r in expected]
+    for rank, theirs in zip(ranks, expected):
+        assert list(rank) == ["index", "text", "score"] and rank["text"] == theirs["text"]  # TEI's key order
+        assert abs(rank["score"] - theirs["score"]) < 1e-5
+    plain = httpx.post(url + "/rerank", json={"query": QUERY, "texts": DOCUMENTS}).json()
+    logits = {r["index"]: r["score"] for r in rerank(QUERY, DOCUMENTS, raw_scores=True)}
+    for rank in plain:  # the checkpoint's tanh, not a sigmoid
+        assert list(rank) == ["index", "score"] and abs(rank["score"] - math.tanh(logits[rank["index"]])) < 1e-5
+
+
+def test_rerank_truncates_as_the_pipeline(reranker):
+    url, _, rerank = reranker
+    texts = ["a cat", "the cat sat on the mat " * 20]  # the second pair is over the model's 96 positions
+    refused = httpx.post(url + "/rerank", json={"query": QUERY, "texts": texts})
+    assert refused.status_code == 422
+    assert re.fullmatch(r"`texts`: input 1 has \d+ tokens, over the model's limit of 96 \(truncation is off\)",
+                        refused.json()["error"]), refused.json()
+    cut = httpx.post(url + "/rerank", json={"query": QUERY, "texts": texts, "truncate": True})
+    assert cut.status_code == 200, cut.text
+    expected = rerank(QUERY, texts)  # truncation=True: cut to the cross-encoder's length
+    assert [r["index"] for r in cut.json()] == [r["index"] for r in expected]
+    assert all(abs(a["score"] - b["score"]) < 1e-5 for a, b in zip(cut.json(), expected))
 
 
 def test_predict_texts_and_pairs(reranker):
-    url, pipe = reranker
+    url, pipe, _ = reranker
     one = httpx.post(url + "/predict", json={"inputs": "a cat"}).json()
     expected = pipe("a cat", function_to_apply="none")[0]
     assert one == [{"score": pytest.approx(sigmoid(expected["score"]), abs=1e-5), "label": expected["label"]}]
@@ -358,8 +391,9 @@ def test_predict_texts_and_pairs(reranker):
                         too_long.json()["error"])
     cut = httpx.post(url + "/predict", json={"inputs": [["word " * 50, "word " * 50]], "truncate": True})
     assert cut.status_code == 200
-    assert httpx.get(url + "/info").json()["model_type"] == {"reranker": {"id2label": {"0": "negative"},
-                                                                           "label2id": {"negative": 0}}}
+    info = httpx.get(url + "/info").json()
+    assert info["model_type"] == {"reranker": {"id2label": {"0": "negative"}, "label2id": {"negative": 0}}}
+    assert info["routes"] == ["/embed", "/embed_all", "/predict", "/rerank", "/tokenize", "/v1/embeddings"]
 
 
 # ------------------------------------------------------------------------------------ Triton, bitwise
@@ -383,3 +417,182 @@ def test_triton_backend_answers_are_bitwise_embed(tmp_path):
         got = np.frombuffer(base64.b64decode(response.json()["data"][0]["embedding"]), dtype="<f4")
         assert torch.equal(torch.from_numpy(got.copy()), encoder.embed(text, normalize=True)), text
     assert shared  # at least one batch held more than one request
+
+
+# ------------------------------------------------------------------------------- prompts and token vectors
+@pytest.fixture(scope="module")
+def prompted(minilm_path, tmp_path_factory):
+    """MiniLM with prompts: "query" by default, and every prompt's tokens left out of the pooling
+    (include_prompt: false), so each prompt changes both the tokens and the pooled slice."""
+    path = minilm_with_prompts(minilm_path, tmp_path_factory.mktemp("prompted") / "minilm", default="query",
+                               include_prompt=False)
+    with serving("--model", str(path), log_path=path.parent / "server.log") as (url, _):
+        yield url, fastenc.Encoder.from_pretrained(path)
+
+
+@pytest.mark.parametrize("prompt_name", [None, "query", "passage", "empty"])
+def test_prompt_name_is_embeds(prompted, prompt_name):
+    url, encoder = prompted
+    response = httpx.post(url + "/embed", json={"inputs": TEXTS, "prompt_name": prompt_name})
+    assert response.status_code == 200, response.text
+    torch.testing.assert_close(torch.tensor(response.json()), encoder.embed(TEXTS, prompt_name=prompt_name),
+                               rtol=0, atol=2e-6)
+
+
+def test_requests_with_different_prompts_and_routes_share_batches(prompted):
+    """24 requests at once, each with its own prompt (or none: the default) on /embed or /embed_all: each
+    answer is the Python API's for its prompt, and requests rode together."""
+    url, encoder = prompted
+    names = [None, "query", "passage", "empty"]
+    rng = random.Random(3)
+    plan = [(names[i % 4], "/embed_all" if i % 3 == 0 else "/embed", rng.sample(TEXTS, 2)) for i in range(24)]
+    vectors = {name: dict(zip(TEXTS, encoder.embed(TEXTS, prompt_name=name))) for name in names}
+    tokens = {name: dict(zip(TEXTS, encoder.embed_tokens(TEXTS, prompt_name=name))) for name in names}
+    before = metric(url, "fastenc_batch_requests_count"), metric(url, "fastenc_batch_requests_sum")
+
+    async def run():
+        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=24)) as http:
+            return await asyncio.gather(*(http.post(url + route, json={"inputs": texts, "prompt_name": name})
+                                          for name, route, texts in plan))
+
+    for (name, route, texts), response in zip(plan, asyncio.run(run())):
+        assert response.status_code == 200, response.text
+        if route == "/embed":
+            expected = torch.stack([vectors[name][text] for text in texts])
+            torch.testing.assert_close(torch.tensor(response.json()), expected, rtol=0, atol=2e-6)
+        else:
+            for got, text in zip(response.json(), texts):
+                torch.testing.assert_close(torch.tensor(got), tokens[name][text], rtol=1e-5, atol=1e-5)
+    batches = metric(url, "fastenc_batch_requests_count") - before[0]
+    requests = metric(url, "fastenc_batch_requests_sum") - before[1]
+    assert requests == 24 and batches < requests  # some batch held several requests (prompts, routes)
+
+
+def test_openai_prompt_name(prompted):
+    """OpenAI's route takes ``prompt_name`` too (the client sends it with ``extra_body``); usage counts the
+    prompt's tokens, as they are computed."""
+    import openai
+
+    url, encoder = prompted
+    client = openai.OpenAI(base_url=url + "/v1", api_key="not-needed", max_retries=0)
+    texts = TEXTS[:3]
+    passage = client.embeddings.create(input=texts, model="m", extra_body={"prompt_name": "passage"})
+    torch.testing.assert_close(torch.tensor([d.embedding for d in passage.data]),
+                               encoder.embed(texts, prompt_name="passage"), rtol=0, atol=2e-6)
+    prompted_texts = [PROMPTS["passage"] + text for text in texts]
+    assert passage.usage.prompt_tokens == sum(len(e.ids) for e in encoder._encode(prompted_texts, None, True))
+    default = client.embeddings.create(input=texts, model="m")  # the checkpoint's default prompt, "query"
+    torch.testing.assert_close(torch.tensor([d.embedding for d in default.data]), encoder.embed(texts),
+                               rtol=0, atol=2e-6)
+    with pytest.raises(openai.UnprocessableEntityError, match="prompt_name 'doc' is not one of"):
+        client.embeddings.create(input=texts, model="m", extra_body={"prompt_name": "doc"})
+
+
+def test_embed_all_is_embed_tokens(prompted):
+    url, encoder = prompted
+    for prompt_name in (None, "passage"):
+        response = httpx.post(url + "/embed_all", json={"inputs": TEXTS, "prompt_name": prompt_name})
+        assert response.status_code == 200, response.text
+        expected = encoder.embed_tokens(TEXTS, prompt_name=prompt_name)
+        assert [len(tokens) for tokens in response.json()] == [len(tokens) for tokens in expected]
+        for got, tokens in zip(response.json(), expected):
+            torch.testing.assert_close(torch.tensor(got), tokens, rtol=1e-5, atol=1e-5)
+    one = httpx.post(url + "/embed_all", json={"inputs": "Welcome to NYC", "prompt_name": "empty"}).json()
+    torch.testing.assert_close(torch.tensor(one[0]), encoder.embed_tokens("Welcome to NYC", prompt_name="empty"),
+                               rtol=1e-5, atol=1e-5)
+    cut = httpx.post(url + "/embed_all", json={"inputs": [LONG], "truncate": True}).json()
+    assert torch.tensor(cut[0]).shape == (256, 384)
+
+
+def test_tokenize_and_info_with_prompts(prompted):
+    url, encoder = prompted
+    tokens = httpx.post(url + "/tokenize", json={"inputs": "Hello", "prompt_name": "query"}).json()[0]
+    assert [t["id"] for t in tokens] == encoder.tokenize("query: Hello")["input_ids"][0].tolist()
+    assert tokens[1] == {"id": tokens[1]["id"], "text": "query", "special": False, "start": 0, "stop": 5}
+    info = httpx.get(url + "/info").json()
+    assert info["prompts"] == ["query", "passage", "empty"] and info["default_prompt_name"] == "query"
+    assert info["routes"] == ["/embed", "/embed_all", "/tokenize", "/v1/embeddings"]
+
+
+@pytest.mark.parametrize("route", ["/embed", "/embed_all", "/tokenize", "/v1/embeddings"])
+def test_bad_prompt_name(prompted, route):
+    url, _ = prompted
+    field = "input" if route == "/v1/embeddings" else "inputs"
+
+    def error(body):
+        response = httpx.post(url + route, json={field: "x", **body})
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        return error["message"] if route == "/v1/embeddings" else error
+
+    assert error({"prompt_name": "doc"}) == ("prompt_name 'doc' is not one of this checkpoint's prompts "
+                                             "(config_sentence_transformers.json): 'query', 'passage', 'empty'")
+    assert error({"prompt_name": 3}) == "`prompt_name` must be a string, got a number"
+
+
+# ----------------------------------------------------------------------------------------- SPLADE vectors
+SPARSE_TEXTS = ["the cat sat on the mat", "a", "paris is the capital of france " * 3, "hello world"]
+
+
+@pytest.fixture(scope="module")
+def splade(tmp_path_factory):
+    """A tiny SparseEncoder checkpoint (max pooling, log1p_relu, max_active_dims 12) with a query prompt."""
+    path = make_sparse_encoder(tmp_path_factory.mktemp("splade") / "bert", "bert", "max", "log1p_relu",
+                               layout="current", max_active_dims=12, seed=3)
+    config = json.loads((path / "config_sentence_transformers.json").read_text())
+    config["prompts"] = {"query": "where is the ", "document": ""}
+    (path / "config_sentence_transformers.json").write_text(json.dumps(config))
+    with serving("--model", str(path), log_path=path.parent / "server.log") as (url, _):
+        yield url, fastenc.Encoder.from_pretrained(path)
+
+
+def sparse_rows(answer: list, vocab_size: int) -> torch.Tensor:
+    """TEI's sparse answer (per input ``[{"index", "value"}]``) as a dense ``(n, vocab)`` tensor."""
+    dense = torch.zeros(len(answer), vocab_size)
+    for row, words in enumerate(answer):
+        assert all(list(word) == ["index", "value"] and word["value"] > 0 for word in words)
+        indices = [word["index"] for word in words]
+        assert indices == sorted(set(indices))  # each active word once, in increasing order
+        dense[row, indices] = torch.tensor([word["value"] for word in words])
+    return dense
+
+
+@pytest.mark.parametrize("top_k, prompt_name, active", [(None, None, 12), (5, "query", 5), (10_000, None, None)])
+def test_embed_sparse_is_embed_sparse(splade, top_k, prompt_name, active):
+    """The checkpoint's max_active_dims by default, ``top_k`` when given (past the vocabulary: every active
+    word), the prompt prepended: as embed_sparse()."""
+    url, encoder = splade
+    response = httpx.post(url + "/embed_sparse", json={"inputs": SPARSE_TEXTS, "top_k": top_k,
+                                                       "prompt_name": prompt_name})
+    assert response.status_code == 200, response.text
+    got = sparse_rows(response.json(), encoder.config.vocab_size)
+    expected = encoder.embed_sparse(SPARSE_TEXTS, top_k=top_k, prompt_name=prompt_name).to_dense()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    counts = (got > 0).sum(1)
+    assert (counts == (expected > 0).sum(1)).all()
+    assert (counts == active).all() if active else (counts > 12).all()
+    one = httpx.post(url + "/embed_sparse", json={"inputs": "hello world"}).json()
+    torch.testing.assert_close(sparse_rows(one, encoder.config.vocab_size)[0],
+                               encoder.embed_sparse("hello world").to_dense(), rtol=1e-5, atol=1e-6)
+
+
+def test_splade_checkpoint_routes_and_errors(splade):
+    url, encoder = splade
+    refused = httpx.post(url + "/embed", json={"inputs": "x"})
+    assert refused.status_code == 400 and refused.json() == {
+        "error": "this checkpoint is a sentence-transformers SparseEncoder (SPLADE): its vectors come from "
+                 "/embed_sparse", "error_type": "model"}
+    assert httpx.post(url + "/v1/embeddings", json={"input": "x"}).json()["error"]["code"] == 400
+    tokens = httpx.post(url + "/embed_all", json={"inputs": ["the cat sat"]})
+    assert tokens.status_code == 200, tokens.text
+    torch.testing.assert_close(torch.tensor(tokens.json()[0]), encoder.embed_tokens("the cat sat"), rtol=1e-5,
+                               atol=1e-5)
+    info = httpx.get(url + "/info").json()
+    assert info["model_type"] == {"embedding": {"pooling": "splade"}}
+    assert info["routes"] == ["/embed_all", "/embed_sparse", "/tokenize"]
+    for body, message in (({"inputs": "x", "top_k": 0}, "`top_k` must be a positive integer, got 0"),
+                          ({"inputs": "x", "top_k": "5"}, "`top_k` must be a positive integer, got '5'"),
+                          ({"inputs": "x", "prompt_name": "doc"}, "'query', 'document'"),
+                          ({"inputs": ["x"] * 33}, "`inputs` has 33 inputs, over the maximum of 32")):
+        response = httpx.post(url + "/embed_sparse", json=body)
+        assert response.status_code in (413, 422) and message in response.json()["error"], response.text

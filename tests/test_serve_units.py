@@ -11,13 +11,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from checkpoints import make_checkpoint
+from checkpoints import make_checkpoint, make_sparse_encoder, minilm_with_prompts
 
 import fastenc
 from fastenc.serve import schema
 from fastenc.serve.batcher import Batcher, Closed, Job
 from fastenc.serve.schema import ServeError
-from fastenc.serve.worker import EmbedTask, ScoreTask, Worker
+from fastenc.pipelines import RerankPipeline
+from fastenc.serve.worker import EmbedTask, ScoreTask, SparseTask, TokensTask, Worker
 
 LIMITS = schema.Limits(max_client_batch_size=4, hidden_size=384)
 
@@ -99,6 +100,38 @@ def test_parse_rerank_errors():
         with pytest.raises(ServeError) as info:
             schema.parse_rerank(body, LIMITS)
         assert info.value.status == status and message in info.value.message
+
+
+@pytest.mark.parametrize("parse, body, message", [
+    (schema.parse_embed, {"inputs": "a", "prompt_name": 3}, "`prompt_name` must be a string, got a number"),
+    (schema.parse_openai_embed, {"input": "a", "prompt_name": ["q"]}, "`prompt_name` must be a string, got an array"),
+    (schema.parse_embed_all, {"inputs": "a", "prompt_name": True}, "`prompt_name` must be a string, got a boolean"),
+    (schema.parse_embed_all, {"inputs": []}, "`inputs` is empty"),
+    (schema.parse_embed_all, {"inputs": "a", "truncate": "no"}, "`truncate` must be true or false"),
+    (schema.parse_embed_sparse, {"inputs": "a", "top_k": 0}, "`top_k` must be a positive integer, got 0"),
+    (schema.parse_embed_sparse, {"inputs": "a", "top_k": True}, "`top_k` must be a positive integer, got True"),
+    (schema.parse_embed_sparse, {"inputs": "a", "top_k": 2.0}, "`top_k` must be a positive integer, got 2.0"),
+    (schema.parse_embed_sparse, {"top_k": 2}, "missing field `inputs`"),
+    (schema.parse_tokenize, {"inputs": "a", "prompt_name": {}}, "`prompt_name` must be a string, got an object"),
+])
+def test_parse_retrieval_fields_errors(parse, body, message):
+    with pytest.raises(ServeError) as info:
+        parse(body, LIMITS)
+    assert info.value.status == 422 and message in info.value.message
+
+
+def test_parse_retrieval_fields():
+    assert schema.parse_embed({"inputs": "a", "prompt_name": "query"}, LIMITS).prompt_name == "query"
+    assert schema.parse_openai_embed({"input": ["a"], "prompt_name": "q"}, LIMITS).prompt_name == "q"
+    assert schema.parse_tokenize({"inputs": "a", "prompt_name": None}, LIMITS).prompt_name is None
+    assert schema.parse_embed_sparse({"inputs": ["a", "b"], "top_k": 3, "truncate": True}, LIMITS) == \
+        schema.EmbedSparseRequest(["a", "b"], truncate=True, prompt_name=None, top_k=3)
+    auto = schema.Limits(4, 384, auto_truncate=True)  # TEI's --auto-truncate is the default of truncate
+    assert schema.parse_embed_all({"inputs": "a", "prompt_name": "p"}, auto) == schema.EmbedAllRequest(["a"], True, "p")
+    assert schema.parse_embed_sparse({"inputs": "a"}, auto).truncate is True
+    with pytest.raises(ServeError) as info:
+        schema.parse_embed_sparse({"inputs": ["a"] * 5}, LIMITS)
+    assert info.value.status == 413
 
 
 # ---------------------------------------------------------------------------------------------- batcher
@@ -199,6 +232,18 @@ def classifier(tmp_path_factory):
     return fastenc.Encoder.from_pretrained(path)
 
 
+def run_one_batch(encoder, jobs) -> list:
+    """Put ``jobs`` (rows, task) in a batcher, check they make one batch, run it; return each job's outcome."""
+    batcher = Batcher(max_batch_tokens=100_000)
+    outcomes = [[] for _ in jobs]
+    for (rows, task), sink in zip(jobs, outcomes):
+        batcher.put(Job(rows, task, sink.append))
+    batch = batcher.next_batch()
+    assert batch.num_jobs == len(jobs) and batcher.depth == 0
+    Worker(encoder, batcher, warmup=False).run(batch)
+    return [sink[0] for sink in outcomes]
+
+
 def run_worker(encoder, jobs, max_batch_tokens=10_000):
     """Put ``jobs`` (rows, task) in a batcher, run them as batches of a worker; return each job's outcome."""
     batcher = Batcher(max_batch_tokens)
@@ -254,6 +299,74 @@ def test_worker_fails_the_batch_not_the_server(classifier):
     assert isinstance(good_outcome[0], list) and good_outcome[0][0].shape == (classifier.config.hidden_size,)
 
 
+@pytest.fixture(scope="module")
+def prompted_minilm(minilm_path, tmp_path_factory):
+    path = minilm_with_prompts(minilm_path, tmp_path_factory.mktemp("prompted") / "minilm", include_prompt=False)
+    return fastenc.Encoder.from_pretrained(path)
+
+
+def test_one_batch_mixes_prompts_and_token_vectors(prompted_minilm):
+    """Sequences with different prompts (so different pooled slices) and token-vector requests share one
+    forward pass; each result is the Python API's for its own prompt."""
+    encoder = prompted_minilm
+    texts = ["how to bake bread", "a", "knead the dough and let it rise for an hour " * 3]
+    jobs, skips = [], {}
+    for name in ("query", "passage", "empty"):
+        prompted, skips[name] = encoder._prompted(texts, name, None, None)
+        jobs.append((encoder._encode(prompted, None, True), EmbedTask("mean", True, skip=skips[name])))
+    prompted, _ = encoder._prompted(texts, "passage", None, None)
+    jobs.append((encoder._encode(prompted, None, True), TokensTask()))
+    assert skips["query"] > 1 and skips["passage"] > skips["query"] and skips["empty"] == 0  # [CLS] + the prompt
+    outcomes = run_one_batch(encoder, jobs)
+    for outcome, name in zip(outcomes, ("query", "passage", "empty")):
+        torch.testing.assert_close(torch.stack(outcome), encoder.embed(texts, prompt_name=name), rtol=0, atol=2e-6)
+    for got, expected in zip(outcomes[3], encoder.embed_tokens(texts, prompt_name="passage")):
+        assert got.dtype == torch.float32 and got.shape == expected.shape
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def splade(tmp_path_factory):
+    path = make_sparse_encoder(tmp_path_factory.mktemp("splade") / "bert", "bert", "sum", "relu", layout="legacy",
+                               max_active_dims=9, seed=2)
+    return fastenc.Encoder.from_pretrained(path)
+
+
+def test_sparse_task_is_embed_sparse_in_a_mixed_batch(splade):
+    encoder = splade
+    texts = ["the cat sat on the mat", "a", "paris is the capital of france " * 2]
+    rows = encoder._encode(texts, None, True)
+    default = encoder._sparse_top_k(None)
+    assert default == 9  # the checkpoint's max_active_dims
+    outcomes = run_one_batch(encoder, [(rows, SparseTask(default)), (rows[:2], TokensTask()),
+                                       (rows, SparseTask(4)), (rows, SparseTask(None)),
+                                       (rows, EmbedTask("mean", False))])
+    for outcome, top_k in zip((outcomes[0], outcomes[2], outcomes[3]), (None, 4, 10_000)):
+        expected = encoder.embed_sparse(texts, top_k=top_k).to_dense()
+        got = torch.zeros_like(expected)
+        for row, (words, values) in enumerate(outcome):
+            assert words.dtype == torch.int64 and values.dtype == torch.float32
+            assert (words.diff() > 0).all() and (values > 0).all()  # increasing, zeros left out
+            got[row, words] = values
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert [len(words) for words, _ in outcomes[2]] == [4, 4, 4]
+    assert all(len(words) > 9 for words, _ in outcomes[3])  # SparseTask(None): every active word
+    for got, expected in zip(outcomes[1], encoder.embed_tokens(texts[:2])):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.stack(outcomes[4]), encoder.embed(texts, pooling="mean", normalize=False),
+                               rtol=0, atol=2e-6)
+
+
+def test_rank_orders_as_cross_encoder_rank():
+    """Highest score first, ties in input order (CrossEncoder.rank's stable sort), then the first top_k."""
+    scores, texts = [0.5, 0.9, 0.5, 0.9, 0.1], ["a", "b", "c", "d", "e"]
+    assert [r["index"] for r in RerankPipeline.rank(scores, texts)] == [1, 3, 0, 2, 4]
+    assert RerankPipeline.rank(scores, texts, top_k=3, return_text=True) == [
+        {"index": 1, "score": 0.9, "text": "b"}, {"index": 3, "score": 0.9, "text": "d"},
+        {"index": 0, "score": 0.5, "text": "a"}]
+    assert RerankPipeline.rank([], []) == []
+
+
 # -------------------------------------------------------------------------------- the app, in process
 @pytest.fixture(scope="module")
 def three_labels(tmp_path_factory):
@@ -291,6 +404,27 @@ def test_rerank_needs_a_single_label_head_in_process(three_labels):
     assert response.status_code == 400
     assert response.json()["error"] == ("/rerank needs a cross-encoder: a sequence-classification head with one "
                                         "label, and this one has 3")
+    assert "/rerank" not in client.get("/info").json()["routes"]
+
+
+def test_rerank_refuses_an_activation_it_cannot_reproduce_in_process(tmp_path):
+    """A cross-encoder whose activation_fn fastenc does not know: /rerank says so (pipeline("rerank") raises
+    the same LoadError), /predict still serves."""
+    from starlette.testclient import TestClient
+
+    from fastenc.serve import create_app
+
+    path = make_checkpoint(tmp_path / "ce", "bert", head="sequence_classification", num_labels=1, seed=8)
+    (path / "config_sentence_transformers.json").write_text(json.dumps(
+        {"activation_fn": "torch.nn.modules.activation.Softmax"}))
+    with TestClient(create_app(fastenc.Encoder.from_pretrained(path), warmup=False)) as client:
+        response = client.post("/rerank", json={"query": "q", "texts": ["a"]})
+        assert response.status_code == 400 and response.json()["error_type"] == "model"
+        assert response.json()["error"].startswith("/rerank cannot score with this checkpoint: ")
+        assert "activation_fn 'torch.nn.modules.activation.Softmax' is not supported" in response.json()["error"]
+        assert client.post("/predict", json={"inputs": "a"}).status_code == 200
+        assert client.get("/info").json()["routes"] == ["/embed", "/embed_all", "/predict", "/tokenize",
+                                                        "/v1/embeddings"]
 
 
 def test_import_fastenc_stays_light():

@@ -5,8 +5,12 @@ A request is read (at most ``payload_limit`` bytes), parsed (``schema``), admitt
 the one tokenizer thread (fastenc's tokenizer object is not shared between threads), and queued as a
 ``Job`` in the ``Batcher``; the handler then waits for the ``Worker``'s result, or for its client to
 disconnect, in which case the job is cancelled and its sequences never reach the model. Routes and
-shapes are text-embeddings-inference's (``/embed``, ``/predict``, ``/rerank``, ``/tokenize``, ``/info``,
-``/health``) and OpenAI's ``/v1/embeddings``; ``/metrics`` is Prometheus text.
+shapes are text-embeddings-inference's (``/embed``, ``/embed_all``, ``/embed_sparse``, ``/predict``,
+``/rerank``, ``/tokenize``, ``/info``, ``/health``) and OpenAI's ``/v1/embeddings``; ``/metrics`` is
+Prometheus text. Each answers what the Python API answers for the same input: ``embed(prompt_name=...)``,
+``embed_tokens``, ``embed_sparse``, the text-classification pipeline and ``pipeline("rerank")``, whose
+tokenization, scoring and ranking ``/rerank`` calls (only the forward pass is the worker's, batched
+with other requests).
 
 Shutdown (SIGTERM, through uvicorn) stops accepting connections, lets the requests in flight finish,
 then closes the batcher and joins the worker.
@@ -34,14 +38,14 @@ from starlette.routing import Route
 from .. import __version__
 from .. import heads as task_heads
 from ..encoder import DEFAULT_MAX_TOKENS, Encoder
-from ..errors import FastencError, InputError
-from ..pipelines import TextClassificationPipeline
+from ..errors import FastencError, InputError, LoadError
+from ..pipelines import RerankPipeline, TextClassificationPipeline
 from ..pooling import POOLING_MODES
 from . import schema
 from .batcher import Batcher, Closed, Job
 from .metrics import Metrics
 from .schema import ServeError, unprocessable
-from .worker import EmbedTask, ScoreTask, Worker
+from .worker import EmbedTask, ScoreTask, SparseTask, TokensTask, Worker
 
 log = logging.getLogger("fastenc.serve")
 
@@ -98,6 +102,13 @@ class Service:
         self.pooling, self._embed_error = self._embedding_setup(encoder)
         self.classifier = (TextClassificationPipeline(encoder) if "sequence_classification" in encoder.heads
                            else None)
+        self.reranker, self._rerank_error = self._rerank_setup()
+        self._sparse_error = None if "mlm" in encoder.heads else (
+            "/embed_sparse needs a masked-language-model head (a SPLADE checkpoint) and this model has none "
+            f"(heads: {', '.join(sorted(encoder.heads)) or 'none'})")
+        prompts = encoder._sentence.prompts if encoder._sentence else {}
+        # per prompt text, its tokens left out of the pooling (include_prompt: false), measured once
+        self._prompt_skips = {text: encoder._prompt_skip(text, None) for text in {"", *prompts.values()}}
 
     @staticmethod
     def _embedding_setup(encoder: Encoder) -> tuple[str, str | None]:
@@ -107,8 +118,25 @@ class Service:
             modules = ", ".join(sentence.unsupported_modules)
             return "mean", (f"this checkpoint's sentence-transformers modules {modules} are not supported by "
                             "fastenc, so it serves no embeddings")
+        if sentence is not None and sentence.splade is not None:  # as embed(), which asks for embed_sparse()
+            return "mean", ("this checkpoint is a sentence-transformers SparseEncoder (SPLADE): its vectors come "
+                            "from /embed_sparse")
         pooling = (sentence.pooling if sentence else None) or "mean"
         return (pooling, None) if pooling in POOLING_MODES else ("mean", f"pooling {pooling!r} is not supported")
+
+    def _rerank_setup(self) -> tuple[RerankPipeline | None, str | None]:
+        """The rerank pipeline whose tokenization, scores and ranking ``/rerank`` uses, or why there is none."""
+        if self.classifier is None:
+            return None, (f"/rerank needs a sequence-classification head and this model has none "
+                          f"(heads: {', '.join(sorted(self.encoder.heads)) or 'none'})")
+        labels = task_heads.num_labels(self.encoder.config)
+        if labels != 1:
+            return None, (f"/rerank needs a cross-encoder: a sequence-classification head with one label, and "
+                          f"this one has {labels}")
+        try:
+            return RerankPipeline(self.encoder), None
+        except LoadError as exc:  # e.g. an activation_fn fastenc does not know
+            return None, f"/rerank cannot score with this checkpoint: {exc}"
 
     # ------------------------------------------------------------------------------------- lifecycle
     async def startup(self) -> None:
@@ -185,23 +213,38 @@ class Service:
         self.metrics.stage.labels("inference").observe(finished - job.started)
         return outcome
 
-    def _classifier(self, route: str, single_label: bool = False) -> TextClassificationPipeline:
+    def _classifier(self, route: str) -> TextClassificationPipeline:
         if self.classifier is None:
             raise ServeError(400, f"{route} needs a sequence-classification head and this model has none "
                                   f"(heads: {', '.join(sorted(self.encoder.heads)) or 'none'})", "model")
-        labels = task_heads.num_labels(self.encoder.config)
-        if single_label and labels != 1:
-            raise ServeError(400, f"{route} needs a cross-encoder: a sequence-classification head with one label, "
-                                  f"and this one has {labels}", "model")
         return self.classifier
 
+    def _prompt(self, prompt_name: str | None) -> tuple[str, int]:
+        """What ``embed(prompt_name=...)`` prepends (the checkpoint's ``default_prompt_name``'s prompt when None,
+        as sentence-transformers does) and its tokens left out of the pooling; 422 for an unknown name."""
+        try:
+            prompt = self.encoder._prompt(prompt_name, None)
+        except InputError as exc:  # names the prompts the checkpoint has
+            raise unprocessable(str(exc)) from None
+        return prompt, self._prompt_skips[prompt]
+
     # ------------------------------------------------------------------------------ tokenizer thread
-    def _encode_texts(self, texts: list[str], truncate: bool, field: str) -> list:
-        """``embed()``'s tokenization (its casing, limit and checks)."""
+    def _encode_texts(self, texts: list[str], truncate: bool, field: str, prompt: str = "") -> list:
+        """``embed()``'s tokenization (the prompt prepended; its casing, limit and checks)."""
+        if prompt:
+            texts = [prompt + text for text in texts]
         try:
             return self.encoder._encode(texts, None, truncate)
         except InputError as exc:
             raise InputError(f"`{field}`: {exc}") from None
+
+    def _encode_pairs(self, query: str, texts: list[str], truncate: bool) -> list:
+        """The rerank pipeline's tokenization of ``(query, text)`` pairs."""
+        try:
+            return [self.reranker._row(encoding) for encoding in self.reranker.pairs(query, texts,
+                                                                                    truncation=truncate)]
+        except InputError as exc:
+            raise InputError(f"`texts`: {exc}") from None
 
     def _encode_items(self, items: list, truncate: bool) -> list:
         """The text-classification pipeline's tokenization of texts and (text, text_pair) pairs."""
@@ -224,7 +267,9 @@ class Service:
                                  f"model's vocab_size {vocab_size}")
         return [pipe._row(encoding) for encoding in encodings]
 
-    def _tokens(self, texts: list[str], add_special_tokens: bool) -> list[list[dict]]:
+    def _tokens(self, texts: list[str], add_special_tokens: bool, prompt: str = "") -> list[list[dict]]:
+        if prompt:  # as TEI: the tokens (and their offsets) of the prompted text
+            texts = [prompt + text for text in texts]
         sentence = self.encoder._sentence
         if sentence is not None and sentence.do_lower_case:  # as embed() sees the text
             texts = [text.lower() for text in texts]
@@ -247,19 +292,44 @@ class Service:
         req = schema.parse_embed(await self._body(request), self.limits)
         if self._embed_error:
             raise ServeError(400, self._embed_error, "model")
+        prompt, skip = self._prompt(req.prompt_name)
         with self._admitted():
-            rows = await self._tokenized(self._encode_texts, req.texts, req.truncate, "inputs")
-            vectors = await self._infer(request, rows, EmbedTask(self.pooling, req.normalize, req.dimensions))
+            rows = await self._tokenized(self._encode_texts, req.texts, req.truncate, "inputs", prompt)
+            vectors = await self._infer(request, rows, EmbedTask(self.pooling, req.normalize, req.dimensions, skip))
         return _json(np.stack([v.numpy() for v in vectors]))
+
+    async def embed_all(self, request: Request) -> Response:
+        """TEI's ``/embed_all``: per input its token vectors ``[[float, ...], ...]``, as ``embed_tokens()``."""
+        req = schema.parse_embed_all(await self._body(request), self.limits)
+        prompt, _ = self._prompt(req.prompt_name)
+        with self._admitted():
+            rows = await self._tokenized(self._encode_texts, req.texts, req.truncate, "inputs", prompt)
+            vectors = await self._infer(request, rows, TokensTask())
+        return _json([v.numpy() for v in vectors])
+
+    async def embed_sparse(self, request: Request) -> Response:
+        """TEI's ``/embed_sparse``: per input its active words ``[{"index", "value"}, ...]`` in increasing
+        ``index`` order, as ``embed_sparse()`` (``top_k``, else the checkpoint's ``max_active_dims``)."""
+        req = schema.parse_embed_sparse(await self._body(request), self.limits)
+        if self._sparse_error:
+            raise ServeError(400, self._sparse_error, "model")
+        prompt, _ = self._prompt(req.prompt_name)
+        task = SparseTask(self.encoder._sparse_top_k(req.top_k))
+        with self._admitted():
+            rows = await self._tokenized(self._encode_texts, req.texts, req.truncate, "inputs", prompt)
+            vectors = await self._infer(request, rows, task)
+        return _json([[{"index": index, "value": value} for index, value in zip(words.tolist(), values.numpy())]
+                      for words, values in vectors])
 
     async def openai_embeddings(self, request: Request) -> Response:
         req = schema.parse_openai_embed(await self._body(request), self.limits)
         if self._embed_error:
             raise ServeError(400, self._embed_error, "model")
+        prompt, skip = self._prompt(req.prompt_name)
         with self._admitted():
             truncate = self.limits.auto_truncate
-            rows = await self._tokenized(self._encode_texts, req.texts, truncate, "input")
-            vectors = await self._infer(request, rows, EmbedTask(self.pooling, True, req.dimensions))
+            rows = await self._tokenized(self._encode_texts, req.texts, truncate, "input", prompt)
+            vectors = await self._infer(request, rows, EmbedTask(self.pooling, True, req.dimensions, skip))
         tokens = sum(len(row.ids) for row in rows)
         if req.encoding_format == "base64":
             data = [base64.b64encode(v.numpy().astype("<f4").tobytes()).decode("ascii") for v in vectors]
@@ -295,34 +365,41 @@ class Service:
         return [{"score": float(scores[i]), "label": id2label[i]} for i in ranked]
 
     async def rerank(self, request: Request) -> Response:
+        """TEI's ``/rerank`` on ``pipeline("rerank")``: its pair tokenization, the checkpoint's activation (or
+        ``raw_scores``), its order (highest first, ties in input order); TEI's key order on the wire."""
         req = schema.parse_rerank(await self._body(request), self.limits)
-        self._classifier("/rerank", single_label=True)
+        pipe = self.reranker
+        if pipe is None:
+            raise ServeError(400, self._rerank_error, "model")
         with self._admitted():
-            rows = await self._tokenized(self._encode_items, [(req.query, text) for text in req.texts], req.truncate)
+            rows = await self._tokenized(self._encode_pairs, req.query, req.texts, req.truncate)
             logits = await self._infer(request, rows, ScoreTask())
-        scores = self._scores(np.stack([row.numpy() for row in logits]), req.raw_scores)[:, 0]  # (n, 1) -> (n,)
-        ranks = []
-        for index in sorted(range(len(scores)), key=lambda i: scores[i], reverse=True):
-            rank = {"index": index, "score": float(scores[index])}
-            if req.return_text:
-                rank = {"index": index, "text": req.texts[index], "score": float(scores[index])}
-            ranks.append(rank)
+        ranks = pipe.rank(pipe.scores(logits, req.raw_scores), req.texts, return_text=req.return_text)
+        if req.return_text:
+            ranks = [{"index": rank["index"], "text": rank["text"], "score": rank["score"]} for rank in ranks]
         return _json(ranks)
 
     async def tokenize(self, request: Request) -> Response:
         req = schema.parse_tokenize(await self._body(request), self.limits)
+        prompt, _ = self._prompt(req.prompt_name)
         with self._admitted():
-            tokens = await self._tokenized(self._tokens, req.texts, req.add_special_tokens)
+            tokens = await self._tokenized(self._tokens, req.texts, req.add_special_tokens, prompt)
         return _json(tokens)
 
     async def info(self, request: Request) -> Response:
         config = self.encoder.config
+        sentence = self.encoder._sentence
         if self.classifier is not None:
             id2label = {str(i): label for i, label in self.classifier.id2label.items()}
             kind = "reranker" if task_heads.num_labels(config) == 1 else "classifier"
             model_type = {kind: {"id2label": id2label, "label2id": {v: int(k) for k, v in id2label.items()}}}
+        elif sentence is not None and sentence.splade is not None:
+            model_type = {"embedding": {"pooling": "splade"}}  # as TEI names a SPLADE model's pooling
         else:
             model_type = {"embedding": {"pooling": self.pooling}}
+        routes = {"/embed": not self._embed_error, "/v1/embeddings": not self._embed_error, "/embed_all": True,
+                  "/embed_sparse": not self._sparse_error, "/predict": self.classifier is not None,
+                  "/rerank": self.reranker is not None, "/tokenize": True}
         return _json({
             "model_id": str(self.encoder.path) if self.encoder.path is not None else self.model_name,
             "model_sha": None,
@@ -342,6 +419,10 @@ class Service:
             "device": str(self.encoder.device),
             "backend": self.encoder.backend,
             "hidden_size": config.hidden_size,
+            # fastenc's: what this checkpoint serves, and the prompt names prompt_name takes
+            "routes": sorted(route for route, served in routes.items() if served),
+            "prompts": list(sentence.prompts) if sentence else [],
+            "default_prompt_name": sentence.default_prompt_name if sentence else None,
         })
 
     async def health(self, request: Request) -> Response:
@@ -386,6 +467,8 @@ class Service:
             Route("/embed", self.endpoint("/embed", self.embed), methods=["POST"]),
             Route("/v1/embeddings", self.endpoint("/v1/embeddings", self.openai_embeddings, openai=True),
                   methods=["POST"]),
+            Route("/embed_all", self.endpoint("/embed_all", self.embed_all), methods=["POST"]),
+            Route("/embed_sparse", self.endpoint("/embed_sparse", self.embed_sparse), methods=["POST"]),
             Route("/predict", self.endpoint("/predict", self.predict), methods=["POST"]),
             Route("/rerank", self.endpoint("/rerank", self.rerank), methods=["POST"]),
             Route("/tokenize", self.endpoint("/tokenize", self.tokenize), methods=["POST"]),

@@ -42,6 +42,7 @@ class EmbedRequest:
     normalize: bool = True
     truncate: bool = False
     dimensions: int | None = None
+    prompt_name: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +51,22 @@ class OpenAIEmbedRequest:
     model: str | None = None
     encoding_format: str = "float"
     dimensions: int | None = None
+    prompt_name: str | None = None  # not OpenAI's, nor read by TEI there: fastenc's, as on /embed
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbedAllRequest:
+    texts: list[str]
+    truncate: bool = False
+    prompt_name: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbedSparseRequest:
+    texts: list[str]
+    truncate: bool = False
+    prompt_name: str | None = None
+    top_k: int | None = None  # not TEI's: None keeps the checkpoint's max_active_dims (else every active word)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +90,7 @@ class RerankRequest:
 class TokenizeRequest:
     texts: list[str]
     add_special_tokens: bool = True
+    prompt_name: str | None = None
 
 
 def _kind(value) -> str:
@@ -155,16 +173,35 @@ def _dimensions(body: dict, limits: Limits) -> int | None:
     return value
 
 
+def _prompt_name(body: dict) -> str | None:
+    """TEI's ``prompt_name``: null or a string (whether the checkpoint has such a prompt is the handler's check)."""
+    value = body.get("prompt_name")
+    if value is not None and not isinstance(value, str):
+        raise unprocessable(f"`prompt_name` must be a string, got {_kind(value)}")
+    return value
+
+
+def _top_k(body: dict) -> int | None:
+    value = body.get("top_k")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise unprocessable(f"`top_k` must be a positive integer, got {value!r}")
+    return value
+
+
 def parse_embed(body: dict, limits: Limits) -> EmbedRequest:
-    """TEI's ``POST /embed``: ``inputs``, ``normalize`` (default true), ``truncate``, ``dimensions``."""
+    """TEI's ``POST /embed``: ``inputs``, ``normalize`` (default true), ``truncate``, ``dimensions``,
+    ``prompt_name``."""
     return EmbedRequest(texts=_texts(_required(body, "inputs"), "inputs", limits),
                         normalize=_flag(body, "normalize", True),
                         truncate=_flag(body, "truncate", limits.auto_truncate),
-                        dimensions=_dimensions(body, limits))
+                        dimensions=_dimensions(body, limits), prompt_name=_prompt_name(body))
 
 
 def parse_openai_embed(body: dict, limits: Limits) -> OpenAIEmbedRequest:
-    """OpenAI's ``POST /v1/embeddings``: ``input``, ``model``, ``encoding_format``, ``dimensions``."""
+    """OpenAI's ``POST /v1/embeddings``: ``input``, ``model``, ``encoding_format``, ``dimensions``; and
+    ``prompt_name`` (fastenc's: the OpenAI client sends it with ``extra_body``)."""
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise unprocessable(f"`model` must be a string, got {_kind(model)}")
@@ -172,7 +209,21 @@ def parse_openai_embed(body: dict, limits: Limits) -> OpenAIEmbedRequest:
     if encoding_format not in ("float", "base64"):
         raise unprocessable(f"`encoding_format` must be \"float\" or \"base64\", got {encoding_format!r}")
     return OpenAIEmbedRequest(texts=_texts(_required(body, "input"), "input", limits), model=model,
-                              encoding_format=encoding_format, dimensions=_dimensions(body, limits))
+                              encoding_format=encoding_format, dimensions=_dimensions(body, limits),
+                              prompt_name=_prompt_name(body))
+
+
+def parse_embed_all(body: dict, limits: Limits) -> EmbedAllRequest:
+    """TEI's ``POST /embed_all``: ``inputs``, ``truncate``, ``prompt_name``."""
+    return EmbedAllRequest(texts=_texts(_required(body, "inputs"), "inputs", limits),
+                           truncate=_flag(body, "truncate", limits.auto_truncate), prompt_name=_prompt_name(body))
+
+
+def parse_embed_sparse(body: dict, limits: Limits) -> EmbedSparseRequest:
+    """TEI's ``POST /embed_sparse``: ``inputs``, ``truncate``, ``prompt_name``; and ``top_k`` (fastenc's)."""
+    return EmbedSparseRequest(texts=_texts(_required(body, "inputs"), "inputs", limits),
+                              truncate=_flag(body, "truncate", limits.auto_truncate), prompt_name=_prompt_name(body),
+                              top_k=_top_k(body))
 
 
 def _sequence(value, name: str) -> Text | Pair:
@@ -211,6 +262,6 @@ def parse_rerank(body: dict, limits: Limits) -> RerankRequest:
 
 
 def parse_tokenize(body: dict, limits: Limits) -> TokenizeRequest:
-    """TEI's ``POST /tokenize``: ``inputs`` and ``add_special_tokens`` (default true)."""
+    """TEI's ``POST /tokenize``: ``inputs``, ``add_special_tokens`` (default true), ``prompt_name``."""
     return TokenizeRequest(_texts(_required(body, "inputs"), "inputs", limits),
-                           _flag(body, "add_special_tokens", True))
+                           _flag(body, "add_special_tokens", True), _prompt_name(body))
