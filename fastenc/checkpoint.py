@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from . import family as families
 from .config import EncoderConfig
 from .errors import LoadError
 
@@ -29,7 +30,8 @@ INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 # Task models keep the encoder under one of these prefixes; a base model has none.
-BASE_PREFIXES = ("", "bert.", "roberta.", "xlm-roberta.", "camembert.", "distilbert.", "electra.", "albert.")
+BASE_PREFIXES = ("", "bert.", "roberta.", "xlm-roberta.", "camembert.", "distilbert.", "electra.", "albert.",
+                 "mpnet.", "model.", "nomic_bert.", "gte.", "new.")
 # Buffers some checkpoints carry that are not weights.
 IGNORED_SUFFIXES = ("position_ids", "token_type_ids")
 
@@ -62,6 +64,45 @@ _DISTILBERT_LAYER = _layer_map(
     "transformer.layer.{i}.", "attention.q_lin", "attention.k_lin", "attention.v_lin", "attention.out_lin",
     "sa_layer_norm", "ffn.lin1", "ffn.lin2", "output_layer_norm",
 )
+_MPNET_LAYER = _layer_map(
+    "encoder.layer.{i}.", "attention.attn.q", "attention.attn.k", "attention.attn.v", "attention.attn.o",
+    "attention.LayerNorm", "intermediate.dense", "output.dense", "output.LayerNorm",
+)
+# Gated feed-forwards: "ffn_in" reads both halves, concatenated, then interleaved row by row at load
+# (fastenc.family.prepare). The activated half comes first unless the layout says otherwise: NomicBERT
+# and GTE compute act(gate_proj(x)) * up_proj(x); ModernBERT's Wi holds [input; gate] and computes
+# act(input) * gate; GTE's hub layout fuses up_gate_proj = [up; gate], the linear half first.
+def _fields(prefix: str, **parts: str | tuple[str, str]) -> dict:
+    """``ours="theirs"`` per part -> the layer table (weight and bias of each), names under ``prefix``."""
+    table = {}
+    for ours, theirs in parts.items():
+        for suffix in ("weight", "bias"):
+            names = theirs if isinstance(theirs, tuple) else (theirs,)
+            full = tuple(f"{prefix}{name}.{suffix}" for name in names)
+            table[f"layers.{{i}}.{ours}.{suffix}"] = full if len(full) > 1 else full[0]
+    return table
+
+
+# transformers' own module names for NomicBERT and GTE (a live model's state_dict; optimize() reads them)
+_ROPE_LAYER = _fields(
+    "layers.{i}.", qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), attn_out="self_attn.o_proj",
+    attn_norm="post_attention_layernorm", ffn_in=("mlp.gate_proj", "mlp.up_proj"), ffn_out="mlp.down_proj",
+    ffn_norm="post_mlp_layernorm",
+)
+# The hub layouts, which transformers also writes back on save (its conversion_mapping.py, reversed)
+_NOMIC_LAYER = _fields(
+    "encoder.layers.{i}.", qkv="attn.Wqkv", attn_out="attn.out_proj", attn_norm="norm1",
+    ffn_in=("mlp.fc12", "mlp.fc11"), ffn_out="mlp.fc2", ffn_norm="norm2",  # fc12: the gate, fc11: up
+)
+_GTE_LAYER = _fields(
+    "encoder.layer.{i}.", qkv="attention.qkv_proj", attn_out="attention.o_proj", attn_norm="attn_ln",
+    ffn_in="mlp.up_gate_proj", ffn_out="mlp.down_proj", ffn_norm="mlp_ln",
+)
+# Pre-LN: "attn_norm" / "ffn_norm" are the norms before attention / before the feed-forward.
+_MODERNBERT_LAYER = _fields(
+    "layers.{i}.", qkv="attn.Wqkv", attn_out="attn.Wo", attn_norm="attn_norm", ffn_in="mlp.Wi", ffn_out="mlp.Wo",
+    ffn_norm="mlp_norm",
+)
 # ALBERT's unique layer i is layer j of group g, with i = g * inner_group_num + j.
 _ALBERT_LAYER = _layer_map(
     "encoder.albert_layer_groups.{g}.albert_layers.{j}.", "attention.query", "attention.key", "attention.value",
@@ -76,6 +117,8 @@ class NameMap:
     embeddings: dict
     layer: dict
     project: dict = dataclasses.field(default_factory=dict)  # embedding_size -> hidden_size mapping
+    model: dict = dataclasses.field(default_factory=dict)  # tensors outside the layers (MPNet's bias, final norm)
+    gate_linear_first: bool = False  # a gated "ffn_in" stored [linear half; activated half]
 
 
 _ELECTRA_PROJECT = {"embeddings.project.weight": "embeddings_project.weight",
@@ -83,6 +126,12 @@ _ELECTRA_PROJECT = {"embeddings.project.weight": "embeddings_project.weight",
 _ALBERT_PROJECT = {"embeddings.project.weight": "encoder.embedding_hidden_mapping_in.weight",
                    "embeddings.project.bias": "encoder.embedding_hidden_mapping_in.bias"}
 _NO_TOKEN_TYPE = {k: v for k, v in _BERT_EMBEDDINGS.items() if k != "embeddings.token_type"}
+
+_NO_POSITION = {k: v for k, v in _BERT_EMBEDDINGS.items() if k != "embeddings.position"}
+_NOMIC_EMBEDDINGS = {**_NO_POSITION, "embeddings.norm.weight": "emb_ln.weight", "embeddings.norm.bias": "emb_ln.bias"}
+_MODERNBERT_EMBEDDINGS = {"embeddings.word": "embeddings.tok_embeddings.weight",
+                          "embeddings.norm.weight": "embeddings.norm.weight",
+                          "embeddings.norm.bias": "embeddings.norm.bias"}
 
 NAME_MAPS = {
     "bert": NameMap(_BERT_EMBEDDINGS, _BERT_LAYER),
@@ -92,7 +141,23 @@ NAME_MAPS = {
     "distilbert": NameMap(_NO_TOKEN_TYPE, _DISTILBERT_LAYER),
     "electra": NameMap(_BERT_EMBEDDINGS, _BERT_LAYER, _ELECTRA_PROJECT),
     "albert": NameMap(_BERT_EMBEDDINGS, _ALBERT_LAYER, _ALBERT_PROJECT),
+    "mpnet": NameMap(_NO_TOKEN_TYPE, _MPNET_LAYER,
+                     model={"relative_bias": "encoder.relative_attention_bias.weight"}),
+    "modernbert": NameMap(_MODERNBERT_EMBEDDINGS, _MODERNBERT_LAYER,
+                          model={"final_norm.weight": "final_norm.weight", "final_norm.bias": "final_norm.bias"}),
+    "nomic_bert": NameMap(_NOMIC_EMBEDDINGS, _NOMIC_LAYER),
+    "gte": NameMap(_NO_POSITION, _GTE_LAYER, gate_linear_first=True),
 }
+# Other layouts a family's tensors come in, tried after NAME_MAPS' when its first layer is absent.
+OTHER_LAYOUTS = {
+    "nomic_bert": (NameMap(_NO_POSITION, _ROPE_LAYER),),
+    "gte": (NameMap(_NO_POSITION, _ROPE_LAYER),),
+}
+
+
+def layouts(config: EncoderConfig) -> tuple[NameMap, ...]:
+    """The name maps a family's checkpoints may use, the usual one first."""
+    return (NAME_MAPS[config.model_type], *OTHER_LAYOUTS.get(config.model_type, ()))
 
 
 def num_unique_layers(config: EncoderConfig) -> int:
@@ -111,10 +176,12 @@ def layer_schedule(config: EncoderConfig) -> list[int]:
             for depth in range(config.num_hidden_layers) for j in range(config.inner_group_num)]
 
 
-def encoder_names(config: EncoderConfig) -> dict[str, str | tuple[str, ...]]:
-    """fastenc name -> checkpoint name(s) relative to the base prefix, every layer expanded."""
-    names = NAME_MAPS[config.model_type]
+def encoder_names(config: EncoderConfig, names: NameMap | None = None) -> dict[str, str | tuple[str, ...]]:
+    """fastenc name -> checkpoint name(s) relative to the base prefix, every layer expanded; only the
+    tensors this config's family has (``encoder_shapes``). ``names``: the layout (the family's usual one)."""
+    names = NAME_MAPS[config.model_type] if names is None else names
     table = dict(names.embeddings)
+    table.update(names.model)
     if config.model_type == "albert" or config.embedding_size != config.hidden_size:
         table.update(names.project)
     for i in range(num_unique_layers(config)):
@@ -122,31 +189,46 @@ def encoder_names(config: EncoderConfig) -> dict[str, str | tuple[str, ...]]:
         for ours, theirs in names.layer.items():
             fill = (lambda s: s.format(i=i, g=g, j=j))
             table[ours.format(i=i)] = tuple(map(fill, theirs)) if isinstance(theirs, tuple) else fill(theirs)
-    return table
+    shapes = encoder_shapes(config)
+    return {ours: theirs for ours, theirs in table.items() if ours in shapes}
 
 
 def encoder_shapes(config: EncoderConfig) -> dict[str, tuple[int, ...]]:
-    """fastenc name -> the shape the config implies."""
+    """fastenc name -> the shape the config implies, for every tensor the family has."""
     H, E, I = config.hidden_size, config.embedding_size, config.intermediate_size
+    family = config.family
     shapes = {
         "embeddings.word": (config.vocab_size, E),
-        "embeddings.position": (config.max_position_embeddings, E),
-        "embeddings.token_type": (config.type_vocab_size, E),
         "embeddings.norm.weight": (E,),
-        "embeddings.norm.bias": (E,),
         "embeddings.project.weight": (H, E),
         "embeddings.project.bias": (H,),
     }
-    layer = {
-        "qkv.weight": (3 * H, H), "qkv.bias": (3 * H,),
-        "attn_out.weight": (H, H), "attn_out.bias": (H,),
-        "attn_norm.weight": (H,), "attn_norm.bias": (H,),
-        "ffn_in.weight": (I, H), "ffn_in.bias": (I,),
-        "ffn_out.weight": (H, I), "ffn_out.bias": (H,),
-        "ffn_norm.weight": (H,), "ffn_norm.bias": (H,),
-    }
+    if family.positions == "absolute":
+        shapes["embeddings.position"] = (config.max_position_embeddings, E)
+    if config.type_vocab_size:
+        shapes["embeddings.token_type"] = (config.type_vocab_size, E)
+    if family.relative_bias:
+        shapes["relative_bias"] = (config.relative_attention_num_buckets, config.num_attention_heads)
+    if family.final_norm:
+        shapes["final_norm.weight"] = (H,)
+    norms = ["attn_norm", "ffn_norm"]
+    if family.has_bias("norm"):
+        shapes["embeddings.norm.bias"] = (E,)
+        if family.final_norm:
+            shapes["final_norm.bias"] = (H,)
+    ffn_rows = 2 * I if family.ffn == "gated" else I  # gated: both halves, concatenated
+    layer = {"qkv": (3 * H, H), "attn_out": (H, H), "ffn_in": (ffn_rows, H), "ffn_out": (H, I)}
     for i in range(num_unique_layers(config)):
-        shapes.update({f"layers.{i}.{name}": shape for name, shape in layer.items()})
+        for part, shape in layer.items():
+            shapes[f"layers.{i}.{part}.weight"] = shape
+            if family.has_bias(part):
+                shapes[f"layers.{i}.{part}.bias"] = shape[:1]
+        for part in norms:
+            if part == "attn_norm" and not family.layer(i).attn_norm:
+                continue  # ModernBERT's first block: no norm before attention
+            shapes[f"layers.{i}.{part}.weight"] = (H,)
+            if family.has_bias("norm"):
+                shapes[f"layers.{i}.{part}.bias"] = (H,)
     return shapes
 
 
@@ -307,12 +389,26 @@ def _check_finite(files, key: str, tensor: torch.Tensor, dtype: torch.dtype) -> 
                         "a corrupt file, or values outside the range of the dtype asked for")
 
 
-def load_encoder(files: SafetensorsDir, config: EncoderConfig, dtype: torch.dtype) -> tuple[dict, str]:
-    """The encoder's tensors under fastenc names, and the base prefix they were found under."""
+def find_layout(files: SafetensorsDir, config: EncoderConfig, prefix: str) -> NameMap:
+    """The layout whose first layer's Q (K, V) projection the checkpoint has; the usual one otherwise
+    (whose missing tensors the error then names)."""
+    for names in layouts(config):
+        first = encoder_names(config, names)["layers.0.qkv.weight"]
+        if all(prefix + key in files.keys for key in (first if isinstance(first, tuple) else (first,))):
+            return names
+    return NAME_MAPS[config.model_type]
+
+
+def load_encoder(files: SafetensorsDir, config: EncoderConfig, dtype: torch.dtype) -> tuple[dict, str, set[str]]:
+    """The encoder's tensors under fastenc names, in the kernels' layouts (``fastenc.family.prepare``), the
+    base prefix they were found under, and the checkpoint keys read."""
     prefix = find_base_prefix(files, config)
-    table = encoder_names(config)
+    names = find_layout(files, config, prefix)
+    table = encoder_names(config, names)
     tensors = load_tensors(files, table, encoder_shapes(config), dtype, prefix)
-    return tensors, prefix
+    tensors = families.prepare(tensors, config.family, config.num_attention_heads, num_unique_layers(config),
+                               gate_linear_first=names.gate_linear_first)
+    return tensors, prefix, used_keys(table, prefix)
 
 
 def used_keys(table: dict, prefix: str = "") -> set[str]:

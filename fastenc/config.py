@@ -1,4 +1,9 @@
-"""``EncoderConfig``: one dataclass for every BERT-family ``config.json``, one small reader per family."""
+"""``EncoderConfig``: one dataclass for every encoder ``config.json``, one small reader per family.
+
+A reader returns the sizes in one vocabulary, and for the families after BERT (MPNet, ModernBERT,
+NomicBERT, GTE) the ``Family`` description of their blocks (``fastenc/family.py``): norm placement,
+position scheme, attention window per layer, feed-forward kind, biases.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LoadError
+from .family import BERT, MPNET_BUCKETS, Family, LayerKind
 
-SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "albert")
+SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "albert",
+                         "mpnet", "modernbert", "nomic_bert", "gte")
 # Position ids count non-padding tokens from pad_token_id + 1 in these families.
-_PADDING_POSITION_TYPES = ("roberta", "xlm-roberta", "camembert")
+_PADDING_POSITION_TYPES = ("roberta", "xlm-roberta", "camembert", "mpnet")
+# Families whose embeddings may have no token-type table (type_vocab_size 0).
+_NO_TOKEN_TYPE_TYPES = ("distilbert", "mpnet", "modernbert", "gte")
 
 # Size fields and their smallest valid value; a field may be spelled differently in config.json (_KEYS).
 _MIN_SIZES = {
@@ -29,7 +38,8 @@ _MIN_SIZES = {
     "inner_group_num": 1,
 }
 _KEYS = {"distilbert": {"hidden_size": "dim", "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads",
-                        "intermediate_size": "hidden_dim", "hidden_act": "activation"}}
+                        "intermediate_size": "hidden_dim", "hidden_act": "activation"},
+         "modernbert": {"hidden_act": "hidden_activation", "layer_norm_eps": "norm_eps"}}
 
 # transformers' activation names -> the canonical names of the ops interface (reference.py).
 _ACTIVATIONS = {
@@ -40,7 +50,14 @@ _ACTIVATIONS = {
     "gelu_fast": "gelu_tanh",
     "gelu_python_tanh": "gelu_tanh",
     "relu": "relu",
+    "silu": "silu",
+    "swish": "silu",
 }
+
+
+def canonical_activation(name) -> str | None:
+    """transformers' activation name -> the ops interface's (``"gelu"``, ``"silu"`` …); None if unsupported."""
+    return _ACTIVATIONS.get(name) if isinstance(name, str) else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,11 +81,13 @@ class EncoderConfig:
     position_offset: int  # RoBERTa-style: pad_token_id + 1; 0 elsewhere (positions start at 0)
     num_hidden_groups: int = 1  # ALBERT: distinct layer groups, shared across num_hidden_layers
     inner_group_num: int = 1  # ALBERT: layers per group
+    family: Family = BERT  # what the blocks are made of (fastenc/family.py)
+    relative_attention_num_buckets: int = 0  # MPNet: rows of the relative position bias table
     raw: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)  # config.json as read
 
     @property
     def activation(self) -> str:
-        """The canonical activation name of the ops interface (``"gelu"``, ``"gelu_tanh"``, ``"relu"``)."""
+        """The canonical activation name of the ops interface (``"gelu"``, ``"gelu_tanh"``, ``"relu"``, ``"silu"``)."""
         return _ACTIVATIONS[self.hidden_act]
 
     @property
@@ -89,10 +108,19 @@ class EncoderConfig:
             raise LoadError(f"{source}: missing key {exc.args[0]!r} for model_type {model_type!r}") from None
         fields.setdefault("embedding_size", fields["hidden_size"])
         _validate(fields, model_type, source)
+        family = fields.get("family", BERT)
+        if isinstance(family, str):  # a reader's complaint about the config, for the message below
+            raise LoadError(f"{source}: {family}")
         position_offset = fields["pad_token_id"] + 1 if model_type in _PADDING_POSITION_TYPES else 0
         hidden, heads = fields["hidden_size"], fields["num_attention_heads"]
         if hidden % heads:
             raise LoadError(f"{source}: hidden size {hidden} is not a multiple of the {heads} attention heads")
+        explicit_head_dim = raw.get("head_dim")
+        if explicit_head_dim not in (None, hidden // heads):
+            raise LoadError(f"{source}: head_dim {explicit_head_dim!r} is not hidden_size / num_attention_heads "
+                            f"({hidden // heads}); fastenc supports only that")
+        if family.positions == "rope" and (hidden // heads) % 2:
+            raise LoadError(f"{source}: RoPE needs an even head dim, got {hidden // heads}")
         max_length = fields["max_position_embeddings"] - position_offset
         if max_length <= 0:
             raise LoadError(f"{source}: no usable positions (max_position_embeddings "
@@ -170,6 +198,152 @@ def _albert(raw: dict) -> dict:
     return fields
 
 
+def _mpnet(raw: dict) -> dict:
+    fields = _bert(raw)
+    fields["pad_token_id"] = raw.get("pad_token_id", 1)
+    fields["type_vocab_size"] = 0
+    buckets = raw.get("relative_attention_num_buckets", MPNET_BUCKETS)
+    if isinstance(buckets, bool) or not isinstance(buckets, int) or buckets < MPNET_BUCKETS:
+        # transformers' MPNet always computes 32 buckets, whatever the config says: fewer rows cannot work
+        fields["family"] = (f"relative_attention_num_buckets {buckets!r} is below the {MPNET_BUCKETS} buckets "
+                            "MPNet computes")
+    elif fields["pad_token_id"] != 1:
+        # MPNet's embeddings count positions from their padding index, fixed at 1 in transformers
+        fields["family"] = f"pad_token_id {fields['pad_token_id']!r}: MPNet's positions assume padding id 1"
+    else:
+        fields["family"] = Family(relative_bias=True)
+        fields["relative_attention_num_buckets"] = buckets
+    return fields
+
+
+def _rope_theta(raw: dict, section: dict | None, default: float) -> float | str:
+    """A RoPE base from ``rope_parameters`` (or the older top-level keys); a string says what is wrong."""
+    params = section if isinstance(section, dict) else {}
+    legacy = raw.get("rope_scaling")
+    kind = params.get("rope_type", params.get("type", "default"))
+    if isinstance(legacy, dict) and legacy.get("rope_type", legacy.get("type", "default")) != "default":
+        kind = legacy.get("rope_type", legacy.get("type"))
+    if kind != "default":
+        return f"rope_type {kind!r} is not supported (only 'default')"
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        return f"partial_rotary_factor {params['partial_rotary_factor']!r} is not supported (only 1.0)"
+    theta = params.get("rope_theta", raw.get("rope_theta", default))
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not (math.isfinite(theta) and theta > 0):
+        return f"rope_theta must be a positive number, got {theta!r}"
+    return float(theta)
+
+
+def _rope_family(raw: dict, default_theta: float, biases: frozenset) -> Family | str:
+    """NomicBERT's and GTE's blocks: post-LN, RoPE on every layer, a gated feed-forward."""
+    theta = _rope_theta(raw, raw.get("rope_parameters"), default_theta)
+    if isinstance(theta, str):
+        return theta
+    depth = raw["num_hidden_layers"]
+    if isinstance(depth, bool) or not isinstance(depth, int):
+        return "num_hidden_layers must be a positive int"  # _validate says so first
+    layers = tuple(LayerKind(rope_theta=theta) for _ in range(depth))
+    return Family(positions="rope", ffn="gated", biases=biases, layers=layers)
+
+
+# nomic-embed's own config.json (its remote code's GPT-2-style names) -> transformers' NomicBertConfig names
+_NOMIC_HUB_KEYS = {"n_embd": "hidden_size", "n_head": "num_attention_heads", "n_layer": "num_hidden_layers",
+                   "n_inner": "intermediate_size", "n_positions": "max_position_embeddings",
+                   "layer_norm_epsilon": "layer_norm_eps", "rotary_emb_base": "rope_theta"}
+_NOMIC_GATES = {"swiglu": "silu", "geglu": "gelu"}  # its gated activations; "glu" (sigmoid) is not supported
+
+
+def _nomic_hub_config(raw: dict) -> tuple[dict, str | None]:
+    """nomic-embed's hub config.json in transformers' names, and what fastenc cannot run of it (or None)."""
+    out = {**raw, **{ours: raw[theirs] for theirs, ours in _NOMIC_HUB_KEYS.items() if theirs in raw}}
+    if raw.get("n_inner", 0) is None and isinstance(out.get("hidden_size"), int):
+        out["intermediate_size"] = 4 * out["hidden_size"]  # GPT-2's default
+    activation = raw.get("activation_function", "swiglu")
+    out["hidden_act"] = _NOMIC_GATES.get(activation, "silu")
+    if activation not in _NOMIC_GATES:
+        return out, f"activation_function {activation!r} is not supported (only {', '.join(_NOMIC_GATES)})"
+    for key, expected in (("rotary_emb_fraction", 1.0), ("prenorm", False), ("parallel_block", False),
+                          ("rotary_emb_scale_base", None), ("rotary_scaling_factor", None)):
+        if raw.get(key, expected) != expected:
+            return out, f"{key} {raw[key]!r} is not supported (only {expected!r})"
+    return out, None
+
+
+def _nomic_bert(raw: dict) -> dict:
+    hub, problem = "n_embd" in raw, None  # nomic-embed's own config.json, or transformers'
+    if hub:
+        raw, problem = _nomic_hub_config(raw)
+    fields = _bert(raw)
+    fields["hidden_act"] = raw.get("hidden_act", "silu")
+    fields["max_position_embeddings"] = raw.get("max_position_embeddings", 2048)
+    biases = {"norm"}  # transformers' NomicBERT: linears without bias; nomic-embed's own config says
+    if hub:
+        biases |= {part for part, key in (("qkv", "qkv_proj_bias"), ("attn_out", "qkv_proj_bias"),
+                                          ("ffn_in", "mlp_fc1_bias"), ("ffn_out", "mlp_fc2_bias"))
+                   if raw.get(key, True) is True}  # nomic's defaults: biases
+    family = _rope_family(raw, 1000.0, frozenset(biases))
+    if hub and not isinstance(family, str) and raw.get("rotary_emb_interleaved", False) is True:
+        family = dataclasses.replace(family, rope_pairs="interleaved")
+    fields["family"] = problem or family
+    return fields
+
+
+def _gte(raw: dict) -> dict:
+    fields = _bert(raw)
+    fields["type_vocab_size"] = raw.get("type_vocab_size", 1)
+    fields["pad_token_id"] = raw.get("pad_token_id", 1)
+    fields["max_position_embeddings"] = raw.get("max_position_embeddings", 8192)
+    fields["family"] = _rope_family(raw, 160_000.0, frozenset({"qkv", "attn_out", "ffn_out", "norm"}))
+    return fields
+
+
+def _modernbert(raw: dict) -> dict:
+    layers = raw["num_hidden_layers"]
+    fields = dict(
+        vocab_size=raw["vocab_size"],
+        hidden_size=raw["hidden_size"],
+        num_hidden_layers=layers,
+        num_attention_heads=raw["num_attention_heads"],
+        intermediate_size=raw["intermediate_size"],
+        hidden_act=raw.get("hidden_activation", "gelu"),
+        layer_norm_eps=raw.get("norm_eps", 1e-5),
+        type_vocab_size=0,
+        pad_token_id=raw.get("pad_token_id", 50283),
+        max_position_embeddings=raw.get("max_position_embeddings", 8192),
+    )
+    fields["family"] = _modernbert_family(raw, layers)
+    return fields
+
+
+def _modernbert_family(raw: dict, layers: int) -> Family | str:
+    """Pre-LN blocks, global layers every ``global_attn_every_n_layers`` (3) and sliding windows between,
+    each kind with its own RoPE base (``layer_types`` and ``rope_parameters`` when transformers wrote them)."""
+    every = raw.get("global_attn_every_n_layers", 3)
+    types = raw.get("layer_types")
+    if types is None and isinstance(every, int) and not isinstance(every, bool) and every > 0 and isinstance(
+            layers, int):
+        types = ["sliding_attention" if i % every else "full_attention" for i in range(layers)]
+    if not isinstance(types, list) or len(types) != layers or not set(types) <= {"full_attention",
+                                                                                  "sliding_attention"}:
+        return f"layer_types {types!r} is not a list of {layers} 'full_attention' / 'sliding_attention'"
+    local = raw.get("local_attention", 128)
+    if isinstance(local, bool) or not isinstance(local, int) or local < 0:
+        return f"local_attention must be a non-negative int, got {local!r}"
+    params = raw.get("rope_parameters") if isinstance(raw.get("rope_parameters"), dict) else {}
+    thetas = {}
+    for kind, old_key, default in (("full_attention", "global_rope_theta", 160_000.0),
+                                   ("sliding_attention", "local_rope_theta", 10_000.0)):
+        section = dict(params.get(kind) or {})
+        section.setdefault("rope_theta", raw.get(old_key, default))
+        thetas[kind] = _rope_theta({}, section, default)
+        if isinstance(thetas[kind], str):
+            return thetas[kind]
+    biases = {part for part, key in (("qkv", "attention_bias"), ("attn_out", "attention_bias"), ("ffn_in", "mlp_bias"),
+                                     ("ffn_out", "mlp_bias"), ("norm", "norm_bias")) if raw.get(key, False) is True}
+    kinds = tuple(LayerKind(window=local // 2 if kind == "sliding_attention" else None, rope_theta=thetas[kind],
+                            attn_norm=depth > 0) for depth, kind in enumerate(types))
+    return Family(norm="pre", positions="rope", ffn="gated", biases=frozenset(biases), layers=kinds)
+
+
 def _validate(fields: dict, model_type: str, source: str) -> None:
     """Check every field's type and range in place (eps becomes a float); errors name the config.json key."""
     keys = _KEYS.get(model_type, {})
@@ -177,7 +351,7 @@ def _validate(fields: dict, model_type: str, source: str) -> None:
         if name not in fields:
             continue
         value = fields[name]
-        if model_type != "distilbert" and name == "type_vocab_size":
+        if model_type not in _NO_TOKEN_TYPE_TYPES and name == "type_vocab_size":
             minimum = 1  # BERT-style embeddings always add a token-type row
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             kind = "a positive int" if minimum == 1 else "a non-negative int"
@@ -202,4 +376,8 @@ _READERS = {
     "distilbert": _distilbert,
     "electra": _electra,
     "albert": _albert,
+    "mpnet": _mpnet,
+    "modernbert": _modernbert,
+    "nomic_bert": _nomic_bert,
+    "gte": _gte,
 }

@@ -1,5 +1,9 @@
 """The lean encoder: one forward pass, written once, over the ops backend chosen at load.
 
+The pass follows the checkpoint's ``Family`` (``fastenc/family.py``): post- or pre-LayerNorm blocks,
+absolute positions at the embeddings or RoPE in the fused-QKV epilogue, MPNet's relative bias and
+ModernBERT's sliding windows inside attention, plain or gated feed-forwards, with or without biases.
+
 Tokens are packed from the start: after validation the padding is dropped and every layer runs on a
 ``(tokens, hidden)`` tensor with ``cu_seqlens`` offsets (FlashAttention's varlen layout). Padding comes
 back only at the output of ``__call__``; ``embed`` pools straight from the packed tokens. The lengths
@@ -22,6 +26,7 @@ from types import ModuleType
 import torch
 
 from . import checkpoint, reference
+from . import family as families
 from . import heads as task_heads
 from .config import EncoderConfig
 from .errors import BackendError, FastencError, InputError, LoadError
@@ -120,26 +125,32 @@ def resolve_cuda_graphs(cuda_graphs: bool | None, device: torch.device, backend:
 
 @dataclasses.dataclass(frozen=True)
 class Layer:
-    """One transformer block's weights (post-LayerNorm, as in every BERT-family model)."""
+    """One transformer block: its weights, and what kind of block it is (``kind``, ``family``).
 
-    qkv_weight: torch.Tensor  # (3 * hidden, hidden)
-    qkv_bias: torch.Tensor  # (3 * hidden,)
+    A bias is ``None`` where the family has none; ``attn_norm`` is ``None`` for ModernBERT's first block.
+    Post-LN (``family.norm == "post"``): ``attn_norm`` and ``ffn_norm`` follow attention and the
+    feed-forward; pre-LN: they precede them.
+    """
+
+    kind: families.LayerKind
+    qkv_weight: torch.Tensor  # (3 * hidden, hidden); Q and K rows in rotary-pair order with RoPE
+    qkv_bias: torch.Tensor | None  # (3 * hidden,)
     attn_out_weight: torch.Tensor  # (hidden, hidden)
-    attn_out_bias: torch.Tensor
-    attn_norm_weight: torch.Tensor  # (hidden,)
-    attn_norm_bias: torch.Tensor
-    ffn_in_weight: torch.Tensor  # (intermediate, hidden)
-    ffn_in_bias: torch.Tensor
+    attn_out_bias: torch.Tensor | None
+    attn_norm_weight: torch.Tensor | None  # (hidden,)
+    attn_norm_bias: torch.Tensor | None
+    ffn_in_weight: torch.Tensor  # (intermediate, hidden); gated: (2 * intermediate, hidden), halves interleaved
+    ffn_in_bias: torch.Tensor | None
     ffn_out_weight: torch.Tensor  # (hidden, intermediate)
-    ffn_out_bias: torch.Tensor
+    ffn_out_bias: torch.Tensor | None
     ffn_norm_weight: torch.Tensor  # (hidden,)
-    ffn_norm_bias: torch.Tensor
+    ffn_norm_bias: torch.Tensor | None
 
     @classmethod
-    def from_tensors(cls, tensors: dict, index: int) -> "Layer":
-        # field "attn_out_weight" <- tensor "layers.{index}.attn_out.weight"
-        return cls(**{f.name: tensors[f"layers.{index}." + ".".join(f.name.rsplit("_", 1))]
-                      for f in dataclasses.fields(cls)})
+    def from_tensors(cls, tensors: dict, index: int, kind: families.LayerKind) -> "Layer":
+        # field "attn_out_weight" <- tensor "layers.{index}.attn_out.weight" (None when the family has none)
+        return cls(kind=kind, **{f.name: tensors.get(f"layers.{index}." + ".".join(f.name.rsplit("_", 1)))
+                                 for f in dataclasses.fields(cls) if f.name != "kind"})
 
 
 class Encoder:
@@ -160,8 +171,15 @@ class Encoder:
         self._ops = ops
         self._sentence = sentence
         self._tensors = tensors
-        unique = [Layer.from_tensors(tensors, i) for i in range(checkpoint.num_unique_layers(config))]
-        self._layers = [unique[i] for i in checkpoint.layer_schedule(config)]
+        family = config.family
+        self._layers = [Layer.from_tensors(tensors, unique, family.layer(depth))
+                        for depth, unique in enumerate(checkpoint.layer_schedule(config))]
+        # Tables built once from the config: RoPE's cosines and sines per base, MPNet's bias by distance.
+        self._rope = {theta: families.rope_table(theta, config.head_dim, config.max_position_embeddings, device)
+                      for theta in family.rope_thetas}
+        self._relative_bias = (families.relative_bias_by_distance(tensors["relative_bias"],
+                                                                  config.max_position_embeddings)
+                               if family.relative_bias else None)
         self._graphs = GraphRunner(self) if resolve_cuda_graphs(cuda_graphs, device, backend) else None
         self._tokenizer_lock = threading.Lock()  # encode() sets the tokenizer's truncation: one caller at a time
 
@@ -206,9 +224,9 @@ class Encoder:
     @classmethod
     def _load(cls, files, config: EncoderConfig, *, dtype: torch.dtype, **kwargs) -> "Encoder":
         """Read the encoder's and the heads' tensors from ``files`` (a SafetensorsDir or StateDictSource)."""
-        tensors, prefix = checkpoint.load_encoder(files, config, dtype)
+        tensors, prefix, used = checkpoint.load_encoder(files, config, dtype)
         head_tensors, head_keys = task_heads.load_heads(files, config, dtype, prefix)
-        checkpoint.warn_unused(files, checkpoint.used_keys(checkpoint.encoder_names(config), prefix) | head_keys)
+        checkpoint.warn_unused(files, used | head_keys)
         return cls(config, tensors, dtype=dtype, head_tensors=head_tensors, **kwargs)
 
     def __repr__(self) -> str:
@@ -220,21 +238,45 @@ class Encoder:
     @torch.no_grad()  # not inference_mode: callers (optimize's task heads) may feed the result to autograd
     def forward_packed(self, batch: PackedBatch) -> torch.Tensor:
         """The encoder on packed tokens: ``(tokens, hidden)`` in the encoder's dtype."""
-        ops, c, t = self._ops, self.config, self._tensors
-        x = ops.embeddings(batch.input_ids, batch.position_ids, batch.token_type_ids, t["embeddings.word"],
-                           t["embeddings.position"], t.get("embeddings.token_type"), t["embeddings.norm.weight"],
-                           t["embeddings.norm.bias"], c.layer_norm_eps)  # (T, E)
+        ops, c, t, family = self._ops, self.config, self._tensors, self.config.family
+        eps, positions = c.layer_norm_eps, batch.position_ids
+        x = ops.embeddings(batch.input_ids, positions, batch.token_type_ids, t["embeddings.word"],
+                           t.get("embeddings.position"), t.get("embeddings.token_type"), t["embeddings.norm.weight"],
+                           t.get("embeddings.norm.bias"), eps)  # (T, E)
         if "embeddings.project.weight" in t:
             x = ops.linear(x, t["embeddings.project.weight"], t["embeddings.project.bias"])  # (T, H)
         cu_seqlens, max_seqlen = batch.cu_seqlens, batch.max_seqlen
+        # Attention needs positions only for a window or a relative bias; BERT's stays position-free.
+        attn_positions = positions if family.relative_bias or any(k.window is not None for k in family.layers) else None
+        pre_norm = family.norm == "pre"
+        h = x  # the input of the next attention: x itself, or LN(x) in a pre-LN block
         for layer in self._layers:
-            q, k, v = ops.fused_qkv(x, layer.qkv_weight, layer.qkv_bias, c.num_attention_heads)  # (H, T, D) each
-            a = ops.attention(q, k, v, cu_seqlens, max_seqlen)  # (T, hidden)
-            a = ops.linear(a, layer.attn_out_weight, layer.attn_out_bias)
-            x = ops.add_layer_norm(a, x, layer.attn_norm_weight, layer.attn_norm_bias, c.layer_norm_eps)
-            h = ops.linear(x, layer.ffn_in_weight, layer.ffn_in_bias, c.activation)  # (T, intermediate)
-            h = ops.linear(h, layer.ffn_out_weight, layer.ffn_out_bias)
-            x = ops.add_layer_norm(h, x, layer.ffn_norm_weight, layer.ffn_norm_bias, c.layer_norm_eps)
+            kind = layer.kind
+            if pre_norm and layer.attn_norm_weight is not None:
+                h = ops.layer_norm(x, layer.attn_norm_weight, layer.attn_norm_bias, eps)
+            rope = self._rope.get(kind.rope_theta)
+            q, k, v = ops.fused_qkv(h, layer.qkv_weight, layer.qkv_bias, c.num_attention_heads,
+                                    positions if rope is not None else None, rope)  # (H, T, D) each
+            a = ops.attention(q, k, v, cu_seqlens, max_seqlen, attn_positions, kind.window,
+                              self._relative_bias)  # (T, hidden)
+            if pre_norm:  # x = x + f(LN(x)); the residual add rides in the GEMM epilogue
+                x = ops.linear(a, layer.attn_out_weight, layer.attn_out_bias, residual=x)
+                h = ops.layer_norm(x, layer.ffn_norm_weight, layer.ffn_norm_bias, eps)
+            else:  # x = LN(x + f(x))
+                a = ops.linear(a, layer.attn_out_weight, layer.attn_out_bias)
+                x = h = ops.add_layer_norm(a, x, layer.attn_norm_weight, layer.attn_norm_bias, eps)
+            if family.ffn == "gated":
+                f = ops.gated_linear(h, layer.ffn_in_weight, layer.ffn_in_bias, c.activation)  # (T, intermediate)
+            else:
+                f = ops.linear(h, layer.ffn_in_weight, layer.ffn_in_bias, c.activation)
+            if pre_norm:
+                x = ops.linear(f, layer.ffn_out_weight, layer.ffn_out_bias, residual=x)
+                h = x
+            else:
+                f = ops.linear(f, layer.ffn_out_weight, layer.ffn_out_bias)
+                x = h = ops.add_layer_norm(f, x, layer.ffn_norm_weight, layer.ffn_norm_bias, eps)
+        if family.final_norm:
+            x = ops.layer_norm(x, t["final_norm.weight"], t.get("final_norm.bias"), eps)
         return x
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:

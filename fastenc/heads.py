@@ -21,6 +21,13 @@ What each family computes (transformers' modeling files, v5):
   ``out_proj(gelu(dense(first)))``.
 * token classification: ``classifier(h)`` on every token; question answering: ``qa_outputs(h)`` ->
   start and end logits.
+* MPNet: RoBERTa's heads (``lm_head``, ``classifier.dense`` / ``out_proj``) under ``mpnet.``.
+  NomicBERT and GTE: BERT's pooler and classifiers; NomicBERT's MLM head is BERT's (``cls.predictions``,
+  the encoder's activation), GTE's RoBERTa's (``lm_head``, exact GELU); neither has a QA model.
+* ModernBERT: every task runs ``head`` (``norm(act(dense(x)))``, ``classifier_activation``, biases as
+  ``classifier_bias`` / ``norm_bias`` say) before its ``classifier`` (or ``decoder``); the sequence
+  classifier first pools the tokens as ``classifier_pooling`` says (``"cls"``: the first token,
+  ``"mean"``: the mean of the sequence's tokens).
 
 BERT's and ALBERT's sequence and token classifiers have the same tensor names (``classifier.*``), so
 which one a checkpoint holds is read from ``config.json``'s ``architectures``; without it, a pooler
@@ -35,7 +42,7 @@ import dataclasses
 import torch
 
 from . import checkpoint
-from .config import EncoderConfig
+from .config import EncoderConfig, canonical_activation
 from .errors import LoadError
 
 HEAD_NAMES = ("pooler", "mlm", "sequence_classification", "token_classification", "question_answering")
@@ -110,7 +117,63 @@ HEAD_SPECS: dict[str, dict[str, HeadSpec]] = {
         "token_classification": _TOKEN,
         "question_answering": _QA,
     },
+    "mpnet": _ROBERTA_HEADS,
+    "nomic_bert": {
+        "pooler": _BERT_POOLER,
+        "mlm": _mlm("cls.predictions.transform.dense", "cls.predictions.transform.layer_norm",
+                    "cls.predictions.decoder.weight", "cls.predictions.decoder.bias|cls.predictions.bias", "config"),
+        "sequence_classification": HeadSpec(_linear("seq.out", "classifier"), requires=("pooler",)),
+        "token_classification": _TOKEN,
+    },
+    "gte": {
+        "pooler": _BERT_POOLER,
+        # the hub's (and transformers' saved) name first, transformers' module name second
+        "mlm": HeadSpec({**_linear("mlm.dense", "lm_head.dense"),
+                         "mlm.norm.weight": "lm_head.norm.weight|lm_head.layer_norm.weight",
+                         "mlm.norm.bias": "lm_head.norm.bias|lm_head.layer_norm.bias",
+                         "mlm.decoder.weight": "lm_head.decoder.weight", "mlm.decoder.bias": "lm_head.decoder.bias"},
+                        activation="gelu", tied="mlm.decoder.weight"),
+        "sequence_classification": HeadSpec(_linear("seq.out", "classifier"), requires=("pooler",)),
+        "token_classification": _TOKEN,
+    },
 }
+
+
+def _modernbert_heads(config: EncoderConfig) -> dict[str, HeadSpec]:
+    """ModernBERT's heads: ``head`` (dense, activation, norm) then the task's projection; which of their
+    tensors have a bias is in the config (``classifier_bias``, ``norm_bias``, ``decoder_bias``)."""
+    raw = config.raw
+    activation = canonical_activation(raw.get("classifier_activation", "gelu"))
+
+    def transform(ours: str) -> dict[str, str]:
+        tensors = {f"{ours}.dense.weight": "head.dense.weight", f"{ours}.norm.weight": "head.norm.weight"}
+        if raw.get("classifier_bias", False) is True:
+            tensors[f"{ours}.dense.bias"] = "head.dense.bias"
+        if raw.get("norm_bias", False) is True:
+            tensors[f"{ours}.norm.bias"] = "head.norm.bias"
+        return tensors
+
+    mlm = {**transform("mlm"), "mlm.decoder.weight": "decoder.weight"}
+    if raw.get("decoder_bias", True) is True:
+        mlm["mlm.decoder.bias"] = "decoder.bias"
+    return {
+        "mlm": HeadSpec(mlm, activation=activation, tied="mlm.decoder.weight"),
+        "sequence_classification": HeadSpec({**transform("seq"), **_linear("seq.out", "classifier")},
+                                            activation=activation),
+        "token_classification": HeadSpec({**transform("token"), **_linear("token", "classifier")},
+                                         activation=activation),
+        "question_answering": HeadSpec({**transform("qa"), **_linear("qa", "classifier")}, activation=activation),
+    }
+
+
+def head_specs(config: EncoderConfig) -> dict[str, HeadSpec]:
+    """The heads a family can have, and their tensors (ModernBERT's depend on its config)."""
+    if config.model_type == "modernbert":
+        if config.raw.get("classifier_pooling", "cls") not in ("cls", "mean"):
+            raise LoadError(f"config.json: classifier_pooling {config.raw['classifier_pooling']!r} is not "
+                            "'cls' or 'mean'")
+        return _modernbert_heads(config)
+    return HEAD_SPECS[config.model_type]
 
 # ``architectures`` suffix -> the heads such a model has (None: any; the pooler is always allowed).
 _ARCHITECTURE_HEADS = {
@@ -122,7 +185,8 @@ _ARCHITECTURE_HEADS = {
     "Model": set(),
 }
 _BASE_PREFIX = {"bert": "bert.", "roberta": "roberta.", "xlm-roberta": "roberta.", "camembert": "roberta.",
-                "distilbert": "distilbert.", "electra": "electra.", "albert": "albert."}
+                "distilbert": "distilbert.", "electra": "electra.", "albert": "albert.", "mpnet": "mpnet.",
+                "modernbert": "model.", "nomic_bert": "nomic_bert.", "gte": "gte."}
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -153,6 +217,10 @@ def head_shapes(config: EncoderConfig) -> dict[str, tuple[int, ...]]:
         "seq.out.weight": (L, H), "seq.out.bias": (L,),
         "token.weight": (L, H), "token.bias": (L,),
         "qa.weight": (2, H), "qa.bias": (2,),
+        # ModernBERT's head before each task's projection
+        **{f"{task}.{part}.{kind}": (H,) if part == "norm" or kind == "bias" else (H, H)
+           for task in ("seq", "token", "qa") for part in ("dense", "norm") for kind in ("weight", "bias")},
+        "mlm.norm.weight": (E,), "mlm.norm.bias": (E,),
     }
 
 
@@ -185,7 +253,7 @@ def _resolve(spec: HeadSpec, prefix: str, present, tie_allowed: bool) -> tuple[d
 def _survey(config: EncoderConfig, prefix: str, present) -> tuple[dict, dict, set[str]]:
     """The family's heads: complete ``{head: found}``, incomplete ``{head: (found, missing)}``, and the
     alternative names present beside those the complete heads read."""
-    specs = HEAD_SPECS[config.model_type]
+    specs = head_specs(config)
     allowed = _architecture_heads(config)
     tie_allowed = config.raw.get("tie_word_embeddings", True) is not False
     complete, partial, others = {}, {}, {}
@@ -229,7 +297,7 @@ def load_heads(files: checkpoint.SafetensorsDir, config: EncoderConfig, dtype: t
 def missing_tensors(encoder, head: str) -> list[str]:
     """The checkpoint tensors ``encoder`` would need for ``head`` (for error messages)."""
     config = encoder.config
-    specs = HEAD_SPECS[config.model_type]
+    specs = head_specs(config)
     if head not in specs:
         return []
     present, prefix = set(), _BASE_PREFIX[config.model_type]
@@ -265,7 +333,7 @@ def require(encoder, head: str) -> None:
 
 # ------------------------------------------------------------------------------------------------ compute
 def _activation(encoder, head: str) -> str | None:
-    activation = HEAD_SPECS[encoder.config.model_type][head].activation
+    activation = head_specs(encoder.config)[head].activation
     return encoder.config.activation if activation == "config" else activation
 
 
@@ -276,6 +344,27 @@ def first_tokens(hidden: torch.Tensor, lengths) -> torch.Tensor:
         raise ValueError("every sequence needs at least one token to read its first token")
     starts = torch.tensor([0] + lengths[:-1], dtype=torch.long).cumsum(0).to(hidden.device)
     return hidden.index_select(0, starts)
+
+
+def mean_tokens(hidden: torch.Tensor, lengths) -> torch.Tensor:
+    """The mean of each packed sequence's tokens: ``(batch, hidden)``; every length must be positive."""
+    lengths = list(lengths)
+    if any(n <= 0 for n in lengths):
+        raise ValueError("every sequence needs at least one token to average its tokens")
+    counts = torch.tensor(lengths, device=hidden.device)
+    rows = torch.repeat_interleave(torch.arange(len(lengths), device=hidden.device), counts)
+    sums = hidden.new_zeros(len(lengths), hidden.shape[-1]).index_add_(0, rows, hidden)
+    return sums / counts[:, None].to(hidden.dtype)
+
+
+def _transform(encoder, t: dict, task: str, x: torch.Tensor) -> torch.Tensor:
+    """ModernBERT's ``head``: ``norm(act(dense(x)))``, before every task's projection; other families: ``x``."""
+    if f"{task}.dense.weight" not in t or task == "seq" and encoder.config.model_type != "modernbert":
+        return x
+    ops = encoder._ops
+    x = ops.linear(x, t[f"{task}.dense.weight"], t.get(f"{task}.dense.bias"))
+    return ops.gelu_layer_norm(x, t[f"{task}.norm.weight"], t.get(f"{task}.norm.bias"), encoder.config.layer_norm_eps,
+                               head_specs(encoder.config)["token_classification"].activation)
 
 
 def pooled_output(encoder, hidden: torch.Tensor, lengths) -> torch.Tensor:
@@ -289,7 +378,13 @@ def sequence_logits(encoder, hidden: torch.Tensor, lengths) -> torch.Tensor:
     """Sequence classification logits ``(batch, num_labels)`` from packed ``(tokens, hidden)`` states."""
     require(encoder, "sequence_classification")
     ops, t = encoder._ops, encoder._head_tensors["sequence_classification"]
-    if "seq.dense.weight" in t:  # RoBERTa-likes, DistilBERT, ELECTRA: a hidden layer on the first token
+    if encoder.config.model_type == "modernbert":  # pool as classifier_pooling says, then the head
+        if encoder.config.raw.get("classifier_pooling", "cls") == "mean":
+            x = mean_tokens(hidden, lengths)
+        else:
+            x = first_tokens(hidden, lengths)
+        x = _transform(encoder, t, "seq", x)
+    elif "seq.dense.weight" in t:  # RoBERTa-likes, DistilBERT, ELECTRA: a hidden layer on the first token
         activation = _activation(encoder, "sequence_classification")
         x = first_tokens(hidden, lengths)
         if activation == "tanh":  # not an ops activation; the pooler's tanh, through torch
@@ -305,14 +400,14 @@ def token_logits(encoder, hidden: torch.Tensor) -> torch.Tensor:
     """Token classification logits ``(tokens, num_labels)``."""
     require(encoder, "token_classification")
     t = encoder._head_tensors["token_classification"]
-    return encoder._ops.linear(hidden, t["token.weight"], t["token.bias"])
+    return encoder._ops.linear(_transform(encoder, t, "token", hidden), t["token.weight"], t["token.bias"])
 
 
 def qa_logits(encoder, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Question answering start and end logits, ``(tokens,)`` each."""
     require(encoder, "question_answering")
     t = encoder._head_tensors["question_answering"]
-    logits = encoder._ops.linear(hidden, t["qa.weight"], t["qa.bias"])  # (T, 2)
+    logits = encoder._ops.linear(_transform(encoder, t, "qa", hidden), t["qa.weight"], t["qa.bias"])  # (T, 2)
     return logits[:, 0], logits[:, 1]
 
 
@@ -343,15 +438,15 @@ def _mlm_transform(encoder, hidden: torch.Tensor) -> torch.Tensor:
     """The MLM head's transform ``LayerNorm(act(dense(h)))``: ``(N, E)``."""
     require(encoder, "mlm")
     ops, c, t = encoder._ops, encoder.config, encoder._head_tensors["mlm"]
-    x = ops.linear(hidden, t["mlm.dense.weight"], t["mlm.dense.bias"])  # (N, E)
-    return ops.gelu_layer_norm(x, t["mlm.norm.weight"], t["mlm.norm.bias"], c.layer_norm_eps,
+    x = ops.linear(hidden, t["mlm.dense.weight"], t.get("mlm.dense.bias"))  # (N, E)
+    return ops.gelu_layer_norm(x, t["mlm.norm.weight"], t.get("mlm.norm.bias"), c.layer_norm_eps,
                                _activation(encoder, "mlm"))
 
 
-def _mlm_decoder(encoder) -> tuple[torch.Tensor, torch.Tensor]:
+def _mlm_decoder(encoder) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The decoder's ``(vocab, E)`` weight and ``(vocab,)`` bias; tied: the word embeddings themselves, no copy."""
     t = encoder._head_tensors["mlm"]
     decoder = t.get("mlm.decoder.weight")
     if decoder is None:
         decoder = encoder._tensors["embeddings.word"]
-    return decoder, t["mlm.decoder.bias"]
+    return decoder, t.get("mlm.decoder.bias")  # None: ModernBERT with decoder_bias false

@@ -39,7 +39,7 @@ TASK_ALIASES = {"sentiment-analysis": "text-classification", "ner": "token-class
 AGGREGATION_STRATEGIES = ("none", "simple", "first", "average", "max")
 CLASSIFICATION_FUNCTIONS = ("softmax", "sigmoid", "none")
 _VERY_LARGE = int(1e30)  # transformers' model_max_length when tokenizer_config.json gives none
-_TOKEN_TYPE_FAMILIES = ("bert", "electra", "albert")  # the others' tokenizers send no token_type_ids
+_TOKEN_TYPE_FAMILIES = ("bert", "electra", "albert", "nomic_bert")  # the others' tokenizers send no token_type_ids
 _UNSET: Any = object()
 
 

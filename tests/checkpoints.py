@@ -2,9 +2,13 @@
 
 Everything is built offline with ``transformers`` / ``tokenizers`` (nothing is downloaded) and takes
 well under a second per checkpoint.  The shapes are deliberately odd and differ per family so that the
-suite covers head dims 24, 32 and 40, intermediate sizes that are not powers of two, ELECTRA's
+suite covers head dims 24, 28, 32 and 40, intermediate sizes that are not powers of two, ELECTRA's
 ``embedding_size != hidden_size``, ALBERT's shared layer, RoBERTa-style ``pad_token_id = 1`` and both
 ``gelu`` and ``gelu_new``.
+
+The families after BERT (``NEW_FAMILIES``: MPNet, ModernBERT, NomicBERT, GTE) are built the same way;
+ModernBERT's tiny config has a window of ±8 tokens (``local_attention=16``) so that short test
+sequences already span several windows, and three layers (global, local, local).
 
 Main entry points::
 
@@ -45,6 +49,11 @@ import torch
 
 __all__ = [
     "FAMILIES",
+    "NEW_FAMILIES",
+    "ALL_FAMILIES",
+    "FAMILY_HEADS",
+    "families_with",
+    "mask_token",
     "HEADS",
     "FAMILY_DEFAULTS",
     "WORDPIECE_FAMILIES",
@@ -67,10 +76,24 @@ __all__ = [
 ]
 
 FAMILIES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "albert")
+NEW_FAMILIES = ("mpnet", "modernbert", "nomic_bert", "gte")
+ALL_FAMILIES = FAMILIES + NEW_FAMILIES
 HEADS = ("mlm", "sequence_classification", "token_classification", "question_answering", "pretraining")
 
-WORDPIECE_FAMILIES = ("bert", "distilbert", "electra", "albert")
-BPE_FAMILIES = ("roberta", "xlm-roberta", "camembert")
+# The task heads transformers has a model for, per family (NomicBERT and GTE have no QA model).
+TASK_HEADS = ("mlm", "sequence_classification", "token_classification", "question_answering")
+FAMILY_HEADS = {family: TASK_HEADS for family in ALL_FAMILIES}
+FAMILY_HEADS.update({"nomic_bert": TASK_HEADS[:3], "gte": TASK_HEADS[:3]})
+
+
+def families_with(head: str, families=ALL_FAMILIES) -> tuple[str, ...]:
+    return tuple(family for family in families if head in FAMILY_HEADS[family])
+
+
+WORDPIECE_FAMILIES = ("bert", "distilbert", "electra", "albert", "nomic_bert")
+BPE_FAMILIES = ("roberta", "xlm-roberta", "camembert", "gte")
+MPNET_FAMILIES = ("mpnet",)  # WordPiece with MPNet's <s> <pad> </s> <unk> <mask> specials
+MODERNBERT_FAMILIES = ("modernbert",)  # byte-level BPE with [CLS] [SEP] [PAD] [UNK] [MASK]
 
 # Config kwargs per family (vocab_size is filled in from the tokenizer).  Head dims:
 #   bert 72/3 = 24, albert 96/4 = 24, roberta / xlm-roberta / camembert 64/2 = 32,
@@ -166,6 +189,60 @@ FAMILY_DEFAULTS: dict[str, dict] = {
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     ),
+    # The families after BERT. Head dims: mpnet 72/3 = 24, modernbert 80/2 = 40, nomic_bert 96/4 = 24,
+    # gte 56/2 = 28 (RoPE needs them even).
+    "mpnet": dict(
+        hidden_size=72,
+        num_attention_heads=3,
+        num_hidden_layers=2,
+        intermediate_size=111,  # 37 * 3
+        max_position_embeddings=100,  # 98 usable (positions start at padding_idx + 1 = 2)
+        hidden_act="gelu",
+        layer_norm_eps=1e-12,
+        relative_attention_num_buckets=32,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+    ),
+    "modernbert": dict(
+        hidden_size=80,
+        num_attention_heads=2,
+        num_hidden_layers=3,  # global, local, local
+        intermediate_size=74,  # 37 * 2; Wi has 148 rows
+        max_position_embeddings=128,
+        hidden_activation="gelu",
+        norm_eps=1e-5,
+        local_attention=16,  # a window of ±8 tokens
+        global_attn_every_n_layers=3,
+        pad_token_id=3,
+        bos_token_id=1,
+        eos_token_id=2,
+        cls_token_id=1,
+        sep_token_id=2,
+    ),
+    "nomic_bert": dict(
+        hidden_size=96,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        intermediate_size=148,  # 37 * 4
+        max_position_embeddings=128,
+        type_vocab_size=2,
+        hidden_act="silu",  # SwiGLU
+        layer_norm_eps=1e-12,
+        pad_token_id=0,
+    ),
+    "gte": dict(
+        hidden_size=56,
+        num_attention_heads=2,
+        num_hidden_layers=2,
+        intermediate_size=111,  # 37 * 3
+        max_position_embeddings=128,
+        type_vocab_size=1,
+        hidden_act="gelu",  # GeGLU
+        layer_norm_eps=1e-12,
+        pad_token_id=1,
+        hidden_dropout_prob=0.0,
+    ),
 }
 
 # DistilBERT names its config fields differently; accept the usual names as overrides too.
@@ -204,6 +281,14 @@ SAVED_TIED_KEYS = {
 }
 SAVED_TIED_KEYS["xlm-roberta"] = SAVED_TIED_KEYS["roberta"]
 SAVED_TIED_KEYS["camembert"] = SAVED_TIED_KEYS["roberta"]
+SAVED_TIED_KEYS.update({
+    "mpnet": {"lm_head.decoder.weight": "mpnet.embeddings.word_embeddings.weight",
+              "lm_head.decoder.bias": "lm_head.bias"},
+    "modernbert": {"decoder.weight": "model.embeddings.tok_embeddings.weight"},
+    "nomic_bert": {"cls.predictions.decoder.weight": "nomic_bert.embeddings.word_embeddings.weight",
+                   "cls.predictions.decoder.bias": "cls.predictions.bias"},
+    "gte": {"lm_head.decoder.weight": "gte.embeddings.word_embeddings.weight"},
+})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -370,21 +455,79 @@ def bpe_tokenizer():
     return tok
 
 
+MPNET_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # MPNet's ids 0-3; <mask> is last in real vocabs
+MODERNBERT_SPECIALS = ["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"]
+
+
+def _mpnet_tokenizer():
+    """MPNet's tokenizer (transformers' MPNetConverter): BERT normalisation and WordPiece, ``<s> A </s>``
+    and ``<s> A </s> </s> B </s>``."""
+    from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordPiece
+
+    vocab = MPNET_SPECIALS + [t for t in wordpiece_vocab() if t not in _WP_SPECIALS]
+    ids = {t: i for i, t in enumerate(vocab)}
+    tok = Tokenizer(WordPiece(ids, unk_token="<unk>", max_input_chars_per_word=100))
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None,
+                                                lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s>:0 $A:0 </s>:0", pair="<s>:0 $A:0 </s>:0 </s>:0 $B:1 </s>:1",
+        special_tokens=[("<s>", ids["<s>"]), ("</s>", ids["</s>"])],
+    )
+    tok.decoder = decoders.WordPiece(prefix="##")
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False, lstrip=t == "<mask>")
+                            for t in MPNET_SPECIALS])
+    return tok
+
+
+def _modernbert_tokenizer():
+    """ModernBERT's kind of tokenizer: byte-level BPE, ``[CLS] A [SEP]`` (its tokenizer.json's template)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers.models import BPE
+
+    vocab, merges = _bpe_vocab_merges()
+    for old, new in zip(BPE_SPECIALS, MODERNBERT_SPECIALS):  # the same ids 0-4, ModernBERT's names
+        vocab[new] = vocab.pop(old)
+    tok = Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
+                        end_of_word_suffix="", fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS]:0 $A:0 [SEP]:0", pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False, lstrip=t == "[MASK]")
+                            for t in MODERNBERT_SPECIALS])
+    return tok
+
+
 def tokenizer_size(family: str) -> int:
     if family in WORDPIECE_FAMILIES:
         return len(wordpiece_vocab())
-    if family in BPE_FAMILIES:
+    if family in MPNET_FAMILIES:
+        return len(MPNET_SPECIALS) + len([t for t in wordpiece_vocab() if t not in _WP_SPECIALS])
+    if family in BPE_FAMILIES or family in MODERNBERT_FAMILIES:
         return len(_bpe_vocab_merges()[0])
-    raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    raise ValueError(f"unknown family {family!r}; expected one of {ALL_FAMILIES}")
 
 
 def special_ids(family: str) -> dict[str, int]:
     """Ids of pad / unk / cls / sep / mask for the family's tokenizer."""
     if family in WORDPIECE_FAMILIES:
         return {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
-    if family in BPE_FAMILIES:
+    if family in BPE_FAMILIES or family in MPNET_FAMILIES:
         return {"cls": 0, "pad": 1, "sep": 2, "unk": 3, "mask": 4}
-    raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    if family in MODERNBERT_FAMILIES:
+        return {"unk": 0, "cls": 1, "sep": 2, "pad": 3, "mask": 4}
+    raise ValueError(f"unknown family {family!r}; expected one of {ALL_FAMILIES}")
+
+
+def mask_token(family: str) -> str:
+    """The mask token of the family's test tokenizer."""
+    if family in MODERNBERT_FAMILIES or family in WORDPIECE_FAMILIES:
+        return "[MASK]"
+    return "<mask>"
 
 
 def _added_tokens_decoder(tok) -> dict:
@@ -406,7 +549,9 @@ def _write_tokenizer(path: pathlib.Path, family: str, mode: str | None, max_posi
         return
     if mode not in ("json", "vocab"):
         raise ValueError(f"tokenizer must be 'json', 'vocab' or None, not {mode!r}")
-    if family in WORDPIECE_FAMILIES:
+    if family in MPNET_FAMILIES or family in MODERNBERT_FAMILIES:
+        pass  # below
+    elif family in WORDPIECE_FAMILIES:
         tok = _wordpiece_tokenizer()
         cfg = {
             "tokenizer_class": "DistilBertTokenizer" if family == "distilbert" else "BertTokenizer",
@@ -452,6 +597,26 @@ def _write_tokenizer(path: pathlib.Path, family: str, mode: str | None, max_posi
             (path / "merges.txt").write_text(
                 "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8"
             )
+    if family in MPNET_FAMILIES or family in MODERNBERT_FAMILIES:
+        if mode != "json":
+            raise ValueError(f"{family} checkpoints are built with tokenizer.json only")
+        mpnet = family in MPNET_FAMILIES
+        tok = _mpnet_tokenizer() if mpnet else _modernbert_tokenizer()
+        names = MPNET_SPECIALS if mpnet else MODERNBERT_SPECIALS
+        cfg = {
+            "tokenizer_class": "MPNetTokenizer" if mpnet else "PreTrainedTokenizerFast",
+            "model_input_names": ["input_ids", "attention_mask"],
+            **{f"{role}_token": names[i] for role, i in
+               (("bos", 0), ("pad", 1), ("eos", 2), ("unk", 3), ("mask", 4), ("cls", 0), ("sep", 2))},
+            "model_max_length": max_positions - 2 if mpnet else max_positions,
+            "clean_up_tokenization_spaces": False,
+            "added_tokens_decoder": _added_tokens_decoder(tok),
+        }
+        if not mpnet:
+            special = special_ids(family)
+            cfg.update({f"{role}_token": names[special[role]] for role in ("cls", "sep", "pad", "unk", "mask")})
+            cfg.pop("bos_token"), cfg.pop("eos_token")
+        tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
 
 
@@ -462,7 +627,7 @@ def _write_tokenizer(path: pathlib.Path, family: str, mode: str | None, max_posi
 
 def _config_kwargs(family: str, head: str | None, overrides: dict, with_tokenizer: bool = True) -> dict:
     if family not in FAMILY_DEFAULTS:
-        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+        raise ValueError(f"unknown family {family!r}; expected one of {ALL_FAMILIES}")
     kwargs = dict(FAMILY_DEFAULTS[family])
     kwargs["vocab_size"] = tokenizer_size(family)
     overrides = dict(overrides)
@@ -525,6 +690,7 @@ def make_checkpoint(path, family: str, *, head: str | None = None, seed: int = 0
     """
     import transformers
 
+    _require_transformers_family(family)
     path = pathlib.Path(path)
     path.mkdir(parents=True, exist_ok=True)
     if head == "base":
@@ -544,6 +710,16 @@ def make_checkpoint(path, family: str, *, head: str | None = None, seed: int = 0
         raise RuntimeError(f"unexpected files written by save_pretrained in {path}: {sorted(os.listdir(path))}")
     _write_tokenizer(path, family, tokenizer, int(config.max_position_embeddings))
     return path
+
+
+def _require_transformers_family(family: str) -> None:
+    """Skip the calling test when the installed transformers has no such model (GTE came in 5.18)."""
+    import pytest
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if family not in CONFIG_MAPPING:
+        pytest.skip(f"transformers {transformers.__version__} has no {family!r} model to compare with")
 
 
 def _check_tied(model, family: str, head: str | None) -> None:

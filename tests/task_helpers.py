@@ -36,7 +36,7 @@ def task_checkpoint(family: str, head: str | None, **overrides) -> pathlib.Path:
 
 
 def mask_token(family: str) -> str:
-    return "[MASK]" if family in C.WORDPIECE_FAMILIES else "<mask>"
+    return C.mask_token(family)
 
 
 def compare_outputs(ours, theirs, path: str = "$") -> float:

@@ -144,7 +144,7 @@ def test_fuzzed_config_fields(scratch, bert_dir, changes):
     ("num_hidden_layers", -1), ("num_hidden_layers", 0), ("vocab_size", "100"), ("hidden_size", 72.0),
     ("num_attention_heads", True), ("intermediate_size", None), ("max_position_embeddings", -5),
     ("type_vocab_size", 0), ("pad_token_id", -1), ("pad_token_id", 10**9), ("layer_norm_eps", 0),
-    ("layer_norm_eps", -1e-5), ("layer_norm_eps", float("nan")), ("layer_norm_eps", "1e-5"), ("hidden_act", "swish"),
+    ("layer_norm_eps", -1e-5), ("layer_norm_eps", float("nan")), ("layer_norm_eps", "1e-5"), ("hidden_act", "mish"),
     ("hidden_act", ["gelu"]), ("model_type", ["bert"]),
 ])
 def test_bad_config_field_is_a_load_error_naming_it(bert_dir, field, value):

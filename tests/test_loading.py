@@ -57,7 +57,7 @@ def test_config_per_family():
     ({"model_type": "bert", "vocab_size": 10, "hidden_size": 10, "num_hidden_layers": 1, "num_attention_heads": 3,
       "intermediate_size": 7}, "multiple"),
     ({"model_type": "bert", "vocab_size": 10, "hidden_size": 12, "num_hidden_layers": 1, "num_attention_heads": 3,
-      "intermediate_size": 7, "hidden_act": "swish"}, "swish"),
+      "intermediate_size": 7, "hidden_act": "mish"}, "mish"),
 ])
 def test_config_errors(raw, needle):
     with pytest.raises(fastenc.LoadError, match=needle):

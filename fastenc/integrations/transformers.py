@@ -24,6 +24,14 @@ rows at masked positions are computed by ``sdpa`` too, so the result matches ``"
 padding included. ``fastenc_mask`` is the matching ``AttentionMaskInterface`` entry: for the plain
 bidirectional mask of a supported family it returns the 2D padding mask (or None without padding),
 sparing the ``(batch, 1, seq, seq)`` tensor; otherwise it returns what ``"sdpa"`` would.
+
+ModernBERT's local layers go through both as well: their mask is the same 2D padding mask, and
+``fastenc_attention`` reads the window from the model's config (``config.sliding_window``, the half
+width: transformers passes ``sliding_window + 1``, flash-attention's inclusive bound) and runs the
+windowed kernel, which skips the key blocks outside the window. Whatever falls back to ``sdpa`` from
+there gets the windowed mask ``"sdpa"`` would have built. The other families after BERT (NomicBERT,
+GTE, ModernBERT's global layers) rotate Q and K before calling the interface, so theirs is plain
+attention. MPNet computes its attention itself (with its relative bias), without the interface.
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ _NEUTRAL = {"position_ids": (None,), "inputs_embeds": (None,), "encoder_hidden_s
             "encoder_attention_mask": (None,), "past_key_values": (None,), "head_mask": (None,),
             "cache_position": (None,), "use_cache": (None, False), "output_attentions": (None, False),
             "output_hidden_states": (None, False)}
-_POOLED = ("bert", "roberta", "xlm-roberta", "camembert", "albert")
+_POOLED = ("bert", "roberta", "xlm-roberta", "camembert", "albert", "mpnet", "nomic_bert", "gte")
 
 
 # ------------------------------------------------------------------------------------------- optimize
@@ -194,8 +202,9 @@ def fastenc_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int =
     global _LAST_PLAN
     _LAST_PLAN = (None, None, None, None)  # a new forward pass: never reuse a plan across calls
 
-    plain = (mask_function is masking_utils.bidirectional_mask_function and allow_is_bidirectional_skip
-             and q_offset == 0 and kv_offset == 0 and q_length == kv_length and local_size is None
+    plain = ((mask_function is masking_utils.bidirectional_mask_function and local_size is None
+              or _window_of(config) is not None and local_size == _window_of(config))
+             and allow_is_bidirectional_skip and q_offset == 0 and kv_offset == 0 and q_length == kv_length
              and getattr(config, "model_type", None) in SUPPORTED_MODEL_TYPES
              and (attention_mask is None or attention_mask.shape[-1] == kv_length))
     if plain:
@@ -210,31 +219,70 @@ def fastenc_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int =
                                    **kwargs)
 
 
+def _window_of(config) -> int | None:
+    """ModernBERT's sliding window, as a half width (``|query - key| <= window``); None for other models."""
+    if getattr(config, "model_type", None) != "modernbert":
+        return None
+    window = getattr(config, "sliding_window", None)
+    return window if isinstance(window, int) and not isinstance(window, bool) else None
+
+
+def _layer_window(module, kwargs) -> int | None:
+    """The window of this attention call: ModernBERT's local layers pass ``sliding_window`` (its half width + 1)."""
+    if kwargs.get("sliding_window") is None:
+        return None
+    return _window_of(getattr(module, "config", None))
+
+
+def _windowed(mask: torch.Tensor | None, batch: int, seq: int, window: int, device) -> torch.Tensor:
+    """sdpa's mask for a local layer: may attend to key ``j`` from query ``i`` when ``|i - j| <= window``
+    and the padding mask keeps ``j``. ``(B, 1, S, S)`` bool."""
+    near = (torch.arange(seq, device=device)[None, :] - torch.arange(seq, device=device)[:, None]).abs() <= window
+    if mask is None:
+        return near[None, None].expand(batch, 1, seq, seq)
+    if mask.dim() == 2:
+        mask = mask.to(device=device, dtype=torch.bool)[:, None, None, :]
+    return mask.to(torch.bool) & near
+
+
 def fastenc_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                       is_causal: bool | None = None, **kwargs):
     """transformers' attention-function interface: ``(B, H, S, D)`` in, ``((B, S, H, D), None)`` out."""
+    window = _layer_window(module, kwargs)
+    if window is not None:  # ModernBERT's local layer: the window is read from the config, not from kwargs
+        kwargs = {name: value for name, value in kwargs.items() if name != "sliding_window"}
+        if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape[-1] != query.shape[2]):
+            window = None  # a mask built by someone else: it carries the window already; sdpa takes it
     plan = _plan(module, query, key, value, attention_mask, dropout, is_causal, kwargs)
     ops = None if plan is None else _ops_for(query)
+    batch, heads, seq, head_dim = query.shape
     if ops is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        if attention_mask is not None and attention_mask.dim() == 2:  # fastenc_mask's padding form
+        if window is not None:
+            attention_mask = _windowed(attention_mask, batch, seq, window, query.device)
+        elif attention_mask is not None and attention_mask.dim() == 2:  # fastenc_mask's padding form
             attention_mask = attention_mask.to(device=query.device, dtype=torch.bool)[:, None, None, :]
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    batch, heads, seq, head_dim = query.shape
     scale = head_dim ** -0.5 if scaling is None else scaling
 
     def pack(t: torch.Tensor) -> torch.Tensor:  # (B, H, S, D) -> (H, T, D)
         t = t.transpose(0, 1).reshape(heads, batch * seq, head_dim)
         return t.contiguous() if plan.flat is None else t.index_select(1, plan.flat)
 
-    packed = ops.attention(pack(query * scale), pack(key), pack(value), plan.cu_seqlens, plan.max_seqlen)  # (T, H*D)
+    positions = None
+    if window is not None:  # each kept token's column in the padded row
+        positions = (torch.arange(batch * seq, device=query.device) if plan.flat is None else plan.flat) % seq
+    packed = ops.attention(pack(query * scale), pack(key), pack(value), plan.cu_seqlens, plan.max_seqlen, positions,
+                           window)  # (T, H*D)
     if plan.flat is None:  # every position is a real token
         return packed.view(batch, seq, heads, head_dim).to(query.dtype), None
     out = query.new_zeros(batch * seq, heads, head_dim)
     out.index_copy_(0, plan.flat, packed.view(-1, heads, head_dim).to(out.dtype))
+    if window is not None:
+        attention_mask = _windowed(attention_mask, batch, seq, window, query.device)
     _masked_queries(out, query, key, value, plan.keep, attention_mask, scale)
     return out.view(batch, seq, heads, head_dim), None
 
@@ -332,6 +380,9 @@ def _masked_queries(out: torch.Tensor, query, key, value, keep: torch.Tensor, ma
         row_mask = None
     elif mask.dim() == 2:
         row_mask = mask.to(device=query.device, dtype=torch.bool)[:, None, None, :]
+    elif mask.shape[-2] == seq and not bool((mask == mask[:, :, :1, :]).all()):  # query-dependent (a window)
+        row_mask = mask.to(query.device).expand(batch, mask.shape[1], seq, seq).gather(
+            2, order[:, None, :, None].expand(batch, mask.shape[1], width, seq))  # (B, 1, P, S): each row's own
     else:
         row_mask = mask[:, :, :1, :].to(query.device)  # broadcasts over the P rows
     result = F.scaled_dot_product_attention(rows, key, value, attn_mask=row_mask, scale=scale)  # (B, H, P, D)

@@ -19,17 +19,21 @@ same bits.
 from fastenc.kernels import _target
 from fastenc.kernels.attention import attention
 from fastenc.kernels.embeddings import embeddings
-from fastenc.kernels.gemm import linear
-from fastenc.kernels.layer_norm import add_layer_norm, gelu_layer_norm
+from fastenc.kernels.gemm import gated_linear, linear
+from fastenc.kernels.layer_norm import add_layer_norm, gelu_layer_norm, layer_norm
 from fastenc.kernels.qkv import fused_qkv
 from fastenc.kernels.splade import splade_pool
 
 KERNELS = (
     ("embeddings", "word + position (+ type) gather, sum and LayerNorm in one pass, one token per program"),
-    ("linear", "tiled GEMM, fp32 accumulation, bias and GELU/ReLU in the epilogue"),
-    ("fused_qkv", "one GEMM for Q, K, V stored head-split as (3, heads, tokens, head_dim), Q pre-scaled"),
-    ("attention", "flash attention (online softmax, exp2) over packed variable-length sequences"),
+    ("linear", "tiled GEMM, fp32 accumulation, bias, activation and residual in the epilogue"),
+    ("gated_linear", "the GEMM over interleaved halves, act(a) * b in the epilogue (GeGLU, SwiGLU)"),
+    ("fused_qkv", "one GEMM for Q, K, V stored head-split as (3, heads, tokens, head_dim), Q pre-scaled, "
+                  "RoPE in the epilogue"),
+    ("attention", "flash attention (online softmax, exp2) over packed variable-length sequences; sliding "
+                  "window skipping key blocks, relative position bias"),
     ("add_layer_norm", "LayerNorm(x + residual), one row per program, fp32 statistics"),
+    ("layer_norm", "LayerNorm(x), one row per program, fp32 statistics"),
     ("gelu_layer_norm", "LayerNorm(act(x)), one row per program, fp32 statistics"),
     ("splade_pool", "SPLADE head: vocabulary GEMM tiles, log1p-ReLU and per-text max/sum pooling in registers; "
                     "the (tokens, vocab) logits never reach memory"),
@@ -40,5 +44,5 @@ if _target.INTERPRETED:
 
     _interpreter.install()
 
-__all__ = ["KERNELS", "add_layer_norm", "attention", "embeddings", "fused_qkv", "gelu_layer_norm", "linear",
-           "splade_pool"]
+__all__ = ["KERNELS", "add_layer_norm", "attention", "embeddings", "fused_qkv", "gated_linear", "gelu_layer_norm",
+           "layer_norm", "linear", "splade_pool"]

@@ -50,12 +50,20 @@ from triton.runtime import driver as triton_driver
 
 from fastenc.kernels import _target
 
-# Encoder shapes the report compiles for: (hidden, heads, intermediate, embedding) of well-known models.
+# Encoder shapes the report compiles for: (hidden, heads, intermediate, embedding) of well-known models;
+# the families after BERT with their model_type and what decides their kernels' constexprs (two ModernBERT
+# layers: one global, one local).
 MODELS = {
     "bert-base": dict(hidden_size=768, num_attention_heads=12, intermediate_size=3072),
     "minilm": dict(hidden_size=384, num_attention_heads=12, intermediate_size=1536),
     "bert-large": dict(hidden_size=1024, num_attention_heads=16, intermediate_size=4096),
     "electra-small": dict(hidden_size=256, num_attention_heads=4, intermediate_size=1024, embedding_size=128),
+    "mpnet-base": dict(model_type="mpnet", hidden_size=768, num_attention_heads=12, intermediate_size=3072,
+                       max_position_embeddings=514),
+    "modernbert-base": dict(model_type="modernbert", hidden_size=768, num_attention_heads=12, intermediate_size=1152,
+                            num_hidden_layers=2, global_attn_every_n_layers=2),
+    "nomic-embed": dict(model_type="nomic_bert", hidden_size=768, num_attention_heads=12, intermediate_size=3072),
+    "gte-base": dict(model_type="gte", hidden_size=768, num_attention_heads=12, intermediate_size=3072),
 }
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # Lengths of the packed batches each model is run on: a full 32 x 128 batch (4096 tokens, divisible by
@@ -172,8 +180,10 @@ class CompileOnlyDriver(DriverBase):
         for recorder, function, arguments in self.launches:
             config = {name: value for name, value in arguments.items() if name in CONFIG_KEYS}
             config.update(num_warps=recorder.metadata.num_warps, num_stages=recorder.metadata.num_stages)
-            shape = " ".join(f"{name}={arguments[name]}" for name in SHAPE_KEYS
-                             if arguments.get(name, "none") != "none")
+            shape = " ".join([f"{name}={arguments[name]}" for name in SHAPE_KEYS
+                              if arguments.get(name, "none") != "none"]
+                             + [f"{name}={arguments[name]}" for name, default in FLAG_DEFAULTS.items()
+                                if arguments.get(name, default) != default])
             build = KernelBuild(kernel=recorder.src.fn.__name__.strip("_").removesuffix("_kernel"), shape=shape,
                                 arch=self.arch, dtype=dtype, model=model, config=config,
                                 shared=recorder.metadata.shared, shared_limit=_target.shared_memory_limit(self.arch),
@@ -186,6 +196,9 @@ class CompileOnlyDriver(DriverBase):
 
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_D", "BLOCK", "GROUP_M")
 SHAPE_KEYS = ("K", "N", "HEAD_DIM", "n_cols", "ACTIVATION", "POOLING")
+# The families' constexpr flags, shown with the shape where they differ from BERT's kernels.
+FLAG_DEFAULTS = {"HAS_BIAS": True, "HAS_POSITIONS": True, "HAS_RESIDUAL": False, "ROPE": False, "WINDOW": False,
+                 "REL_BIAS": False}
 
 
 @contextlib.contextmanager
@@ -211,9 +224,11 @@ def encoder_for(model: str, dtype: torch.dtype):
     from fastenc.config import EncoderConfig
     from fastenc.encoder import Encoder
 
-    shape = MODELS[model]
-    raw = dict(model_type="electra" if "embedding_size" in shape else "bert", vocab_size=1024,
-               num_hidden_layers=1, max_position_embeddings=512, type_vocab_size=2, **shape)
+    shape = dict(MODELS[model])
+    model_type = shape.pop("model_type", "electra" if "embedding_size" in shape else "bert")
+    raw = dict(model_type=model_type, vocab_size=1024, num_hidden_layers=1, max_position_embeddings=512,
+               type_vocab_size=2, pad_token_id=1)
+    raw.update(shape)
     config = EncoderConfig.from_dict(raw, source=model)
     shapes = checkpoint.encoder_shapes(config)
     tensors = {name: torch.empty(shapes[name], dtype=dtype) for name in checkpoint.encoder_names(config)}
@@ -278,6 +293,27 @@ def sweep_report(archs=(90, 86), dtypes=("fp16", "bf16", "fp32")) -> list[Kernel
     return builds
 
 
+def positional_sweep_report(archs=(90, 86), dtypes=("fp16", "bf16", "fp32"),
+                            head_dims=SWEEP_HEAD_DIMS) -> list[KernelBuild]:
+    """The windowed and the relative-bias attention (ModernBERT's local layers, MPNet) at every head dim."""
+    from fastenc import kernels
+
+    lengths = [7, 128, 1, 127]
+    cu_seqlens = torch.tensor([0, 7, 135, 136, 263], dtype=torch.int32)
+    tokens, builds = sum(lengths), []
+    positions = torch.zeros(tokens, dtype=torch.long)
+    bias = torch.empty(2, 2 * 514 - 1, dtype=torch.float32)
+    for arch in archs:
+        for name in dtypes:
+            with compile_only(arch) as driver:
+                for head_dim in head_dims:
+                    q = torch.empty(2, tokens, head_dim, dtype=DTYPES[name])
+                    kernels.attention(q, q, q, cu_seqlens, max(lengths), positions, 64)
+                    kernels.attention(q, q, q, cu_seqlens, max(lengths), positions, None, bias)
+                builds.extend(driver.builds(name, "sweep"))
+    return builds
+
+
 def _where(b: KernelBuild) -> str:
     return f"sm_{b.arch} {b.dtype} {b.kernel} {b.shape}"
 
@@ -332,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="bert-base,minilm", help=f"from {', '.join(MODELS)}")
     parser.add_argument("--markdown", type=Path, help="write the table here too")
     parser.add_argument("--json", type=Path, help="write the builds as JSON here")
+    parser.add_argument("--positional", action="store_true", help="with --sweep: the windowed and relative-bias "
+                        "attention (ModernBERT, MPNet) at every head dim, instead")
     parser.add_argument("--sweep", action="store_true", help="attention at every head dim and the row kernels "
                                                              "at every width, instead of model forwards")
     args = parser.parse_args(argv)
@@ -346,10 +384,14 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [v for v in getattr(args, name).split(",") if v not in allowed]
         if unknown:
             parser.error(f"--{name}: unknown {', '.join(unknown)}; choose from {', '.join(allowed)}")
-    builds = sweep_report(archs, dtypes) if args.sweep else compile_report(archs, dtypes, models)
+    if args.sweep:
+        builds = positional_sweep_report(archs, dtypes) if args.positional else sweep_report(archs, dtypes)
+    else:
+        builds = compile_report(archs, dtypes, models)
     found, near = problems(builds), tight(builds)
     env = environment()
-    command = "python -m fastenc.kernels.aot" + (" --sweep" if args.sweep else "")
+    command = "python -m fastenc.kernels.aot" + (" --sweep" if args.sweep else "") + (
+        " --positional" if args.sweep and args.positional else "")
     table = (f"Compiled by Triton {env['triton']} with {env['ptxas']}, on no GPU (`{command}`), "
              f"commit {env['commit']}, {env['time']}.\n\n" + markdown(builds)
              + ("\nProblems:\n" + "".join(f"- {p}\n" for p in found) if found else "\nNo problems: every build fits "

@@ -29,6 +29,22 @@ Batch invariance: a sequence's programs read only that sequence, and the block s
 the head dim, dtype and GPU architecture, so a sequence gives bitwise the same output alone or inside
 a batch.
 
+Sliding window (``WINDOW``, ModernBERT's local layers): a query sees the keys within ``±window``
+positions. A program walks only the key blocks that can hold such keys — from
+``m0 - window`` to ``m0 + BLOCK_M - 1 + window`` for its query block starting at ``m0`` — and never
+loads the others: that skipping is where local attention saves its time. Inside those blocks the
+keys outside each query's window are masked (to ``-inf``) by position. Positions are the packed
+batch's position ids (the caller's padded columns), which grow by at least one per token, so a key
+farther than ``window`` tokens away is also farther than ``window`` positions away: the skipped blocks
+never hold a key of the window. With a window a query row may see no key of some block, so that
+path guards the online softmax against ``-inf - (-inf)``.
+
+Relative position bias (``REL_BIAS``, MPNet): ``bias[head, key position - query position + P - 1]`` is
+added to each fp32 score, read from the ``(heads, 2P - 1)`` table by distance built once at load
+(``fastenc.family.relative_bias_by_distance``, transformers' own buckets); no ``(seq, seq)`` bias is
+ever made. A window and a bias are independent constexprs; plain BERT attention compiles to what
+it was without either.
+
 Limits: head dims 16 to 128 (any, padded to a power of two and masked); ``cu_seqlens`` is trusted
 (int32, non-decreasing, last entry == tokens, every length <= ``max_seqlen``): checking its values
 would need a device synchronisation.
@@ -41,7 +57,7 @@ import triton
 import triton.language as tl
 
 from fastenc.kernels import _target
-from fastenc.kernels._checks import on_device, check_backend, check_tensor
+from fastenc.kernels._checks import INDEX_DTYPES, check_backend, check_tensor, on_device
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -89,18 +105,38 @@ def _attention_step(
     BLOCK_N: tl.constexpr,
     MASK_KEYS: tl.constexpr,
     EVEN_D: tl.constexpr,
+    pos_q=None,  # (BLOCK_M,) int64 query positions, with WINDOW or REL_BIAS
+    pos_base=None,  # this sequence's first position id, with WINDOW or REL_BIAS
+    window=0,
+    bias_row=None,  # this head's row of the (heads, 2P - 1) bias table, at distance 0, with REL_BIAS
+    WINDOW: tl.constexpr = False,
+    REL_BIAS: tl.constexpr = False,
 ):
     """Fold one block of keys into the online softmax; returns the updated (acc, m_i, l_i)."""
     keys = start_n + tl.arange(0, BLOCK_N)
     k = _load_rows(k_base, keys, stride_k_token, offs_d, seqlen, HEAD_DIM, MASK_KEYS, EVEN_D)
     s = tl.dot(q, tl.trans(k), input_precision="ieee")  # (BLOCK_M, BLOCK_N) fp32 scores
-    if MASK_KEYS:
-        s = tl.where((keys < seqlen)[None, :], s, float("-inf"))
-    # Statistics in log2 units: exp(s - m) == exp2(s * log2(e) - m'), one FMA per score.
-    # Each block holds at least one real key, so m_new is finite and nothing below is inf - inf.
-    m_new = tl.maximum(m_i, tl.max(s, axis=1) * LOG2E)
-    alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated under the old maximum
-    p = tl.exp2(s * LOG2E - m_new[:, None])
+    if WINDOW or REL_BIAS:
+        pos_k = tl.load(pos_base + keys, mask=keys < seqlen, other=0).to(tl.int64)  # (BLOCK_N,)
+        distance = pos_k[None, :] - pos_q[:, None]  # (BLOCK_M, BLOCK_N): key position - query position
+    if REL_BIAS:
+        s += tl.load(bias_row + distance, mask=(keys < seqlen)[None, :], other=0.0)
+    if WINDOW:
+        visible = (keys < seqlen)[None, :] & (distance <= window) & (distance >= -window)
+        s = tl.where(visible, s, float("-inf"))
+        # A row may see no key of this block: keep its statistics finite (exp2(-inf) = 0 adds nothing).
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * LOG2E)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s * LOG2E - m_safe[:, None])
+    else:
+        if MASK_KEYS:
+            s = tl.where((keys < seqlen)[None, :], s, float("-inf"))
+        # Statistics in log2 units: exp(s - m) == exp2(s * log2(e) - m'), one FMA per score.
+        # Each block holds at least one real key, so m_new is finite and nothing below is inf - inf.
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * LOG2E)
+        alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated under the old maximum
+        p = tl.exp2(s * LOG2E - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     v = _load_rows(v_base, keys, stride_v_token, offs_d, seqlen, HEAD_DIM, MASK_KEYS, EVEN_D)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
@@ -127,6 +163,13 @@ def _attention_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     EVEN_D: tl.constexpr,  # BLOCK_D == HEAD_DIM: no head-dim mask
+    Positions_ptr=None,  # (tokens,) integer, with WINDOW or REL_BIAS
+    Bias_ptr=None,  # (heads, 2P - 1) float32 bias by distance, with REL_BIAS
+    stride_bias_head=0,
+    bias_center=0,  # P - 1: the column of distance 0
+    window=0,
+    WINDOW: tl.constexpr = False,
+    REL_BIAS: tl.constexpr = False,
 ):
     pid_bh = tl.program_id(0)  # sequence * num_heads + head
     pid_m = tl.program_id(1)
@@ -149,13 +192,28 @@ def _attention_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    full_end = (seqlen // BLOCK_N) * BLOCK_N
-    for start_n in range(0, full_end, BLOCK_N):
-        acc, m_i, l_i = _attention_step(q, acc, m_i, l_i, k_base, v_base, stride_k_token, stride_v_token,
-                                        start_n, seqlen, offs_d, HEAD_DIM, BLOCK_N, False, EVEN_D)
-    if full_end < seqlen:  # the last, partial block: mask the keys past the end
-        acc, m_i, l_i = _attention_step(q, acc, m_i, l_i, k_base, v_base, stride_k_token, stride_v_token,
-                                        full_end, seqlen, offs_d, HEAD_DIM, BLOCK_N, True, EVEN_D)
+    if WINDOW or REL_BIAS:
+        pos_base = Positions_ptr + start
+        pos_q = tl.load(pos_base + offs_m, mask=offs_m < seqlen, other=0).to(tl.int64)  # (BLOCK_M,)
+        bias_row = Bias_ptr
+        if REL_BIAS:
+            bias_row = Bias_ptr + head * stride_bias_head + bias_center
+        lo, hi = 0, seqlen
+        if WINDOW:  # only the key blocks that can hold a key of some row's window: the others are never read
+            lo = tl.maximum(pid_m * BLOCK_M - window, 0) // BLOCK_N * BLOCK_N
+            hi = tl.minimum(pid_m * BLOCK_M + BLOCK_M + window, seqlen)
+        for start_n in range(lo, hi, BLOCK_N):  # every block masked: by the window and the sequence end
+            acc, m_i, l_i = _attention_step(q, acc, m_i, l_i, k_base, v_base, stride_k_token, stride_v_token,
+                                            start_n, seqlen, offs_d, HEAD_DIM, BLOCK_N, True, EVEN_D, pos_q,
+                                            pos_base, window, bias_row, WINDOW, REL_BIAS)
+    else:
+        full_end = (seqlen // BLOCK_N) * BLOCK_N
+        for start_n in range(0, full_end, BLOCK_N):
+            acc, m_i, l_i = _attention_step(q, acc, m_i, l_i, k_base, v_base, stride_k_token, stride_v_token,
+                                            start_n, seqlen, offs_d, HEAD_DIM, BLOCK_N, False, EVEN_D)
+        if full_end < seqlen:  # the last, partial block: mask the keys past the end
+            acc, m_i, l_i = _attention_step(q, acc, m_i, l_i, k_base, v_base, stride_k_token, stride_v_token,
+                                            full_end, seqlen, offs_d, HEAD_DIM, BLOCK_N, True, EVEN_D)
 
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # l_i >= 1 on real rows; never 0 / 0
     rows = start + offs_m.to(tl.int64)
@@ -194,14 +252,45 @@ def attention_config(head_dim: int, dtype: torch.dtype, arch: int = _target.DEFA
                 num_stages=3, **_target.COMPILE_OPTIONS)
 
 
+def positional_config(head_dim: int, dtype: torch.dtype, arch: int = _target.DEFAULT_ARCH, *, window: bool = False,
+                      rel_bias: bool = False) -> dict:
+    """``attention_config`` for the windowed (``WINDOW``) and relative-bias (``REL_BIAS``) kernels, which also
+    hold a block of positions (and of bias) in registers. Where BERT's config would spill with them
+    (``python -m fastenc.kernels.aot --sweep --positional``, Triton 3.9 and 3.6, fp16 and bf16):
+
+    * sm_90, relative bias, head blocks up to 32 (one warpgroup): 255 registers and 40-136 B spilled with
+      4 warps; 8 warps use 168-223.
+    * sm_8x, window, head blocks up to 32: 8-16 B spilled with 64 keys a step; 32 keys use about 100.
+    * sm_8x, relative bias, 128-wide head blocks (head dims 80-128): 16 B spilled with 128 queries and
+      8 warps; 64 queries with 8 warps still spill 16 B under Triton 3.6 (ptxas holds them to 128
+      registers); 64 queries with 4 warps use 184 (3.6) to 228 (3.9).
+
+    The fp32 and pre-sm_80 configs have room (the sweep finds no spill).
+    """
+    config = attention_config(head_dim, dtype, arch)
+    if dtype == torch.float32 or arch < 80 or not (window or rel_bias):
+        return config
+    if rel_bias and arch >= 90 and config["num_warps"] == 4:
+        config["num_warps"] = 8
+    if window and arch < 90 and config["BLOCK_D"] <= 32:
+        config["BLOCK_N"] = 32
+    if rel_bias and arch < 90 and config["BLOCK_D"] == 128:
+        config.update(BLOCK_M=64, num_warps=4)
+    return config
+
+
 def attention(
     q: torch.Tensor,  # (heads, tokens, head_dim), pre-scaled
     k: torch.Tensor,  # (heads, tokens, head_dim)
     v: torch.Tensor,  # (heads, tokens, head_dim)
     cu_seqlens: torch.Tensor,  # (batch + 1,) int32
     max_seqlen: int,
+    positions: torch.Tensor | None = None,  # (tokens,) integer; None: the index within the sequence
+    window: int | None = None,  # a query sees the keys with |key position - query position| <= window
+    bias: torch.Tensor | None = None,  # (heads, 2 * P - 1) float32: score bias by distance, P positions
 ) -> torch.Tensor:  # (tokens, heads * head_dim)
-    """Bidirectional attention within each packed sequence; every token of a sequence is a key."""
+    """Bidirectional attention within each packed sequence: every key of the sequence, or those within
+    ``window`` positions; ``bias[head, key position - query position + P - 1]`` added to the scores."""
     device = check_backend("q", q)
     check_tensor("q", q, (None, None, None))
     heads, tokens, head_dim = q.shape
@@ -214,12 +303,23 @@ def attention(
         raise ValueError(f"q has head_dim {head_dim}; the attention kernel supports 16 to 128")
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
         raise ValueError(f"max_seqlen must be a non-negative int, got {max_seqlen!r}")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 0):
+        raise ValueError(f"window must be a non-negative int or None, got {window!r}")
+    if bias is not None:
+        check_tensor("bias", bias, (heads, None), dtypes=(torch.float32,), device=device)
+        if bias.shape[1] % 2 == 0:
+            raise ValueError(f"bias must have an odd number of columns (2 * positions - 1), got {bias.shape[1]}")
+    if positions is not None:
+        check_tensor("positions", positions, (tokens,), dtypes=INDEX_DTYPES, device=device)
+    elif window is not None or bias is not None:  # the index within each sequence
+        positions = _sequence_positions(cu_seqlens, tokens)
 
     out = torch.empty((tokens, heads * head_dim), device=device, dtype=q.dtype)
     batch = cu_seqlens.numel() - 1
     if tokens == 0 or batch == 0 or heads == 0 or max_seqlen == 0:
         return out
-    config = attention_config(head_dim, q.dtype, _target.device_arch(device))
+    config = positional_config(head_dim, q.dtype, _target.device_arch(device), window=window is not None,
+                               rel_bias=bias is not None)
     grid = (batch * heads, triton.cdiv(max_seqlen, config["BLOCK_M"]))
     if grid[1] > 65535:
         raise ValueError(f"max_seqlen {max_seqlen} is too long: at most {65535 * config['BLOCK_M']} tokens")
@@ -240,5 +340,19 @@ def attention(
             out.stride(0),
             HEAD_DIM=head_dim,
             **config,
+            Positions_ptr=positions if window is not None or bias is not None else None,
+            Bias_ptr=bias,
+            stride_bias_head=0 if bias is None else bias.stride(0),
+            bias_center=0 if bias is None else (bias.shape[1] - 1) // 2,
+            window=0 if window is None else window,
+            WINDOW=window is not None,
+            REL_BIAS=bias is not None,
         )
     return out
+
+
+def _sequence_positions(cu_seqlens: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Each token's index within its sequence, ``(tokens,)`` int32 (``positions=None``)."""
+    token = torch.arange(tokens, device=cu_seqlens.device, dtype=torch.int32)
+    sequence = torch.searchsorted(cu_seqlens[1:], token, right=True)
+    return token - cu_seqlens[sequence]

@@ -6,7 +6,9 @@ sum with ``_layer_norm_row`` from ``layer_norm.py``; the result is cast once at 
 never goes through memory, which is the point of the fusion (the unfused path reads and writes the
 ``(tokens, emb)`` activation three times).
 
-``HAS_TYPES`` (a constexpr) drops the token-type table for DistilBERT, whose ``type_emb`` is ``None``.
+``HAS_TYPES`` (a constexpr) drops the token-type table for DistilBERT, whose ``type_emb`` is ``None``;
+``HAS_POSITIONS`` drops the position table of the families without absolute positions (RoPE:
+ModernBERT, NomicBERT, GTE), and ``HAS_BIAS`` the norm's bias (ModernBERT).
 
 Batch invariance: a token reads only its own rows; the reduction order depends only on ``emb``.
 
@@ -21,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastenc.kernels._checks import on_device, INDEX_DTYPES, check_backend, check_tensor
+from fastenc.kernels._checks import INDEX_DTYPES, check_backend, check_tensor, on_device
 from fastenc.kernels.layer_norm import MAX_HIDDEN, _layer_norm_row, row_config
 
 
@@ -31,7 +33,7 @@ def _embeddings_kernel(
     PositionIds_ptr,  # (tokens,)
     TokenTypeIds_ptr,  # (tokens,), None when not HAS_TYPES
     WordEmb_ptr,  # (vocab, emb)
-    PosEmb_ptr,  # (max_positions, emb)
+    PosEmb_ptr,  # (max_positions, emb), None when not HAS_POSITIONS
     TypeEmb_ptr,  # (type_vocab, emb), None when not HAS_TYPES
     W_ptr,  # (emb,)
     B_ptr,  # (emb,)
@@ -44,18 +46,21 @@ def _embeddings_kernel(
     eps,
     HAS_TYPES: tl.constexpr,
     BLOCK: tl.constexpr,
+    HAS_POSITIONS: tl.constexpr = True,
+    HAS_BIAS: tl.constexpr = True,
 ):
     token = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < n_cols
     word = tl.load(InputIds_ptr + token).to(tl.int64)
-    position = tl.load(PositionIds_ptr + token).to(tl.int64)
     x = tl.load(WordEmb_ptr + word * stride_word_row + offs, mask=mask, other=0.0).to(tl.float32)
-    x += tl.load(PosEmb_ptr + position * stride_pos_row + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_POSITIONS:
+        position = tl.load(PositionIds_ptr + token).to(tl.int64)
+        x += tl.load(PosEmb_ptr + position * stride_pos_row + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_TYPES:
         token_type = tl.load(TokenTypeIds_ptr + token).to(tl.int64)
         x += tl.load(TypeEmb_ptr + token_type * stride_type_row + offs, mask=mask, other=0.0).to(tl.float32)
-    y = _layer_norm_row(x, mask, W_ptr, B_ptr, offs, n_cols, eps)
+    y = _layer_norm_row(x, mask, W_ptr, B_ptr, offs, n_cols, eps, HAS_BIAS)
     tl.store(Out_ptr + token * stride_out_row + offs, y.to(Out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -64,13 +69,13 @@ def embeddings(
     position_ids: torch.Tensor,  # (tokens,) integer
     token_type_ids: torch.Tensor | None,  # (tokens,) integer, None when type_emb is None
     word_emb: torch.Tensor,  # (vocab, emb)
-    pos_emb: torch.Tensor,  # (max_positions, emb)
+    pos_emb: torch.Tensor | None,  # (max_positions, emb), None without absolute positions (RoPE, MPNet's bias)
     type_emb: torch.Tensor | None,  # (type_vocab, emb), None for DistilBERT
     weight: torch.Tensor,  # (emb,)
-    bias: torch.Tensor,  # (emb,)
+    bias: torch.Tensor | None,  # (emb,)
     eps: float,
 ) -> torch.Tensor:  # (tokens, emb)
-    """Gather word + position (+ token type) rows, sum them and apply LayerNorm."""
+    """Gather word (+ position) (+ token type) rows, sum them and apply LayerNorm."""
     device = check_backend("word_emb", word_emb)
     check_tensor("word_emb", word_emb, (None, None))
     dtype, emb = word_emb.dtype, word_emb.shape[1]
@@ -78,8 +83,10 @@ def embeddings(
         raise ValueError(f"word_emb has embedding size {emb}; the kernel supports 1 to {MAX_HIDDEN}")
     check_tensor("input_ids", input_ids, (None,), dtypes=INDEX_DTYPES, device=device)
     tokens = input_ids.shape[0]
-    check_tensor("position_ids", position_ids, (tokens,), dtypes=INDEX_DTYPES, device=device)
-    check_tensor("pos_emb", pos_emb, (None, emb), dtypes=(dtype,), device=device)
+    has_positions = pos_emb is not None
+    if has_positions:
+        check_tensor("position_ids", position_ids, (tokens,), dtypes=INDEX_DTYPES, device=device)
+        check_tensor("pos_emb", pos_emb, (None, emb), dtypes=(dtype,), device=device)
     has_types = type_emb is not None
     if has_types:
         check_tensor("type_emb", type_emb, (None, emb), dtypes=(dtype,), device=device)
@@ -87,7 +94,8 @@ def embeddings(
             raise ValueError("token_type_ids is required when type_emb is given")
         check_tensor("token_type_ids", token_type_ids, (tokens,), dtypes=INDEX_DTYPES, device=device)
     check_tensor("weight", weight, (emb,), dtypes=(dtype,), device=device)
-    check_tensor("bias", bias, (emb,), dtypes=(dtype,), device=device)
+    if bias is not None:
+        check_tensor("bias", bias, (emb,), dtypes=(dtype,), device=device)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps must be a non-negative float, got {eps!r}")
 
@@ -97,7 +105,7 @@ def embeddings(
     with on_device(device):
         _embeddings_kernel[(tokens,)](
             input_ids,
-            position_ids,
+            position_ids if has_positions else None,
             token_type_ids if has_types else None,
             word_emb,
             pos_emb,
@@ -106,12 +114,14 @@ def embeddings(
             bias,
             out,
             word_emb.stride(0),
-            pos_emb.stride(0),
+            pos_emb.stride(0) if has_positions else 0,
             type_emb.stride(0) if has_types else 0,
             out.stride(0),
             emb,
             float(eps),
             HAS_TYPES=has_types,
             **row_config(emb),
+            HAS_POSITIONS=has_positions,
+            HAS_BIAS=bias is not None,
         )
     return out

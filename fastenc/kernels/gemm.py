@@ -17,9 +17,20 @@ tensor cores; fp32 is the accuracy/debug path, fp16 and bf16 the fast one (the f
 the interpreter: the tanh-GELU epilogue (``exp2`` compiles to ``ex2.approx.ftz.f32`` and its fp32 ``/`` to
 ``div.full.f32``, each within 2 ulp); erf-GELU uses libdevice's ``erf`` (within 2 ulp).
 
-Limits: ``x`` and ``weight`` need a unit stride in their last dimension (rows may be strided);
-``bias`` is required. The helpers ``_tile_coords``, ``_gemm_tile`` and ``_apply_activation`` are shared
-with ``qkv.py`` and ``layer_norm.py``.
+Bias-free layers (ModernBERT, NomicBERT) take ``HAS_BIAS=False`` rather than a zero vector. The
+pre-LayerNorm blocks add their skip connection in the epilogue (``HAS_RESIDUAL``): ``x + Wo(a)`` costs
+no extra pass over memory.
+
+``gated_linear`` (GLU feed-forwards: GeGLU, SwiGLU) is the same GEMM over a weight whose two halves
+are interleaved row by row (``fastenc.family.interleave_gate``): output column ``2j`` of a tile is the
+activated half of feature ``j`` and column ``2j + 1`` its linear half, so every tile holds both halves
+of ``BLOCK_N / 2`` features; the epilogue splits the tile into the two halves (``tl.reshape`` then
+``tl.split``), multiplies ``act(a) * b`` in fp32 and stores a ``BLOCK_N / 2`` wide tile. The
+``(tokens, 2 * intermediate)`` product never goes through memory.
+
+Limits: ``x`` and ``weight`` need a unit stride in their last dimension (rows may be strided). The
+helpers ``_tile_coords``, ``_gemm_tile`` and ``_apply_activation`` are shared with ``qkv.py`` and
+``layer_norm.py``.
 """
 
 from __future__ import annotations
@@ -39,7 +50,8 @@ SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi), for tanh-GELU
 
 @triton.jit
 def _apply_activation(x, ACTIVATION: tl.constexpr):
-    """Apply a canonical activation (``"gelu"``, ``"gelu_tanh"``, ``"relu"`` or ``"none"``) to an fp32 block."""
+    """Apply a canonical activation (``"gelu"``, ``"gelu_tanh"``, ``"relu"``, ``"silu"`` or ``"none"``) to an
+    fp32 block."""
     if ACTIVATION == "gelu":
         x = 0.5 * x * (1.0 + tl.math.erf(x * SQRT1_2))
     elif ACTIVATION == "gelu_tanh":
@@ -49,6 +61,8 @@ def _apply_activation(x, ACTIVATION: tl.constexpr):
         x = x / (1.0 + tl.exp2(u * (-2.0 * LOG2E)))
     elif ACTIVATION == "relu":
         x = tl.maximum(x, 0.0)
+    elif ACTIVATION == "silu":
+        x = x / (1.0 + tl.exp2(x * (-LOG2E)))  # x * sigmoid(x); exp2 overflows to inf for x << 0: x / inf = -0
     return x
 
 
@@ -110,7 +124,7 @@ def _gemm_tile(
 def _linear_kernel(
     X_ptr,  # (M, K)
     W_ptr,  # (N, K)
-    B_ptr,  # (N,)
+    B_ptr,  # (N,), None when not HAS_BIAS
     Out_ptr,  # (M, N)
     M,
     N,
@@ -124,6 +138,10 @@ def _linear_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,
+    Residual_ptr=None,  # (M, N), None when not HAS_RESIDUAL
+    stride_residual_row=0,
+    HAS_BIAS: tl.constexpr = True,
+    HAS_RESIDUAL: tl.constexpr = False,
 ):
     pid_m, pid_n = _tile_coords(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -132,10 +150,50 @@ def _linear_kernel(
         X_ptr, W_ptr, stride_x_row, stride_w_row, offs_m, offs_n, M, N, K, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K
     )
     col_ok = offs_n < N
-    bias = tl.load(B_ptr + offs_n, mask=col_ok, other=0.0).to(tl.float32)
-    out = _apply_activation(acc + bias[None, :], ACTIVATION)
-    out_ptrs = Out_ptr + offs_m.to(tl.int64)[:, None] * stride_out_row + offs_n[None, :]
-    tl.store(out_ptrs, out.to(Out_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & col_ok[None, :])
+    if HAS_BIAS:
+        acc += tl.load(B_ptr + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    out = _apply_activation(acc, ACTIVATION)
+    rows = offs_m.to(tl.int64)[:, None]
+    mask = (offs_m < M)[:, None] & col_ok[None, :]
+    if HAS_RESIDUAL:
+        out += tl.load(Residual_ptr + rows * stride_residual_row + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(Out_ptr + rows * stride_out_row + offs_n[None, :], out.to(Out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gated_linear_kernel(
+    X_ptr,  # (M, K)
+    W_ptr,  # (2 * N, K): rows (activated, linear) interleaved
+    B_ptr,  # (2 * N,) interleaved, None when not HAS_BIAS
+    Out_ptr,  # (M, N)
+    M,
+    N,  # output features: half the weight's rows
+    K,
+    stride_x_row,
+    stride_w_row,
+    stride_out_row,
+    ACTIVATION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # weight rows per tile: BLOCK_N // 2 output features
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
+    pid_m, pid_n = _tile_coords(M, 2 * N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # weight rows
+    acc = _gemm_tile(
+        X_ptr, W_ptr, stride_x_row, stride_w_row, offs_m, offs_n, M, 2 * N, K, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K
+    )
+    if HAS_BIAS:
+        acc += tl.load(B_ptr + offs_n, mask=offs_n < 2 * N, other=0.0).to(tl.float32)[None, :]
+    # Columns 2j and 2j + 1 of the tile are the two halves of feature pid_n * BLOCK_N / 2 + j.
+    activated, linear = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))
+    out = _apply_activation(activated, ACTIVATION) * linear
+    offs_f = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+    out_ptrs = Out_ptr + offs_m.to(tl.int64)[:, None] * stride_out_row + offs_f[None, :]
+    tl.store(out_ptrs, out.to(Out_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_f < N)[None, :])
 
 
 def gemm_config(dtype: torch.dtype, N: int, K: int, arch: int = _target.DEFAULT_ARCH) -> dict:
@@ -170,16 +228,20 @@ def gemm_config(dtype: torch.dtype, N: int, K: int, arch: int = _target.DEFAULT_
 def linear(
     x: torch.Tensor,  # (tokens, in)
     weight: torch.Tensor,  # (out, in)
-    bias: torch.Tensor,  # (out,)
+    bias: torch.Tensor | None,  # (out,)
     activation: str | None = None,
+    residual: torch.Tensor | None = None,  # (tokens, out)
 ) -> torch.Tensor:  # (tokens, out)
-    """``act(x @ weight.T + bias)``: a GEMM with the bias (and activation) in its epilogue."""
+    """``act(x @ weight.T + bias) + residual``: a GEMM with the bias, activation and residual in its epilogue."""
     device = check_backend("x", x)
     check_tensor("x", x, (None, None))
     M, K = x.shape
     check_tensor("weight", weight, (None, K), dtypes=(x.dtype,), device=device)
     N = weight.shape[0]
-    check_tensor("bias", bias, (N,), dtypes=(x.dtype,), device=device)
+    if bias is not None:
+        check_tensor("bias", bias, (N,), dtypes=(x.dtype,), device=device)
+    if residual is not None:
+        check_tensor("residual", residual, (M, N), dtypes=(x.dtype,), device=device)
     act = check_activation("activation", activation)
 
     out = torch.empty((M, N), device=device, dtype=x.dtype)
@@ -189,6 +251,40 @@ def linear(
     grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
     with on_device(device):
         _linear_kernel[grid](
-            x, weight, bias, out, M, N, K, x.stride(0), weight.stride(0), out.stride(0), ACTIVATION=act, **config
+            x, weight, bias, out, M, N, K, x.stride(0), weight.stride(0), out.stride(0), ACTIVATION=act, **config,
+            Residual_ptr=residual, stride_residual_row=0 if residual is None else residual.stride(0),
+            HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+        )
+    return out
+
+
+def gated_linear(
+    x: torch.Tensor,  # (tokens, in)
+    weight: torch.Tensor,  # (2 * out, in): rows 2j (activated) and 2j + 1 (linear) interleaved
+    bias: torch.Tensor | None,  # (2 * out,), interleaved the same way
+    activation: str,
+) -> torch.Tensor:  # (tokens, out)
+    """The gated feed-forward input (GLU family): ``act(h[:, 0::2]) * h[:, 1::2]`` with ``h = x @ W.T + b``."""
+    device = check_backend("x", x)
+    check_tensor("x", x, (None, None))
+    M, K = x.shape
+    check_tensor("weight", weight, (None, K), dtypes=(x.dtype,), device=device)
+    rows = weight.shape[0]
+    if rows % 2:
+        raise ValueError(f"weight must have an even number of rows (two interleaved halves), got {rows}")
+    if bias is not None:
+        check_tensor("bias", bias, (rows,), dtypes=(x.dtype,), device=device)
+    act = check_activation("activation", activation)
+
+    N = rows // 2
+    out = torch.empty((M, N), device=device, dtype=x.dtype)
+    if M == 0 or N == 0:
+        return out
+    config = gemm_config(x.dtype, rows, K, _target.device_arch(device))  # the GEMM's N: the weight's rows
+    grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(rows, config["BLOCK_N"]),)
+    with on_device(device):
+        _gated_linear_kernel[grid](
+            x, weight, bias, out, M, N, K, x.stride(0), weight.stride(0), out.stride(0), ACTIVATION=act,
+            HAS_BIAS=bias is not None, **config,
         )
     return out

@@ -1,4 +1,4 @@
-"""``add_layer_norm`` and ``gelu_layer_norm``: LayerNorm fused with what precedes it in BERT.
+"""``add_layer_norm``, ``gelu_layer_norm`` and ``layer_norm``: LayerNorm fused with what precedes it.
 
 Algorithm: one row per program, the whole row in registers (``BLOCK`` = the next power of two of the
 hidden size, masked). The row is formed in fp32 (``x + residual``, or ``act(x)``), then
@@ -15,6 +15,10 @@ epilogue; erf-GELU uses libdevice's ``erf``). The interpreter computes all of th
 the input dtype before the norm (the reference rounds them), which only removes error.
 
 Batch invariance: a row reads only itself; the reduction order depends only on the hidden size.
+
+``layer_norm`` is the plain norm of the pre-LN blocks (ModernBERT), whose residual add happens in the
+preceding GEMM's epilogue (``linear(..., residual=)``). Norms without a bias (ModernBERT's) take
+``HAS_BIAS=False``.
 
 Limits: hidden sizes up to 16384 (a row must fit one program's registers: wider rows spill; no
 BERT-family encoder comes near it); rows may be strided, the last stride
@@ -45,6 +49,7 @@ def _layer_norm_row(
     offs,  # (BLOCK,)
     n_cols,
     eps,
+    HAS_BIAS: tl.constexpr = True,
 ):
     """LayerNorm of one fp32 row held in registers; masked lanes are ignored and come back as 0."""
     x = tl.where(mask, x, 0.0)
@@ -55,8 +60,12 @@ def _layer_norm_row(
     var = tl.div_rn(tl.sum(centred * centred, axis=0), width)
     rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
     weight = tl.load(W_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    bias = tl.load(B_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    return centred * rstd * weight + bias
+    if HAS_BIAS:
+        bias = tl.load(B_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        y = centred * rstd * weight + bias
+    else:
+        y = centred * rstd * weight
+    return y
 
 
 @triton.jit
@@ -72,13 +81,14 @@ def _add_layer_norm_kernel(
     n_cols,
     eps,
     BLOCK: tl.constexpr,
+    HAS_BIAS: tl.constexpr = True,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < n_cols
     x = tl.load(X_ptr + row * stride_x_row + offs, mask=mask, other=0.0).to(tl.float32)
     residual = tl.load(Residual_ptr + row * stride_residual_row + offs, mask=mask, other=0.0).to(tl.float32)
-    y = _layer_norm_row(x + residual, mask, W_ptr, B_ptr, offs, n_cols, eps)
+    y = _layer_norm_row(x + residual, mask, W_ptr, B_ptr, offs, n_cols, eps, HAS_BIAS)
     tl.store(Out_ptr + row * stride_out_row + offs, y.to(Out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -94,12 +104,13 @@ def _gelu_layer_norm_kernel(
     eps,
     ACTIVATION: tl.constexpr,
     BLOCK: tl.constexpr,
+    HAS_BIAS: tl.constexpr = True,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < n_cols
     x = tl.load(X_ptr + row * stride_x_row + offs, mask=mask, other=0.0).to(tl.float32)
-    y = _layer_norm_row(_apply_activation(x, ACTIVATION), mask, W_ptr, B_ptr, offs, n_cols, eps)
+    y = _layer_norm_row(_apply_activation(x, ACTIVATION), mask, W_ptr, B_ptr, offs, n_cols, eps, HAS_BIAS)
     tl.store(Out_ptr + row * stride_out_row + offs, y.to(Out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -117,7 +128,8 @@ def _check_norm_args(x, weight, bias, eps) -> torch.device:
     if not 0 < hidden <= MAX_HIDDEN:
         raise ValueError(f"x has hidden size {hidden}; the LayerNorm kernels support 1 to {MAX_HIDDEN}")
     check_tensor("weight", weight, (hidden,), dtypes=(x.dtype,), device=device)
-    check_tensor("bias", bias, (hidden,), dtypes=(x.dtype,), device=device)
+    if bias is not None:
+        check_tensor("bias", bias, (hidden,), dtypes=(x.dtype,), device=device)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps must be a non-negative float, got {eps!r}")
     return device
@@ -127,7 +139,7 @@ def add_layer_norm(
     x: torch.Tensor,  # (tokens, hidden)
     residual: torch.Tensor,  # (tokens, hidden)
     weight: torch.Tensor,  # (hidden,)
-    bias: torch.Tensor,  # (hidden,)
+    bias: torch.Tensor | None,  # (hidden,)
     eps: float,
 ) -> torch.Tensor:  # (tokens, hidden)
     """``LayerNorm(x + residual)``: the post-LN residual of every BERT-family block."""
@@ -150,14 +162,25 @@ def add_layer_norm(
             hidden,
             float(eps),
             **row_config(hidden),
+            HAS_BIAS=bias is not None,
         )
     return out
+
+
+def layer_norm(
+    x: torch.Tensor,  # (tokens, hidden)
+    weight: torch.Tensor,  # (hidden,)
+    bias: torch.Tensor | None,  # (hidden,)
+    eps: float,
+) -> torch.Tensor:  # (tokens, hidden)
+    """``LayerNorm(x)``: the pre-LN blocks' norms and ModernBERT's final norm."""
+    return gelu_layer_norm(x, weight, bias, eps, None)
 
 
 def gelu_layer_norm(
     x: torch.Tensor,  # (tokens, hidden)
     weight: torch.Tensor,  # (hidden,)
-    bias: torch.Tensor,  # (hidden,)
+    bias: torch.Tensor | None,  # (hidden,)
     eps: float,
     activation: str = "gelu",
 ) -> torch.Tensor:  # (tokens, hidden)
@@ -170,6 +193,7 @@ def gelu_layer_norm(
         return out
     with on_device(device):
         _gelu_layer_norm_kernel[(tokens,)](
-            x, weight, bias, out, x.stride(0), out.stride(0), hidden, float(eps), ACTIVATION=act, **row_config(hidden)
+            x, weight, bias, out, x.stride(0), out.stride(0), hidden, float(eps), ACTIVATION=act, **row_config(hidden),
+            HAS_BIAS=bias is not None,
         )
     return out

@@ -18,7 +18,7 @@ import torch
 
 from fastenc.kernels import _target
 
-MATMUL_KERNELS = {"linear", "fused_qkv", "attention", "splade_pool"}
+MATMUL_KERNELS = {"linear", "gated_linear", "fused_qkv", "attention", "splade_pool"}
 SWEEP_ARCHS = (90, 86)
 
 
@@ -26,18 +26,56 @@ def _compile_env() -> dict:
     return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
 
-@pytest.fixture(scope="module")
-def builds(tmp_path_factory):
+def _compile(tmp_path_factory, dtypes: str, models: str) -> list[dict]:
     out = tmp_path_factory.mktemp("aot") / "builds.json"
     env = _compile_env()
-    command = [sys.executable, "-m", "fastenc.kernels.aot", "--arch", "90,86", "--dtype", "fp16,bf16",
-               "--models", "bert-base", "--json", str(out)]
+    command = [sys.executable, "-m", "fastenc.kernels.aot", "--arch", "90,86", "--dtype", dtypes,
+               "--models", models, "--json", str(out)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     return json.loads(out.read_text())["builds"]
 
 
-def test_every_kernel_of_the_forward_compiles(builds):
+@pytest.fixture(scope="module")
+def bert_builds(tmp_path_factory):
+    return _compile(tmp_path_factory, "fp16,bf16", "bert-base")
+
+
+# The families after BERT add kernel variants: ModernBERT's forward has them all but MPNet's (RoPE in the
+# QKV epilogue, the windowed attention, the GeGLU epilogue, the residual epilogue, bias-free GEMMs, norms
+# and embeddings); MPNet's relative-bias attention is in positional_builds (its other kernels are BERT's).
+# fp16 only: bf16 compiles to the same instructions (checked by hand: python -m fastenc.kernels.aot
+# --dtype fp16,bf16 --models modernbert-base,mpnet-base,nomic-embed,gte-base, benchmarks/results).
+@pytest.fixture(scope="module")
+def family_builds(tmp_path_factory):
+    return _compile(tmp_path_factory, "fp16", "modernbert-base")
+
+
+# The windowed and relative-bias attention at head dim 64 (ModernBERT's, MPNet's) and at the head dims where
+# BERT's configs would spill with them (see attention.positional_config; the whole sweep:
+# python -m fastenc.kernels.aot --sweep --positional).
+@pytest.fixture(scope="module")
+def positional_builds(tmp_path_factory):
+    out = tmp_path_factory.mktemp("aot") / "positional.json"
+    script = ("import dataclasses, json, sys; from fastenc.kernels import aot; "
+              "builds = aot.positional_sweep_report((90, 86), ('fp16',), (32, 64, 96)); "
+              "json.dump([dataclasses.asdict(b) for b in builds], open(sys.argv[1], 'w'))")
+    result = subprocess.run([sys.executable, "-c", script, str(out)], env=_compile_env(), capture_output=True,
+                            text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    builds = json.loads(out.read_text())
+    assert {(b["arch"], b["shape"]) for b in builds} == {(arch, f"HEAD_DIM={d} {flag}=True") for arch in (90, 86)
+                                                         for d in (32, 64, 96) for flag in ("WINDOW", "REL_BIAS")}
+    return builds
+
+
+@pytest.fixture(scope="module", params=["bert", "family", "positional"])
+def builds(request):
+    return request.getfixturevalue(f"{request.param}_builds")
+
+
+def test_every_kernel_of_the_forward_compiles(bert_builds, family_builds):
+    builds = bert_builds
     for arch in (90, 86):
         for dtype in ("fp16", "bf16"):
             kernels = {b["kernel"] for b in builds if b["arch"] == arch and b["dtype"] == dtype}
@@ -47,6 +85,17 @@ def test_every_kernel_of_the_forward_compiles(builds):
     assert ffn == {"K=768 N=768", "K=768 N=3072 ACTIVATION=gelu", "K=3072 N=768"}
     splade = {b["shape"] for b in builds if b["kernel"] == "splade_pool"}
     assert splade == {"K=768 N=30522 ACTIVATION=relu POOLING=max", "K=768 N=30522 ACTIVATION=log1p_relu POOLING=sum"}
+    for arch in (90, 86):
+        shapes = {(b["model"], b["kernel"], b["shape"]) for b in family_builds if b["arch"] == arch}
+        assert shapes >= {
+            ("modernbert-base", "fused_qkv", "K=768 N=2304 HEAD_DIM=64 HAS_BIAS=False ROPE=True"),
+            ("modernbert-base", "attention", "HEAD_DIM=64 WINDOW=True"),
+            ("modernbert-base", "attention", "HEAD_DIM=64"),
+            ("modernbert-base", "gated_linear", "K=768 N=1152 ACTIVATION=gelu HAS_BIAS=False"),
+            ("modernbert-base", "linear", "K=1152 N=768 HAS_BIAS=False HAS_RESIDUAL=True"),
+            ("modernbert-base", "gelu_layer_norm", "n_cols=768 HAS_BIAS=False"),
+            ("modernbert-base", "embeddings", "n_cols=768 HAS_BIAS=False HAS_POSITIONS=False"),
+        }, arch
 
 
 def test_shared_memory_fits_and_nothing_spills(builds):

@@ -375,8 +375,8 @@ def test_cpu_without_interpreter_is_a_backend_error(monkeypatch):
 def test_launchers_mirror_the_reference():
     """Same names, parameters and defaults as fastenc.reference; KERNELS lists each once."""
     names = [name for name, _ in kernels.KERNELS]
-    assert sorted(names) == ["add_layer_norm", "attention", "embeddings", "fused_qkv", "gelu_layer_norm", "linear",
-                             "splade_pool"]
+    assert sorted(names) == ["add_layer_norm", "attention", "embeddings", "fused_qkv", "gated_linear", "gelu_layer_norm",
+                             "layer_norm", "linear", "splade_pool"]
     for name in names:
         ours, theirs = inspect.signature(getattr(kernels, name)), inspect.signature(getattr(reference, name))
         assert [(p.name, p.default) for p in ours.parameters.values()] == [
