@@ -87,7 +87,7 @@ gpu-check`` prints a plan's cases with their estimated seconds.
 from .e2e import E2E_PROVIDERS, MODELS, E2ECase, Inputs, ModelSpec, Runner, Shape
 from .estimate import Budget, plan_estimate
 from .kernels import KernelCase, KernelRun, add_layer_norm_case, kernel_cases
-from .measure import DTYPES, Timing, attention_flops, device_compare, encoder_flops, time_cpu
+from .measure import DTYPES, Timing, attended_pairs, attention_flops, device_compare, encoder_flops, time_cpu
 from .report import README_END, README_START, Report, git_commit, markdown, plot, render, update_readme, write_results
 from .suite import Plan, check_plan, make_plan, run, run_from_args
 
@@ -95,6 +95,6 @@ __all__ = [
     "make_plan", "check_plan", "run", "run_from_args", "render", "Plan", "Report", "Timing", "DTYPES", "Budget",
     "ModelSpec", "MODELS", "Shape", "E2ECase", "Inputs", "Runner", "E2E_PROVIDERS",
     "KernelCase", "KernelRun", "kernel_cases", "add_layer_norm_case",
-    "encoder_flops", "attention_flops", "time_cpu", "device_compare", "plan_estimate", "git_commit",
+    "encoder_flops", "attention_flops", "attended_pairs", "time_cpu", "device_compare", "plan_estimate", "git_commit",
     "markdown", "plot", "update_readme", "write_results", "README_START", "README_END",
 ]
