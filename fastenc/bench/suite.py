@@ -191,6 +191,11 @@ def make_plan(suite: str = "all", device=None, dtype: str | None = None, quick: 
 
 
 # ================================================================================================ run
+def _describe(spec: ModelSpec) -> str:
+    window = f", local windows of {spec.local_attention}" if any(spec.windows) else ""
+    return f"{spec.name} ({spec.family}, {spec.layers} x {spec.hidden}, {spec.heads} heads{window})"
+
+
 def _notes(plan: Plan, env: dict, backend: str) -> list[str]:
     notes = []
     if plan.device.type == "cpu":
@@ -208,10 +213,16 @@ def _notes(plan: Plan, env: dict, backend: str) -> list[str]:
     if env["triton_interpreter"] and plan.device.type == "cpu":
         notes.append("Triton interpreter on: fastenc Triton rows time the interpreter, not a GPU kernel.")
     if plan.e2e:
-        models = sorted({f"{c.model.name} ({c.model.layers} x {c.model.hidden}, {c.model.heads} heads)"
-                         for c in plan.e2e})
-        notes.append("End-to-end models are built locally with random perturbed weights (speed does not depend on "
-                     "the values): " + ", ".join(models) + ".")
+        models = sorted({_describe(c.model) for c in plan.e2e})
+        notes.append("End-to-end models are built locally with transformers' own classes and random perturbed weights "
+                     "(speed does not depend on the values): " + ", ".join(models) + ".")
+        if any(c.model.gated or any(c.model.windows) for c in plan.e2e):
+            notes.append("FLOPs per family: a gated FFN (GeGLU, SwiGLU) counts three H x I projections; a sliding-window "
+                         "layer (ModernBERT's local layers) counts only the (query, key) pairs within its window, for "
+                         "every provider (transformers' eager and SDPA compute the whole padded square and mask it).")
+        if any(c.model.family == "mpnet" for c in plan.e2e):
+            notes.append("MPNet: transformers has no SDPA attention for it; its reference and baseline run eager, and "
+                         "no row is relative to hf-sdpa.")
     if any("hf-compile" in c.providers for c in plan.e2e):
         notes.append(f"hf-compile: torch.compile(dynamic=False, fullgraph=True, backend={plan.compile_backend!r}), "
                      "Dynamo reset per model and dtype; a graph break or a recompile past Dynamo's limit is a skip, "
