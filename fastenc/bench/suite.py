@@ -218,9 +218,9 @@ def _notes(plan: Plan, env: dict, backend: str) -> list[str]:
                      "(speed does not depend on the values): " + ", ".join(models) + ".")
         if any(c.model.gated or any(c.model.windows) for c in plan.e2e):
             notes.append("FLOPs per family: a gated FFN (GeGLU, SwiGLU) counts three H x I projections; a "
-                         "sliding-window layer (ModernBERT's local layers) counts only the (query, key) pairs within its "
-                         "window, for every provider (transformers' eager and SDPA compute the whole padded square and "
-                         "mask it).")
+                         "sliding-window layer (ModernBERT's local layers) counts only the (query, key) pairs "
+                         "within its window, for every provider (transformers' eager and SDPA compute the whole "
+                         "padded square and mask it).")
         if any(c.model.family == "mpnet" for c in plan.e2e):
             notes.append("MPNet: transformers has no SDPA attention for it; its reference and baseline run eager, and "
                          "no row is relative to hf-sdpa.")
