@@ -99,6 +99,8 @@ def test_family_flops_match_a_hand_count():
     assert bench.encoder_flops([5], 4, 2, 1, windows=(8,)) == bench.encoder_flops([5], 4, 2, 1)
     with pytest.raises(ValueError, match="windows"):
         bench.encoder_flops([5], 4, 2, 2, windows=(8,))
+    with pytest.raises(ValueError, match="family 'deberta' is not one of bert, mpnet"):
+        bench.ModelSpec("x", family="deberta")
 
 
 @pytest.mark.parametrize("family", list(TINY_FAMILIES))
@@ -301,18 +303,20 @@ def test_failing_and_wrong_providers_are_reported_not_timed(monkeypatch, one_thr
 
 
 @pytest.mark.skipif(DEVICE == "cpu" and not triton_interpreter_on(), reason="needs CUDA or the Triton interpreter")
-def test_triton_backend_end_to_end(one_thread):
-    """The GPU path (fastenc on its Triton backend), checked against hf-sdpa on a tiny model."""
+@pytest.mark.parametrize("spec", [TINY, TINY_FAMILIES["modernbert"]], ids=["bert", "modernbert"])
+def test_triton_backend_end_to_end(one_thread, spec):
+    """The GPU path (fastenc on its Triton backend), checked against hf-sdpa on a tiny model (ModernBERT: the
+    GPU check's family case, its 16-token sequences spanning the ±4 window)."""
     plan, _ = bench.make_plan("e2e", DEVICE, quick=True, providers="fastenc,fastenc-packed,hf-sdpa",
                               backend="triton", repeats=1)
     providers = ("fastenc", "fastenc-packed", "hf-sdpa")
     dtype = "fp16" if DEVICE == "cuda" else "fp32"
-    plan.e2e = [bench.E2ECase(TINY, shape, dtype, providers) for shape in (bench.Shape(2, 8), bench.Shape(3, 16, 2))]
+    plan.e2e = [bench.E2ECase(spec, shape, dtype, providers) for shape in (bench.Shape(2, 8), bench.Shape(3, 16, 2))]
     report = bench.run(plan, quiet=True)
     assert report.skipped == []
     assert report.env["fastenc_backend"] == "triton"
     measured = {(r["case"], r["provider"]) for r in report.rows}
-    assert measured == {(f"bert-tiny:{case}", p) for case in ("2x8", "var3x2-16") for p in providers}
+    assert measured == {(f"{spec.name}:{case}", p) for case in ("2x8", "var3x2-16") for p in providers}
 
 
 # ------------------------------------------------------------------------------------------ results
