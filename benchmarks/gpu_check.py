@@ -21,12 +21,13 @@ runs out of time still leaves what it wrote, and the run moves on):
    lengths, head dims 64 and 40; torch's caching allocator off, so every tensor is its own allocation),
    ``--tool racecheck`` on the attention kernel alone. A refused device is recorded, not a failure.
 5. ``bench`` (180 s): ``fastenc bench --plan gpu-check`` (``fastenc/bench/suite.py``): the cases the
-   performance goals need, within the stage's time, in the committed results format.
+   performance goals need, and ModernBERT-base against transformers' own ModernBERT (issue 16), within the
+   stage's time, in the committed results format.
 6. ``embed`` (60 s): ``embed()`` on 5,000 real texts with all-MiniLM-L6-v2 in fp16 against
    sentence-transformers ``encode`` in fp16 and against ``forward_packed`` alone on the same packs; cold
    start (import, load, first batch, Triton compilation included) in a fresh process and Triton cache.
 7. ``report``: ``summary.md`` (each stage's status and time, then every goal of issue 13 with its
-   measured value and ratio), ``results.json`` (the bench results in the committed format, with the
+   measured value and ratio, then ModernBERT's tokens/s beside transformers' SDPA and eager ones), ``results.json`` (the bench results in the committed format, with the
    whole check under ``"check"``), ``results.md``, ``results.png``, ``check.log`` (every stage's output)
    and ``junit.xml``: at most 8 files, flat in DIR, each under 16 MiB.
 
