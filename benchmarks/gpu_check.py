@@ -21,12 +21,13 @@ runs out of time still leaves what it wrote, and the run moves on):
    lengths, head dims 64 and 40; torch's caching allocator off, so every tensor is its own allocation),
    ``--tool racecheck`` on the attention kernel alone. A refused device is recorded, not a failure.
 5. ``bench`` (180 s): ``fastenc bench --plan gpu-check`` (``fastenc/bench/suite.py``): the cases the
-   performance goals need, within the stage's time, in the committed results format.
+   performance goals need, and ModernBERT-base against transformers' own ModernBERT (issue 16), within the
+   stage's time, in the committed results format.
 6. ``embed`` (60 s): ``embed()`` on 5,000 real texts with all-MiniLM-L6-v2 in fp16 against
    sentence-transformers ``encode`` in fp16 and against ``forward_packed`` alone on the same packs; cold
    start (import, load, first batch, Triton compilation included) in a fresh process and Triton cache.
 7. ``report``: ``summary.md`` (each stage's status and time, then every goal of issue 13 with its
-   measured value and ratio), ``results.json`` (the bench results in the committed format, with the
+   measured value and ratio, then ModernBERT's tokens/s beside transformers' SDPA and eager ones), ``results.json`` (the bench results in the committed format, with the
    whole check under ``"check"``), ``results.md``, ``results.png``, ``check.log`` (every stage's output)
    and ``junit.xml``: at most 8 files, flat in DIR, each under 16 MiB.
 
@@ -478,7 +479,10 @@ def compile_groups(dry: bool) -> dict[str, dict]:
     """The encoder configs, dtypes and packed batches the later stages run (one layer each: every layer
     runs the same kernels). Token counts divisible by 16 and not: Triton specialises on it."""
     if dry:  # the interpreter runs one program at a time: a few tokens
-        return {"tiny-hd40-fp16": dict(hidden=80, heads=2, intermediate=96, dtype="fp16", batches=[[8], [3, 2]])}
+        return {"tiny-hd40-fp16": dict(hidden=80, heads=2, intermediate=96, dtype="fp16", batches=[[8], [3, 2]]),
+                # ModernBERT's blocks (global, local, local) with a window of ±4 its 11 tokens span
+                "tiny-modernbert-fp16": dict(hidden=64, heads=2, intermediate=48, dtype="fp16", batches=[[11, 3]],
+                                             family="modernbert", layers=3, local_attention=8)}
     from fastenc.bench.e2e import Shape
 
     bert, minilm = dict(hidden=768, heads=12, intermediate=3072), dict(hidden=384, heads=12, intermediate=1536)
@@ -488,6 +492,10 @@ def compile_groups(dry: bool) -> dict[str, dict]:
         # bench: 128 x 128, 1 x 128 (the graph bucket), var64x8-512, attention 64 x 512, the LayerNorms
         "bert-base-fp16": dict(bert, dtype="fp16", batches=[[128] * 128, [128], var, [512] * 64]),
         "bert-base-bf16": dict(bert, dtype="bf16", batches=[[128] * 128, ragged]),
+        # bench: ModernBERT-base at 32 x 512 and var64x8-512; three layers hold its kinds of block (the first,
+        # global without an attention norm; local ones with their window of ±64 and their own RoPE base)
+        "modernbert-base-fp16": dict(hidden=768, heads=12, intermediate=1152, dtype="fp16", batches=[[512] * 32, var],
+                                     family="modernbert", layers=3, local_attention=128),
         # embed: graph buckets (powers of two) and eager batches of any size
         "minilm-fp16": dict(minilm, dtype="fp16", batches=[[128] * 16, [64], ragged, [37] * 70 + [255] * 3]),
         # the sanitizer's two models
@@ -537,18 +545,24 @@ class TimedOps:
 
 
 def _random_encoder(hidden: int, heads: int, intermediate: int, layers: int, dtype: str, device, backend: str,
-                    seed: int = 0, cuda_graphs: bool | None = False):
-    """A BERT with random perturbed weights straight from transformers' state dict (nothing on disk)."""
+                    seed: int = 0, cuda_graphs: bool | None = False, family: str = "bert", local_attention: int = 128):
+    """A BERT (or a ModernBERT, ``family="modernbert"``) with random perturbed weights straight from
+    transformers' state dict (nothing on disk)."""
     import torch
-    from transformers import BertConfig, BertModel
+    from transformers import BertConfig, BertModel, ModernBertConfig, ModernBertModel
 
     from fastenc import Encoder
 
-    config = BertConfig(vocab_size=1000, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                        intermediate_size=intermediate, max_position_embeddings=512)
+    sizes = dict(vocab_size=1000, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                 intermediate_size=intermediate, max_position_embeddings=512)
+    if family == "modernbert":
+        config = ModernBertConfig(**sizes, local_attention=local_attention, pad_token_id=3, bos_token_id=1,
+                                  eos_token_id=2, cls_token_id=1, sep_token_id=2)
+    else:
+        config = BertConfig(**sizes)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = BertModel(config, add_pooling_layer=False)
+        model = ModernBertModel(config) if family == "modernbert" else BertModel(config, add_pooling_layer=False)
         with torch.no_grad():
             for param in model.parameters():
                 param.add_(0.05 * torch.randn_like(param))
@@ -612,8 +626,9 @@ def _compile_group(stage: Stage, name: str, spec: dict) -> None:
     record = Record(stage.work / f"compile-{name}.json", group=name, dtype=spec["dtype"], hidden=spec["hidden"],
                     heads=spec["heads"], kernels={})
     start = time.perf_counter()
-    encoder = _random_encoder(spec["hidden"], spec["heads"], spec["intermediate"], 1, spec["dtype"], stage.device,
-                              "triton")
+    encoder = _random_encoder(spec["hidden"], spec["heads"], spec["intermediate"], spec.get("layers", 1), spec["dtype"],
+                              stage.device, "triton", family=spec.get("family", "bert"),
+                              local_attention=spec.get("local_attention", 128))
     setup = time.perf_counter() - start
     results: dict = {}
     encoder._ops = TimedOps(triton_ops, stage.device, Path(os.environ.get("TRITON_CACHE_DIR", "/nonexistent")),
@@ -1067,6 +1082,29 @@ def goals(bench: dict, env: dict, embed: dict, dry: bool) -> list[dict]:
     return out
 
 
+def modernbert_comparison(bench: dict, dry: bool) -> list[dict]:
+    """Issue 16's GPU measurement: fastenc's ModernBERT against transformers' own (SDPA, eager) in the bench
+    stage's ModernBERT cases, tokens/s and fastenc's speedup. No target: issue 16 sets none."""
+    import torch
+
+    from fastenc.bench.suite import check_plan
+
+    plan = check_plan(torch.device("cpu" if dry else "cuda"), small=dry)
+    rows = {(r["case"], r["provider"], r["dtype"]): r for r in bench.get("rows", []) if r["metric"] == "tokens/s"}
+    out = []
+    for case in plan.e2e:
+        if case.model.family != "modernbert":
+            continue
+        ours = rows.get((case.name, "fastenc", case.dtype))
+        for peer in (p for p in case.providers if p.startswith("hf-")):
+            theirs = rows.get((case.name, peer, case.dtype))
+            out.append({"case": case.name, "dtype": case.dtype, "peer": peer,
+                        "fastenc_tokens_s": ours["value"] if ours else None,
+                        "peer_tokens_s": theirs["value"] if theirs else None,
+                        "speedup": ours["value"] / theirs["value"] if ours and theirs else None})
+    return out
+
+
 def _fmt(value, unit: str = "") -> str:
     if value is None:
         return "n/a"
@@ -1108,10 +1146,11 @@ def write_report(out: Path, work: Path, stages: dict, args, commit: str, budget:
     bench.setdefault("rows", [])
     bench.setdefault("skipped", [])
     goal_list = goals(bench, env, records["embed"], args.dry_run)
+    modernbert = modernbert_comparison(bench, args.dry_run)
     total = time.time() - START
     check = {"version": 1, "dry_run": args.dry_run, "commit": commit, "budget_s": budget, "total_s": round(total, 1),
              "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-             "gpu": env.get("gpu"), "stages": records, "goals": goal_list}
+             "gpu": env.get("gpu"), "stages": records, "goals": goal_list, "modernbert": modernbert}
     written = []
     results = dict(bench, check=check)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
@@ -1185,6 +1224,12 @@ def summary_markdown(check: dict, bench: dict, args) -> str:
         target = _fmt(goal["target"], goal["unit"])
         ratio = "n/a" if goal["ratio"] is None else f"{goal['ratio']:.2f}"
         lines.append(f"| {goal['text']} | {measured} | {target} | {ratio} | {met} |")
+    if check.get("modernbert"):
+        lines += ["", "## ModernBERT-base against transformers' ModernBERT (issue 16)", "",
+                  "| case | dtype | peer | fastenc tokens/s | peer tokens/s | speedup |", "|---|---|---|---|---|---|"]
+        for item in check["modernbert"]:
+            lines.append(f"| {item['case']} | {item['dtype']} | {item['peer']} | {_fmt(item['fastenc_tokens_s'])} | "
+                         f"{_fmt(item['peer_tokens_s'])} | {_fmt(item['speedup'], 'x')} |")
     correctness = check["stages"]["correctness"]
     failed = correctness.get("failed_tests") or []
     if failed:

@@ -466,7 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--output", metavar="DIR", default="benchmarks/results",
                        help="where the .json (rewritten after every case), .md and .png go "
                             "(default: benchmarks/results)")
-    bench.add_argument("--models", help="comma-separated: bert-base, bert-base-2l, minilm-l6 "
+    bench.add_argument("--models", help="comma-separated: bert-base, bert-base-2l, minilm-l6, and the families "
+                                        "after BERT mpnet-base, modernbert-base, nomic-embed, gte-base with their "
+                                        "CPU stand-ins mpnet-base-2l, modernbert-base-3l, nomic-embed-2l, gte-base-2l "
                                         "(default: bert-base,minilm-l6 on CUDA; minilm-l6,bert-base-2l on the CPU)")
     bench.add_argument("--providers", help="comma-separated subset of the providers; exactly these run "
                                            "(default: all that can run)")

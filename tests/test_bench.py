@@ -31,6 +31,10 @@ ROW_KEYS = {"suite", "case", "provider", "dtype", "batch", "seq", "metric", "val
 METRICS = {"ms", "tokens/s", "TFLOP/s", "GB/s"}
 TINY = bench.ModelSpec("bert-tiny", layers=2, hidden=32, heads=2, intermediate=64, vocab=200)
 TINY_WIDE = bench.ModelSpec("bert-tiny-wide", layers=1, hidden=48, heads=2, intermediate=64, vocab=200)
+# One tiny spec per family after BERT (ModernBERT: global, local, local with a window of ±4 the sequences span)
+TINY_FAMILIES = {family: bench.ModelSpec(f"{family}-tiny", layers=3, hidden=32, heads=2, intermediate=40, vocab=200,
+                                         family=family, local_attention=8)
+                 for family in ("mpnet", "modernbert", "nomic_bert", "gte")}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -76,6 +80,111 @@ def test_encoder_flops_match_a_hand_count():
     assert bench.encoder_flops([3, 5], 2, 4, 3) < bench.encoder_flops([5, 5], 2, 4, 3)
     assert bench.attention_flops([3, 5], 2) == 272
     assert bench.encoder_flops([], 768, 3072, 12) == 0
+
+
+def test_family_flops_match_a_hand_count():
+    # ModernBERT-like: 3 layers (global, local, local), hidden 4, intermediate 2, window 4 (keys within ±2),
+    # lengths 3 and 6 (9 real tokens). Projections per layer: 2*9*(4*16 + 3*4*2) = 1584 (the gated FFN-in
+    # makes both halves: three H x I projections). Global attention: 4*(9 + 36)*4 = 720. Local: a length-3
+    # sequence attends all 9 pairs; a length-6 one 3+4+5+5+4+3 = 24 pairs: 4*(9 + 24)*4 = 528.
+    spec = bench.ModelSpec("hand", layers=3, hidden=4, heads=2, intermediate=2, vocab=10, family="modernbert",
+                           local_attention=4)
+    assert spec.windows == (None, 2, 2)
+    assert spec.flops([3, 6]) == 3 * 1584 + 720 + 2 * 528 == 6528
+    assert bench.attended_pairs(6, 2) == 24 and bench.attended_pairs(3, 2) == 9 and bench.attended_pairs(6) == 36
+    # gated, every layer global (NomicBERT / GTE): 2 layers of 2*9*(64 + 24) + 4*45*4
+    gated = bench.ModelSpec("hand", layers=2, hidden=4, heads=2, intermediate=2, vocab=10, family="gte")
+    assert gated.flops([3, 6]) == 2 * (1584 + 720)
+    # a window wider than the sequence counts every pair, as a global layer
+    assert bench.encoder_flops([5], 4, 2, 1, windows=(8,)) == bench.encoder_flops([5], 4, 2, 1)
+    with pytest.raises(ValueError, match="windows"):
+        bench.encoder_flops([5], 4, 2, 2, windows=(8,))
+    with pytest.raises(ValueError, match="family 'deberta' is not one of bert, mpnet"):
+        bench.ModelSpec("x", family="deberta")
+
+
+@pytest.mark.parametrize("family", list(TINY_FAMILIES))
+def test_family_checkpoints_count_their_parameters_and_flops(tmp_path, family):
+    """The spec's parameter count is the built checkpoint's; its FLOPs are what the run counts from the loaded
+    config (gated FFN, windows read off the checkpoint)."""
+    from safetensors import safe_open
+
+    from fastenc.config import EncoderConfig
+
+    spec = TINY_FAMILIES[family]
+    path = _materialize_or_skip(spec, tmp_path)
+    with safe_open(str(path / "model.safetensors"), "pt") as handle:
+        assert sum(handle.get_tensor(k).numel() for k in handle.keys()) == spec.parameters
+    config = EncoderConfig.from_file(path / "config.json")
+    assert config.model_type == family and config.type_vocab_size == spec.token_types
+    assert config.pad_token_id == spec.pad_id
+    lengths = [3, 24, 9]
+    assert bench_e2e.config_flops(config, lengths) == spec.flops(lengths)
+    if family == "modernbert":
+        assert spec.flops(lengths) < bench.encoder_flops(lengths, 32, 40, 3, gated=True)  # the window is counted
+
+
+def _materialize_or_skip(spec, tmp_path):
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if spec.family not in CONFIG_MAPPING:  # GTE came in transformers 5.18
+        with pytest.raises(RuntimeError, match=f"has no '{spec.family}' model"):
+            spec.materialize(tmp_path)
+        pytest.skip(f"this transformers has no {spec.family!r} model")
+    return spec.materialize(tmp_path)
+
+
+@pytest.mark.parametrize("family", list(TINY_FAMILIES))
+def test_each_family_case_is_checked_then_timed(monkeypatch, one_thread, family):
+    """A case per family: every provider checked against transformers before it is timed (a wrong answer is a
+    skip), no token types passed where the model has none, MPNet's missing SDPA a skip with its reason."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    seen = {}
+
+    def recording(ctx):  # transformers' eager model, recording what each call is given
+        eager = bench.E2E_PROVIDERS["hf-eager"][0](ctx)
+
+        def prepare(inputs):
+            seen["cpu"], seen["device"] = set(inputs.cpu()), set(inputs.on_device())
+            return eager.prepare(inputs)
+        return bench.Runner(prepare)
+
+    def wrong(ctx):
+        ours = bench.E2E_PROVIDERS["fastenc"][0](ctx)
+
+        def prepare(inputs):
+            run = ours.prepare(inputs)
+            return lambda: run() + 0.5
+        return bench.Runner(prepare)
+
+    monkeypatch.setitem(bench.E2E_PROVIDERS, "recording", (recording, lambda device: None))
+    monkeypatch.setitem(bench.E2E_PROVIDERS, "wrong", (wrong, lambda device: None))
+    spec = TINY_FAMILIES[family]
+    providers = ("fastenc", "fastenc-packed", "hf-eager", "hf-sdpa", "recording", "wrong")
+    plan = tiny_plan([bench.E2ECase(spec, shape, "fp32", providers) for shape in (bench.Shape(2, 8),
+                                                                                 bench.Shape(3, 24, var_min=5))])
+    report = bench.run(plan, quiet=True)
+    reasons = {(s["case"], s["provider"]): s["reason"] for s in report.skipped}
+    if family not in CONFIG_MAPPING:  # the twin's transformers 5.17 has no GTE: a clean skip, no crash
+        assert report.rows == [] and all(f"has no '{family}' model" in r for r in reasons.values()), reasons
+        return
+    timed = {"fastenc", "fastenc-packed", "hf-eager", "recording"} | ({"hf-sdpa"} if family != "mpnet" else set())
+    measured = {(r["case"], r["provider"]) for r in report.rows}
+    assert measured == {(f"{spec.name}:{case}", p) for case in ("2x8", "var3x5-24") for p in timed}
+    for case in ("2x8", "var3x5-24"):
+        reason = reasons[(f"{spec.name}:{case}", "wrong")]
+        assert "check" in reason and "FAIL" in reason
+    if family == "mpnet":
+        assert reasons[(f"{spec.name}:all", "hf-sdpa")] == ("transformers' MPNetModel has no SDPA attention "
+                                                             "(_supports_sdpa is False)")
+        assert "hf-eager" in reasons[(f"{spec.name}:2x8", "wrong")]  # its float32 reference runs eager
+    assert len(reasons) == 2 + (family == "mpnet")
+    types = family in ("nomic_bert", "gte")
+    assert ("token_type_ids" in seen["cpu"]) == ("token_type_ids" in seen["device"]) == types
+    var = {r["metric"]: r for r in report.rows if r["provider"] == "fastenc" and r["case"].endswith("var3x5-24")}
+    lengths = bench.Shape(3, 24, var_min=5).lengths()
+    assert var["TFLOP/s"]["value"] == pytest.approx(spec.flops(lengths) / var["ms"]["value"] / 1e9, rel=1e-9)
 
 
 def test_variable_lengths_are_seeded_and_in_range():
@@ -194,18 +303,20 @@ def test_failing_and_wrong_providers_are_reported_not_timed(monkeypatch, one_thr
 
 
 @pytest.mark.skipif(DEVICE == "cpu" and not triton_interpreter_on(), reason="needs CUDA or the Triton interpreter")
-def test_triton_backend_end_to_end(one_thread):
-    """The GPU path (fastenc on its Triton backend), checked against hf-sdpa on a tiny model."""
+@pytest.mark.parametrize("spec", [TINY, TINY_FAMILIES["modernbert"]], ids=["bert", "modernbert"])
+def test_triton_backend_end_to_end(one_thread, spec):
+    """The GPU path (fastenc on its Triton backend), checked against hf-sdpa on a tiny model (ModernBERT: the
+    GPU check's family case, its 16-token sequences spanning the ±4 window)."""
     plan, _ = bench.make_plan("e2e", DEVICE, quick=True, providers="fastenc,fastenc-packed,hf-sdpa",
                               backend="triton", repeats=1)
     providers = ("fastenc", "fastenc-packed", "hf-sdpa")
     dtype = "fp16" if DEVICE == "cuda" else "fp32"
-    plan.e2e = [bench.E2ECase(TINY, shape, dtype, providers) for shape in (bench.Shape(2, 8), bench.Shape(3, 16, 2))]
+    plan.e2e = [bench.E2ECase(spec, shape, dtype, providers) for shape in (bench.Shape(2, 8), bench.Shape(3, 16, 2))]
     report = bench.run(plan, quiet=True)
     assert report.skipped == []
     assert report.env["fastenc_backend"] == "triton"
     measured = {(r["case"], r["provider"]) for r in report.rows}
-    assert measured == {(f"bert-tiny:{case}", p) for case in ("2x8", "var3x2-16") for p in providers}
+    assert measured == {(f"{spec.name}:{case}", p) for case in ("2x8", "var3x2-16") for p in providers}
 
 
 # ------------------------------------------------------------------------------------------ results
@@ -301,6 +412,7 @@ def test_readme_without_markers_is_an_error(tmp_path):
     (["--cases", "nosuchcase*"], "--cases 'nosuchcase*'"),
     (["--budget", "-1"], "--budget -1"),
     (["--models", "minilm"], "--models 'minilm'"),  # the bundled model is no e2e model any more: minilm-l6
+    (["--models", "modernbert"], "modernbert-base, nomic-embed, gte-base"),  # the error lists the families' models
 ])
 def test_bad_options_are_one_line_errors(argv, message, capsys, tmp_path):
     assert main(["bench", "--device", "cpu", "--output", str(tmp_path), *argv]) == 2
@@ -485,7 +597,13 @@ def test_cases_and_gpu_check_plan():
     names = [(c.name, c.dtype, c.providers) for c in check.e2e]
     assert ("bert-base:128x128", "fp16", ("fastenc", "fastenc-packed", "hf-sdpa", "hf-eager")) in names
     assert ("bert-base:128x128", "fp16", ("hf-compile",)) == names[-1]  # alone, last: the costliest compile
-    assert {c.name for c in check.e2e} == {"bert-base:128x128", "bert-base:1x128", "bert-base:var64x8-512"}
+    assert {c.name for c in check.e2e} == {"bert-base:128x128", "bert-base:1x128", "bert-base:var64x8-512",
+                                           "modernbert-base:32x512", "modernbert-base:var64x8-512"}
+    modernbert = [c for c in check.e2e if c.model.family == "modernbert"]  # issue 16: against transformers' own
+    assert all(c.dtype == "fp16" and {"fastenc", "hf-sdpa"} <= set(c.providers) for c in modernbert)
+    assert modernbert[0].model == bench.MODELS["modernbert-base"] and modernbert[0].model.layers == 22
+    small = bench.check_plan(torch.device("cpu"), small=True)
+    assert [c.model.family for c in small.e2e] == [c.model.family for c in check.e2e]
     assert [r.name for r in check.kernels] == ["attention:hd64:64x512", "add_layer_norm:h768:128x512",
                                                "gelu_layer_norm:h768:128x512"]
 

@@ -102,6 +102,7 @@ def test_dry_run_writes_the_same_files_as_a_gpu_run(bundle, tmp_path):
     stages = check["stages"]
     assert stages["env"]["peaks"]["matmul_fp16_tflops"] > 0 and stages["env"]["peaks"]["copy_gbps"] > 0
     assert stages["compile"]["kernels"].keys() >= {"embeddings", "fused_qkv", "attention", "linear", "add_layer_norm"}
+    assert stages["compile"]["groups"]["tiny-modernbert-fp16"]["status"] == "ok"  # the families' blocks compile too
     assert {c["status"] for c in stages["sanitizer"]["checks"].values()} == {"rehearsed"}
     assert stages["embed"]["cosine_min"] > 0.99 and stages["embed"]["cold_start"]["total_s"] > 0
 
@@ -118,9 +119,16 @@ def test_dry_run_writes_the_same_files_as_a_gpu_run(bundle, tmp_path):
     goals = check["goals"]
     assert [g["goal"] for g in goals] == list(gpu_check.GOAL_TEXT)
     assert all(g["measured"] is not None and g["ratio"] is not None for g in goals), goals
+    # issue 16: ModernBERT against transformers' own, each peer with fastenc's speedup
+    modernbert = check["modernbert"]
+    assert {(m["case"], m["peer"]) for m in modernbert} == {("modernbert-small-3l:2x48", "hf-sdpa"),
+                                                            ("modernbert-small-3l:2x48", "hf-eager"),
+                                                            ("modernbert-small-3l:var8x4-64", "hf-sdpa")}
+    assert all(m["speedup"] > 0 for m in modernbert), modernbert
 
     summary = (out / "summary.md").read_text()
     assert "Dry run on the CPU" in summary and "| stage | status |" in summary and "## Goals (issue 13)" in summary
+    assert "## ModernBERT-base against transformers' ModernBERT (issue 16)" in summary
     for text in gpu_check.GOAL_TEXT.values():
         assert text in summary
     assert "## End to end" in (out / "results.md").read_text()
@@ -131,6 +139,21 @@ def test_dry_run_writes_the_same_files_as_a_gpu_run(bundle, tmp_path):
 
 
 # ------------------------------------------------------------------------------------ the parts alone
+def test_modernbert_comparison_sets_fastenc_beside_each_peer():
+    def row(case, provider, value):
+        return {"suite": "e2e", "case": case, "provider": provider, "metric": "tokens/s", "value": value,
+                "dtype": "fp16"}
+
+    rows = [row("modernbert-base:32x512", "fastenc", 3e5), row("modernbert-base:32x512", "hf-sdpa", 1e5),
+            row("modernbert-base:var64x8-512", "fastenc", 2e5)]
+    items = {(m["case"], m["peer"]): m for m in gpu_check.modernbert_comparison({"rows": rows}, dry=False)}
+    assert set(items) == {("modernbert-base:32x512", "hf-sdpa"), ("modernbert-base:32x512", "hf-eager"),
+                          ("modernbert-base:var64x8-512", "hf-sdpa")}
+    assert items[("modernbert-base:32x512", "hf-sdpa")]["speedup"] == pytest.approx(3.0)
+    assert items[("modernbert-base:32x512", "hf-eager")]["speedup"] is None  # a missing row: no ratio, no crash
+    assert items[("modernbert-base:var64x8-512", "hf-sdpa")]["fastenc_tokens_s"] == 2e5
+
+
 def test_a_stage_past_its_limit_is_stopped_and_reported(tmp_path):
     env = gpu_check.child_env(tmp_path, tmp_path / "no-bundle", True, "abc")
     result = gpu_check.run_child("env", tmp_path, env, 0.2, ["--dry-run", "--data", str(tmp_path)])

@@ -26,10 +26,17 @@ What is measured (STYLE point 11: the unit the hardware is judged by):
   batch fits one), ``fastenc-packed`` (``encoder.forward_packed`` on a prepared ``PackedBatch``: the kernels
   alone, launched eagerly), ``hf-eager``, ``hf-sdpa``, ``hf-compile`` (``torch.compile(dynamic=False,
   fullgraph=True)`` of the SDPA model) and ``hf-flash`` (flash_attention_2, when ``flash_attn`` is
-  importable). Every row says what ran (``mode``: ``graph``, ``eager`` or ``compiled``). The models are BERT
-  shapes built locally with random perturbed weights (``bert-base``, ``minilm-l6``: all-MiniLM-L6-v2's
-  shape, ``bert-base-2l``): speed does not depend on the values, and nothing has to be downloaded or carried.
-  The transformers models get their inputs already on the device. Metrics: latency (median, p20, p80),
+  importable). Every row says what ran (``mode``: ``graph``, ``eager`` or ``compiled``). The models are
+  built locally with transformers' own classes and random perturbed weights: BERT shapes (``bert-base``,
+  ``minilm-l6``: all-MiniLM-L6-v2's shape, ``bert-base-2l``) and the families after BERT at their base
+  checkpoints' shapes (``mpnet-base``, ``modernbert-base``: 22 layers, GeGLU, windows of 128 with a global
+  layer every third, ``nomic-embed``: nomic-embed-text-v1.5's, ``gte-base``: gte-base-en-v1.5's) with CPU
+  stand-ins of the same width (``mpnet-base-2l``, ``modernbert-base-3l``: one global and two local layers,
+  ``nomic-embed-2l``, ``gte-base-2l``); speed does not depend on the values, and nothing has to be
+  downloaded or carried. The transformers models get their inputs already on the device; a model without
+  token types (MPNet, ModernBERT) is given none, by either side. Where transformers has no SDPA (or flash)
+  attention for a family (MPNet), those providers are reported as not measured with that reason, and the
+  float32 reference and low-precision baseline run its eager attention instead. Metrics: latency (median, p20, p80),
   tokens/s and TFLOP/s on *real* tokens, the TFLOP/s as a share of the matmul peak measured in the same
   run, the first call's time (compilation included), and on CUDA the memory one call needs above the
   resident weights: its peak allocation plus what the provider keeps between calls for it (a CUDA graph's
@@ -45,7 +52,12 @@ Work counted (the fewest operations and bytes the computation needs, never what 
 spends): an encoder layer over ``T`` real tokens in sequences of lengths ``L_i``, hidden ``H``,
 intermediate ``I``, does ``2·T·(4·H² + 2·H·I)`` FLOPs in its four projections (Q, K, V, output: ``4·H²``
 per token; FFN in and out: ``2·H·I``) plus ``4·Σ L_i²·H`` in attention (``QKᵀ`` and ``PV``, each
-``2·L_i²·head_dim`` per head). Embeddings, LayerNorms, softmax and activations are not counted.
+``2·L_i²·head_dim`` per head). A gated FFN (GeGLU, SwiGLU: ModernBERT, NomicBERT, GTE) projects ``H → 2·I``
+first: ``2·T·(4·H² + 3·H·I)``. A sliding-window layer (ModernBERT's local layers: keys within ``±w`` of the
+query) counts only the pairs within its window, ``L² - (L-w-1)(L-w)`` per sequence longer than ``w + 1``:
+the pairs the result needs, not the masked remainder of the key blocks the window's edges cut, nor the
+full ``L²`` transformers' eager and SDPA attention compute and mask. Embeddings, LayerNorms, softmax,
+activations, RoPE and MPNet's relative bias are not counted.
 Memory-bound kernels count each input read once and each output written once.
 
 Timing: on CUDA ``triton.testing.do_bench`` (CUDA events, warm-up first, L2 flushed between runs,
@@ -87,7 +99,7 @@ gpu-check`` prints a plan's cases with their estimated seconds.
 from .e2e import E2E_PROVIDERS, MODELS, E2ECase, Inputs, ModelSpec, Runner, Shape
 from .estimate import Budget, plan_estimate
 from .kernels import KernelCase, KernelRun, add_layer_norm_case, kernel_cases
-from .measure import DTYPES, Timing, attention_flops, device_compare, encoder_flops, time_cpu
+from .measure import DTYPES, Timing, attended_pairs, attention_flops, device_compare, encoder_flops, time_cpu
 from .report import README_END, README_START, Report, git_commit, markdown, plot, render, update_readme, write_results
 from .suite import Plan, check_plan, make_plan, run, run_from_args
 
@@ -95,6 +107,6 @@ __all__ = [
     "make_plan", "check_plan", "run", "run_from_args", "render", "Plan", "Report", "Timing", "DTYPES", "Budget",
     "ModelSpec", "MODELS", "Shape", "E2ECase", "Inputs", "Runner", "E2E_PROVIDERS",
     "KernelCase", "KernelRun", "kernel_cases", "add_layer_norm_case",
-    "encoder_flops", "attention_flops", "time_cpu", "device_compare", "plan_estimate", "git_commit",
+    "encoder_flops", "attention_flops", "attended_pairs", "time_cpu", "device_compare", "plan_estimate", "git_commit",
     "markdown", "plot", "update_readme", "write_results", "README_START", "README_END",
 ]

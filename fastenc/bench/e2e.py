@@ -20,13 +20,21 @@ from .report import E2E_BASELINE, Report, _exc_line
 
 
 # ============================================================================================= models
+FAMILIES = ("bert", "mpnet", "modernbert", "nomic_bert", "gte")  # the ``model_type`` each spec builds
+GATED_FAMILIES = ("modernbert", "nomic_bert", "gte")  # GeGLU / SwiGLU: the FFN-in projection is H -> 2·I
+TOKEN_TYPE_FAMILIES = ("bert", "nomic_bert", "gte")  # their transformers models take token_type_ids
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """A BERT-family shape the e2e suite runs, built locally with random perturbed weights.
+    """An encoder shape the e2e suite runs, built locally with transformers' own classes (``family``: its
+    ``model_type``) and random perturbed weights.
 
     Speed does not depend on the weights' values, and a local build needs no download and nothing that
     cannot travel to a GPU machine (the bundled all-MiniLM-L6-v2 is not there; its real weights serve the
-    ``embed`` comparison of ``benchmarks/gpu_check.py`` only).
+    ``embed`` comparison of ``benchmarks/gpu_check.py`` only). ``local_attention`` and ``global_every`` are
+    ModernBERT's: a global layer every ``global_every`` layers (the first is one), sliding windows of
+    ``local_attention`` tokens (keys within ``±local_attention // 2``) between.
     """
 
     name: str
@@ -35,22 +43,84 @@ class ModelSpec:
     heads: int = 12
     intermediate: int = 3072
     vocab: int = 30522
+    family: str = "bert"
+    local_attention: int = 128
+    global_every: int = 3
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"ModelSpec {self.name!r}: family {self.family!r} is not one of {', '.join(FAMILIES)}")
 
     def materialize(self, workdir: Path) -> Path:
         """A checkpoint directory (config.json + model.safetensors) both fastenc and transformers load."""
-        return make_bert_checkpoint(workdir / self.name, layers=self.layers, hidden=self.hidden, heads=self.heads,
-                                    intermediate=self.intermediate, vocab=self.vocab)
+        if self.family == "bert":
+            return make_bert_checkpoint(workdir / self.name, layers=self.layers, hidden=self.hidden,
+                                        heads=self.heads, intermediate=self.intermediate, vocab=self.vocab)
+        return make_family_checkpoint(workdir / self.name, self)
+
+    @property
+    def gated(self) -> bool:
+        return self.family in GATED_FAMILIES
+
+    @property
+    def token_types(self) -> int:
+        """The checkpoint's ``type_vocab_size`` (0: its transformers model takes no token_type_ids)."""
+        return {"bert": 2, "nomic_bert": 2, "gte": 1}.get(self.family, 0)
+
+    @property
+    def max_positions(self) -> int:
+        """``max_position_embeddings`` (MPNet's 514: positions start after its padding id, 512 usable)."""
+        return {"bert": 512, "mpnet": 514, "nomic_bert": 2048}.get(self.family, 8192)
+
+    @property
+    def pad_id(self) -> int:
+        return {"mpnet": 1, "modernbert": 50283 if self.vocab > 50283 else 3, "gte": 1}.get(self.family, 0)
+
+    @property
+    def windows(self) -> tuple[int | None, ...]:
+        """Per layer, the sliding window (keys within ``±window`` of the query) or None (every key)."""
+        if self.family != "modernbert":
+            return (None,) * self.layers
+        return tuple(None if i % self.global_every == 0 else self.local_attention // 2 for i in range(self.layers))
+
+    def flops(self, lengths: list[int]) -> int:
+        """``encoder_flops`` for this family: gated FFNs count three ``H×I`` projections, sliding-window
+        layers only the pairs within their window."""
+        return encoder_flops(lengths, self.hidden, self.intermediate, self.layers, gated=self.gated,
+                             windows=self.windows)
 
     @property
     def parameters(self) -> int:
-        h, i = self.hidden, self.intermediate
-        return self.vocab * h + 514 * h + self.layers * (4 * h * h + 2 * h * i + 9 * h + i)
+        """The checkpoint's parameter count, per family (``tests/test_bench.py`` checks it against transformers)."""
+        h, i, layers = self.hidden, self.intermediate, self.layers
+        embeddings = self.vocab * h + self.token_types * h
+        if self.family == "modernbert":  # no biases; LayerNorms without bias; block 0 has no attention norm
+            return embeddings + h + layers * (4 * h * h + 3 * h * i + 2 * h)
+        embeddings += 2 * h  # the embeddings' LayerNorm
+        if self.family in ("bert", "mpnet"):  # absolute positions; biases everywhere; MPNet's 32 buckets per head
+            embeddings += self.max_positions * h + (32 * self.heads if self.family == "mpnet" else 0)
+            return embeddings + layers * (4 * h * h + 2 * h * i + 9 * h + i)
+        if self.family == "nomic_bert":  # linears without bias
+            return embeddings + layers * (4 * h * h + 3 * h * i + 4 * h)
+        return embeddings + layers * (4 * h * h + 3 * h * i + 9 * h)  # gte: no bias on the gated FFN-in
 
 
 MODELS = {
     "bert-base": ModelSpec("bert-base"),
     "bert-base-2l": ModelSpec("bert-base-2l", layers=2),  # BERT-base width, 2 layers: the CPU's stand-in
     "minilm-l6": ModelSpec("minilm-l6", layers=6, hidden=384, heads=12, intermediate=1536),  # all-MiniLM-L6's shape
+    # The families after BERT at their base checkpoints' shapes (all-mpnet-base-v2, ModernBERT-base,
+    # nomic-embed-text-v1.5, gte-base-en-v1.5), and their CPU stand-ins at the same width: 2 layers
+    # (ModernBERT 3: one global, two local, its ratio).
+    "mpnet-base": ModelSpec("mpnet-base", vocab=30527, family="mpnet"),
+    "modernbert-base": ModelSpec("modernbert-base", layers=22, intermediate=1152, vocab=50368, family="modernbert"),
+    "nomic-embed": ModelSpec("nomic-embed", vocab=30528, family="nomic_bert"),
+    "gte-base": ModelSpec("gte-base", vocab=30528, family="gte"),
+    "mpnet-base-2l": ModelSpec("mpnet-base-2l", layers=2, vocab=30527, family="mpnet"),
+    "modernbert-base-3l": ModelSpec("modernbert-base-3l", layers=3, intermediate=1152, vocab=50368,
+                                    family="modernbert"),
+    "nomic-embed-2l": ModelSpec("nomic-embed-2l", layers=2, vocab=30528, family="nomic_bert"),
+    "gte-base-2l": ModelSpec("gte-base-2l", layers=2, vocab=30528, family="gte"),
 }
 
 
@@ -75,6 +145,53 @@ def make_bert_checkpoint(path: Path, *, layers: int = 12, hidden: int = 768, hea
                 else:
                     param.add_(0.002 * torch.randn_like(param))
     with _quiet_transformers():
+        model.save_pretrained(path)
+    return path
+
+
+def _family_config(spec: ModelSpec):
+    """transformers' own config for ``spec`` (its defaults are the base checkpoints' except where set)."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if spec.family not in CONFIG_MAPPING:
+        raise RuntimeError(f"transformers {transformers.__version__} has no {spec.family!r} model to build "
+                           f"{spec.name} with")
+    sizes = dict(vocab_size=spec.vocab, hidden_size=spec.hidden, num_hidden_layers=spec.layers,
+                 num_attention_heads=spec.heads, intermediate_size=spec.intermediate,
+                 max_position_embeddings=spec.max_positions, pad_token_id=spec.pad_id)
+    if spec.family == "modernbert":
+        specials = dict(bos_token_id=spec.pad_id - 2, cls_token_id=spec.pad_id - 2, eos_token_id=spec.pad_id - 1,
+                        sep_token_id=spec.pad_id - 1)
+        return CONFIG_MAPPING["modernbert"](**sizes, **specials, hidden_activation="gelu", local_attention=
+                                            spec.local_attention, global_attn_every_n_layers=spec.global_every)
+    if spec.family == "mpnet":
+        return CONFIG_MAPPING["mpnet"](**sizes, hidden_act="gelu", bos_token_id=0, eos_token_id=2)
+    act = "silu" if spec.family == "nomic_bert" else "gelu"  # SwiGLU (nomic-embed), GeGLU (gte-*-v1.5)
+    return CONFIG_MAPPING[spec.family](**sizes, hidden_act=act, type_vocab_size=spec.token_types)
+
+
+def make_family_checkpoint(path: Path, spec: ModelSpec, seed: int = 0) -> Path:
+    """A checkpoint of ``spec.family`` built with transformers' own model class, every parameter perturbed
+    (LayerNorm weights ``1 + 0.1·randn``, biases ``0.02·randn``, the rest ``+ 0.002·randn``), no pooler."""
+    from transformers import AutoModel
+
+    if (path / "model.safetensors").exists():
+        return path
+    config = _family_config(spec)
+    with torch.random.fork_rng(devices=[]), _quiet_transformers():
+        torch.manual_seed(seed)
+        model = (AutoModel.from_config(config, add_pooling_layer=False) if spec.family == "mpnet"
+                 else AutoModel.from_config(config)).eval()
+        norms = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, torch.nn.LayerNorm)}
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name in norms:
+                    param.copy_(1.0 + 0.1 * torch.randn_like(param))
+                elif name.endswith("bias"):
+                    param.copy_(0.02 * torch.randn_like(param))
+                else:
+                    param.add_(0.002 * torch.randn_like(param))
         model.save_pretrained(path)
     return path
 
@@ -128,28 +245,36 @@ def e2e_shapes(device_type: str, quick: bool) -> list[Shape]:
 
 @dataclasses.dataclass
 class Inputs:
-    """One right-padded batch (CPU int64, as a tokenizer gives it) and its device copy."""
+    """One right-padded batch (CPU int64, as a tokenizer gives it) and its device copy.
+
+    ``token_type_ids`` is None for a model without token types (MPNet, ModernBERT): neither fastenc nor
+    transformers is then passed any.
+    """
 
     input_ids: torch.Tensor  # (batch, seq)
     attention_mask: torch.Tensor  # (batch, seq) 0/1
-    token_type_ids: torch.Tensor  # (batch, seq)
+    token_type_ids: torch.Tensor | None  # (batch, seq)
     lengths: list[int]
     device: torch.device
 
     @classmethod
-    def random(cls, shape: Shape, vocab_size: int, pad_id: int, device: torch.device, seed: int = 0) -> "Inputs":
+    def random(cls, shape: Shape, vocab_size: int, pad_id: int, device: torch.device, seed: int = 0,
+               token_types: bool = True) -> "Inputs":
         lengths = shape.lengths(seed)
         width = max(lengths)
         generator = torch.Generator().manual_seed(seed + 1)
         low = min(1000, vocab_size // 2)  # clear of the special tokens at the start of the vocabulary
         ids = torch.randint(low, vocab_size, (shape.batch, width), generator=generator)
+        ids = torch.where(ids == pad_id, torch.full_like(ids, low), ids)  # ModernBERT's specials lie at the end
         mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).to(torch.long)
         ids = torch.where(mask.bool(), ids, torch.full_like(ids, pad_id))
-        return cls(ids, mask, torch.zeros_like(ids), lengths, device)
+        return cls(ids, mask, torch.zeros_like(ids) if token_types else None, lengths, device)
 
     def cpu(self) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
-                "token_type_ids": self.token_type_ids}
+        batch = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        if self.token_type_ids is not None:
+            batch["token_type_ids"] = self.token_type_ids
+        return batch
 
     def on_device(self) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device) for k, v in self.cpu().items()}
@@ -233,7 +358,8 @@ def _fastenc_packed(ctx: ModelContext) -> Runner:
         # What encoder.__call__ does before its forward pass (validation aside), done once here.
         keep = inputs.attention_mask.bool()
         positions = encoder._positions(inputs.input_ids)
-        packed = encoder._pack(inputs.input_ids[keep], positions[keep], inputs.token_type_ids[keep], inputs.lengths)
+        types = inputs.token_type_ids if inputs.token_type_ids is not None else torch.zeros_like(inputs.input_ids)
+        packed = encoder._pack(inputs.input_ids[keep], positions[keep], types[keep], inputs.lengths)
 
         def run():
             with torch.inference_mode():
@@ -254,6 +380,35 @@ def _hf_model(ctx: ModelContext, implementation: str):
             model = AutoModel.from_pretrained(str(ctx.model_dir), attn_implementation=implementation, dtype=ctx.dtype)
         ctx.cache[key] = model.to(ctx.device).eval()
     return ctx.cache[key]
+
+
+HF_IMPLEMENTATIONS = {"hf-eager": "eager", "hf-sdpa": "sdpa", "hf-compile": "sdpa", "hf-flash": "flash_attention_2"}
+_SUPPORT_FLAGS = {"sdpa": "_supports_sdpa", "flash_attention_2": "_supports_flash_attn"}
+
+
+def hf_missing(model_dir: Path, implementation: str) -> str | None:
+    """Why transformers' model class for ``model_dir`` has no ``implementation`` of attention, or None.
+
+    Read from the class's own flags (``_supports_sdpa``, ``_supports_flash_attn``), as ``from_pretrained``
+    decides: MPNet has neither, so its rows say so instead of failing to load."""
+    flag = _SUPPORT_FLAGS.get(implementation)
+    if flag is None:
+        return None
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    config = AutoConfig.from_pretrained(str(model_dir))
+    model_class = MODEL_MAPPING[type(config)]
+    if getattr(model_class, flag, False):
+        return None
+    what = "SDPA attention" if implementation == "sdpa" else "flash attention"
+    return f"transformers' {model_class.__name__} has no {what} ({flag} is False)"
+
+
+def reference_implementation(model_dir: Path) -> str:
+    """The attention the float32 reference and the low-precision baseline run: SDPA, eager where the model
+    has no SDPA (MPNet)."""
+    return "sdpa" if hf_missing(model_dir, "sdpa") is None else "eager"
 
 
 def _hf(implementation: str, compiled: bool = False) -> Callable[[ModelContext], Runner]:
@@ -329,6 +484,15 @@ def _compiled_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+def config_flops(config, lengths: list[int]) -> int:
+    """``encoder_flops`` of a loaded checkpoint (an ``EncoderConfig``), read off its family: a gated FFN,
+    each layer's window."""
+    family = config.family
+    windows = tuple(family.layer(i).window for i in range(config.num_hidden_layers))
+    return encoder_flops(lengths, config.hidden_size, config.intermediate_size, config.num_hidden_layers,
+                         gated=family.ffn == "gated", windows=windows)
+
+
 def _reason(exc: BaseException) -> str:
     if type(exc).__name__ == "FailOnRecompileLimitHit":
         from torch import _dynamo
@@ -377,7 +541,8 @@ def _run_e2e_group(plan, report: Report, budget, cases: list[E2ECase], workdir: 
     try:
         model_dir = spec.materialize(workdir)
         config = _read_config(model_dir)
-        reference_run = _hf("sdpa")(ModelContext(model_dir, device, torch.float32, None))
+        implementation = reference_implementation(model_dir)
+        reference_run = _hf(implementation)(ModelContext(model_dir, device, torch.float32, None))
     except Exception as exc:  # noqa: BLE001
         for case in cases:
             report.skip("e2e", case.name, "all", dtype_name, f"the model or its float32 hf-sdpa reference did not "
@@ -388,6 +553,8 @@ def _run_e2e_group(plan, report: Report, budget, cases: list[E2ECase], workdir: 
     for name in providers:
         loader, unavailable = E2E_PROVIDERS[name]
         reason = unavailable(device)
+        if reason is None and name in HF_IMPLEMENTATIONS:
+            reason = hf_missing(model_dir, HF_IMPLEMENTATIONS[name])
         if reason is None:
             try:
                 runners[name] = loader(ctx)
@@ -396,11 +563,11 @@ def _run_e2e_group(plan, report: Report, budget, cases: list[E2ECase], workdir: 
         if reason is not None:
             report.skip("e2e", f"{spec.name}:all", name, dtype_name, reason, model=spec.name)
     try:  # hf-sdpa in the run's dtype: the low-precision baseline of the tolerance rule (shared with the provider)
-        baseline_run = _hf("sdpa")(ctx) if dtype != torch.float32 else None
+        baseline_run = _hf(implementation)(ctx) if dtype != torch.float32 else None
     except Exception as exc:  # noqa: BLE001
         for case in cases:
-            report.skip("e2e", case.name, "all", dtype_name, f"the {dtype_name} hf-sdpa baseline did not load: "
-                        f"{_exc_line(exc)}", model=spec.name)
+            report.skip("e2e", case.name, "all", dtype_name, f"the {dtype_name} hf-{implementation} baseline did "
+                        f"not load: {_exc_line(exc)}", model=spec.name)
         return
     for case in cases:
         estimate = e2e_case_seconds(plan, case, budget.peaks)
@@ -411,7 +578,7 @@ def _run_e2e_group(plan, report: Report, budget, cases: list[E2ECase], workdir: 
         report.scope.add(("e2e", dtype_name, case.name))
         try:
             _run_e2e_case(plan, report, case, config, reference_run, baseline_run,
-                          {name: runners[name] for name in case.providers if name in runners})
+                          {name: runners[name] for name in case.providers if name in runners}, f"hf-{implementation}")
         except Exception as exc:  # noqa: BLE001 - e.g. a sticky device fault: the case is lost, not the run
             report.skip("e2e", case.name, "all", dtype_name, f"the case failed: {_exc_line(exc)}", model=spec.name)
         report.case_time("e2e", case.name, dtype_name, estimate + setup, time.monotonic() - started)
@@ -421,13 +588,14 @@ def _run_e2e_group(plan, report: Report, budget, cases: list[E2ECase], workdir: 
 
 
 def _run_e2e_case(plan, report: Report, case: E2ECase, config, reference_run: Runner, baseline_run: Runner | None,
-                  runners: dict[str, Runner]) -> None:
+                  runners: dict[str, Runner], reference: str = E2E_BASELINE) -> None:
     device, shape, dtype_name, model = plan.device, case.shape, case.dtype, case.model.name
     if shape.seq > config.max_length:
         report.skip("e2e", case.name, "all", dtype_name,
                     f"sequence {shape.seq} is over the model's {config.max_length} positions", model=model)
         return
-    inputs = Inputs.random(shape, config.vocab_size, config.pad_token_id, device)
+    inputs = Inputs.random(shape, config.vocab_size, config.pad_token_id, device,
+                           token_types=config.type_vocab_size > 0)
     mask = inputs.attention_mask.to(device)
     packed_reference = packed_baseline = None
     try:
@@ -439,7 +607,7 @@ def _run_e2e_case(plan, report: Report, case: E2ECase, config, reference_run: Ru
                 packed_reference = reference_out[keep]
                 packed_baseline = baseline_out[keep] if baseline_out is not None else None
     except Exception as exc:  # noqa: BLE001
-        report.skip("e2e", case.name, "all", dtype_name, f"the {E2E_BASELINE} reference failed: {_exc_line(exc)}",
+        report.skip("e2e", case.name, "all", dtype_name, f"the {reference} reference failed: {_exc_line(exc)}",
                     model=model)
         return
     fns, extra, graphs_after = {}, {}, {}
@@ -463,7 +631,7 @@ def _run_e2e_case(plan, report: Report, case: E2ECase, config, reference_run: Ru
             report.skip("e2e", case.name, name, dtype_name, _reason(exc), model=model)
             continue
         if not check.ok:  # never time a wrong answer
-            report.skip("e2e", case.name, name, dtype_name, f"output check against {E2E_BASELINE} (float32 "
+            report.skip("e2e", case.name, name, dtype_name, f"output check against {reference} (float32 "
                         f"reference) failed: {check.line()}", model=model)
             continue
         fns[name] = fn
@@ -475,7 +643,7 @@ def _run_e2e_case(plan, report: Report, case: E2ECase, config, reference_run: Ru
     del reference_out, baseline_out
     packed_reference = packed_baseline = None
     timings = time_providers(fns, device, plan.repeats)
-    flops = encoder_flops(inputs.lengths, config.hidden_size, config.intermediate_size, config.num_hidden_layers)
+    flops = config_flops(config, inputs.lengths)
     tokens = sum(inputs.lengths)
     for name, timing in timings.items():
         if isinstance(timing, Exception):

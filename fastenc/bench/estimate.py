@@ -63,6 +63,8 @@ LAUNCHES_PER_LAYER = {"fastenc": 7, "fastenc-packed": 7, "fastenc-torch": 12, "h
                       "hf-compile": 8, "hf-flash": 20}
 TRITON_KERNELS_PER_MODEL = 8  # new specialisations one (model, dtype) compiles: embeddings, QKV, attention,
 #                               three linears, two LayerNorm kinds (fastenc/kernels/aot's report lists them)
+# ModernBERT: global and windowed attention, QKV with RoPE, the gated FFN-in, residual epilogues, its norms
+TRITON_KERNELS_BY_FAMILY = {"modernbert": 10}
 EAGER_BACKEND_FACTOR = 0.1  # Dynamo's tracing alone, against inductor's whole compile
 
 
@@ -89,8 +91,10 @@ def e2e_call_seconds(plan, case, provider: str, peaks: dict) -> float:
     machine, spec = _machine(plan), case.model
     lengths = case.shape.lengths()
     padded = not provider.startswith("fastenc")
-    flops = encoder_flops([max(lengths)] * len(lengths) if padded else lengths, spec.hidden, spec.intermediate,
-                          spec.layers)
+    # transformers' eager and SDPA attention compute every padded (query, key) pair and mask the window after;
+    # fastenc computes real tokens only and skips the key blocks outside a window
+    flops = (encoder_flops([max(lengths)] * len(lengths), spec.hidden, spec.intermediate, spec.layers,
+                           gated=spec.gated) if padded else spec.flops(lengths))
     dtype_bytes = 4 if case.dtype == "fp32" else 2
     bytes_moved = spec.parameters * dtype_bytes + 6 * sum(lengths) * spec.hidden * dtype_bytes * spec.layers
     if provider == "hf-eager":  # the (batch, heads, seq, seq) scores, written and read four times per layer
@@ -143,7 +147,8 @@ def e2e_group_seconds(plan, case, providers: list[str], peaks: dict, build: bool
     total = (spec.parameters * machine.build_s + machine.build_fixed_s) * build + machine.import_s * first
     total += loads * (machine.load_s + weights_gb / machine.load_gbps)
     if any(p in ("fastenc", "fastenc-packed") for p in providers) and not plan.triton_warm:
-        total += 2 * TRITON_KERNELS_PER_MODEL * machine.triton_compile_s  # full and ragged token counts
+        kernels = TRITON_KERNELS_BY_FAMILY.get(spec.family, TRITON_KERNELS_PER_MODEL)
+        total += 2 * kernels * machine.triton_compile_s  # full and ragged token counts
     return total
 
 

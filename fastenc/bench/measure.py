@@ -28,20 +28,42 @@ WARMUP_MS, REP_MS = 25.0, 100.0
 
 
 # =============================================================================================== work
-def encoder_flops(lengths: list[int], hidden: int, intermediate: int, layers: int) -> int:
+def encoder_flops(lengths: list[int], hidden: int, intermediate: int, layers: int, *, gated: bool = False,
+                  windows: tuple[int | None, ...] | None = None) -> int:
     """FLOPs of the encoder layers on real tokens only (see the package docstring).
 
-    Per layer: ``2·T·(4·H² + 2·H·I)`` for the Q, K, V, output and two FFN projections, plus
-    ``4·Σ L_i²·H`` for ``QKᵀ`` and ``PV`` (``2·L_i²·head_dim`` each, per head; heads·head_dim = H).
+    Per layer: ``2·T·(4·H² + 2·H·I)`` for the Q, K, V, output and two FFN projections (``gated``: the FFN-in
+    projection makes both halves, ``H → 2·I``, so ``2·T·(4·H² + 3·H·I)``: three ``H×I`` projections), plus
+    ``4·P·H`` for ``QKᵀ`` and ``PV`` (``2·head_dim`` per (query, key) pair and head; heads·head_dim = H), ``P``
+    the pairs the layer attends: ``Σ L_i²`` for a global layer, only the pairs within the window for a
+    sliding-window one (``windows``: one entry per layer, the window ``w`` — keys within ``±w`` positions of
+    the query — or None for every key; None: every layer global).
     """
+    if windows is None:
+        windows = (None,) * layers
+    if len(windows) != layers:
+        raise ValueError(f"{len(windows)} windows for {layers} layers")
     tokens = sum(lengths)
-    projections = 2 * tokens * (4 * hidden * hidden + 2 * hidden * intermediate)
-    return layers * (projections + attention_flops(lengths, hidden))
+    ffn = 3 if gated else 2
+    projections = 2 * tokens * (4 * hidden * hidden + ffn * hidden * intermediate)
+    return layers * projections + sum(attention_flops(lengths, hidden, window) for window in windows)
 
 
-def attention_flops(lengths: list[int], hidden: int) -> int:
-    """``QKᵀ`` and ``PV`` over every (query, key) pair within each sequence: ``4·Σ L_i²·H``."""
-    return 4 * sum(length * length for length in lengths) * hidden
+def attention_flops(lengths: list[int], hidden: int, window: int | None = None) -> int:
+    """``QKᵀ`` and ``PV`` over the (query, key) pairs attended within each sequence: ``4·P·H`` (``P``:
+    ``attended_pairs``)."""
+    return 4 * sum(attended_pairs(length, window) for length in lengths) * hidden
+
+
+def attended_pairs(length: int, window: int | None = None) -> int:
+    """The (query, key) pairs of a sequence of ``length`` tokens whose keys lie within ``±window`` positions
+    of the query (None: all ``length²``). The pairs farther apart number ``2·Σ_{d>w} (L - d) = (L-w-1)(L-w)``.
+
+    These are the pairs the result needs; a kernel that skips whole key blocks outside the window still
+    computes (and masks) the rest of the blocks the window's edges cut, which is not counted.
+    """
+    far = length - window - 1 if window is not None else 0
+    return length * length - (far * (far + 1) if far > 0 else 0)
 
 
 # ============================================================================================= timing

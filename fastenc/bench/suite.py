@@ -32,8 +32,12 @@ SUITES = ("e2e", "kernel")
 PLANS = ("full", "gpu-check")
 CPU_DTYPE_NOTE = ("CPU runs use fp32: fp16/bf16 GEMMs on the CPU take slow paths that say nothing about "
                   "the GPU kernels.")
-# The GPU check's plan at small shapes (the CPU rehearsal): a 2-layer BERT with head dim 32.
+# The GPU check's plan at small shapes (the CPU rehearsal): a 2-layer BERT with head dim 32, and a 3-layer
+# ModernBERT (global, local, local) whose window (16: ±8 tokens) its sequences span several times.
 SMALL_MODEL = ModelSpec("bert-small-2l", layers=2, hidden=64, heads=2, intermediate=128, vocab=1000)
+SMALL_MODERNBERT = ModelSpec("modernbert-small-3l", layers=3, hidden=64, heads=2, intermediate=96, vocab=1000,
+                             family="modernbert", local_attention=16)
+SMALL_MODELS = {spec.name: spec for spec in (SMALL_MODEL, SMALL_MODERNBERT)}
 
 
 # =============================================================================================== plan
@@ -71,16 +75,20 @@ def check_plan(device: torch.device, small: bool = False) -> Plan:
     """The bench stage of the GPU check: the cases issue 13's goals need.
 
     Kernels first (no model to load), then BERT-base fp16 at 128 x 128 (fastenc and the eager and SDPA peers),
-    1 x 128 (latency, a CUDA graph) and ``var64x8-512``, bf16 at 128 x 128, and last, alone, ``hf-compile`` at
-    128 x 128 (its 30-60 s compile is the plan's largest and least certain cost). ``small``: the same plan
-    at small shapes, for the CPU.
+    1 x 128 (latency, a CUDA graph) and ``var64x8-512``, bf16 at 128 x 128; then ModernBERT-base fp16 against
+    transformers' own ModernBERT (issue 16) at 32 x 512 (with the eager peer) and ``var64x8-512``, lengths
+    where its 128-token windows skip most key blocks; and last, alone, ``hf-compile`` at 128 x 128 (its
+    30-60 s compile is the plan's largest and least certain cost). ``small``: the same plan at small shapes,
+    for the CPU.
     """
     if small:
         model, main, latency, var = SMALL_MODEL, Shape(4, 32), Shape(1, 32), Shape(8, 64, var_min=4)
+        modernbert, long = SMALL_MODERNBERT, Shape(2, 48)
         attention = attention_case(2, 64, False, heads=2, head_dim=64)
         norms = [add_layer_norm_case(2, 8, 64), gelu_layer_norm_case(2, 8, 64)]
     else:
         model, main, latency, var = MODELS["bert-base"], Shape(128, 128), Shape(1, 128), Shape(64, 512, var_min=8)
+        modernbert, long = MODELS["modernbert-base"], Shape(32, 512)
         attention = attention_case(64, 512, False)  # 32,768 tokens, 12 heads of 64
         norms = [add_layer_norm_case(128, 512, 768), gelu_layer_norm_case(128, 512, 768)]
     kernels = [KernelRun(attention, "fp16", ("fastenc", "sdpa", "sdpa-flash"))]
@@ -88,6 +96,7 @@ def check_plan(device: torch.device, small: bool = False) -> Plan:
     peers = ("fastenc", "fastenc-packed", "hf-sdpa")
     e2e = [E2ECase(model, main, "fp16", (*peers, "hf-eager")), E2ECase(model, latency, "fp16", peers),
            E2ECase(model, var, "fp16", peers), E2ECase(model, main, "bf16", peers),
+           E2ECase(modernbert, long, "fp16", (*peers, "hf-eager")), E2ECase(modernbert, var, "fp16", peers),
            E2ECase(model, main, "fp16", ("hf-compile",))]
     return Plan(device=device, quick=small, e2e=e2e, kernels=kernels, repeats=3 if small else 50,
                 compile_backend="eager" if small and device.type == "cpu" else "inductor", name="gpu-check")
@@ -116,7 +125,7 @@ def make_plan(suite: str = "all", device=None, dtype: str | None = None, quick: 
         raise InputError(f"--backend {backend!r}: use torch or triton")
     model_names = _split(models)
     for name in model_names or ():
-        if name not in MODELS and not (plan == "gpu-check" and name == SMALL_MODEL.name):
+        if name not in MODELS and not (plan == "gpu-check" and name in SMALL_MODELS):
             raise InputError(f"--models {name!r}: use one of {', '.join(MODELS)}")
     if repeats is not None and repeats < 1:
         raise InputError(f"--repeats {repeats}: must be at least 1")
@@ -182,6 +191,11 @@ def make_plan(suite: str = "all", device=None, dtype: str | None = None, quick: 
 
 
 # ================================================================================================ run
+def _describe(spec: ModelSpec) -> str:
+    window = f", local windows of {spec.local_attention}" if any(spec.windows) else ""
+    return f"{spec.name} ({spec.family}, {spec.layers} x {spec.hidden}, {spec.heads} heads{window})"
+
+
 def _notes(plan: Plan, env: dict, backend: str) -> list[str]:
     notes = []
     if plan.device.type == "cpu":
@@ -199,10 +213,17 @@ def _notes(plan: Plan, env: dict, backend: str) -> list[str]:
     if env["triton_interpreter"] and plan.device.type == "cpu":
         notes.append("Triton interpreter on: fastenc Triton rows time the interpreter, not a GPU kernel.")
     if plan.e2e:
-        models = sorted({f"{c.model.name} ({c.model.layers} x {c.model.hidden}, {c.model.heads} heads)"
-                         for c in plan.e2e})
-        notes.append("End-to-end models are built locally with random perturbed weights (speed does not depend on "
-                     "the values): " + ", ".join(models) + ".")
+        models = sorted({_describe(c.model) for c in plan.e2e})
+        notes.append("End-to-end models are built locally with transformers' own classes and random perturbed weights "
+                     "(speed does not depend on the values): " + ", ".join(models) + ".")
+        if any(c.model.gated or any(c.model.windows) for c in plan.e2e):
+            notes.append("FLOPs per family: a gated FFN (GeGLU, SwiGLU) counts three H x I projections; a "
+                         "sliding-window layer (ModernBERT's local layers) counts only the (query, key) pairs "
+                         "within its window, for every provider (transformers' eager and SDPA compute the whole "
+                         "padded square and mask it).")
+        if any(c.model.family == "mpnet" for c in plan.e2e):
+            notes.append("MPNet: transformers has no SDPA attention for it; its reference and baseline run eager, and "
+                         "no row is relative to hf-sdpa.")
     if any("hf-compile" in c.providers for c in plan.e2e):
         notes.append(f"hf-compile: torch.compile(dynamic=False, fullgraph=True, backend={plan.compile_backend!r}), "
                      "Dynamo reset per model and dtype; a graph break or a recompile past Dynamo's limit is a skip, "
