@@ -386,7 +386,9 @@ def main(argv: list[str] | None = None) -> int:
     result = {"env": env, "args": {k: v for k, v in vars(args).items() if k != "worker"},
               "backend": backend, "vocab": vocab, "max_difference": difference, "load_before": load_before,
               "load_after": [round(x, 2) for x in os.getloadavg()], "rows": rows}
-    result["args"]["output"] = str(args.output)
+    # where it was written, relative to the working directory when inside it: no machine paths in results
+    output = args.output.resolve()
+    result["args"]["output"] = str(output.relative_to(Path.cwd()) if output.is_relative_to(Path.cwd()) else args.output)
     name = "cpu" if not cuda else result["env"]["device"].lower().replace("nvidia ", "").replace(" ", "-")
     stem = args.output / f"sparse-{name}-{datetime.date.today():%Y%m%d}"
     args.output.mkdir(parents=True, exist_ok=True)
