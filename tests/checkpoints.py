@@ -23,6 +23,8 @@ Main entry points::
     hf_last_hidden_state(path, input_ids, attention_mask=None, token_type_ids=None) -> Tensor
     random_batch(config_vocab_size, lengths, *, seed, pad_id=0, cls_id=None, sep_id=None)
         -> (input_ids, attention_mask)
+    family_batch(encoder, family, lengths, seed=0) -> (input_ids, attention_mask, token_type_ids | None)
+    assert_matches_transformers(encoder, path, ids, mask, types, reference=None) -> Tensor
 
 Notes on transformers v5 that matter for a loader (see also the module-level ``SAVED_TIED_KEYS``):
 
@@ -1011,3 +1013,32 @@ def random_batch(config_vocab_size: int, lengths: Sequence[int], *, seed: int, p
             ids[i, n - 1] = sep_id
     ids = ids.masked_fill(mask == 0, pad_id)
     return ids, mask
+
+
+def family_batch(encoder, family: str, lengths: Sequence[int], seed: int = 0):
+    """``random_batch`` for ``encoder``'s checkpoint of ``family`` (its pad, CLS and SEP ids) and random token
+    types where the model has more than one: ``(input_ids, attention_mask, token_type_ids or None)``."""
+    special = special_ids(family)
+    ids, mask = random_batch(encoder.config.vocab_size, lengths, seed=seed, pad_id=encoder.config.pad_token_id,
+                             cls_id=special.get("cls"), sep_id=special.get("sep"))
+    types = None
+    if encoder.config.type_vocab_size > 1:
+        generator = torch.Generator().manual_seed(seed + 1)
+        types = torch.randint(0, encoder.config.type_vocab_size, ids.shape, generator=generator) * mask
+    return ids, mask, types
+
+
+def assert_matches_transformers(encoder, path, ids, mask, types, reference=None):
+    """``encoder``'s float32 last hidden states of the batch against transformers' (``reference``, else
+    computed) under the tolerance rule (fastenc/check.py); padded positions exactly 0. Returns them."""
+    from fastenc.check import compare
+
+    out = encoder(ids, mask, types)
+    if reference is None:
+        reference = hf_last_hidden_state(path, ids, mask, types)
+    assert out.shape == reference.shape and out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+    result = compare("last_hidden_state", out, reference, mask=mask)
+    assert result.ok, result.line()
+    assert (out[mask == 0] == 0).all(), "padded positions must be exactly 0"
+    return out

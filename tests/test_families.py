@@ -3,8 +3,8 @@
 Tiny perturbed checkpoints (tests/checkpoints.py: head dims 24, 40, 24, 28; ModernBERT with three layers,
 global / local / local, and a window of ±8 tokens, so these sequences span several windows)
 are compared with transformers under the tolerance rule (fastenc/check.py) on both backends (the Triton
-one under the interpreter without a GPU), padded and packed, in fp16 and bf16 on the Triton backend;
-the Triton backend's results must be bitwise batch invariant. The heads, pipelines and drop-in
+one under the interpreter without a GPU), padded and packed (fp16 and bf16 on the Triton backend are
+test_parity.py's, with every family); the Triton backend's results must be bitwise batch invariant. The heads, pipelines and drop-in
 integrations of these families are tested with every other family's in test_heads.py,
 test_pipelines.py and test_integrations.py.
 """
@@ -16,7 +16,8 @@ import shutil
 
 import pytest
 import torch
-from checkpoints import NEW_FAMILIES, hf_last_hidden_state, hf_model, make_checkpoint, random_batch, special_ids
+from checkpoints import (NEW_FAMILIES, assert_matches_transformers, family_batch, hf_last_hidden_state, hf_model,
+                         make_checkpoint)
 
 import fastenc
 from fastenc.check import compare
@@ -33,34 +34,12 @@ def family_dir(request, tmp_path_factory):
     return request.param, make_checkpoint(tmp_path_factory.mktemp(request.param), request.param, seed=1)
 
 
-def _batch(encoder, family, lengths, seed=0):
-    ids_ = special_ids(family)
-    ids, mask = random_batch(encoder.config.vocab_size, lengths, seed=seed, pad_id=encoder.config.pad_token_id,
-                             cls_id=ids_["cls"], sep_id=ids_["sep"])
-    types = None
-    if encoder.config.type_vocab_size > 1:
-        types = torch.randint(0, encoder.config.type_vocab_size, ids.shape,
-                              generator=torch.Generator().manual_seed(seed + 1)) * mask
-    return ids, mask, types
-
-
-def _assert_matches(encoder, path, ids, mask, types, reference=None):
-    out = encoder(ids, mask, types)
-    if reference is None:
-        reference = hf_last_hidden_state(path, ids, mask, types)
-    assert out.shape == reference.shape and torch.isfinite(out).all()
-    result = compare("last_hidden_state", out, reference, mask=mask)
-    assert result.ok, result.line()
-    assert (out[mask == 0] == 0).all(), "padded positions must be exactly 0"
-    return out
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_family_matches_transformers(family_dir, backend):
     family, path = family_dir
     encoder = fastenc.Encoder.from_pretrained(path, backend=backend)
-    ids, mask, types = _batch(encoder, family, LENGTHS)
-    out = _assert_matches(encoder, path, ids, mask, types)
+    ids, mask, types = family_batch(encoder, family, LENGTHS)
+    out = assert_matches_transformers(encoder, path, ids, mask, types)
     assert (out[3] == 0).all()  # the all-padding row
 
 
@@ -69,13 +48,13 @@ def test_mask_with_holes_left_padding_and_full_length(family_dir):
     and ModernBERT's windows all see the holes."""
     family, path = family_dir
     encoder = fastenc.Encoder.from_pretrained(path)
-    ids, mask, types = _batch(encoder, family, [30, 30, 30], seed=3)
+    ids, mask, types = family_batch(encoder, family, [30, 30, 30], seed=3)
     mask[0, 4] = 0  # a hole
     mask[1, :11] = 0  # left padding
     mask[2, 5:9] = 0  # a wide hole: keys across it are farther away than they are in the packed row
-    _assert_matches(encoder, path, ids, mask, types)
-    ids, mask, types = _batch(encoder, family, [encoder.config.max_length, 5], seed=6)
-    _assert_matches(encoder, path, ids, mask, types)
+    assert_matches_transformers(encoder, path, ids, mask, types)
+    ids, mask, types = family_batch(encoder, family, [encoder.config.max_length, 5], seed=6)
+    assert_matches_transformers(encoder, path, ids, mask, types)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -91,27 +70,6 @@ def test_packed_agrees_with_padded(family_dir, backend):
     reference = hf_last_hidden_state(path, **batch)
     assert torch.isfinite(hidden).all()
     result = compare("packed vs padded", hidden, reference[batch["attention_mask"].bool()])
-    assert result.ok, result.line()
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_low_precision_triton_matches_transformers(family_dir, dtype):
-    """fp16 / bf16 on the Triton backend: the error against transformers in fp32 is at most 3x
-    transformers' own in ``dtype``."""
-    family, path = family_dir
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    encoder = fastenc.Encoder.from_pretrained(path, device=device, dtype=dtype, backend="triton")
-    ids, mask, types = _batch(encoder, family, [21, 1, 9, 0], seed=10)
-    inputs = {"input_ids": ids, "attention_mask": mask}
-    if types is not None:
-        inputs["token_type_ids"] = types
-    model = hf_model(path, None, "eager")
-    with torch.no_grad():
-        reference = model(**inputs).last_hidden_state
-        baseline = model.to(dtype)(**inputs).last_hidden_state
-    out = encoder(ids, mask, types)
-    assert out.dtype == dtype and torch.isfinite(out).all()
-    result = compare("last_hidden_state", out, reference, baseline, mask=mask)
     assert result.ok, result.line()
 
 
@@ -155,8 +113,8 @@ def test_sliding_window_spans_many_windows(modernbert_dir, backend, monkeypatch)
         return attention(q, k, v, cu_seqlens, max_seqlen, positions, window, bias)
 
     monkeypatch.setattr(encoder, "_ops", _Replace(encoder._ops, attention=spy))
-    ids, mask, types = _batch(encoder, "modernbert", [90, 3], seed=2)
-    out = _assert_matches(encoder, modernbert_dir, ids, mask, types)
+    ids, mask, types = family_batch(encoder, "modernbert", [90, 3], seed=2)
+    out = assert_matches_transformers(encoder, modernbert_dir, ids, mask, types)
     assert windows == [None, 8, 8]  # global, local, local
     wide = fastenc.Encoder.from_state_dict({**encoder.config.raw, "local_attention": 1000},
                                            hf_model(modernbert_dir).state_dict())
@@ -181,8 +139,8 @@ def test_modernbert_with_biases_and_old_config_keys(tmp_path):
                            norm_bias=True, num_hidden_layers=5, global_attn_every_n_layers=2)
     encoder = fastenc.Encoder.from_pretrained(path)
     assert encoder.config.family.biases == {"qkv", "attn_out", "ffn_in", "ffn_out", "norm"}
-    ids, mask, types = _batch(encoder, "modernbert", [30, 12], seed=1)
-    expected = _assert_matches(encoder, path, ids, mask, types)
+    ids, mask, types = family_batch(encoder, "modernbert", [30, 12], seed=1)
+    expected = assert_matches_transformers(encoder, path, ids, mask, types)
 
     old = tmp_path / "old"
     shutil.copytree(path, old)
@@ -205,7 +163,7 @@ def test_modernbert_classifier_pooling(tmp_path, pooling):
     path = make_checkpoint(tmp_path, "modernbert", head="sequence_classification", classifier_pooling=pooling,
                            classifier_bias=True, seed=3)
     encoder = fastenc.Encoder.from_pretrained(path)
-    ids, mask, _ = _batch(encoder, "modernbert", [30, 3, 17], seed=4)
+    ids, mask, _ = family_batch(encoder, "modernbert", [30, 3, 17], seed=4)
     with torch.no_grad():
         expected = hf_model(path, "sequence_classification")(input_ids=ids, attention_mask=mask).logits
     packed = encoder.pack(ids, mask)
@@ -220,8 +178,8 @@ def test_gte_without_token_types(tmp_path):
     path = make_checkpoint(tmp_path, "gte", seed=6, type_vocab_size=0)
     encoder = fastenc.Encoder.from_pretrained(path)
     assert encoder.config.type_vocab_size == 0 and "embeddings.token_type" not in encoder._tensors
-    ids, mask, _ = _batch(encoder, "gte", [19, 4], seed=5)
-    _assert_matches(encoder, path, ids, mask, None)
+    ids, mask, _ = family_batch(encoder, "gte", [19, 4], seed=5)
+    assert_matches_transformers(encoder, path, ids, mask, None)
 
 
 @pytest.mark.parametrize("family", ["nomic_bert", "gte"])
@@ -233,7 +191,7 @@ def test_hub_and_transformers_layouts_load_alike(family, tmp_path):
     model = hf_model(path)
     assert "layers.0.self_attn.q_proj.weight" in model.state_dict()
     from_model = fastenc.Encoder.from_state_dict(model.config.to_dict(), model.state_dict())
-    ids, mask, types = _batch(from_disk, family, [17, 5], seed=8)
+    ids, mask, types = family_batch(from_disk, family, [17, 5], seed=8)
     assert torch.equal(from_disk(ids, mask, types), from_model(ids, mask, types))
 
 
@@ -246,7 +204,7 @@ def test_nomic_embed_hub_config(tmp_path):
 
     path = make_checkpoint(tmp_path / "native", "nomic_bert", seed=3)
     expected_encoder = fastenc.Encoder.from_pretrained(path)
-    ids, mask, types = _batch(expected_encoder, "nomic_bert", [17, 5], seed=2)
+    ids, mask, types = family_batch(expected_encoder, "nomic_bert", [17, 5], seed=2)
     expected = expected_encoder(ids, mask, types)
     native = json.loads((path / "config.json").read_text())
     hub = {key: value for key, value in native.items()
@@ -327,7 +285,7 @@ def test_modernbert_base_on_cuda(tmp_path, dtype):
                            num_hidden_layers=22, intermediate_size=1152, local_attention=128,
                            max_position_embeddings=1024, tokenizer=None, vocab_size=1000)
     encoder = fastenc.Encoder.from_pretrained(path, device="cuda", dtype=dtype, backend="triton")
-    ids, mask, _ = _batch(encoder, "modernbert", [1024, 300, 1, 0, 77], seed=8)
+    ids, mask, _ = family_batch(encoder, "modernbert", [1024, 300, 1, 0, 77], seed=8)
     model = hf_model(path, None, "sdpa").cuda()
     with torch.no_grad():
         inputs = {"input_ids": ids.cuda(), "attention_mask": mask.cuda()}
@@ -338,7 +296,7 @@ def test_modernbert_base_on_cuda(tmp_path, dtype):
     result = compare("last_hidden_state", out, reference, baseline, mask=mask)
     assert result.ok, result.line()
     assert (out[mask == 0] == 0).all()
-    packed = encoder.pack(*_batch(encoder, "modernbert", [200, 33], seed=9)[:2])
+    packed = encoder.pack(*family_batch(encoder, "modernbert", [200, 33], seed=9)[:2])
     assert torch.equal(encoder._run(packed), encoder.forward_packed(packed))
 
 
@@ -349,7 +307,7 @@ def test_base_shapes_on_cuda(tmp_path, family):
     path = make_checkpoint(tmp_path, family, seed=7, hidden_size=768, num_attention_heads=12, num_hidden_layers=4,
                            intermediate_size=3072, max_position_embeddings=514, tokenizer=None, vocab_size=1000)
     encoder = fastenc.Encoder.from_pretrained(path, device="cuda", dtype=torch.float16, backend="triton")
-    ids, mask, types = _batch(encoder, family, [512, 200, 1, 0, 77], seed=8)
+    ids, mask, types = family_batch(encoder, family, [512, 200, 1, 0, 77], seed=8)
     model = hf_model(path, None, "eager").cuda()
     inputs = {"input_ids": ids.cuda(), "attention_mask": mask.cuda()}
     if types is not None:

@@ -6,7 +6,7 @@ exactly 0. The same tests run on the Triton backend (under the interpreter witho
 
 import pytest
 import torch
-from checkpoints import FAMILIES, hf_last_hidden_state, make_checkpoint, random_batch, special_ids
+from checkpoints import ALL_FAMILIES, FAMILIES, assert_matches_transformers, family_batch, make_checkpoint
 
 import fastenc
 from fastenc.check import compare
@@ -20,50 +20,34 @@ def family_dir(request, tmp_path_factory):
     return request.param, make_checkpoint(tmp_path_factory.mktemp(request.param), request.param, seed=1)
 
 
-def _batch(encoder, family, lengths, seed=0):
-    ids_ = special_ids(family)
-    ids, mask = random_batch(encoder.config.vocab_size, lengths, seed=seed, pad_id=encoder.config.pad_token_id,
-                             cls_id=ids_.get("cls"), sep_id=ids_.get("sep"))
-    types = None
-    if encoder.config.type_vocab_size > 1:
-        generator = torch.Generator().manual_seed(seed + 1)
-        types = torch.randint(0, encoder.config.type_vocab_size, ids.shape, generator=generator) * mask
-    return ids, mask, types
-
-
-def _assert_matches(encoder, path, ids, mask, types):
-    out = encoder(ids, mask, types)
-    reference = hf_last_hidden_state(path, ids, mask, types)
-    assert out.shape == reference.shape and out.dtype == torch.float32
-    assert torch.isfinite(out).all()
-    result = compare("last_hidden_state", out, reference, mask=mask)
-    assert result.ok, result.line()
-    assert (out[mask == 0] == 0).all(), "padded positions must be exactly 0"
-    return out
+@pytest.fixture(scope="module", params=ALL_FAMILIES)
+def any_family_dir(request, tmp_path_factory):
+    """The families above and those after BERT (test_families.py tests what only they have)."""
+    return request.param, make_checkpoint(tmp_path_factory.mktemp(request.param), request.param, seed=1)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_family_matches_transformers(family_dir, backend):
     family, path = family_dir
     encoder = fastenc.Encoder.from_pretrained(path, backend=backend, device="cpu")
-    ids, mask, types = _batch(encoder, family, LENGTHS)
-    out = _assert_matches(encoder, path, ids, mask, types)
+    ids, mask, types = family_batch(encoder, family, LENGTHS)
+    out = assert_matches_transformers(encoder, path, ids, mask, types)
     assert (out[3] == 0).all()  # the all-padding row
 
 
 def test_mask_with_holes_and_left_padding(family_dir):
     family, path = family_dir
     encoder = fastenc.Encoder.from_pretrained(path, device="cpu")
-    ids, mask, types = _batch(encoder, family, [9, 9, 9], seed=3)
+    ids, mask, types = family_batch(encoder, family, [9, 9, 9], seed=3)
     mask[0, 4] = 0  # a hole
     mask[1, :3] = 0  # left padding
-    _assert_matches(encoder, path, ids, mask, types)
+    assert_matches_transformers(encoder, path, ids, mask, types)
 
 
 def test_no_mask_means_all_ones(family_dir):
     family, path = family_dir
     encoder = fastenc.Encoder.from_pretrained(path, device="cpu")
-    ids, mask, _ = _batch(encoder, family, [11, 11], seed=5)
+    ids, mask, _ = family_batch(encoder, family, [11, 11], seed=5)
     torch.testing.assert_close(encoder(ids), encoder(ids, mask), rtol=0, atol=0)
 
 
@@ -72,8 +56,8 @@ def test_albert_layer_sharing(tmp_path, groups, layers, inner):
     path = make_checkpoint(tmp_path, "albert", seed=2, num_hidden_groups=groups, num_hidden_layers=layers,
                            inner_group_num=inner)
     encoder = fastenc.Encoder.from_pretrained(path, device="cpu")
-    ids, mask, types = _batch(encoder, "albert", [17, 3, 1], seed=4)
-    _assert_matches(encoder, path, ids, mask, types)
+    ids, mask, types = family_batch(encoder, "albert", [17, 3, 1], seed=4)
+    assert_matches_transformers(encoder, path, ids, mask, types)
 
 
 def test_batch_of_zero_rows(family_dir):
@@ -87,8 +71,8 @@ def test_full_length_rows(family_dir):
     """A row as long as the model allows (RoBERTa-style: max_position_embeddings - pad - 1)."""
     family, path = family_dir
     encoder = fastenc.Encoder.from_pretrained(path, device="cpu")
-    ids, mask, types = _batch(encoder, family, [encoder.config.max_length, 5], seed=6)
-    _assert_matches(encoder, path, ids, mask, types)
+    ids, mask, types = family_batch(encoder, family, [encoder.config.max_length, 5], seed=6)
+    assert_matches_transformers(encoder, path, ids, mask, types)
 
 
 @pytest.mark.cuda
@@ -101,7 +85,7 @@ def test_bert_base_on_cuda(tmp_path, dtype):
     path = make_checkpoint(tmp_path, "bert", seed=7, hidden_size=768, num_attention_heads=12, num_hidden_layers=12,
                            intermediate_size=3072, max_position_embeddings=512)
     encoder = fastenc.Encoder.from_pretrained(path, device="cuda", dtype=dtype, backend="triton")
-    ids, mask, types = _batch(encoder, "bert", [512, 300, 1, 0, 77], seed=8)
+    ids, mask, types = family_batch(encoder, "bert", [512, 300, 1, 0, 77], seed=8)
     model = hf_model(path, None, "sdpa").cuda()
     with torch.no_grad():
         inputs = {"input_ids": ids.cuda(), "attention_mask": mask.cuda(), "token_type_ids": types.cuda()}
@@ -121,14 +105,14 @@ TRITON_DEVICE = pytest.param("cuda", marks=pytest.mark.cuda) if torch.cuda.is_av
 
 @pytest.mark.parametrize("device", [TRITON_DEVICE])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_low_precision_triton_matches_transformers(family_dir, dtype, device):
+def test_low_precision_triton_matches_transformers(any_family_dir, dtype, device):
     """The whole model in fp16 and bf16 on the Triton backend: its error against transformers in fp32 is at
     most 3x transformers' own in ``dtype``."""
     from checkpoints import hf_model
 
-    family, path = family_dir
+    family, path = any_family_dir
     encoder = fastenc.Encoder.from_pretrained(path, device=device, dtype=dtype, backend="triton")
-    ids, mask, types = _batch(encoder, family, [21, 1, 9, 0], seed=10)
+    ids, mask, types = family_batch(encoder, family, [21, 1, 9, 0], seed=10)
     inputs = {"input_ids": ids, "attention_mask": mask}
     if types is not None:
         inputs["token_type_ids"] = types
@@ -146,7 +130,7 @@ def test_low_precision_triton_matches_transformers(family_dir, dtype, device):
 def test_triton_forward_calls_no_torch_attention_softmax_layer_norm_or_gelu(family_dir, monkeypatch):
     family, path = family_dir
     encoder = fastenc.Encoder.from_pretrained(path, backend="triton", device="cpu")
-    ids, mask, types = _batch(encoder, family, [9, 4], seed=9)
+    ids, mask, types = family_batch(encoder, family, [9, 4], seed=9)
     expected = encoder(ids, mask, types)
 
     def forbidden(*args, **kwargs):
