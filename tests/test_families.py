@@ -4,9 +4,9 @@ Tiny perturbed checkpoints (tests/checkpoints.py: head dims 24, 40, 24, 28; Mode
 global / local / local, and a window of ±8 tokens, so these sequences span several windows)
 are compared with transformers under the tolerance rule (fastenc/check.py) on both backends (the Triton
 one under the interpreter without a GPU), padded and packed (fp16 and bf16 on the Triton backend are
-test_parity.py's, with every family); the Triton backend's results must be bitwise batch invariant. The heads, pipelines and drop-in
-integrations of these families are tested with every other family's in test_heads.py,
-test_pipelines.py and test_integrations.py.
+test_parity.py's, with every family); the Triton backend's results must be bitwise batch invariant.
+The heads, pipelines and drop-in integrations of these families are tested with every other family's in
+test_heads.py, test_pipelines.py and test_integrations.py.
 """
 
 from __future__ import annotations
