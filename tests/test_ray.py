@@ -32,13 +32,7 @@ def rows(n: int, seed: int = 0) -> list[dict]:
     return [{"id": i, "text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 12)))} for i in range(n)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread in this process too: the actors use both cores (speed is not measured here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the actors use both cores
 
 
 @pytest.fixture(scope="module")
