@@ -3,7 +3,7 @@
     fastenc bench [--plan full|gpu-check] [--suite e2e|kernel|all] [--device cuda|cpu] [--dtype fp16,bf16]
                   [--quick] [--output DIR] [--cases PATTERNS] [--providers NAMES] [--budget SECONDS]
 
-(also ``python -m fastenc bench``, ``python benchmarks/e2e.py`` and ``python benchmarks/kernels.py``).
+(also ``python -m fastenc bench``, ``python benchmarks/e2e.py`` and ``python benchmarks/kernel_bench.py``).
 Everything a run needs lives in this package, so the installed command works without the repository's
 ``benchmarks/`` folder: ``measure`` (work counted, timing, output checks, memory and peak measurement),
 ``report`` (the Report, provenance, the results JSON, markdown, plot and README table), ``e2e`` and

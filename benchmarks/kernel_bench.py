@@ -1,6 +1,6 @@
 """Kernel benchmarks: ``fastenc bench --suite kernel`` (each Triton kernel against its torch twin and SDPA).
 
-    python benchmarks/kernels.py [--device cuda|cpu] [--dtype fp16,bf16] [--quick] [--output DIR] ...
+    python benchmarks/kernel_bench.py [--device cuda|cpu] [--dtype fp16,bf16] [--quick] [--output DIR] ...
 
 A thin wrapper: the machinery is the ``fastenc/bench/`` package; every option of ``fastenc bench`` works here.
 """
