@@ -136,7 +136,7 @@ def main(argv=None) -> int:
     cores = os.cpu_count() or 1
     texts = make_corpus(args.texts)
     encoder = fastenc.Encoder.from_pretrained()
-    tokens = sum(len(e.ids) for e in encoder._encode(texts, None, True))
+    tokens = sum(len(e.ids) for e in encoder.text.encode(texts))
     del encoder
     rows = []
     with tempfile.TemporaryDirectory() as workdir:

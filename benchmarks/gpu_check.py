@@ -566,21 +566,19 @@ def _random_encoder(hidden: int, heads: int, intermediate: int, layers: int, dty
         with torch.no_grad():
             for param in model.parameters():
                 param.add_(0.05 * torch.randn_like(param))
-    encoder = Encoder.from_state_dict(config.to_dict(), model.state_dict(), device=device, dtype=dtype,
-                                      backend=backend)
-    if cuda_graphs is False:
-        encoder._graphs = None  # the sanitizer's and the compile stage's forwards run eager
-    return encoder
+    return Encoder.from_state_dict(config.to_dict(), model.state_dict(), device=device, dtype=dtype,
+                                   backend=backend, cuda_graphs=cuda_graphs)
 
 
 def _packed(encoder, lengths: list[int], seed: int = 0):
     import torch
 
+    from fastenc.packing import pack_sequences
+
     generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, encoder.config.vocab_size, (sum(lengths),), generator=generator)
-    counts = torch.tensor(lengths)
-    positions = torch.arange(sum(lengths)) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-    return encoder._pack(ids, positions, torch.zeros_like(ids), lengths)
+    ids = torch.randint(5, encoder.config.vocab_size, (sum(lengths),), generator=generator).split(lengths)
+    types = [[0] * n for n in lengths] if encoder.config.type_vocab_size else None
+    return pack_sequences([row.tolist() for row in ids], types).to(encoder.device)
 
 
 def stage_compile(stage: Stage) -> None:
@@ -631,7 +629,7 @@ def _compile_group(stage: Stage, name: str, spec: dict) -> None:
                               local_attention=spec.get("local_attention", 128))
     setup = time.perf_counter() - start
     results: dict = {}
-    encoder._ops = TimedOps(triton_ops, stage.device, Path(os.environ.get("TRITON_CACHE_DIR", "/nonexistent")),
+    encoder.model.ops = TimedOps(triton_ops, stage.device, Path(os.environ.get("TRITON_CACHE_DIR", "/nonexistent")),
                             results)
     forwards = []
     for lengths in spec["batches"]:
@@ -936,21 +934,21 @@ def stage_embed(stage: Stage) -> None:
     record.update(warmup_s=round(time.perf_counter() - start, 2), backend=encoder.backend)
     fastenc_vectors = encoder.embed(texts)
     fastenc_s = timed(lambda: encoder.embed(texts))
-    encodings = encoder._encode(texts, None, True)
+    encodings = encoder.text.encode(texts)
     lengths = [len(e.ids) for e in encodings]
     record.update(fastenc_s=fastenc_s, texts_per_s=len(texts) / fastenc_s, tokens=sum(lengths),
                   tokens_mean=sum(lengths) / len(lengths), tokens_max=max(lengths))
     log(f"embed: fastenc {len(texts) / fastenc_s:,.0f} texts/s")
 
     batches = token_budget_batches(lengths, 32, 16384)  # embed()'s defaults: batch_size 32, max_tokens 16384
-    packs = [encoder._pack_encodings([encodings[i] for i in rows]) for rows in batches]
+    packs = [encoder.text.pack([encodings[i] for i in rows]).to(device) for rows in batches]
 
     def forward_all(run):
         for packed in packs:
             run(packed)
 
     forward_s = timed(lambda: forward_all(encoder.forward_packed))
-    replay_s = timed(lambda: forward_all(encoder._run))
+    replay_s = timed(lambda: forward_all(encoder.model))
     record.update(forward_packed_s=forward_s, run_s=replay_s, batches=len(packs))
     log(f"embed: forward_packed alone {forward_s * 1e3:.1f} ms, with graphs {replay_s * 1e3:.1f} ms")
 

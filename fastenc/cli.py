@@ -332,7 +332,7 @@ def _info(args) -> int:
     import torch
 
     from . import __version__
-    from .encoder import resolve_backend, resolve_device, resolve_dtype, triton_interpreter_on
+    from .model import resolve_backend, resolve_device, resolve_dtype, triton_interpreter_on
 
     def version(module: str) -> str:
         try:

@@ -27,7 +27,7 @@ Two rules keep replays safe wherever they are called from:
   two, the next sequence bucket can be larger than the token bucket): such a batch runs eagerly, since
   warming up and capturing one sequence of ``seqlen`` tokens would read and write past the buffers.
 
-Capture and replay happen under the encoder's device (``torch.cuda.device``), so an encoder on
+Capture and replay happen under the model's device (``torch.cuda.device``), so a model on
 ``cuda:1`` captures and replays there whichever device is current.
 """
 
@@ -64,15 +64,15 @@ class _Graph:
 
 
 class GraphRunner:
-    """Captures and replays ``encoder.forward_packed`` per (tokens, max_seqlen) bucket."""
+    """Captures and replays ``model.forward`` (a ``fastenc.model.Model``) per (tokens, max_seqlen) bucket."""
 
-    def __init__(self, encoder, *, max_tokens: int = 2048, max_batch: int = 64, max_graphs: int = 24):
-        self._encoder = encoder
+    def __init__(self, model, *, max_tokens: int = 2048, max_batch: int = 64, max_graphs: int = 24):
+        self._model = model
         self.max_tokens = max_tokens
         self.max_batch = max_batch
         self.max_graphs = max_graphs
         self.token_buckets = _powers_of_two(MIN_TOKENS, max_tokens)
-        limit = encoder.config.max_length
+        limit = model.config.max_length
         self.seqlen_buckets = _powers_of_two(min(MIN_SEQLEN, limit), limit)
         self._pool = None
         self._graphs: collections.OrderedDict[tuple[int, int], _Graph] = collections.OrderedDict()
@@ -90,7 +90,7 @@ class GraphRunner:
         return tokens, seqlen
 
     def _on_device(self):
-        device = self._encoder.device
+        device = self._model.device
         return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
     @property
@@ -134,13 +134,13 @@ class GraphRunner:
         if seqlen > tokens:
             raise ValueError(f"bucket ({tokens}, {seqlen}): one sequence of {seqlen} tokens does not fit "
                              f"{tokens} token rows")
-        encoder = self._encoder
-        device = encoder.device
+        model = self._model
+        device = model.device
         while len(self._graphs) >= self.max_graphs:
             self._graphs.popitem(last=False)  # its memory returns to the shared pool
         ids = torch.zeros(tokens, dtype=torch.long, device=device)
         positions = torch.zeros(tokens, dtype=torch.long, device=device)
-        types = torch.zeros(tokens, dtype=torch.long, device=device) if encoder.config.type_vocab_size else None
+        types = torch.zeros(tokens, dtype=torch.long, device=device) if model.config.type_vocab_size else None
         cu_seqlens = torch.full((self.max_batch + 1,), seqlen, dtype=torch.int32, device=device)
         cu_seqlens[0] = 0  # one full-length sequence while warming up and capturing
         static = PackedBatch(input_ids=ids, position_ids=positions, token_type_ids=types, cu_seqlens=cu_seqlens,
@@ -149,13 +149,13 @@ class GraphRunner:
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):  # compile and warm up outside the capture
             for _ in range(2):
-                encoder.forward_packed(static)
+                model.forward(static)
         torch.cuda.current_stream(device).wait_stream(side)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            output = encoder.forward_packed(static)
+            output = model.forward(static)
         captured = _Graph(graph, ids, positions, types, cu_seqlens, output)
         self._graphs[(tokens, seqlen)] = captured
         return captured

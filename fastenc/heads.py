@@ -38,6 +38,7 @@ not all of its tensors is a ``LoadError`` naming the missing ones.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import torch
 
@@ -294,16 +295,16 @@ def load_heads(files: checkpoint.SafetensorsDir, config: EncoderConfig, dtype: t
     return loaded, used | alternatives
 
 
-def missing_tensors(encoder, head: str) -> list[str]:
-    """The checkpoint tensors ``encoder`` would need for ``head`` (for error messages)."""
-    config = encoder.config
+def missing_tensors(config: EncoderConfig, head: str, path: Path | None = None) -> list[str]:
+    """The checkpoint tensors a model of ``config`` would need for ``head`` (for error messages), named as
+    the checkpoint in ``path`` would hold them when there is one."""
     specs = head_specs(config)
     if head not in specs:
         return []
     present, prefix = set(), _BASE_PREFIX[config.model_type]
-    if encoder.path is not None:  # name the tensors exactly as this checkpoint would hold them
+    if path is not None:
         try:
-            files = checkpoint.SafetensorsDir(encoder.path, torch.device("cpu"))
+            files = checkpoint.SafetensorsDir(path, torch.device("cpu"))
             present, prefix = set(files.keys), checkpoint.find_base_prefix(files, config)
         except LoadError:
             pass
@@ -314,29 +315,7 @@ def missing_tensors(encoder, head: str) -> list[str]:
     return missing
 
 
-def require(encoder, head: str) -> None:
-    """Raise ``LoadError`` naming the missing tensors unless ``encoder`` has ``head``."""
-    if head in encoder.heads:
-        return
-    where = encoder.path if encoder.path is not None else "this encoder"
-    config = encoder.config
-    missing = ", ".join(map(repr, missing_tensors(encoder, head)))
-    allowed = _architecture_heads(config)
-    if allowed is not None and head != "pooler" and head not in allowed:
-        architecture = config.raw["architectures"][0]
-        raise LoadError(f"{where}: config.json's architectures names {architecture}, which has no {head} head"
-                        + (f" (missing tensor(s) {missing})" if missing else ""))
-    if not missing:
-        raise LoadError(f"{where}: fastenc has no {head} head for model_type {config.model_type!r}")
-    raise LoadError(f"{where}: the checkpoint has no {head} head: missing tensor(s) {missing}")
-
-
 # ------------------------------------------------------------------------------------------------ compute
-def _activation(encoder, head: str) -> str | None:
-    activation = head_specs(encoder.config)[head].activation
-    return encoder.config.activation if activation == "config" else activation
-
-
 def first_tokens(hidden: torch.Tensor, lengths) -> torch.Tensor:
     """The first token of each packed sequence: ``(batch, hidden)``; every length must be positive."""
     lengths = list(lengths)
@@ -357,96 +336,128 @@ def mean_tokens(hidden: torch.Tensor, lengths) -> torch.Tensor:
     return sums / counts[:, None].to(hidden.dtype)
 
 
-def _transform(encoder, t: dict, task: str, x: torch.Tensor) -> torch.Tensor:
-    """ModernBERT's ``head``: ``norm(act(dense(x)))``, before every task's projection; other families: ``x``."""
-    if f"{task}.dense.weight" not in t or task == "seq" and encoder.config.model_type != "modernbert":
-        return x
-    ops = encoder._ops
-    x = ops.linear(x, t[f"{task}.dense.weight"], t.get(f"{task}.dense.bias"))
-    return ops.gelu_layer_norm(x, t[f"{task}.norm.weight"], t.get(f"{task}.norm.bias"), encoder.config.layer_norm_eps,
-                               head_specs(encoder.config)["token_classification"].activation)
+class Heads:
+    """The task heads a checkpoint holds, computed over packed ``(tokens, hidden)`` states with the model's
+    ops backend (the heads' GEMMs and norms run on the same kernels as the encoder).
 
-
-def pooled_output(encoder, hidden: torch.Tensor, lengths) -> torch.Tensor:
-    """The pooler: ``tanh(dense(first token))``, ``(batch, hidden)``."""
-    require(encoder, "pooler")
-    t = encoder._head_tensors["pooler"]
-    return torch.tanh(encoder._ops.linear(first_tokens(hidden, lengths), t["pooler.weight"], t["pooler.bias"]))
-
-
-def sequence_logits(encoder, hidden: torch.Tensor, lengths) -> torch.Tensor:
-    """Sequence classification logits ``(batch, num_labels)`` from packed ``(tokens, hidden)`` states."""
-    require(encoder, "sequence_classification")
-    ops, t = encoder._ops, encoder._head_tensors["sequence_classification"]
-    if encoder.config.model_type == "modernbert":  # pool as classifier_pooling says, then the head
-        if encoder.config.raw.get("classifier_pooling", "cls") == "mean":
-            x = mean_tokens(hidden, lengths)
-        else:
-            x = first_tokens(hidden, lengths)
-        x = _transform(encoder, t, "seq", x)
-    elif "seq.dense.weight" in t:  # RoBERTa-likes, DistilBERT, ELECTRA: a hidden layer on the first token
-        activation = _activation(encoder, "sequence_classification")
-        x = first_tokens(hidden, lengths)
-        if activation == "tanh":  # not an ops activation; the pooler's tanh, through torch
-            x = torch.tanh(ops.linear(x, t["seq.dense.weight"], t["seq.dense.bias"]))
-        else:
-            x = ops.linear(x, t["seq.dense.weight"], t["seq.dense.bias"], activation)
-    else:  # BERT, ALBERT: the classifier reads the pooler
-        x = pooled_output(encoder, hidden, lengths)
-    return ops.linear(x, t["seq.out.weight"], t["seq.out.bias"])
-
-
-def token_logits(encoder, hidden: torch.Tensor) -> torch.Tensor:
-    """Token classification logits ``(tokens, num_labels)``."""
-    require(encoder, "token_classification")
-    t = encoder._head_tensors["token_classification"]
-    return encoder._ops.linear(_transform(encoder, t, "token", hidden), t["token.weight"], t["token.bias"])
-
-
-def qa_logits(encoder, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Question answering start and end logits, ``(tokens,)`` each."""
-    require(encoder, "question_answering")
-    t = encoder._head_tensors["question_answering"]
-    logits = encoder._ops.linear(_transform(encoder, t, "qa", hidden), t["qa.weight"], t["qa.bias"])  # (T, 2)
-    return logits[:, 0], logits[:, 1]
-
-
-def mlm_logits(encoder, hidden: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
-    """Masked-LM logits ``(len(index), vocab)`` at the packed token positions ``index`` (all when None).
-
-    Only the asked rows go through the head: the decoder GEMM, ``vocab x hidden`` per token, is most of
-    its cost, and a fill-mask call needs it at one or two tokens, not at every token.
+    ``tensors`` maps each head found (``HEAD_NAMES``) to its fastenc-named tensors; ``word_embeddings`` is
+    the encoder's ``(vocab, E)`` table, the MLM decoder when the checkpoint ties them (reused, not copied).
+    ``path`` (the checkpoint directory, if any) lets errors name the tensors a missing head would need.
     """
-    if index is not None:
-        hidden = hidden.index_select(0, index.to(hidden.device))
-    x = _mlm_transform(encoder, hidden)  # (N, E)
-    decoder, bias = _mlm_decoder(encoder)
-    return encoder._ops.linear(x, decoder, bias)  # (N, vocab)
 
+    def __init__(self, config: EncoderConfig, tensors: dict[str, dict[str, torch.Tensor]], ops,
+                 word_embeddings: torch.Tensor, path: Path | None = None):
+        self.config = config
+        self.ops = ops
+        self.path = path
+        self._tensors = dict(tensors)
+        self._word_embeddings = word_embeddings
+        self.names = frozenset(self._tensors)
 
-def sparse_vectors(encoder, hidden: torch.Tensor, cu_seqlens: torch.Tensor, pooling: str = "max",
-                   activation: str = "relu") -> torch.Tensor:
-    """SPLADE vectors ``(batch, vocab)`` float32 of packed texts: the MLM head's logits, activated
-    (``log1p(relu)``, or ``log1p(log1p(relu))`` for ``"log1p_relu"``) and pooled (max or sum) over each
-    text's tokens by ``ops.splade_pool``, which never holds the ``(tokens, vocab)`` logits whole."""
-    x = _mlm_transform(encoder, hidden)  # (T, E)
-    decoder, bias = _mlm_decoder(encoder)
-    return encoder._ops.splade_pool(x, decoder, bias, cu_seqlens, pooling, activation)
+    def __contains__(self, head: str) -> bool:
+        return head in self.names
 
+    def tensors(self, head: str) -> dict[str, torch.Tensor]:
+        """The fastenc-named tensors of ``head`` (``LoadError`` when the checkpoint has no such head)."""
+        self.require(head)
+        return self._tensors[head]
 
-def _mlm_transform(encoder, hidden: torch.Tensor) -> torch.Tensor:
-    """The MLM head's transform ``LayerNorm(act(dense(h)))``: ``(N, E)``."""
-    require(encoder, "mlm")
-    ops, c, t = encoder._ops, encoder.config, encoder._head_tensors["mlm"]
-    x = ops.linear(hidden, t["mlm.dense.weight"], t.get("mlm.dense.bias"))  # (N, E)
-    return ops.gelu_layer_norm(x, t["mlm.norm.weight"], t.get("mlm.norm.bias"), c.layer_norm_eps,
-                               _activation(encoder, "mlm"))
+    def require(self, head: str) -> None:
+        """Raise ``LoadError`` naming the missing tensors unless the checkpoint has ``head``."""
+        if head in self.names:
+            return
+        where = self.path if self.path is not None else "this encoder"
+        config = self.config
+        missing = ", ".join(map(repr, missing_tensors(config, head, self.path)))
+        allowed = _architecture_heads(config)
+        if allowed is not None and head != "pooler" and head not in allowed:
+            architecture = config.raw["architectures"][0]
+            raise LoadError(f"{where}: config.json's architectures names {architecture}, which has no {head} head"
+                            + (f" (missing tensor(s) {missing})" if missing else ""))
+        if not missing:
+            raise LoadError(f"{where}: fastenc has no {head} head for model_type {config.model_type!r}")
+        raise LoadError(f"{where}: the checkpoint has no {head} head: missing tensor(s) {missing}")
 
+    def _activation(self, head: str) -> str | None:
+        activation = head_specs(self.config)[head].activation
+        return self.config.activation if activation == "config" else activation
 
-def _mlm_decoder(encoder) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The decoder's ``(vocab, E)`` weight and ``(vocab,)`` bias; tied: the word embeddings themselves, no copy."""
-    t = encoder._head_tensors["mlm"]
-    decoder = t.get("mlm.decoder.weight")
-    if decoder is None:
-        decoder = encoder._tensors["embeddings.word"]
-    return decoder, t.get("mlm.decoder.bias")  # None: ModernBERT with decoder_bias false
+    def _transform(self, t: dict, task: str, x: torch.Tensor) -> torch.Tensor:
+        """ModernBERT's ``head``: ``norm(act(dense(x)))``, before every task's projection; other families: ``x``."""
+        if f"{task}.dense.weight" not in t or task == "seq" and self.config.model_type != "modernbert":
+            return x
+        x = self.ops.linear(x, t[f"{task}.dense.weight"], t.get(f"{task}.dense.bias"))
+        return self.ops.gelu_layer_norm(x, t[f"{task}.norm.weight"], t.get(f"{task}.norm.bias"),
+                                        self.config.layer_norm_eps, self._activation("token_classification"))
+
+    def pooled(self, hidden: torch.Tensor, lengths) -> torch.Tensor:
+        """The pooler: ``tanh(dense(first token))``, ``(batch, hidden)``."""
+        t = self.tensors("pooler")
+        return torch.tanh(self.ops.linear(first_tokens(hidden, lengths), t["pooler.weight"], t["pooler.bias"]))
+
+    def sequence_logits(self, hidden: torch.Tensor, lengths) -> torch.Tensor:
+        """Sequence classification logits ``(batch, num_labels)`` from packed ``(tokens, hidden)`` states."""
+        ops, t = self.ops, self.tensors("sequence_classification")
+        if self.config.model_type == "modernbert":  # pool as classifier_pooling says, then the head
+            if self.config.raw.get("classifier_pooling", "cls") == "mean":
+                x = mean_tokens(hidden, lengths)
+            else:
+                x = first_tokens(hidden, lengths)
+            x = self._transform(t, "seq", x)
+        elif "seq.dense.weight" in t:  # RoBERTa-likes, DistilBERT, ELECTRA: a hidden layer on the first token
+            activation = self._activation("sequence_classification")
+            x = first_tokens(hidden, lengths)
+            if activation == "tanh":  # not an ops activation; the pooler's tanh, through torch
+                x = torch.tanh(ops.linear(x, t["seq.dense.weight"], t["seq.dense.bias"]))
+            else:
+                x = ops.linear(x, t["seq.dense.weight"], t["seq.dense.bias"], activation)
+        else:  # BERT, ALBERT: the classifier reads the pooler
+            x = self.pooled(hidden, lengths)
+        return ops.linear(x, t["seq.out.weight"], t["seq.out.bias"])
+
+    def token_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Token classification logits ``(tokens, num_labels)``."""
+        t = self.tensors("token_classification")
+        return self.ops.linear(self._transform(t, "token", hidden), t["token.weight"], t["token.bias"])
+
+    def qa_logits(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Question answering start and end logits, ``(tokens,)`` each."""
+        t = self.tensors("question_answering")
+        logits = self.ops.linear(self._transform(t, "qa", hidden), t["qa.weight"], t["qa.bias"])  # (T, 2)
+        return logits[:, 0], logits[:, 1]
+
+    def mlm_logits(self, hidden: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """Masked-LM logits ``(len(index), vocab)`` at the packed token positions ``index`` (all when None).
+
+        Only the asked rows go through the head: the decoder GEMM, ``vocab x hidden`` per token, is most of
+        its cost, and a fill-mask call needs it at one or two tokens, not at every token.
+        """
+        if index is not None:
+            hidden = hidden.index_select(0, index.to(hidden.device))
+        x = self._mlm_transform(hidden)  # (N, E)
+        decoder, bias = self._mlm_decoder()
+        return self.ops.linear(x, decoder, bias)  # (N, vocab)
+
+    def sparse_vectors(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor, pooling: str = "max",
+                       activation: str = "relu") -> torch.Tensor:
+        """SPLADE vectors ``(batch, vocab)`` float32 of packed texts: the MLM head's logits, activated
+        (``log1p(relu)``, or ``log1p(log1p(relu))`` for ``"log1p_relu"``) and pooled (max or sum) over each
+        text's tokens by ``ops.splade_pool``, which never holds the ``(tokens, vocab)`` logits whole."""
+        x = self._mlm_transform(hidden)  # (T, E)
+        decoder, bias = self._mlm_decoder()
+        return self.ops.splade_pool(x, decoder, bias, cu_seqlens, pooling, activation)
+
+    def _mlm_transform(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The MLM head's transform ``LayerNorm(act(dense(h)))``: ``(N, E)``."""
+        t = self.tensors("mlm")
+        x = self.ops.linear(hidden, t["mlm.dense.weight"], t.get("mlm.dense.bias"))  # (N, E)
+        return self.ops.gelu_layer_norm(x, t["mlm.norm.weight"], t.get("mlm.norm.bias"), self.config.layer_norm_eps,
+                                        self._activation("mlm"))
+
+    def _mlm_decoder(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The decoder's ``(vocab, E)`` weight and ``(vocab,)`` bias; tied: the word embeddings themselves."""
+        t = self.tensors("mlm")
+        decoder = t.get("mlm.decoder.weight")
+        if decoder is None:
+            decoder = self._word_embeddings
+        return decoder, t.get("mlm.decoder.bias")  # None: ModernBERT with decoder_bias false

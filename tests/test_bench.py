@@ -25,7 +25,7 @@ from fastenc.bench import suite as bench_suite
 from fastenc.bench.kernels import _identity
 from fastenc.check import compare
 from fastenc.cli import main
-from fastenc.encoder import triton_interpreter_on
+from fastenc.model import triton_interpreter_on
 
 ROW_KEYS = {"suite", "case", "provider", "dtype", "batch", "seq", "metric", "value", "p20", "p80"}
 METRICS = {"ms", "tokens/s", "TFLOP/s", "GB/s"}

@@ -72,7 +72,7 @@ def test_embed_iter_gives_embed_bits_over_many_windows(encoder):
         stream = encoder.embed_iter((t for t in texts), window=700, batch_size=64, read_ahead=read_ahead)
         got = torch.stack(list(stream))
         assert torch.equal(got, expected)  # bitwise: the same windows, the same batches, the same kernels
-        assert stream.texts == len(texts) and stream.tokens == sum(len(e.ids) for e in encoder._encode(texts, None, True))
+        assert stream.texts == len(texts) and stream.tokens == sum(len(e.ids) for e in encoder.text.encode(texts))
     # within one window, embed_iter is embed with its default window
     assert torch.equal(torch.stack(list(encoder.embed_iter(iter(texts[:600])))), encoder.embed(texts[:600]))
     # windows() hands out the rest as whole windows, after rows taken one by one

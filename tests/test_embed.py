@@ -44,7 +44,7 @@ def test_minilm_matches_sentence_transformers(minilm, sentence_transformer):
 
 
 def test_minilm_defaults(minilm):
-    assert minilm._max_length(None) == 256  # sentence_bert_config.json's max_seq_length
+    assert minilm.text.max_length == 256  # sentence_bert_config.json's max_seq_length
     single = minilm.embed("Welcome to NYC")
     assert single.shape == (384,)
     torch.testing.assert_close(single, minilm.embed(["Welcome to NYC"])[0], rtol=0, atol=0)

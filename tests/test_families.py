@@ -106,13 +106,13 @@ def test_sliding_window_spans_many_windows(modernbert_dir, backend, monkeypatch)
     """A 90-token sequence spans five windows of ±8 tokens: the local layers' result is transformers', it
     differs from global attention's (the window matters here), and the local layers asked for a window."""
     encoder = fastenc.Encoder.from_pretrained(modernbert_dir, backend=backend)
-    windows, attention = [], encoder._ops.attention
+    windows, attention = [], encoder.model.ops.attention
 
     def spy(q, k, v, cu_seqlens, max_seqlen, positions=None, window=None, bias=None):
         windows.append(window)
         return attention(q, k, v, cu_seqlens, max_seqlen, positions, window, bias)
 
-    monkeypatch.setattr(encoder, "_ops", _Replace(encoder._ops, attention=spy))
+    monkeypatch.setattr(encoder.model, "ops", _Replace(encoder.model.ops, attention=spy))
     ids, mask, types = family_batch(encoder, "modernbert", [90, 3], seed=2)
     out = assert_matches_transformers(encoder, modernbert_dir, ids, mask, types)
     assert windows == [None, 8, 8]  # global, local, local
@@ -167,7 +167,7 @@ def test_modernbert_classifier_pooling(tmp_path, pooling):
     with torch.no_grad():
         expected = hf_model(path, "sequence_classification")(input_ids=ids, attention_mask=mask).logits
     packed = encoder.pack(ids, mask)
-    got = heads.sequence_logits(encoder, encoder.forward_packed(packed), packed.lengths)
+    got = encoder.model.heads.sequence_logits(encoder.forward_packed(packed), packed.lengths)
     result = compare(f"classifier_pooling={pooling}", got, expected)
     assert result.ok, result.line()
 
@@ -177,7 +177,7 @@ def test_gte_without_token_types(tmp_path):
     """gte-base-en-v1.5's layout: type_vocab_size 0, no token-type table."""
     path = make_checkpoint(tmp_path, "gte", seed=6, type_vocab_size=0)
     encoder = fastenc.Encoder.from_pretrained(path)
-    assert encoder.config.type_vocab_size == 0 and "embeddings.token_type" not in encoder._tensors
+    assert encoder.config.type_vocab_size == 0 and "embeddings.token_type" not in encoder.model.tensors
     ids, mask, _ = family_batch(encoder, "gte", [19, 4], seed=5)
     assert_matches_transformers(encoder, path, ids, mask, None)
 
@@ -297,7 +297,7 @@ def test_modernbert_base_on_cuda(tmp_path, dtype):
     assert result.ok, result.line()
     assert (out[mask == 0] == 0).all()
     packed = encoder.pack(*family_batch(encoder, "modernbert", [200, 33], seed=9)[:2])
-    assert torch.equal(encoder._run(packed), encoder.forward_packed(packed))
+    assert torch.equal(encoder.model(packed), encoder.forward_packed(packed))
 
 
 @pytest.mark.cuda

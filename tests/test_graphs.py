@@ -58,17 +58,17 @@ def stubbed_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "graph", graph)
 
     def capture(encoder):
-        real = encoder.forward_packed
+        real = encoder.model.forward
 
-        def forward_packed(batch):
+        def forward(batch):
             output = real(batch)
             if state["graph"] is not None:
                 state["graph"].forward = (real, batch, output)
             return output
 
-        monkeypatch.setattr(encoder, "forward_packed", forward_packed)
-        encoder._graphs = GraphRunner(encoder)
-        return encoder._graphs
+        monkeypatch.setattr(encoder.model, "forward", forward)
+        encoder.model.graphs = GraphRunner(encoder.model)
+        return encoder.model.graphs
 
     return capture
 
@@ -93,16 +93,16 @@ def test_a_bucket_captured_inside_inference_mode_replays_outside_it(mlm_path, st
     assert torch.equal(replayed, eager.embed(TEXTS[0]))
     packed = encoder.pack_texts(TEXTS)
     with torch.inference_mode():
-        inside = encoder._run(packed)
+        inside = encoder.model(packed)
     assert torch.equal(inside, eager.forward_packed(packed))
-    assert torch.equal(encoder._run(packed), inside)
+    assert torch.equal(encoder.model(packed), inside)
 
 
 def test_a_sequence_bucket_longer_than_its_token_bucket_runs_eagerly(mlm_path, stubbed_cuda, monkeypatch):
     """max_tokens 80 (not a power of two): a 70-token text is in token bucket 80 but sequence bucket 96."""
     encoder = fastenc.Encoder.from_pretrained(mlm_path, device="cpu", backend="torch")
     stubbed_cuda(encoder)
-    runner = encoder._graphs = GraphRunner(encoder, max_tokens=80)
+    runner = encoder.model.graphs = GraphRunner(encoder.model, max_tokens=80)
     assert runner.token_buckets == [64, 80] and runner.seqlen_buckets == [32, 64, 96]
     long_text = encoder.pack_texts([" ".join(["word"] * 200)], max_length=70)
     assert runner.bucket(long_text) == (80, 96)
@@ -111,7 +111,7 @@ def test_a_sequence_bucket_longer_than_its_token_bucket_runs_eagerly(mlm_path, s
         runner.run(long_text)
     with pytest.raises(ValueError, match="does not fit"):
         runner._capture(80, 96)
-    assert torch.equal(encoder._run(long_text), encoder.forward_packed(long_text))  # eager, nothing captured
+    assert torch.equal(encoder.model(long_text), encoder.forward_packed(long_text))  # eager, nothing captured
     assert runner.captured == []
     asked = []
     monkeypatch.setattr(runner, "_capture", lambda tokens, seqlen: asked.append((tokens, seqlen)))

@@ -41,12 +41,12 @@ def _packed_hidden(encoder, ids, mask):
 def _head_outputs(encoder, head, packed, hidden):
     with torch.inference_mode():
         if head == "mlm":
-            return {"logits": H.mlm_logits(encoder, hidden)}
+            return {"logits": encoder.model.heads.mlm_logits(hidden)}
         if head == "sequence_classification":
-            return {"logits": H.sequence_logits(encoder, hidden, packed.lengths)}
+            return {"logits": encoder.model.heads.sequence_logits(hidden, packed.lengths)}
         if head == "token_classification":
-            return {"logits": H.token_logits(encoder, hidden)}
-        start, end = H.qa_logits(encoder, hidden)
+            return {"logits": encoder.model.heads.token_logits(hidden)}
+        start, end = encoder.model.heads.qa_logits(hidden)
         return {"start_logits": start, "end_logits": end}
 
 
@@ -86,15 +86,15 @@ def test_heads_listed_as_transformers_builds_them(family):
 @pytest.mark.parametrize("family", ["bert", "roberta", "electra", "albert", "distilbert"])
 def test_mlm_decoder_is_the_word_embedding_matrix_when_tied(family):
     encoder = Encoder.from_pretrained(task_checkpoint(family, "mlm"), device="cpu")
-    assert "mlm.decoder.weight" not in encoder._head_tensors["mlm"]  # nothing copied: the encoder's own tensor
+    assert "mlm.decoder.weight" not in encoder.model.heads.tensors("mlm")  # nothing copied: the encoder's own tensor
     hidden = torch.randn(3, encoder.config.hidden_size, generator=torch.Generator().manual_seed(0))
     index = torch.tensor([2, 0])
-    logits = H.mlm_logits(encoder, hidden, index)
-    t, ops, c = encoder._head_tensors["mlm"], encoder._ops, encoder.config
+    logits = encoder.model.heads.mlm_logits(hidden, index)
+    t, ops, c = encoder.model.heads.tensors("mlm"), encoder.model.ops, encoder.config
     x = ops.linear(hidden[index], t["mlm.dense.weight"], t["mlm.dense.bias"])
-    activation = H._activation(encoder, "mlm")
+    activation = encoder.model.heads._activation("mlm")
     x = ops.gelu_layer_norm(x, t["mlm.norm.weight"], t["mlm.norm.bias"], c.layer_norm_eps, activation)
-    expected = x @ encoder._tensors["embeddings.word"].t() + t["mlm.decoder.bias"]
+    expected = x @ encoder.model.tensors["embeddings.word"].t() + t["mlm.decoder.bias"]
     assert logits.shape == (2, c.vocab_size)
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
 
@@ -104,13 +104,13 @@ def test_untied_mlm_decoder(family):
     """An untied decoder is read from the checkpoint, with the bias its forward adds."""
     path = task_checkpoint(family, "mlm", tie_word_embeddings=False)
     encoder = Encoder.from_pretrained(path, device="cpu")
-    assert "mlm.decoder.weight" in encoder._head_tensors["mlm"]
+    assert "mlm.decoder.weight" in encoder.model.heads.tensors("mlm")
     model = C.hf_model(path, "mlm")
     ids, mask = _batch(encoder, family, seed=3)
     with torch.no_grad():
         reference = model(input_ids=ids, attention_mask=mask).logits[mask.bool()]
     packed, hidden = _packed_hidden(encoder, ids, mask)
-    result = compare(f"{family}/untied", H.mlm_logits(encoder, hidden), reference)
+    result = compare(f"{family}/untied", encoder.model.heads.mlm_logits(hidden), reference)
     assert result.ok, result.line()
 
 
@@ -148,8 +148,8 @@ def test_legacy_names_load(tmp_path):
 
     path = _rewrite(src, tmp_path / "legacy", legacy)
     old, new = Encoder.from_pretrained(path, device="cpu"), Encoder.from_pretrained(src, device="cpu")
-    for name, tensor in new._head_tensors["mlm"].items():
-        torch.testing.assert_close(old._head_tensors["mlm"][name], tensor, rtol=0, atol=0)
+    for name, tensor in new.model.heads.tensors("mlm").items():
+        torch.testing.assert_close(old.model.heads.tensors("mlm")[name], tensor, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("family, head, dropped", [
@@ -221,7 +221,7 @@ def test_from_state_dict_matches_from_pretrained_and_shares_storage(family):
     reference = Encoder.from_pretrained(path, device="cpu")
     assert encoder.heads == reference.heads
     word = model.get_input_embeddings().weight
-    assert encoder._tensors["embeddings.word"].data_ptr() == word.data_ptr()
+    assert encoder.model.tensors["embeddings.word"].data_ptr() == word.data_ptr()
     ids, mask = _batch(encoder, family, seed=5)
     torch.testing.assert_close(encoder(ids, mask), reference(ids, mask), rtol=0, atol=0)
 

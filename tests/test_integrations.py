@@ -38,8 +38,8 @@ def _batch(model, family, seed=0, lengths=LENGTHS):
 def _count_encoder_calls(monkeypatch, model) -> list:
     """Count the fastenc encoder's forward passes inside an optimized model."""
     encoder = model.base_model._fastenc_patch.encoder
-    calls, forward = [], encoder.forward_packed
-    monkeypatch.setattr(encoder, "forward_packed", lambda packed: calls.append(packed.num_tokens) or forward(packed))
+    calls, forward = [], encoder.model.forward
+    monkeypatch.setattr(encoder.model, "forward", lambda packed: calls.append(packed.num_tokens) or forward(packed))
     return calls
 
 
@@ -161,7 +161,7 @@ def test_optimized_model_copies_saves_and_reoptimizes(tmp_path):
         patch = other.base_model._fastenc_patch
         assert patch.base is other.base_model and patch.encoder is not model.base_model._fastenc_patch.encoder
         word = other.base_model.get_input_embeddings().weight
-        assert patch.encoder._tensors["embeddings.word"].data_ptr() == word.data_ptr()
+        assert patch.encoder.model.tensors["embeddings.word"].data_ptr() == word.data_ptr()
 
 
 def test_optimize_follows_the_model_to_another_dtype():
@@ -181,7 +181,7 @@ def test_optimize_follows_the_model_to_another_dtype():
 
 def test_optimize_with_the_triton_backend():
     """The Triton kernels (under the interpreter on the CPU) inside a transformers model."""
-    from fastenc.encoder import triton_interpreter_on
+    from fastenc.model import triton_interpreter_on
 
     if not (torch.cuda.is_available() or triton_interpreter_on()):
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")

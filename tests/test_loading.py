@@ -87,7 +87,7 @@ def test_attributes(bert_dir):
 def test_dtype_strings(bert_dir, dtype, expected):
     encoder = fastenc.Encoder.from_pretrained(bert_dir, dtype=dtype, device="cpu")
     assert encoder.dtype == expected
-    assert all(t.dtype == expected for t in encoder._tensors.values())
+    assert all(t.dtype == expected for t in encoder.model.tensors.values())
 
 
 def test_qkv_concatenated_once(bert_dir):
@@ -95,7 +95,7 @@ def test_qkv_concatenated_once(bert_dir):
     raw = load_file(bert_dir / "model.safetensors")
     prefix = "encoder.layer.1.attention.self."
     expected = torch.cat([raw[prefix + n + ".weight"] for n in ("query", "key", "value")])
-    assert torch.equal(encoder._tensors["layers.1.qkv.weight"], expected)
+    assert torch.equal(encoder.model.tensors["layers.1.qkv.weight"], expected)
 
 
 def test_task_prefix_and_legacy_layer_norm_names(bert_dir, tmp_path):
@@ -235,7 +235,7 @@ def test_backend_and_device_errors(bert_dir, monkeypatch):
 
 def test_triton_before_sm80_warns(monkeypatch):
     """Below sm_80 Triton gives the kernels no tensor-core code: the triton backend says so (API.md's default kept)."""
-    from fastenc.encoder import resolve_backend
+    from fastenc.model import resolve_backend
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")

@@ -126,8 +126,8 @@ def test_token_budget_batches():
 
 def test_embed_respects_the_token_budget(triton_bert, monkeypatch):
     seen = []
-    real = triton_bert.forward_packed
-    monkeypatch.setattr(triton_bert, "forward_packed", lambda batch: seen.append(batch.lengths) or real(batch))
+    real = triton_bert.model.forward
+    monkeypatch.setattr(triton_bert.model, "forward", lambda batch: seen.append(batch.lengths) or real(batch))
     triton_bert.embed(TEXTS, max_tokens=30)
     lengths = triton_bert.tokenize(TEXTS)["attention_mask"].sum(1).tolist()
     assert sorted(n for batch in seen for n in batch) == sorted(lengths)  # every text once
@@ -139,7 +139,7 @@ def test_cuda_graphs_option_errors(tmp_path):
     path = make_checkpoint(tmp_path, "bert")
     with pytest.raises(fastenc.BackendError, match="cuda_graphs=True"):
         fastenc.Encoder.from_pretrained(path, cuda_graphs=True, device="cpu")
-    assert fastenc.Encoder.from_pretrained(path, device="cpu")._graphs is None
+    assert fastenc.Encoder.from_pretrained(path, device="cpu").model.graphs is None
 
 
 # ------------------------------------------------------------------------------------------ CUDA only
@@ -152,18 +152,18 @@ def cuda_encoder(tmp_path_factory):
 @pytest.mark.cuda
 def test_graph_replay_equals_eager(cuda_encoder):
     encoder = cuda_encoder
-    assert encoder._graphs is not None
+    assert encoder.model.graphs is not None
     packed = encoder.pack_texts(TEXTS)
     eager = encoder.forward_packed(packed)
-    replayed = encoder._run(packed)
+    replayed = encoder.model(packed)
     assert torch.equal(replayed, eager)
-    assert torch.equal(encoder._run(packed), eager)  # a second replay of the same bucket
+    assert torch.equal(encoder.model(packed), eager)  # a second replay of the same bucket
     assert torch.equal(encoder.embed(TEXTS), torch.stack([encoder.embed(t) for t in TEXTS]))
 
 
 @pytest.mark.cuda
 def test_graph_buckets_are_reused_and_bounded(cuda_encoder):
-    runner = cuda_encoder._graphs
+    runner = cuda_encoder.model.graphs
     runner.run(cuda_encoder.pack_texts(["hello world"]))
     before = runner.captured
     runner.run(cuda_encoder.pack_texts(["the cat sat"]))  # same bucket
@@ -195,6 +195,6 @@ def test_a_graph_captured_by_a_pipeline_replays_in_embed(tmp_path):
     eager = fastenc.Encoder.from_pretrained(path, device="cuda", backend="triton", cuda_graphs=False)
     text = "Paris is the [MASK] of France."
     fastenc.pipeline("fill-mask", encoder)(text)
-    assert len(encoder._graphs.captured) == 1
+    assert len(encoder.model.graphs.captured) == 1
     assert torch.equal(encoder.embed(text), eager.embed(text))
-    assert len(encoder._graphs.captured) == 1  # the same bucket, replayed
+    assert len(encoder.model.graphs.captured) == 1  # the same bucket, replayed

@@ -233,8 +233,8 @@ def test_batches_go_through_the_encoder_in_batches(monkeypatch):
     texts = ["a cat", "the dog sat on the mat", "", "hello world", "x y z"]
     one_by_one = [pipe(text, top_k=None) for text in texts]
     calls = []
-    forward = pipe.encoder.forward_packed
-    monkeypatch.setattr(pipe.encoder, "forward_packed", lambda packed: calls.append(len(packed.lengths)) or
+    forward = pipe.model.forward
+    monkeypatch.setattr(pipe.model, "forward", lambda packed: calls.append(len(packed.lengths)) or
                         forward(packed))
     batched = pipe(texts, top_k=None, batch_size=2)
     assert calls == [2, 2, 1]
@@ -260,7 +260,7 @@ def test_pipeline_needs_a_tokenizer(tmp_path):
 
 def test_too_long_input_is_an_input_error():
     pipe = ours("fill-mask", "bert", "mlm")
-    with pytest.raises(InputError, match=r"input 0 has \d+ tokens, over the model's limit of 96"):
+    with pytest.raises(InputError, match=r"input 0 has \d+ tokens, over the limit of 96"):
         pipe("[MASK] " + "word " * 200)
 
 

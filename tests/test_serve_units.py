@@ -1,6 +1,7 @@
 """The server's pieces on their own, without a server: request validation, the batcher, the worker, and the
 app in process (Starlette's TestClient) for what a real server cannot easily show."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -18,7 +19,8 @@ from fastenc.serve import schema
 from fastenc.serve.batcher import Batcher, Closed, Job
 from fastenc.serve.schema import ServeError
 from fastenc.pipelines import RerankPipeline
-from fastenc.serve.worker import EmbedTask, ScoreTask, SparseTask, TokensTask, Worker
+from fastenc.serve.worker import Worker
+from fastenc.tasks import SentenceEmbedding, SequenceScores, SparseEmbedding, TokenEmbeddings
 
 LIMITS = schema.Limits(max_client_batch_size=4, hidden_size=384)
 
@@ -259,14 +261,14 @@ def run_worker(encoder, jobs, max_batch_tokens=10_000):
 
 def test_worker_mixes_tasks_in_one_batch_and_matches_embed(classifier):
     texts = ["the cat sat on the mat", "a", "dogs and cats " * 5, "hello world"]
-    encodings = classifier._encode(texts, None, True)
+    encodings = classifier.text.encode(texts)
     pipe = fastenc.pipeline("text-classification", classifier)
-    pairs = pipe._tokenize([("query", t) for t in texts[:2]], truncation=True)
+    pairs = pipe.tokenize([("query", t) for t in texts[:2]], truncation=True)
     outcomes = run_worker(classifier, [
-        (encodings[:2], EmbedTask("mean", True)),
-        ([pipe._row(e) for e in pairs], ScoreTask()),
-        (encodings[2:], EmbedTask("mean", False)),
-        (encodings, EmbedTask("cls", True, dimensions=16)),
+        (encodings[:2], SentenceEmbedding("mean", True)),
+        (pairs, SequenceScores()),
+        (encodings[2:], SentenceEmbedding("mean", False)),
+        (encodings, SentenceEmbedding("cls", True, dim=16)),
     ])
     normalized, raw = classifier.embed(texts, normalize=True), classifier.embed(texts, normalize=False)
     torch.testing.assert_close(torch.stack(outcomes[0]), normalized[:2], rtol=0, atol=2e-6)
@@ -283,16 +285,16 @@ def test_worker_mixes_tasks_in_one_batch_and_matches_embed(classifier):
 
 def test_worker_fails_the_batch_not_the_server(classifier):
     bad = [SimpleNamespace(ids=[10 ** 9], type_ids=[0])]  # an id no embedding table has
-    good = classifier._encode(["fine"], None, True)
+    good = classifier.text.encode(["fine"])
     batcher = Batcher(10_000)
     bad_outcome, good_outcome = [], []
-    batcher.put(Job(bad, EmbedTask("mean", True), bad_outcome.append))
+    batcher.put(Job(bad, SentenceEmbedding("mean", True), bad_outcome.append))
     worker = Worker(classifier, batcher, warmup=False)
     worker.start()
     deadline = time.monotonic() + 30
     while not bad_outcome and time.monotonic() < deadline:
         time.sleep(0.01)
-    batcher.put(Job(good, EmbedTask("mean", True), good_outcome.append))
+    batcher.put(Job(good, SentenceEmbedding("mean", True), good_outcome.append))
     batcher.close()
     worker.join(30)
     assert isinstance(bad_outcome[0], Exception)
@@ -312,10 +314,10 @@ def test_one_batch_mixes_prompts_and_token_vectors(prompted_minilm):
     texts = ["how to bake bread", "a", "knead the dough and let it rise for an hour " * 3]
     jobs, skips = [], {}
     for name in ("query", "passage", "empty"):
-        prompted, skips[name] = encoder._prompted(texts, name, None, None)
-        jobs.append((encoder._encode(prompted, None, True), EmbedTask("mean", True, skip=skips[name])))
-    prompted, _ = encoder._prompted(texts, "passage", None, None)
-    jobs.append((encoder._encode(prompted, None, True), TokensTask()))
+        prompt = encoder.text.prompt(name)
+        skips[name] = prompt.skip
+        jobs.append((encoder.text.encode(prompt.apply(texts)), SentenceEmbedding("mean", True, skip=prompt.skip)))
+    jobs.append((encoder.text.encode(encoder.text.prompt("passage").apply(texts)), TokenEmbeddings()))
     assert skips["query"] > 1 and skips["passage"] > skips["query"] and skips["empty"] == 0  # [CLS] + the prompt
     outcomes = run_one_batch(encoder, jobs)
     for outcome, name in zip(outcomes, ("query", "passage", "empty")):
@@ -335,12 +337,12 @@ def splade(tmp_path_factory):
 def test_sparse_task_is_embed_sparse_in_a_mixed_batch(splade):
     encoder = splade
     texts = ["the cat sat on the mat", "a", "paris is the capital of france " * 2]
-    rows = encoder._encode(texts, None, True)
-    default = encoder._sparse_top_k(None)
-    assert default == 9  # the checkpoint's max_active_dims
-    outcomes = run_one_batch(encoder, [(rows, SparseTask(default)), (rows[:2], TokensTask()),
-                                       (rows, SparseTask(4)), (rows, SparseTask(None)),
-                                       (rows, EmbedTask("mean", False))])
+    rows = encoder.text.encode(texts)
+    default = SparseEmbedding.for_checkpoint(encoder.sentence)
+    assert default.top_k == 9  # the checkpoint's max_active_dims
+    outcomes = run_one_batch(encoder, [(rows, default), (rows[:2], TokenEmbeddings()),
+                                       (rows, dataclasses.replace(default, top_k=4)), (rows, dataclasses.replace(default, top_k=None)),
+                                       (rows, SentenceEmbedding("mean", False))])
     for outcome, top_k in zip((outcomes[0], outcomes[2], outcomes[3]), (None, 4, 10_000)):
         expected = encoder.embed_sparse(texts, top_k=top_k).to_dense()
         got = torch.zeros_like(expected)
@@ -350,7 +352,7 @@ def test_sparse_task_is_embed_sparse_in_a_mixed_batch(splade):
             got[row, words] = values
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     assert [len(words) for words, _ in outcomes[2]] == [4, 4, 4]
-    assert all(len(words) > 9 for words, _ in outcomes[3])  # SparseTask(None): every active word
+    assert all(len(words) > 9 for words, _ in outcomes[3])  # SparseEmbedding(None): every active word
     for got, expected in zip(outcomes[1], encoder.embed_tokens(texts[:2])):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch.stack(outcomes[4]), encoder.embed(texts, pooling="mean", normalize=False),

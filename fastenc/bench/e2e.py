@@ -343,7 +343,7 @@ def _fastenc_call(backend_override: str | None = None) -> Callable[[ModelContext
             return lambda: encoder(**batch)
 
         def mode(inputs: Inputs) -> str:  # the public call replays a CUDA graph when the batch fits one
-            graphs = encoder._graphs
+            graphs = encoder.model.graphs
             return "graph" if graphs is not None and graphs.fits(encoder.pack(**inputs.cpu())) else "eager"
 
         return Runner(prepare, mode=mode)
@@ -355,11 +355,8 @@ def _fastenc_packed(ctx: ModelContext) -> Runner:
     encoder = _encoder(ctx, ctx.backend)
 
     def prepare(inputs: Inputs):
-        # What encoder.__call__ does before its forward pass (validation aside), done once here.
-        keep = inputs.attention_mask.bool()
-        positions = encoder._positions(inputs.input_ids)
-        types = inputs.token_type_ids if inputs.token_type_ids is not None else torch.zeros_like(inputs.input_ids)
-        packed = encoder._pack(inputs.input_ids[keep], positions[keep], types[keep], inputs.lengths)
+        # What encoder.__call__ does before its forward pass (validation and packing), done once here.
+        packed = encoder.pack(**inputs.cpu()).to(encoder.device)
 
         def run():
             with torch.inference_mode():

@@ -80,7 +80,7 @@ def _timing_s(plan, t: float) -> float:
 
 
 def _interpreted(plan, provider: str) -> bool:
-    from ..encoder import triton_interpreter_on
+    from ..model import triton_interpreter_on
 
     return plan.device.type != "cuda" and triton_interpreter_on() and provider.startswith("fastenc") and (
         provider != "fastenc-torch")

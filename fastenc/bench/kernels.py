@@ -291,7 +291,7 @@ def kernel_cases(device_type: str, quick: bool) -> list[KernelCase]:
 
 def _kernel_provider_unavailable(name: str, device: torch.device) -> str | None:
     if name == "fastenc":
-        from ..encoder import resolve_backend
+        from ..model import resolve_backend
 
         try:
             resolve_backend("triton", device)

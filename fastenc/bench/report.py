@@ -176,7 +176,7 @@ def _version(module: str) -> str:
 
 def collect_env(device: torch.device, backend: str, quick: bool) -> dict:
     from .. import __version__
-    from ..encoder import triton_interpreter_on
+    from ..model import triton_interpreter_on
 
     if device.type == "cuda":
         gpu = torch.cuda.get_device_name(device)

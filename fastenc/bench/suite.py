@@ -110,7 +110,7 @@ def make_plan(suite: str = "all", device=None, dtype: str | None = None, quick: 
 
     ``for_estimate``: the device need not be present (``python -m fastenc.bench estimate --device cuda``).
     """
-    from ..encoder import resolve_device
+    from ..model import resolve_device
 
     device = torch.device(device) if for_estimate else resolve_device(device)
     if suite not in (*SUITES, "all"):
@@ -234,7 +234,7 @@ def _notes(plan: Plan, env: dict, backend: str) -> list[str]:
 def run(plan: Plan, left_out: list[tuple[str, str]] = (), quiet: bool = False, output: Path | None = None) -> Report:
     """Measure the peaks, then the cases. With ``output``, the results JSON there is rewritten after each case
     (the markdown and the plot are ``write_results``'s, at the end)."""
-    from ..encoder import resolve_backend
+    from ..model import resolve_backend
 
     backend, _ = resolve_backend(plan.backend, plan.device)
     env = collect_env(plan.device, backend, plan.quick)

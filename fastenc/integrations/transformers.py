@@ -396,7 +396,7 @@ _OPS: dict[str, ModuleType | None] = {}
 def _ops_for(query: torch.Tensor) -> ModuleType | None:
     """The ops backend for the query's device (Triton on CUDA, the reference on the CPU), None to use sdpa."""
     from .. import reference
-    from ..encoder import resolve_backend
+    from ..model import resolve_backend
     from ..errors import BackendError
 
     device = query.device

@@ -219,10 +219,10 @@ def compile_only(arch: int):
 
 
 def encoder_for(model: str, dtype: torch.dtype):
-    """A one-layer encoder of ``model``'s shape over uninitialised CPU tensors, on the Triton ops."""
+    """A one-layer model of ``model``'s shape over uninitialised CPU tensors, on the Triton ops."""
     from fastenc import checkpoint, kernels
     from fastenc.config import EncoderConfig
-    from fastenc.encoder import Encoder
+    from fastenc.model import Model
 
     shape = dict(MODELS[model])
     model_type = shape.pop("model_type", "electra" if "embedding_size" in shape else "bert")
@@ -232,8 +232,8 @@ def encoder_for(model: str, dtype: torch.dtype):
     config = EncoderConfig.from_dict(raw, source=model)
     shapes = checkpoint.encoder_shapes(config)
     tensors = {name: torch.empty(shapes[name], dtype=dtype) for name in checkpoint.encoder_names(config)}
-    return Encoder(config, tensors, device=torch.device("cpu"), dtype=dtype, backend="triton", ops=kernels,
-                   cuda_graphs=False)
+    return Model(config, tensors, device=torch.device("cpu"), dtype=dtype, backend="triton", ops=kernels,
+                 cuda_graphs=False)
 
 
 def compile_report(archs=(90, 80), dtypes=("fp16", "bf16"), models=("bert-base", "minilm")) -> list[KernelBuild]:
@@ -250,7 +250,7 @@ def compile_report(archs=(90, 80), dtypes=("fp16", "bf16"), models=("bert-base",
                         ids = torch.ones(len(lengths), max(lengths), dtype=torch.long)
                         mask = (torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]).long()
                         packed = encoder.pack(ids, mask)
-                        hidden = encoder.forward_packed(packed)
+                        hidden = encoder.forward(packed)
                     norm = encoder.config.hidden_size
                     # The MLM head's transform, the one kernel the encoder itself does not launch.
                     kernels.gelu_layer_norm(hidden, torch.empty(norm, dtype=hidden.dtype),

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import logging
 import socket
 import sys
@@ -39,13 +40,14 @@ from .. import __version__
 from .. import heads as task_heads
 from ..encoder import DEFAULT_MAX_TOKENS, Encoder
 from ..errors import FastencError, InputError, LoadError
+from ..text import Prompt
 from ..pipelines import RerankPipeline, TextClassificationPipeline
-from ..pooling import POOLING_MODES
+from ..tasks import SentenceEmbedding, SequenceScores, SparseEmbedding, TokenEmbeddings
 from . import schema
 from .batcher import Batcher, Closed, Job
 from .metrics import Metrics
 from .schema import ServeError, unprocessable
-from .worker import EmbedTask, ScoreTask, SparseTask, TokensTask, Worker
+from .worker import Worker
 
 log = logging.getLogger("fastenc.serve")
 
@@ -99,30 +101,35 @@ class Service:
         self.worker = Worker(encoder, self.batcher, self.metrics, warmup=warmup)
         self._tokenizer_thread = None  # a one-thread executor, made at startup
         self._in_flight = 0
-        self.pooling, self._embed_error = self._embedding_setup(encoder)
+        self.text = encoder.text
+        self.embedding, self._embed_error = self._embedding_setup(encoder)
         self.classifier = (TextClassificationPipeline(encoder) if "sequence_classification" in encoder.heads
                            else None)
         self.reranker, self._rerank_error = self._rerank_setup()
         self._sparse_error = None if "mlm" in encoder.heads else (
             "/embed_sparse needs a masked-language-model head (a SPLADE checkpoint) and this model has none "
             f"(heads: {', '.join(sorted(encoder.heads)) or 'none'})")
-        prompts = encoder._sentence.prompts if encoder._sentence else {}
-        # per prompt text, its tokens left out of the pooling (include_prompt: false), measured once
-        self._prompt_skips = {text: encoder._prompt_skip(text, None) for text in {"", *prompts.values()}}
+        # each prompt with its tokens left out of the pooling (include_prompt: false), measured once
+        self._prompts = {name: self.text.prompt(name) for name in (None, *self.text.prompts)}
 
     @staticmethod
-    def _embedding_setup(encoder: Encoder) -> tuple[str, str | None]:
-        """The pooling ``embed()`` uses by default, and why this checkpoint cannot embed (None if it can)."""
-        sentence = encoder._sentence
-        if sentence is not None and sentence.unsupported_modules:
-            modules = ", ".join(sentence.unsupported_modules)
-            return "mean", (f"this checkpoint's sentence-transformers modules {modules} are not supported by "
-                            "fastenc, so it serves no embeddings")
+    def _embedding_setup(encoder: Encoder) -> tuple[SentenceEmbedding | None, str | None]:
+        """What ``embed()`` computes by default, or why this checkpoint serves no embeddings."""
+        sentence = encoder.sentence
         if sentence is not None and sentence.splade is not None:  # as embed(), which asks for embed_sparse()
-            return "mean", ("this checkpoint is a sentence-transformers SparseEncoder (SPLADE): its vectors come "
-                            "from /embed_sparse")
-        pooling = (sentence.pooling if sentence else None) or "mean"
-        return (pooling, None) if pooling in POOLING_MODES else ("mean", f"pooling {pooling!r} is not supported")
+            return None, ("this checkpoint is a sentence-transformers SparseEncoder (SPLADE): its vectors come "
+                          "from /embed_sparse")
+        try:
+            return SentenceEmbedding.for_checkpoint(sentence, encoder.config.hidden_size), None
+        except FastencError as exc:
+            return None, f"this checkpoint serves no embeddings: {exc}"
+
+    def _embedding(self, prompt_name: str | None, normalize: bool, dimensions: int | None) -> SentenceEmbedding:
+        """``embed(prompt_name=..., normalize=..., dim=...)``'s task with the checkpoint's pooling."""
+        if self._embed_error:
+            raise ServeError(400, self._embed_error, "model")
+        return dataclasses.replace(self.embedding, normalize=normalize, dim=dimensions,
+                                   skip=self._prompt(prompt_name).skip)
 
     def _rerank_setup(self) -> tuple[RerankPipeline | None, str | None]:
         """The rerank pipeline whose tokenization, scores and ranking ``/rerank`` uses, or why there is none."""
@@ -219,30 +226,28 @@ class Service:
                                   f"(heads: {', '.join(sorted(self.encoder.heads)) or 'none'})", "model")
         return self.classifier
 
-    def _prompt(self, prompt_name: str | None) -> tuple[str, int]:
+    def _prompt(self, prompt_name: str | None) -> Prompt:
         """What ``embed(prompt_name=...)`` prepends (the checkpoint's ``default_prompt_name``'s prompt when None,
         as sentence-transformers does) and its tokens left out of the pooling; 422 for an unknown name."""
-        try:
-            prompt = self.encoder._prompt(prompt_name, None)
-        except InputError as exc:  # names the prompts the checkpoint has
-            raise unprocessable(str(exc)) from None
-        return prompt, self._prompt_skips[prompt]
+        if prompt_name not in self._prompts:
+            try:
+                self.text.prompt(prompt_name)
+            except InputError as exc:  # names the prompts the checkpoint has
+                raise unprocessable(str(exc)) from None
+        return self._prompts[prompt_name]
 
     # ------------------------------------------------------------------------------ tokenizer thread
-    def _encode_texts(self, texts: list[str], truncate: bool, field: str, prompt: str = "") -> list:
+    def _encode_texts(self, texts: list[str], truncate: bool, field: str, prompt: Prompt = Prompt()) -> list:
         """``embed()``'s tokenization (the prompt prepended; its casing, limit and checks)."""
-        if prompt:
-            texts = [prompt + text for text in texts]
         try:
-            return self.encoder._encode(texts, None, truncate)
+            return self.text.encode(prompt.apply(texts), truncate=truncate)
         except InputError as exc:
             raise InputError(f"`{field}`: {exc}") from None
 
     def _encode_pairs(self, query: str, texts: list[str], truncate: bool) -> list:
         """The rerank pipeline's tokenization of ``(query, text)`` pairs."""
         try:
-            return [self.reranker._row(encoding) for encoding in self.reranker.pairs(query, texts,
-                                                                                    truncation=truncate)]
+            return self.reranker.pairs(query, texts, truncation=truncate)
         except InputError as exc:
             raise InputError(f"`texts`: {exc}") from None
 
@@ -250,30 +255,17 @@ class Service:
         """The text-classification pipeline's tokenization of texts and (text, text_pair) pairs."""
         pipe = self.classifier
         if truncate:
-            encodings = pipe._tokenize(items, truncation=True)
-        else:
-            try:
-                encodings = pipe.tokenizer.encode_batch(items, add_special_tokens=True)
-            except Exception as exc:  # tokenizers raises bare Exceptions
-                raise InputError(f"cannot tokenize the input: {exc}") from None
-            for index, encoding in enumerate(encodings):
-                if len(encoding.ids) > pipe.max_length:
-                    raise InputError(f"input {index} has {len(encoding.ids)} tokens, over the limit of "
-                                     f"{pipe.max_length} (truncate=false)")
-        vocab_size = self.encoder.config.vocab_size
-        for index, encoding in enumerate(encodings):
-            if encoding.ids and max(encoding.ids) >= vocab_size:
-                raise InputError(f"input {index}: the tokenizer produced id {max(encoding.ids)}, outside the "
-                                 f"model's vocab_size {vocab_size}")
-        return [pipe._row(encoding) for encoding in encodings]
+            return pipe.tokenize(items, truncation=True)
+        # without truncation, TEI's limit: the tokenizer's (the pipeline's own is the model's positions)
+        return self.text.encode(items, max_length=pipe.max_length, truncate=False, lower_case=False, what="input")
 
-    def _tokens(self, texts: list[str], add_special_tokens: bool, prompt: str = "") -> list[list[dict]]:
-        if prompt:  # as TEI: the tokens (and their offsets) of the prompted text
-            texts = [prompt + text for text in texts]
-        sentence = self.encoder._sentence
+    def _tokens(self, texts: list[str], add_special_tokens: bool, prompt: Prompt = Prompt()) -> list[list[dict]]:
+        texts = prompt.apply(texts)  # as TEI: the tokens (and their offsets) of the prompted text
+        sentence = self.encoder.sentence
         if sentence is not None and sentence.do_lower_case:  # as embed() sees the text
             texts = [text.lower() for text in texts]
-        encodings = self.encoder.tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)
+        encodings = self.text.encode(texts, special_tokens=add_special_tokens, truncate=False, check_length=False,
+                                     lower_case=False)
         out = []
         for text, encoding in zip(texts, encodings):
             tokens = []
@@ -290,21 +282,20 @@ class Service:
     # ---------------------------------------------------------------------------------------- routes
     async def embed(self, request: Request) -> Response:
         req = schema.parse_embed(await self._body(request), self.limits)
-        if self._embed_error:
-            raise ServeError(400, self._embed_error, "model")
-        prompt, skip = self._prompt(req.prompt_name)
+        task = self._embedding(req.prompt_name, req.normalize, req.dimensions)
+        prompt = self._prompt(req.prompt_name)
         with self._admitted():
             rows = await self._tokenized(self._encode_texts, req.texts, req.truncate, "inputs", prompt)
-            vectors = await self._infer(request, rows, EmbedTask(self.pooling, req.normalize, req.dimensions, skip))
+            vectors = await self._infer(request, rows, task)
         return _json(np.stack([v.numpy() for v in vectors]))
 
     async def embed_all(self, request: Request) -> Response:
         """TEI's ``/embed_all``: per input its token vectors ``[[float, ...], ...]``, as ``embed_tokens()``."""
         req = schema.parse_embed_all(await self._body(request), self.limits)
-        prompt, _ = self._prompt(req.prompt_name)
+        prompt = self._prompt(req.prompt_name)
         with self._admitted():
             rows = await self._tokenized(self._encode_texts, req.texts, req.truncate, "inputs", prompt)
-            vectors = await self._infer(request, rows, TokensTask())
+            vectors = await self._infer(request, rows, TokenEmbeddings())
         return _json([v.numpy() for v in vectors])
 
     async def embed_sparse(self, request: Request) -> Response:
@@ -313,8 +304,8 @@ class Service:
         req = schema.parse_embed_sparse(await self._body(request), self.limits)
         if self._sparse_error:
             raise ServeError(400, self._sparse_error, "model")
-        prompt, _ = self._prompt(req.prompt_name)
-        task = SparseTask(self.encoder._sparse_top_k(req.top_k))
+        prompt = self._prompt(req.prompt_name)
+        task = SparseEmbedding.for_checkpoint(self.encoder.sentence, req.top_k)
         with self._admitted():
             rows = await self._tokenized(self._encode_texts, req.texts, req.truncate, "inputs", prompt)
             vectors = await self._infer(request, rows, task)
@@ -323,13 +314,12 @@ class Service:
 
     async def openai_embeddings(self, request: Request) -> Response:
         req = schema.parse_openai_embed(await self._body(request), self.limits)
-        if self._embed_error:
-            raise ServeError(400, self._embed_error, "model")
-        prompt, skip = self._prompt(req.prompt_name)
+        task = self._embedding(req.prompt_name, True, req.dimensions)
+        prompt = self._prompt(req.prompt_name)
         with self._admitted():
             truncate = self.limits.auto_truncate
             rows = await self._tokenized(self._encode_texts, req.texts, truncate, "input", prompt)
-            vectors = await self._infer(request, rows, EmbedTask(self.pooling, True, req.dimensions, skip))
+            vectors = await self._infer(request, rows, task)
         tokens = sum(len(row.ids) for row in rows)
         if req.encoding_format == "base64":
             data = [base64.b64encode(v.numpy().astype("<f4").tobytes()).decode("ascii") for v in vectors]
@@ -345,7 +335,7 @@ class Service:
         pipe = self._classifier("/predict")
         with self._admitted():
             rows = await self._tokenized(self._encode_items, req.items, req.truncate)
-            logits = await self._infer(request, rows, ScoreTask())
+            logits = await self._infer(request, rows, SequenceScores())
         predictions = [self._predictions(row.numpy(), req.raw_scores, pipe.id2label) for row in logits]
         return _json(predictions[0] if req.single else predictions)
 
@@ -373,7 +363,7 @@ class Service:
             raise ServeError(400, self._rerank_error, "model")
         with self._admitted():
             rows = await self._tokenized(self._encode_pairs, req.query, req.texts, req.truncate)
-            logits = await self._infer(request, rows, ScoreTask())
+            logits = await self._infer(request, rows, SequenceScores())
         ranks = pipe.rank(pipe.scores(logits, req.raw_scores), req.texts, return_text=req.return_text)
         if req.return_text:
             ranks = [{"index": rank["index"], "text": rank["text"], "score": rank["score"]} for rank in ranks]
@@ -381,14 +371,14 @@ class Service:
 
     async def tokenize(self, request: Request) -> Response:
         req = schema.parse_tokenize(await self._body(request), self.limits)
-        prompt, _ = self._prompt(req.prompt_name)
+        prompt = self._prompt(req.prompt_name)
         with self._admitted():
             tokens = await self._tokenized(self._tokens, req.texts, req.add_special_tokens, prompt)
         return _json(tokens)
 
     async def info(self, request: Request) -> Response:
         config = self.encoder.config
-        sentence = self.encoder._sentence
+        sentence = self.encoder.sentence
         if self.classifier is not None:
             id2label = {str(i): label for i, label in self.classifier.id2label.items()}
             kind = "reranker" if task_heads.num_labels(config) == 1 else "classifier"
@@ -396,7 +386,7 @@ class Service:
         elif sentence is not None and sentence.splade is not None:
             model_type = {"embedding": {"pooling": "splade"}}  # as TEI names a SPLADE model's pooling
         else:
-            model_type = {"embedding": {"pooling": self.pooling}}
+            model_type = {"embedding": {"pooling": self.embedding.pooling if self.embedding else "mean"}}
         routes = {"/embed": not self._embed_error, "/v1/embeddings": not self._embed_error, "/embed_all": True,
                   "/embed_sparse": not self._sparse_error, "/predict": self.classifier is not None,
                   "/rerank": self.reranker is not None, "/tokenize": True}
@@ -407,7 +397,7 @@ class Service:
             "served_model_name": self.model_name,
             "model_type": model_type,
             "max_concurrent_requests": self.max_concurrent_requests,
-            "max_input_length": self.encoder._max_length(None),
+            "max_input_length": self.text.max_length,
             "max_batch_tokens": self.batcher.max_batch_tokens,
             "max_batch_requests": self.batcher.max_batch_size,
             "max_client_batch_size": self.limits.max_client_batch_size,

@@ -1,0 +1,323 @@
+"""The encoder network: one forward pass, written once, over the ops backend chosen at load.
+
+The pass follows the checkpoint's ``Family`` (``fastenc/family.py``): post- or pre-LayerNorm blocks,
+absolute positions at the embeddings or RoPE in the fused-QKV epilogue, MPNet's relative bias and
+ModernBERT's sliding windows inside attention, plain or gated feed-forwards, with or without biases.
+
+The model never sees text. It takes a ``PackedBatch`` (real tokens only, FlashAttention's varlen
+layout: ``(tokens,)`` ids and ``cu_seqlens`` offsets), moves it to its device at the door, and every
+layer runs on a ``(tokens, hidden)`` tensor. Padded ``(batch, seq)`` tensors are validated and packed
+by ``Model.pack``; padding comes back only in ``PackedBatch.pad``. The lengths are host values, so the
+forward pass never waits on the device. Small batches replay a CUDA graph (``graphs.py``); the task
+heads (``heads.Heads``) run on the same ops over the packed hidden states.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from . import checkpoint, reference
+from . import family as families
+from .config import EncoderConfig
+from .errors import BackendError, InputError
+from .graphs import GraphRunner
+from .heads import Heads
+from .packing import PackedBatch, cu_seqlens_of
+
+BACKENDS = ("torch", "triton")
+DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32,
+    "fp16": torch.float16, "float16": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+}
+
+
+# ------------------------------------------------------------------------------------------- placement
+def resolve_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise InputError(f"device {device!r} is not a torch device ({exc})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BackendError(f"device {str(device)!r} asked for, but CUDA is not available here")
+    return device
+
+
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise InputError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+        return DTYPES[dtype]
+    if dtype not in DTYPES.values():
+        raise InputError(f"dtype {dtype} is not supported; use torch.float32, torch.float16 or torch.bfloat16")
+    return dtype
+
+
+def triton_interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> tuple[str, ModuleType]:
+    """The backend's name and its ops module (``fastenc.reference`` or ``fastenc.kernels``)."""
+    if backend is None:
+        backend = "triton" if device.type == "cuda" else "torch"
+    if backend == "torch":
+        return backend, reference
+    if backend != "triton":
+        raise BackendError(f"backend {backend!r} is unknown; use one of {', '.join(BACKENDS)}")
+    if device.type != "cuda" and not triton_interpreter_on():
+        raise BackendError(
+            f"backend 'triton' on device {str(device)!r} needs the Triton interpreter: set TRITON_INTERPRET=1 "
+            "before fastenc (and triton) are imported, or use backend='torch'"
+        )
+    try:
+        from . import kernels
+    except ImportError as exc:
+        raise BackendError(f"backend 'triton' cannot be used: {exc}") from None
+    major, minor = torch.cuda.get_device_capability(device) if device.type == "cuda" else (8, 0)
+    if major < 8:
+        warnings.warn(f"{torch.cuda.get_device_name(device)} is sm_{major}{minor}: Triton compiles the kernels to "
+                      "CUDA-core code below sm_80 (no tensor cores); backend='torch' uses cuBLAS's tensor cores",
+                      stacklevel=3)
+    return backend, kernels
+
+
+def resolve_cuda_graphs(cuda_graphs: bool | None, device: torch.device, backend: str) -> bool:
+    """CUDA graphs replay small batches: on by default with the Triton backend on CUDA, only there."""
+    possible = device.type == "cuda" and backend == "triton"
+    if cuda_graphs is None:
+        return possible
+    if cuda_graphs and not possible:
+        raise BackendError(f"cuda_graphs=True needs a CUDA device and the triton backend, not "
+                           f"{str(device)!r} with {backend!r}")
+    return bool(cuda_graphs)
+
+
+# ---------------------------------------------------------------------------------------------- layers
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """One transformer block: its weights, and what kind of block it is (``kind``, ``family``).
+
+    A bias is ``None`` where the family has none; ``attn_norm`` is ``None`` for ModernBERT's first block.
+    Post-LN (``family.norm == "post"``): ``attn_norm`` and ``ffn_norm`` follow attention and the
+    feed-forward; pre-LN: they precede them.
+    """
+
+    kind: families.LayerKind
+    qkv_weight: torch.Tensor  # (3 * hidden, hidden); Q and K rows in rotary-pair order with RoPE
+    qkv_bias: torch.Tensor | None  # (3 * hidden,)
+    attn_out_weight: torch.Tensor  # (hidden, hidden)
+    attn_out_bias: torch.Tensor | None
+    attn_norm_weight: torch.Tensor | None  # (hidden,)
+    attn_norm_bias: torch.Tensor | None
+    ffn_in_weight: torch.Tensor  # (intermediate, hidden); gated: (2 * intermediate, hidden), halves interleaved
+    ffn_in_bias: torch.Tensor | None
+    ffn_out_weight: torch.Tensor  # (hidden, intermediate)
+    ffn_out_bias: torch.Tensor | None
+    ffn_norm_weight: torch.Tensor  # (hidden,)
+    ffn_norm_bias: torch.Tensor | None
+
+    @classmethod
+    def from_tensors(cls, tensors: dict, index: int, kind: families.LayerKind) -> "Layer":
+        # field "attn_out_weight" <- tensor "layers.{index}.attn_out.weight" (None when the family has none)
+        return cls(kind=kind, **{f.name: tensors.get(f"layers.{index}." + ".".join(f.name.rsplit("_", 1)))
+                                 for f in dataclasses.fields(cls) if f.name != "kind"})
+
+
+class Model:
+    """The encoder's layers, position tables, ops backend, CUDA graphs and task heads.
+
+    ``model(batch)`` runs a ``PackedBatch`` (moved to the model's device if it is not there) and returns
+    the last hidden states ``(tokens, hidden)`` in the model's dtype, replayed from a CUDA graph when the
+    batch fits one; ``model.forward(batch)`` always runs eagerly. ``tensors`` are the encoder's,
+    fastenc-named and in the kernels' layouts (``checkpoint.load_encoder``); ``head_tensors`` the heads'.
+    ``cuda_graphs``: None turns graphs on where they can run (the Triton backend on CUDA).
+    """
+
+    def __init__(self, config: EncoderConfig, tensors: dict[str, torch.Tensor], *, device: torch.device,
+                 dtype: torch.dtype, backend: str, ops: ModuleType, head_tensors: dict | None = None,
+                 path: Path | None = None, cuda_graphs: bool | None = None):
+        self.config = config
+        self.device = device
+        self.dtype = dtype
+        self.backend = backend
+        self.ops = ops
+        self.tensors = tensors
+        self.heads = Heads(config, head_tensors or {}, ops, tensors["embeddings.word"], path)
+        family = config.family
+        self.layers = [Layer.from_tensors(tensors, unique, family.layer(depth))
+                       for depth, unique in enumerate(checkpoint.layer_schedule(config))]
+        # Tables built once from the config: RoPE's cosines and sines per base, MPNet's bias by distance.
+        self.rope = {theta: families.rope_table(theta, config.head_dim, config.max_position_embeddings, device)
+                     for theta in family.rope_thetas}
+        self.relative_bias = (families.relative_bias_by_distance(tensors["relative_bias"],
+                                                                 config.max_position_embeddings)
+                              if family.relative_bias else None)
+        self.graphs = GraphRunner(self) if resolve_cuda_graphs(cuda_graphs, device, backend) else None
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"Model({c.model_type}, layers={c.num_hidden_layers}, hidden={c.hidden_size}, "
+                f"heads={c.num_attention_heads}, device={self.device}, dtype={self.dtype}, backend={self.backend!r})")
+
+    # ----------------------------------------------------------------------------------------- forward
+    @torch.no_grad()  # not inference_mode: callers (optimize's task heads) may feed the result to autograd
+    def forward(self, batch: PackedBatch) -> torch.Tensor:
+        """The encoder on packed tokens, eagerly: ``(tokens, hidden)`` in the model's dtype."""
+        batch = batch.to(self.device)
+        ops, c, t, family = self.ops, self.config, self.tensors, self.config.family
+        eps, positions = c.layer_norm_eps, batch.position_ids
+        x = ops.embeddings(batch.input_ids, positions, batch.token_type_ids, t["embeddings.word"],
+                           t.get("embeddings.position"), t.get("embeddings.token_type"), t["embeddings.norm.weight"],
+                           t.get("embeddings.norm.bias"), eps)  # (T, E)
+        if "embeddings.project.weight" in t:
+            x = ops.linear(x, t["embeddings.project.weight"], t["embeddings.project.bias"])  # (T, H)
+        cu_seqlens, max_seqlen = batch.cu_seqlens, batch.max_seqlen
+        # Attention needs positions only for a window or a relative bias; BERT's stays position-free.
+        attn_positions = positions if family.relative_bias or any(k.window is not None for k in family.layers) else None
+        pre_norm = family.norm == "pre"
+        h = x  # the input of the next attention: x itself, or LN(x) in a pre-LN block
+        for layer in self.layers:
+            kind = layer.kind
+            if pre_norm and layer.attn_norm_weight is not None:
+                h = ops.layer_norm(x, layer.attn_norm_weight, layer.attn_norm_bias, eps)
+            rope = self.rope.get(kind.rope_theta)
+            q, k, v = ops.fused_qkv(h, layer.qkv_weight, layer.qkv_bias, c.num_attention_heads,
+                                    positions if rope is not None else None, rope)  # (H, T, D) each
+            a = ops.attention(q, k, v, cu_seqlens, max_seqlen, attn_positions, kind.window,
+                              self.relative_bias)  # (T, hidden)
+            if pre_norm:  # x = x + f(LN(x)); the residual add rides in the GEMM epilogue
+                x = ops.linear(a, layer.attn_out_weight, layer.attn_out_bias, residual=x)
+                h = ops.layer_norm(x, layer.ffn_norm_weight, layer.ffn_norm_bias, eps)
+            else:  # x = LN(x + f(x))
+                a = ops.linear(a, layer.attn_out_weight, layer.attn_out_bias)
+                x = h = ops.add_layer_norm(a, x, layer.attn_norm_weight, layer.attn_norm_bias, eps)
+            if family.ffn == "gated":
+                f = ops.gated_linear(h, layer.ffn_in_weight, layer.ffn_in_bias, c.activation)  # (T, intermediate)
+            else:
+                f = ops.linear(h, layer.ffn_in_weight, layer.ffn_in_bias, c.activation)
+            if pre_norm:
+                x = ops.linear(f, layer.ffn_out_weight, layer.ffn_out_bias, residual=x)
+                h = x
+            else:
+                f = ops.linear(f, layer.ffn_out_weight, layer.ffn_out_bias)
+                x = h = ops.add_layer_norm(f, x, layer.ffn_norm_weight, layer.ffn_norm_bias, eps)
+        if family.final_norm:
+            x = ops.layer_norm(x, t["final_norm.weight"], t.get("final_norm.bias"), eps)
+        return x
+
+    def __call__(self, batch: PackedBatch) -> torch.Tensor:
+        """``forward``, replayed from a CUDA graph when the batch is small enough for one."""
+        if batch.num_tokens == 0:
+            return torch.zeros(0, self.config.hidden_size, dtype=self.dtype, device=self.device)
+        batch = batch.to(self.device)
+        if self.graphs is not None and self.graphs.fits(batch):
+            return self.graphs.run(batch)
+        return self.forward(batch)
+
+    def warmup(self) -> None:
+        """Compile the kernels and capture every CUDA graph bucket now, so no real call pays for it."""
+        if self.graphs is not None:
+            self.graphs.capture_all()
+        else:
+            ids = torch.full((1, min(8, self.config.max_length)), self.config.pad_token_id + 1)
+            self(self.pack(ids % self.config.vocab_size))
+
+    # ------------------------------------------------------------------------------------------ inputs
+    def pack(self, input_ids, attention_mask=None, token_type_ids=None) -> PackedBatch:
+        """Validate padded ``(batch, seq)`` inputs on the host and keep their real tokens: a host
+        ``PackedBatch`` that remembers where each token came from (``pad`` puts the padding back).
+
+        Raises ``InputError`` naming the problem before any kernel runs (see ``check_inputs``).
+        """
+        ids, mask, types = self.check_inputs(input_ids, attention_mask, token_type_ids)
+        keep = mask.reshape(-1).nonzero().squeeze(1)  # (tokens,) flat positions of real tokens
+        lengths = mask.sum(1).tolist()
+        return PackedBatch(
+            input_ids=ids.reshape(-1)[keep],
+            position_ids=self.positions(ids).reshape(-1)[keep],
+            token_type_ids=types.reshape(-1)[keep] if self.config.type_vocab_size else None,
+            cu_seqlens=cu_seqlens_of(lengths),
+            lengths=tuple(lengths),
+            max_seqlen=max(lengths, default=0),
+            index=keep,
+            shape=tuple(ids.shape),
+        )
+
+    def positions(self, ids: torch.Tensor) -> torch.Tensor:
+        """Position ids of padded ``(batch, seq)`` ids as transformers computes them: 0.. per row, or
+        RoBERTa's count of non-padding tokens from ``pad_token_id + 1``."""
+        if self.config.padding_positions:
+            not_pad = ids.ne(self.config.pad_token_id).to(torch.long)
+            return torch.cumsum(not_pad, dim=1) * not_pad + self.config.pad_token_id
+        return torch.arange(ids.shape[1]).expand_as(ids)
+
+    def check_inputs(self, input_ids, attention_mask=None, token_type_ids=None):
+        """Validate padded inputs on the host, before any kernel; returns CPU int64 ids and types and a bool
+        mask, or raises ``InputError``: an id outside ``[0, vocab_size)``, a token type outside
+        ``[0, type_vocab_size)``, ``seq`` over ``max_length``, mismatched shapes, a rank other than 2, a
+        floating-point ``input_ids``, mask values other than 0/1."""
+        c = self.config
+        ids = _as_tensor(input_ids, "input_ids")
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise InputError(f"input_ids must be an integer tensor, got {ids.dtype}")
+        if ids.dim() != 2:
+            raise InputError(f"input_ids must have rank 2 (batch, seq), got shape {list(ids.shape)}")
+        ids = ids.cpu().to(torch.long)
+        if ids.shape[1] > c.max_length:
+            raise InputError(f"sequence length {ids.shape[1]} is over the model's limit of {c.max_length} tokens")
+        _check_range(ids, c.vocab_size, "input_ids", "vocab_size")
+
+        if attention_mask is None:
+            mask = torch.ones_like(ids, dtype=torch.bool)
+        else:
+            mask = _as_tensor(attention_mask, "attention_mask")
+            if mask.shape != ids.shape:
+                raise InputError(f"attention_mask has shape {list(mask.shape)}, input_ids {list(ids.shape)}")
+            if mask.is_floating_point() or mask.is_complex():
+                raise InputError(f"attention_mask must be bool or integer 0/1, got {mask.dtype}")
+            mask = mask.cpu()
+            if mask.dtype != torch.bool:
+                bad = ((mask != 0) & (mask != 1)).nonzero()
+                if len(bad):
+                    row, col = bad[0].tolist()
+                    raise InputError(f"attention_mask[{row}, {col}] = {mask[row, col].item()}; values must be 0 or 1")
+                mask = mask.bool()
+
+        if token_type_ids is None:
+            types = torch.zeros_like(ids)
+        else:
+            types = _as_tensor(token_type_ids, "token_type_ids")
+            if types.shape != ids.shape:
+                raise InputError(f"token_type_ids has shape {list(types.shape)}, input_ids {list(ids.shape)}")
+            if types.is_floating_point() or types.is_complex() or types.dtype == torch.bool:
+                raise InputError(f"token_type_ids must be an integer tensor, got {types.dtype}")
+            types = types.cpu().to(torch.long)
+            _check_range(types, max(c.type_vocab_size, 1), "token_type_ids", "type_vocab_size")
+        return ids, mask, types
+
+
+def _as_tensor(value, name: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise InputError(f"{name} cannot be read as a tensor ({exc})") from None
+
+
+def _check_range(values: torch.Tensor, limit: int, name: str, limit_name: str) -> None:
+    bad = ((values < 0) | (values >= limit)).nonzero()
+    if len(bad):
+        row, col = bad[0].tolist()
+        raise InputError(f"{name}[{row}, {col}] = {values[row, col].item()} is outside [0, {limit_name}={limit})")

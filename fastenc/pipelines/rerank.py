@@ -1,0 +1,112 @@
+"""``rerank``: ``(query, text)`` pairs scored by a cross-encoder and ordered as sentence-transformers'
+``CrossEncoder.rank`` does."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+
+from .. import heads as task_heads
+from ..encoder import Encoder
+from ..errors import LoadError
+from ..tasks import SequenceScores
+from .base import Pipeline, _positive_int, _texts
+
+# A CrossEncoder's activation_fn (the dotted path sentence-transformers saves) -> the score function.
+SCORE_ACTIVATIONS = {
+    "torch.nn.modules.activation.Sigmoid": torch.sigmoid, "torch.nn.Sigmoid": torch.sigmoid,
+    "torch.nn.modules.linear.Identity": lambda x: x, "torch.nn.Identity": lambda x: x,
+    "torch.nn.modules.activation.Tanh": torch.tanh, "torch.nn.Tanh": torch.tanh,
+}
+
+
+class RerankPipeline(Pipeline):
+    """``p(query, texts, top_k=None, return_text=False)``: ``[{"index", "score"(, "text")}]``, best first.
+
+    As sentence-transformers' ``CrossEncoder.rank``: each ``(query, text)`` pair is tokenized as a pair
+    (truncated longest first to the model's length), scored by the one-label classifier and its
+    activation (``activation_fn`` from ``config_sentence_transformers.json`` or ``config.json``'s
+    ``sentence_transformers``; sigmoid by default), then sorted by score, highest first, ties in input
+    order; ``top_k`` keeps the first ones. The pairs run through the encoder packed, without padding.
+    """
+
+    task, head = "rerank", "sequence_classification"
+
+    def __init__(self, encoder: Encoder, *, batch_size: int = 32):
+        super().__init__(encoder, batch_size=batch_size)
+        labels = task_heads.num_labels(encoder.config)
+        if labels != 1:
+            raise LoadError(f"{encoder.path or 'this encoder'}: reranking needs a cross-encoder with one label "
+                            f"(a relevance score); this classifier has {labels}")
+        self.activation = self._activation()
+        limit = encoder.sentence.max_seq_length if encoder.sentence else None
+        self.pair_length = min(limit, self.max_length) if limit else self.max_length
+
+    def _activation(self):
+        """The score function, found where ``CrossEncoder`` looks for it, in the same order."""
+        sentence, raw = self.encoder.sentence, self.encoder.config.raw
+        settings = raw.get("sentence_transformers")
+        for path in (sentence.activation_fn if sentence else None,
+                     settings.get("activation_fn") if isinstance(settings, dict) else None,
+                     raw.get("sbert_ce_default_activation_function")):
+            if not isinstance(path, str):
+                continue
+            if not path.startswith("torch."):  # CrossEncoder loads only torch's without trust_remote_code
+                warnings.warn(f"activation_fn {path!r} is not a torch module; scoring with the default sigmoid, "
+                              "as sentence-transformers does without trust_remote_code", stacklevel=4)
+                break
+            if path not in SCORE_ACTIVATIONS:
+                raise LoadError(f"{self.encoder.path or 'this encoder'}: the cross-encoder's activation_fn {path!r} "
+                                f"is not supported; fastenc supports {', '.join(SCORE_ACTIVATIONS)}")
+            return SCORE_ACTIVATIONS[path]
+        return torch.sigmoid
+
+    def __call__(self, query: str, texts: Sequence[str], *, top_k: int | None = None, return_text: bool = False,
+                 raw_scores: bool = False, truncation: bool = True, batch_size: int | None = None) -> list[dict]:
+        """``raw_scores``: the logits, without the activation (text-embeddings-inference's ``raw_scores``);
+        ``truncation=False``: a pair over the model's length is an ``InputError`` instead of being cut."""
+        if not isinstance(query, str):
+            raise TypeError(f"query must be a str, got {type(query).__name__}")
+        if isinstance(texts, str):
+            raise TypeError("texts must be a list of str (the documents to rank), not one str")
+        texts = _texts(texts)
+        if top_k is not None:
+            top_k = _positive_int(top_k, "top_k")
+        logits = self.run(self.pairs(query, texts, truncation=truncation), self.logits, batch_size)
+        return self.rank(self.scores(logits, raw_scores), texts, top_k=top_k, return_text=return_text)
+
+    # The steps of a call, each also run by ``fastenc serve``'s ``/rerank`` (which batches the pairs of
+    # many requests in its model worker between the first step and the second).
+    def pairs(self, query: str, texts: list[str], *, truncation: bool = True) -> list:
+        """The encodings of the ``(query, text)`` pairs: tokenized as pairs, truncated longest first to the
+        cross-encoder's length (``max_seq_length``, else the model's), or an ``InputError`` when
+        ``truncation=False`` and a pair is over the model's limit."""
+        return self.tokenize([(query, text) for text in texts], truncation=truncation, max_length=self.pair_length)
+
+    def logits(self, packed, hidden: torch.Tensor, rows=None) -> torch.Tensor:
+        """The classifier's float32 CPU logits ``(n, 1)`` of packed pairs' hidden states ``(tokens, hidden)``."""
+        return SequenceScores().compute(self.model, hidden, list(packed.lengths))
+
+    def scores(self, logits: Sequence[torch.Tensor], raw_scores: bool = False) -> list[float]:
+        """One score per pair from its float32 logits (a ``(1,)`` tensor per pair, in input order): the
+        checkpoint's activation, as CrossEncoder applies it, or the logits themselves with ``raw_scores``."""
+        if not len(logits):
+            return []
+        logits = torch.cat([row.reshape(-1) for row in logits])  # (n,) float32, as CrossEncoder scores them
+        return (logits if raw_scores else self.activation(logits)).tolist()
+
+    @staticmethod
+    def rank(scores: list[float], texts: list[str], *, top_k: int | None = None,
+             return_text: bool = False) -> list[dict]:
+        """``[{"index", "score"(, "text")}]`` sorted by score, highest first, ties in input order (a stable
+        sort, as ``CrossEncoder.rank``); the first ``top_k``."""
+        results = [{"index": index, "score": score} for index, score in enumerate(scores)]
+        if return_text:
+            for result, text in zip(results, texts):
+                result["text"] = text
+        results.sort(key=lambda result: result["score"], reverse=True)  # stable: ties keep the input order
+        return results[:top_k]
+
+

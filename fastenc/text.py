@@ -1,0 +1,381 @@
+"""Text, once: a checkpoint's tokenizer, and everything between texts and the token ids the model takes.
+
+``load_tokenizer`` reads the tokenizer files: ``tokenizer.json`` as is; without it a WordPiece tokenizer
+from ``vocab.txt`` (BERT-style normalisation, ``[CLS] … [SEP]``) or a byte-level BPE from ``vocab.json``
++ ``merges.txt`` (RoBERTa-style, ``<s> … </s>``), with ``tokenizer_config.json``'s casing and special tokens.
+
+``Tokenization`` is the one component every caller goes through (``embed`` and its relatives, the
+pipelines, the server, Ray): it owns the tokenizer and the lock that guards its truncation setting
+(``tokenizers.Tokenizer`` keeps truncation as state on the object, so two threads that flip it race),
+the length limits, the sentence-transformers lower-casing and prompts, text pairs and overflowing
+windows, the vocabulary check, and packing encodings into a host ``PackedBatch``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from tokenizers import AddedToken, Encoding, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers.models import BPE, WordPiece
+
+from .config import EncoderConfig
+from .errors import InputError, LoadError
+from .packing import PackedBatch, pack_sequences, token_budget_batches
+from .pooling import SentenceConfig
+
+_VERY_LARGE = int(1e30)  # transformers' model_max_length when tokenizer_config.json gives none
+# The families whose transformers tokenizers send token_type_ids; the others' models see type 0 everywhere
+# (RoBERTa's pair encodings carry type 1, which its one-row type table does not have).
+TOKEN_TYPE_FAMILIES = ("bert", "electra", "albert", "nomic_bert")
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LoadError(f"{path}: cannot be read as JSON ({exc})") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _token(settings: dict, name: str, default: str) -> str:
+    """A special token from tokenizer_config.json (a string or an AddedToken-style dict)."""
+    value = settings.get(name) or default
+    return value.get("content", default) if isinstance(value, dict) else str(value)
+
+
+def load_tokenizer(directory: Path) -> Tokenizer | None:
+    """The checkpoint's tokenizer, or None when it has no tokenizer files."""
+    settings = _read_json(directory / "tokenizer_config.json")
+    if (directory / "tokenizer.json").is_file():
+        try:
+            tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+        except Exception as exc:  # tokenizers raises a bare Exception on malformed files
+            raise LoadError(f"{directory / 'tokenizer.json'}: cannot be loaded ({exc})") from None
+    elif (directory / "vocab.txt").is_file():
+        tokenizer = _wordpiece(directory / "vocab.txt", settings)
+    elif (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
+        tokenizer = _byte_level_bpe(directory / "vocab.json", directory / "merges.txt", settings)
+    else:
+        return None
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer
+
+
+def _wordpiece(vocab: Path, settings: dict) -> Tokenizer:
+    unk, cls, sep = _token(settings, "unk_token", "[UNK]"), _token(settings, "cls_token", "[CLS]"), \
+        _token(settings, "sep_token", "[SEP]")
+    specials = [unk, cls, sep, _token(settings, "pad_token", "[PAD]"), _token(settings, "mask_token", "[MASK]")]
+    try:
+        tokenizer = Tokenizer(WordPiece.from_file(str(vocab), unk_token=unk))
+    except Exception as exc:
+        raise LoadError(f"{vocab}: cannot be loaded as a WordPiece vocabulary ({exc})") from None
+    tokenizer.normalizer = normalizers.BertNormalizer(
+        clean_text=True,
+        handle_chinese_chars=settings.get("tokenize_chinese_chars", True),
+        strip_accents=settings.get("strip_accents"),
+        lowercase=settings.get("do_lower_case", True),
+    )
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece()
+    tokenizer.add_special_tokens([t for t in specials if tokenizer.token_to_id(t) is not None])
+    for token in (cls, sep):
+        if tokenizer.token_to_id(token) is None:
+            raise LoadError(f"{vocab}: special token {token!r} is not in the vocabulary")
+    tokenizer.post_processor = processors.BertProcessing(
+        (sep, tokenizer.token_to_id(sep)), (cls, tokenizer.token_to_id(cls))
+    )
+    return tokenizer
+
+
+def _added_token(settings: dict, content: str, **defaults) -> AddedToken:
+    """A special token with the flags ``tokenizer_config.json``'s ``added_tokens_decoder`` gives it."""
+    flags = dict(defaults)
+    entries = settings.get("added_tokens_decoder")
+    for entry in entries.values() if isinstance(entries, dict) else ():
+        if isinstance(entry, dict) and entry.get("content") == content:
+            flags.update({k: bool(entry[k]) for k in ("lstrip", "rstrip", "single_word", "normalized") if k in entry})
+    flags.setdefault("normalized", False)
+    return AddedToken(content, special=True, **flags)
+
+
+def _byte_level_bpe(vocab: Path, merges: Path, settings: dict) -> Tokenizer:
+    try:
+        tokenizer = Tokenizer(BPE.from_file(str(vocab), str(merges)))
+    except Exception as exc:
+        raise LoadError(f"{vocab}: cannot be loaded with {merges.name} as a byte-level BPE ({exc})") from None
+    prefix_space = bool(settings.get("add_prefix_space", False))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=prefix_space)
+    tokenizer.decoder = decoders.ByteLevel()
+    cls, sep = _token(settings, "cls_token", "<s>"), _token(settings, "sep_token", "</s>")
+    specials = [cls, sep] + [_token(settings, name, default) for name, default in
+                             (("bos_token", "<s>"), ("eos_token", "</s>"), ("unk_token", "<unk>"),
+                              ("pad_token", "<pad>"), ("mask_token", "<mask>"))]
+    mask = _token(settings, "mask_token", "<mask>")
+    # RoBERTa's mask token takes the space before it (lstrip), as transformers' RobertaTokenizer defines it
+    tokenizer.add_special_tokens([_added_token(settings, t, lstrip=t == mask) for t in dict.fromkeys(specials)
+                                  if tokenizer.token_to_id(t) is not None])
+    for token in (cls, sep):
+        if tokenizer.token_to_id(token) is None:
+            raise LoadError(f"{vocab}: special token {token!r} is not in the vocabulary")
+    tokenizer.post_processor = processors.RobertaProcessing(
+        (sep, tokenizer.token_to_id(sep)), (cls, tokenizer.token_to_id(cls)),
+        trim_offsets=True, add_prefix_space=prefix_space,
+    )
+    return tokenizer
+
+
+def check_unicode(texts: list, what: str = "text", offset: int = 0) -> None:
+    """Raise ``InputError`` naming the first text that is not valid Unicode (a lone surrogate, as a file read
+    with ``errors="surrogateescape"`` leaves them), which no tokenizer can take. An item may also be a
+    tuple or list of strings (a text pair, pre-tokenized words)."""
+    for index, item in enumerate(texts):
+        for text in [item] if isinstance(item, str) else [t for t in item if isinstance(t, str)]:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise InputError(f"{what} {index + offset} is not valid Unicode: {exc.reason} ({text[exc.start]!r}); "
+                                 "decode its bytes with errors='replace' first") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerSettings:
+    """What transformers' tokenizer object knows beyond ``tokenizers.Tokenizer``: ``tokenizer_config.json``."""
+
+    mask_token: str | None = None
+    mask_token_id: int | None = None
+    pad_token_id: int | None = None
+    unk_token_id: int | None = None
+    model_max_length: int = _VERY_LARGE
+    clean_up_tokenization_spaces: bool = False
+
+    @classmethod
+    def read(cls, tokenizer: Tokenizer, directory: Path | None) -> "TokenizerSettings":
+        settings = _read_json(directory / "tokenizer_config.json") if directory is not None else {}
+
+        def token(name: str, defaults: tuple[str, ...]) -> str | None:
+            value = settings.get(name)
+            if isinstance(value, dict):
+                value = value.get("content")
+            candidates = (value,) if value else defaults
+            return next((t for t in candidates if tokenizer.token_to_id(t) is not None), None)
+
+        def token_id(name, defaults):
+            found = token(name, defaults)
+            return None if found is None else tokenizer.token_to_id(found)
+
+        mask = token("mask_token", ("[MASK]", "<mask>"))
+        max_length = settings.get("model_max_length")
+        usable = isinstance(max_length, (int, float)) and not isinstance(max_length, bool) and max_length > 0
+        return cls(
+            mask_token=mask,
+            mask_token_id=None if mask is None else tokenizer.token_to_id(mask),
+            pad_token_id=token_id("pad_token", ("[PAD]", "<pad>")),
+            unk_token_id=token_id("unk_token", ("[UNK]", "<unk>")),
+            model_max_length=int(min(max_length, _VERY_LARGE)) if usable else _VERY_LARGE,
+            clean_up_tokenization_spaces=bool(settings.get("clean_up_tokenization_spaces", False)),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    """A prompt prepended to every text, as sentence-transformers does, and the number of its tokens left
+    out of the pooling (0 unless the pooling config says ``include_prompt: false``)."""
+
+    text: str = ""
+    skip: int = 0
+
+    def apply(self, texts: Sequence[str]) -> list[str]:
+        return [self.text + text for text in texts] if self.text else list(texts)
+
+
+class Tokenization:
+    """Texts -> encodings -> packed token ids, for one checkpoint (see the module docstring).
+
+    ``sentence`` is the checkpoint's sentence-transformers configuration (limits, lower-casing, prompts);
+    ``directory`` holds ``tokenizer_config.json`` (special tokens, ``model_max_length``).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, config: EncoderConfig, sentence: SentenceConfig | None = None,
+                 directory: Path | None = None):
+        self.tokenizer = tokenizer
+        self.config = config
+        self.sentence = sentence
+        self.settings = TokenizerSettings.read(tokenizer, directory)
+        self.token_types = config.model_type in TOKEN_TYPE_FAMILIES
+        self._lock = threading.Lock()  # guards the tokenizer's truncation state: set, encode, reset
+
+    # ------------------------------------------------------------------------------------------ limits
+    @property
+    def max_length(self) -> int:
+        """The sentence-transformers limit: ``max_seq_length`` if the checkpoint sets one, never over the
+        model's positions (``embed``'s default)."""
+        limit = self.sentence.max_seq_length if self.sentence else None
+        return min(limit, self.config.max_length) if limit else self.config.max_length
+
+    @property
+    def model_max_length(self) -> int:
+        """The transformers limit: the tokenizer's ``model_max_length``, never over the model's positions
+        (the pipelines' default)."""
+        return min(self.settings.model_max_length, self.config.max_length)
+
+    def limit(self, max_length: int | None = None) -> int:
+        """``max_length`` checked (an int from 2 to the model's positions), or ``max_length`` when None."""
+        if max_length is None:
+            return self.max_length
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+            raise InputError(f"max_length must be an int of at least 2, got {max_length!r}")
+        if max_length > self.config.max_length:
+            raise InputError(f"max_length {max_length} is over the model's limit of {self.config.max_length} tokens")
+        return max_length
+
+    # ---------------------------------------------------------------------------------------- encoding
+    def encode(self, inputs: Sequence, *, max_length: int | None = None, truncate: bool = True, stride: int = 0,
+               strategy: str = "longest_first", pretokenized: bool = False, special_tokens: bool = True,
+               lower_case: bool | None = None, check_length: bool = True, offset: int = 0,
+               what: str = "text") -> list[Encoding]:
+        """Encodings of ``inputs`` (texts, ``(text, text_pair)`` tuples, or word lists with
+        ``pretokenized``), with special tokens unless ``special_tokens=False``.
+
+        ``truncate``: cut to ``max_length`` tokens (``self.max_length`` when None), keeping the cut-off
+        tokens as overflowing windows that overlap by ``stride`` tokens; pairs are cut as ``strategy``
+        says (tokenizers' ``longest_first``, ``only_first``, ``only_second``). Without ``truncate`` an
+        input (or a window) over ``max_length`` tokens is an ``InputError``, unless ``check_length`` is
+        off. ``lower_case`` (None: the sentence-transformers setting of the checkpoint) lower-cases the
+        texts first. Errors name the input as ``"{what} {index + offset}"``: a text of a stream is named
+        by its place in the stream.
+        """
+        limit = self.limit(max_length)
+        if lower_case is None:
+            lower_case = bool(self.sentence and self.sentence.do_lower_case)
+        if lower_case:
+            inputs = [_lower(item) for item in inputs]
+        tokenizer = self.tokenizer
+        with self._lock:
+            try:
+                if truncate:
+                    tokenizer.enable_truncation(limit, stride=stride, strategy=strategy)
+                else:
+                    tokenizer.no_truncation()
+                encodings = tokenizer.encode_batch(inputs, is_pretokenized=pretokenized,
+                                                   add_special_tokens=special_tokens)
+            except Exception as exc:  # tokenizers raises bare Exceptions (a lone surrogate, a pair too long to cut)
+                check_unicode(inputs, what, offset)
+                raise InputError(f"cannot tokenize the {what}s: {exc}") from None
+            finally:
+                tokenizer.no_truncation()
+        vocab_size = self.config.vocab_size
+        for index, encoding in enumerate(encodings):
+            for window in [encoding, *encoding.overflowing]:
+                if check_length and not truncate and len(window.ids) > limit:
+                    raise InputError(f"{what} {index + offset} has {len(window.ids)} tokens, over the limit of "
+                                     f"{limit} (truncation is off)")
+                if window.ids and max(window.ids) >= vocab_size:
+                    raise InputError(f"{what} {index + offset}: the tokenizer produced id {max(window.ids)}, outside "
+                                     f"the model's vocab_size {vocab_size}")
+        return encodings
+
+    def pack(self, encodings: Sequence) -> PackedBatch:
+        """A host ``PackedBatch`` of encodings (anything with ``ids`` and ``type_ids``), positions as
+        transformers counts them; the token types of families whose tokenizers send none are zero."""
+        c = self.config
+        ids = [e.ids for e in encodings]
+        types = None
+        if c.type_vocab_size:
+            types = [e.type_ids if self.token_types else [0] * len(e.ids) for e in encodings]
+            worst = max((max(row) for row in types if row), default=0)
+            if worst >= c.type_vocab_size:
+                raise InputError(f"the tokenizer produced token type {worst}, outside the model's type_vocab_size "
+                                 f"{c.type_vocab_size}")
+        return pack_sequences(ids, types, pad_token_id=c.pad_token_id if c.padding_positions else None)
+
+    def tokenize(self, texts: Sequence[str], *, max_length: int | None = None,
+                 truncate: bool = True) -> dict[str, torch.Tensor]:
+        """Right-padded ``input_ids``, ``attention_mask`` and ``token_type_ids`` (CPU int64)."""
+        encodings = self.encode(texts, max_length=max_length, truncate=truncate)
+        seq = max((len(e.ids) for e in encodings), default=0)
+        ids = torch.full((len(texts), seq), self.config.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(texts), seq), dtype=torch.long)
+        types = torch.zeros((len(texts), seq), dtype=torch.long)
+        for row, e in enumerate(encodings):
+            n = len(e.ids)
+            ids[row, :n] = torch.tensor(e.ids, dtype=torch.long)
+            mask[row, :n] = 1
+            types[row, :n] = torch.tensor(e.type_ids, dtype=torch.long)
+        return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+
+    # ----------------------------------------------------------------------------------------- prompts
+    @property
+    def prompts(self) -> dict[str, str]:
+        """The checkpoint's prompts by name (``config_sentence_transformers.json``)."""
+        return dict(self.sentence.prompts) if self.sentence else {}
+
+    def prompt(self, prompt_name: str | None = None, prompt: str | None = None, *,
+               max_length: int | None = None) -> Prompt:
+        """The prompt to prepend, as sentence-transformers resolves it: ``prompt`` if given (``prompt_name`` is
+        then ignored, with a warning), else the checkpoint's prompt called ``prompt_name``, else its
+        ``default_prompt_name``'s, else none; with the count of its tokens the pooling leaves out."""
+        prompts = self.prompts
+        if prompt is not None:
+            if not isinstance(prompt, str):
+                raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+            if prompt_name is not None:
+                warnings.warn("both prompt and prompt_name given: prompt_name is ignored (as in sentence-transformers)",
+                              stacklevel=3)
+            text = prompt
+        elif prompt_name is not None:
+            if prompt_name not in prompts:
+                known = ", ".join(map(repr, prompts)) or "none"
+                raise InputError(f"prompt_name {prompt_name!r} is not one of this checkpoint's prompts "
+                                 f"(config_sentence_transformers.json): {known}")
+            text = prompts[prompt_name]
+        else:
+            default = self.sentence.default_prompt_name if self.sentence else None
+            text = prompts[default] if default is not None else ""
+        return Prompt(text, self._prompt_skip(text, max_length))
+
+    def _prompt_skip(self, prompt: str, max_length: int | None) -> int:
+        """Prompt tokens to leave out of the pooling: 0 unless the pooling config says ``include_prompt:
+        false``; then the prompt's token count with special tokens but without a trailing one ([CLS] + the
+        prompt for BERT), as sentence-transformers' ``Transformer`` measures it."""
+        if not prompt or self.sentence is None or self.sentence.include_prompt:
+            return 0
+        encoding = self.encode([prompt], max_length=max_length)[0]
+        return len(encoding.ids) - (1 if encoding.special_tokens_mask and encoding.special_tokens_mask[-1] else 0)
+
+    # ----------------------------------------------------------------------------------------- batching
+    def batches(self, texts: Sequence[str], *, batch_size: int, max_tokens: int, max_length: int | None = None,
+                truncate: bool = True, offset: int = 0) -> tuple[list[Encoding], list[list[int]]]:
+        """The encodings of ``texts`` and their token-budget batches (indices, longest first: at most
+        ``batch_size`` texts and, unless one text is longer, ``max_tokens`` real tokens each)."""
+        encodings = self.encode(texts, max_length=max_length, truncate=truncate, offset=offset)
+        return encodings, token_budget_batches([len(e.ids) for e in encodings], batch_size, max_tokens)
+
+    def windows(self, texts: Iterator[str], *, window: int, batch_size: int, max_tokens: int,
+                max_length: int | None = None, truncate: bool = True,
+                prompt: Prompt = Prompt()) -> Iterator[tuple[list[Encoding], list[list[int]]]]:
+        """``(encodings, batches)`` per window of ``window`` texts of a stream, the prompt prepended; a
+        non-``str`` item is a ``TypeError`` naming its place in the stream."""
+        start = 0
+        while chunk := list(itertools.islice(texts, window)):
+            for index, text in enumerate(chunk):
+                if not isinstance(text, str):
+                    raise TypeError(f"texts[{start + index}] is {type(text).__name__}, not str")
+            yield self.batches(prompt.apply(chunk), batch_size=batch_size, max_tokens=max_tokens,
+                               max_length=max_length, truncate=truncate, offset=start)
+            start += len(chunk)
+
+
+def _lower(item):
+    if isinstance(item, str):
+        return item.lower()
+    return type(item)(_lower(part) for part in item)  # a text pair, or pre-tokenized words
