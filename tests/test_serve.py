@@ -117,7 +117,7 @@ def test_openai_client(server, minilm):
     assert [d.index for d in result.data] == [0, 1, 2] and result.model == "all-MiniLM-L6-v2"
     expected = minilm.embed(TEXTS[:3])
     torch.testing.assert_close(torch.tensor([d.embedding for d in result.data]), expected, rtol=0, atol=2e-6)
-    tokens = sum(len(e.ids) for e in minilm._encode(TEXTS[:3], None, True))
+    tokens = sum(len(e.ids) for e in minilm.text.encode(TEXTS[:3]))
     assert result.usage.prompt_tokens == result.usage.total_tokens == tokens
     floats = client.embeddings.create(input="Welcome to NYC", model="m", encoding_format="float", dimensions=32)
     cut = minilm.embed("Welcome to NYC", normalize=False)[:32]
@@ -166,7 +166,7 @@ LONG = "word " * 300  # over MiniLM's 256 tokens
     ("/embed", {"inputs": ""}, 422, "`inputs` is an empty string"),
     ("/embed", {"inputs": "a", "normalize": "no"}, 422, "`normalize` must be true or false, got a string"),
     ("/embed", {"inputs": ["ok", LONG]}, 422,
-     "`inputs`: text 1 has 302 tokens, over the limit of 256 (truncate=False)"),
+     "`inputs`: text 1 has 302 tokens, over the limit of 256 (truncation is off)"),
     ("/embed", {"inputs": ["a"] * 33}, 413, "`inputs` has 33 inputs, over the maximum of 32 per request"),
     ("/embed", {"inputs": "a", "dimensions": 999}, 422,
      "`dimensions` is 999; it must be between 1 and the model's 384"),
@@ -178,7 +178,7 @@ LONG = "word " * 300  # over MiniLM's 256 tokens
      "/embed_sparse needs a masked-language-model head (a SPLADE checkpoint) and this model has none (heads: pooler)"),
     ("/embed_all", {"inputs": []}, 422, "`inputs` is empty"),
     ("/embed_all", {"inputs": ["ok", LONG]}, 422,
-     "`inputs`: text 1 has 302 tokens, over the limit of 256 (truncate=False)"),
+     "`inputs`: text 1 has 302 tokens, over the limit of 256 (truncation is off)"),
     ("/embed", {"inputs": "a", "prompt_name": "query"}, 422,
      "prompt_name 'query' is not one of this checkpoint's prompts (config_sentence_transformers.json): none"),
 ])
@@ -365,7 +365,7 @@ def test_rerank_truncates_as_the_pipeline(reranker):
     texts = ["a cat", "the cat sat on the mat " * 20]  # the second pair is over the model's 96 positions
     refused = httpx.post(url + "/rerank", json={"query": QUERY, "texts": texts})
     assert refused.status_code == 422
-    assert re.fullmatch(r"`texts`: input 1 has \d+ tokens, over the model's limit of 96 \(truncation is off\)",
+    assert re.fullmatch(r"`texts`: input 1 has \d+ tokens, over the limit of 96 \(truncation is off\)",
                         refused.json()["error"]), refused.json()
     cut = httpx.post(url + "/rerank", json={"query": QUERY, "texts": texts, "truncate": True})
     assert cut.status_code == 200, cut.text
@@ -387,7 +387,7 @@ def test_predict_texts_and_pairs(reranker):
     assert abs(batch.json()[1][0]["score"] - logit) < 1e-5
     too_long = httpx.post(url + "/predict", json={"inputs": [["word " * 50, "word " * 50]]})
     assert too_long.status_code == 422
-    assert re.fullmatch(rf"input 0 has \d+ tokens, over the limit of {pipe.max_length} \(truncate=false\)",
+    assert re.fullmatch(rf"input 0 has \d+ tokens, over the limit of {pipe.max_length} \(truncation is off\)",
                         too_long.json()["error"])
     cut = httpx.post(url + "/predict", json={"inputs": [["word " * 50, "word " * 50]], "truncate": True})
     assert cut.status_code == 200
@@ -411,12 +411,18 @@ def test_triton_backend_answers_are_bitwise_embed(tmp_path):
 
         responses = asyncio.run(run())
         shared = metric(url, "fastenc_batch_requests_sum") > metric(url, "fastenc_batch_requests_count")
+        cut = {(dim, normalize): httpx.post(url + "/embed", timeout=300, json={
+            "inputs": texts, "dimensions": dim, "normalize": normalize}) for dim in (None, 16) for normalize in (True, False)}
     encoder = fastenc.Encoder.from_pretrained(path, backend="triton")
     for text, response in zip(texts, responses):
         assert response.status_code == 200, response.text
         got = np.frombuffer(base64.b64decode(response.json()["data"][0]["embedding"]), dtype="<f4")
         assert torch.equal(torch.from_numpy(got.copy()), encoder.embed(text, normalize=True)), text
     assert shared  # at least one batch held more than one request
+    for (dim, normalize), response in cut.items():  # TEI's dimensions and normalize: embed(dim=, normalize=)
+        assert response.status_code == 200, response.text
+        expected = encoder.embed(texts, dim=dim, normalize=normalize)
+        assert torch.equal(torch.tensor(response.json(), dtype=torch.float32), expected), (dim, normalize)
 
 
 # ------------------------------------------------------------------------------- prompts and token vectors
@@ -480,7 +486,7 @@ def test_openai_prompt_name(prompted):
     torch.testing.assert_close(torch.tensor([d.embedding for d in passage.data]),
                                encoder.embed(texts, prompt_name="passage"), rtol=0, atol=2e-6)
     prompted_texts = [PROMPTS["passage"] + text for text in texts]
-    assert passage.usage.prompt_tokens == sum(len(e.ids) for e in encoder._encode(prompted_texts, None, True))
+    assert passage.usage.prompt_tokens == sum(len(e.ids) for e in encoder.text.encode(prompted_texts))
     default = client.embeddings.create(input=texts, model="m")  # the checkpoint's default prompt, "query"
     torch.testing.assert_close(torch.tensor([d.embedding for d in default.data]), encoder.embed(texts),
                                rtol=0, atol=2e-6)
