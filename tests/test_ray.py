@@ -86,6 +86,21 @@ def test_embed_batch_takes_each_batch_format(tiny):
     assert kept.schema.field("embedding").type == pa.list_(pa.uint8(), 2)
 
 
+@pytest.mark.parametrize("options", [dict(dim=24, normalize=False, precision="float16"),
+                                     dict(dim=16, precision="int8", calibration="sample"), dict(precision="binary")])
+def test_embed_batch_on_triton_is_embed_bitwise(tiny, options):
+    """An actor's batch on the Triton backend (the interpreter here) is ``embed()`` of the same texts, bit for
+    bit, for every storage option: both run the same task and storage objects."""
+    texts = [row["text"] for row in rows(6, seed=3)]
+    encoder = fastenc.Encoder.from_pretrained(tiny, backend="triton")
+    if options.get("calibration") == "sample":
+        options = dict(options, calibration=encoder.calibrate(texts[:3], dim=options["dim"]))
+    expected = encoder.embed(texts, **options)
+    table = EmbedBatch(tiny, backend="triton", **options)(pa.table({"text": texts}))
+    got = np.array(table.column("embedding").to_pylist(), dtype=expected.numpy().dtype)
+    assert torch.equal(torch.from_numpy(got), expected)
+
+
 def test_embed_dataset_every_id_once(cluster, tiny):
     source = rows(2000, seed=2)
     ds = ray.data.from_items(source, override_num_blocks=4)
