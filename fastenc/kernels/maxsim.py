@@ -142,6 +142,8 @@ def maxsim(
     out = torch.empty(docs, device=device, dtype=torch.float32)
     if docs == 0:
         return out
+    if documents.shape[0] == 0 or query.shape[0] == 0:  # every score is an empty sum (and the data pointer null)
+        return out.zero_()
     config = maxsim_config(query.dtype, dim, _target.device_arch(device))
     with on_device(device):
         _maxsim_kernel[(docs,)](query, documents, cu_seqlens, out, query.shape[0], dim, query.stride(0),

@@ -330,6 +330,15 @@ def test_maxsim(dtype, n_query, dim):
     assert out[1] == 0  # the empty document
 
 
+def test_maxsim_without_tokens():
+    """No documents; documents without tokens; a query without tokens: empty sums, zero scores."""
+    query, documents, cu_seqlens = maxsim_inputs(5, 32, torch.float16)
+    assert kernels.maxsim(query, documents, cu_seqlens[:1]).shape == (0,)
+    assert kernels.maxsim(query, documents[:0], cu_seqlens_of([0, 0])).tolist() == [0.0, 0.0]
+    assert kernels.maxsim(query[:0], documents, cu_seqlens).tolist() == [0.0] * len(MAXSIM_LENGTHS)
+    assert reference.maxsim(query[:0], documents, cu_seqlens).tolist() == [0.0] * len(MAXSIM_LENGTHS)
+
+
 def test_maxsim_documents_are_batch_invariant():
     lengths = [70, 7, 1, 0, 33, 64]
     for dtype in (torch.float16, torch.float32):
