@@ -518,3 +518,19 @@ def test_bert_base_norms_and_embeddings(dtype):
     out = kernels.embeddings(*ids, *tables, weight, bias, 1e-12)
     expected = reference.embeddings(*ids, *f64(*tables, weight, bias), 1e-12)
     assert_matches(out, expected, reference.embeddings(*ids, *tables, weight, bias, 1e-12), "embeddings")
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("dtype", BERT_DTYPES, ids=str)
+@pytest.mark.parametrize("dim", [128, 1024])  # ColBERT's dim (one step), BGE-M3's (walked in steps)
+def test_colbert_scale_maxsim(dtype, dim):
+    """A 32-token query against 1,000 documents of 50-300 tokens, and one document alone: the same bits."""
+    lengths = torch.randint(50, 301, (1000,), generator=torch.Generator().manual_seed(0)).tolist()
+    query, documents, cu_seqlens = maxsim_inputs(32, dim, dtype, lengths)
+    out = kernels.maxsim(query, documents, cu_seqlens)
+    expected = reference.maxsim(*f64(query, documents), cu_seqlens)
+    assert_matches(out, expected, reference.maxsim(query, documents, cu_seqlens), "maxsim")
+    start = sum(lengths[:500])
+    alone = kernels.maxsim(query, documents[start:start + lengths[500]].clone(), cu_seqlens_of([lengths[500]]))
+    assert torch.equal(alone[0], out[500])
