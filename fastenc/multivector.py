@@ -41,7 +41,8 @@ def maxsim(
         documents: one ``(tokens_i, dim)`` tensor per document (a list or tuple; a 3-D tensor is read as
             documents of equal length, every row counting, so padding rows would count as tokens). With
             ``lengths``: one packed ``(total_tokens, dim)`` tensor holding the documents' vectors one after
-            another, as a corpus stored flat keeps them; no copy is made.
+            another, as a corpus stored flat keeps them; scored in place (copied only when its last dimension
+            is strided).
         lengths: with a packed ``documents``, each document's token count (ints or a 1-D integer tensor),
             summing to ``total_tokens``.
         backend: ``None``: ``"triton"`` on CUDA, ``"torch"`` on the CPU. ``"triton"`` on the CPU needs the
@@ -55,7 +56,8 @@ def maxsim(
     The vectors are used as given: ColBERT's and BGE-M3's come normalised. BGE-M3's own ColBERT score is
     this divided by the query's token count. The query is moved to the documents' device and cast to their
     dtype; products accumulate in float32 on the Triton backend, and the maxima and the sum are float32 on
-    both. A document's score does not depend on the other documents of the call. No gradients are kept.
+    both. On the Triton backend a document's score is the same bits alone or among any other documents.
+    No gradients are kept.
 
     Raises ``InputError`` naming the problem (a rank other than 2, an empty query, a dim mismatch,
     documents of mixed dtypes or devices, lengths that do not add up), ``TypeError`` for a query or
