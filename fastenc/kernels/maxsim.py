@@ -14,10 +14,11 @@ gets its 64 rows from any query length) and folds it into a running ``BLOCK_N x 
 registers, element by element: no reduction inside the loop. After the document's last block the
 running maximum is reduced over its rows once, and the query block's maxima, padding lanes set to 0, are
 added to the document's score. The ``(query tokens x all document tokens)`` products never reach memory;
-what is written is one fp32 score per document. When the vectors fit one ``BLOCK_K`` step (``ONE_K``,
-ColBERT's 48 to 128 dims) the query block is loaded once and stays in registers for the whole
-document; wider vectors (BGE-M3's 1024) walk the dim in ``BLOCK_K`` steps with the GEMM tile of
-``gemm.py`` (``_gemm_tile``), reloading the query block, which stays in L1/L2.
+what is written is one fp32 score per document. When the vectors fit one ``BLOCK_K`` step (``ONE_K``:
+ColBERT's 48 to 128 dims in fp16/bf16) the query block is loaded once and stays on chip (registers, or
+shared memory for ``wgmma``) for the whole document; wider vectors (BGE-M3's 1024, and fp32 past 32 dims)
+walk the dim in ``BLOCK_K`` steps with the GEMM tile of ``gemm.py`` (``_gemm_tile``), reloading the
+query block, which stays in L1/L2.
 
 The work is memory-bound: each document token is read once (``dim`` values) for ``2 * query_tokens * dim``
 FLOPs, 32 FLOPs per byte for a 32-token fp16 query, far under a GPU's ratio of matmul to memory
