@@ -418,6 +418,8 @@ def _bad_calls() -> dict:
         "maxsim query dim 0": (lambda: kernels.maxsim(x[:, :0], x[:, :0], cu_seqlens_of([4])), ValueError, "query"),
         "maxsim documents dtype": (lambda: kernels.maxsim(x, x.half(), cu_seqlens_of([4])), ValueError, "documents"),
         "maxsim documents dim": (lambda: kernels.maxsim(x, x[:, :16], cu_seqlens_of([4])), ValueError, "documents"),
+        "maxsim documents device": (lambda: kernels.maxsim(x, x.to("meta"), cu_seqlens_of([4])), ValueError,
+                                    "documents"),
         "maxsim cu_seqlens dtype": (lambda: kernels.maxsim(x, x, cu_seqlens_of([4]).long()), ValueError, "cu_seqlens"),
         "maxsim cu_seqlens empty": (lambda: kernels.maxsim(x, x, cu[:0]), ValueError, "cu_seqlens"),
         "embeddings pos_emb": (
