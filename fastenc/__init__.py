@@ -11,11 +11,12 @@ from .errors import BackendError, FastencError, InputError, LoadError
 from .integrations import install_import_hooks as _install_import_hooks
 from .integrations import optimize
 from .integrations.ray import embed_dataset  # ray itself is imported by nothing until a dataset runs
+from .multivector import maxsim
 from .pipelines import pipeline
 
 __version__ = "0.1.0"
 
 __all__ = ["Encoder", "EncoderConfig", "FastencError", "LoadError", "InputError", "BackendError", "optimize",
-           "pipeline", "embed_dataset", "__version__"]
+           "pipeline", "embed_dataset", "maxsim", "__version__"]
 
 _install_import_hooks()

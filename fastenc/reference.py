@@ -304,3 +304,33 @@ def splade_pool(
             pooled = logits.new_zeros(batch, end - start)
             out[:, start:end] = pooled.index_add_(0, text, splade_activation(logits, activation))
     return out
+
+
+MAXSIM_CHUNK = 1 << 19  # elements of maxsim's twin's (document tokens, query tokens) products held at once
+
+
+def maxsim(
+    query: torch.Tensor,  # (query_tokens, dim)
+    documents: torch.Tensor,  # (doc_tokens, dim): every document's token vectors, packed
+    cu_seqlens: torch.Tensor,  # (docs + 1,) int32
+) -> torch.Tensor:  # (docs,) float32 (float64 for float64 inputs)
+    """Late-interaction (ColBERT MaxSim) scores: for each packed document, the sum over the query's tokens
+    of their largest dot product with the document's tokens; an empty document scores 0.
+
+    The products are torch's matmul in the inputs' dtype; the maxima and the sum are float32. The documents'
+    tokens go through in chunks of ``MAXSIM_CHUNK // query_tokens`` rows, each chunk's products max-scattered
+    into a ``(docs, query_tokens)`` running maximum: no padded ``(docs, longest, dim)`` copy is made and the
+    whole ``(doc_tokens, query_tokens)`` product is never held. A maximum is exact, so where the chunks cut
+    (through a document, too) changes nothing.
+    """
+    docs, n_query = cu_seqlens.numel() - 1, query.shape[0]
+    out_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.long)
+    owner = torch.repeat_interleave(torch.arange(docs, device=documents.device), lengths,
+                                    output_size=documents.shape[0])  # (doc_tokens,) which document
+    best = torch.full((docs, n_query), float("-inf"), dtype=out_dtype, device=documents.device)
+    rows = max(1, MAXSIM_CHUNK // max(1, n_query))
+    for start in range(0, documents.shape[0], rows):
+        products = (documents[start:start + rows] @ query.t()).to(out_dtype)  # (chunk, query_tokens)
+        best.scatter_reduce_(0, owner[start:start + rows, None].expand_as(products), products, "amax")
+    return best.sum(1).masked_fill_(lengths == 0, 0.0)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 
 import pytest
@@ -226,12 +227,15 @@ def test_quick_cpu_run_end_to_end(tmp_path, one_thread, capsys):
 
     kernels = {(r["kernel"], r["provider"], r["metric"]) for r in rows if r["suite"] == "kernel"}
     assert ("attention", "sdpa", "TFLOP/s") in kernels and ("add_layer_norm", "torch", "GB/s") in kernels
+    # MaxSim is bound by memory: GB/s, and TFLOP/s beside it; its baseline is the padded torch formula
+    assert {("maxsim", p, m) for p in ("torch", "torch-padded") for m in ("GB/s", "TFLOP/s")} <= kernels
     assert {r["case"] for r in rows if r.get("kernel") == "attention"} == {"attention:hd64:2x32",
                                                                            "attention-var:hd64:var2x8-32"}
     var = next(r for r in rows if r["case"] == "attention-var:hd64:var2x8-32" and r["metric"] == "ms")
     assert var["seq"] == 32 and var["tokens"] < 2 * 32
     if triton_interpreter_on():  # the kernels' launchers, run by the interpreter
-        for kernel in ("attention", "fused_qkv", "linear", "add_layer_norm", "gelu_layer_norm", "embeddings"):
+        for kernel in ("attention", "fused_qkv", "linear", "add_layer_norm", "gelu_layer_norm", "embeddings",
+                       "maxsim"):
             assert (kernel, "fastenc", "ms") in kernels, kernel
 
     skipped = {(s["suite"], s["provider"]): s["reason"] for s in result["skipped"]}
@@ -241,6 +245,7 @@ def test_quick_cpu_run_end_to_end(tmp_path, one_thread, capsys):
     md = path.with_suffix(".md").read_text()
     assert "| case | dtype | provider |" in md and "## Kernels" in md and "## Not measured" in md
     assert "| minilm-l6:1x16 | fp32 | fastenc (eager) |" in md
+    assert re.search(r"\| maxsim:d32-q8:4x8-32 \| 83 \| fp32 \| torch \| .* GB/s, .* TFLOP/s \| .*%, .*% \|", md)
     assert "fp32" in md and "n/a" in md  # CPU: fp32 noted, memory n/a
     assert md in capsys.readouterr().out
     text = readme.read_text()

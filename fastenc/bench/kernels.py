@@ -1,5 +1,6 @@
 """The kernel suite of ``fastenc bench``: each fastenc kernel at one shape (a KernelCase) against its torch
-twin in ``fastenc.reference`` and, for attention, SDPA, varlen attention and ``flash_attn``.
+twin in ``fastenc.reference`` and, for attention, SDPA, varlen attention and ``flash_attn``; for MaxSim, the
+plain torch formula over padded documents.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ class KernelCase:
     """One kernel at one shape: inputs, the fp32 reference, the providers and the work per call.
 
     ``providers[name](inputs) -> (run, canonical)``: ``run()`` is timed; ``canonical(out)`` maps its output
-    to the reference layout for the check. ``unit`` is ``"TFLOP/s"`` (work in FLOPs) or ``"GB/s"`` (bytes).
+    to the reference layout for the check. ``unit`` is ``"TFLOP/s"`` (work in FLOPs) or ``"GB/s"`` (bytes);
+    ``also`` adds rows in other units beside it (MaxSim: GB/s, the unit it is bound by, and TFLOP/s).
     """
 
     kernel: str
@@ -40,6 +42,7 @@ class KernelCase:
     work: Callable[[torch.dtype], float]
     unit: str
     baseline: str = "torch"
+    also: tuple[tuple[str, Callable[[torch.dtype], float]], ...] = ()  # further (unit, work) rates reported
 
 
 def _randn(shape, device, dtype, generator, scale=1.0):
@@ -262,6 +265,47 @@ def embeddings_case(batch: int, seq: int, hidden: int = 768, vocab: int = 30522)
                       work, "GB/s")
 
 
+def maxsim_case(docs: int, min_len: int, max_len: int, query_tokens: int = 32, dim: int = 128) -> KernelCase:
+    """One query against ``docs`` documents of lengths drawn from ``min_len..max_len`` (seed 0), unit vectors
+    as ColBERT's. GB/s: the query and the documents read once, the scores written once; TFLOP/s:
+    ``2 * query_tokens * doc_tokens * dim``."""
+    lengths = Shape(docs, max_len, min_len).lengths()
+    tokens = sum(lengths)
+
+    def make_inputs(device, dtype):
+        g = torch.Generator(device=device).manual_seed(0)
+        query = F.normalize(torch.randn((query_tokens, dim), generator=g, device=device), dim=-1).to(dtype)
+        documents = F.normalize(torch.randn((tokens, dim), generator=g, device=device), dim=-1).to(dtype)
+        cu = torch.zeros(docs + 1, dtype=torch.int32)
+        torch.cumsum(torch.tensor(lengths, dtype=torch.int32), 0, out=cu[1:])
+        return {"q": query, "d": documents, "cu": cu.to(device)}
+
+    def ref(x):
+        return reference.maxsim(x["q"], x["d"], x["cu"])
+
+    def padded(x):  # the plain torch formula on documents already padded: einsum, masked max, sum
+        device = x["d"].device
+        real = (torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]).to(device)  # (docs, longest)
+        pad = x["d"].new_zeros(docs, max(lengths), dim)
+        pad[real] = x["d"]
+
+        def run():
+            scores = torch.einsum("qh,bth->bqt", x["q"], pad).masked_fill(~real[:, None, :], float("-inf"))
+            return scores.amax(-1).float().sum(-1)
+
+        return run, _identity
+
+    def work(dtype):
+        return (query_tokens + tokens) * dim * dtype.itemsize + 4 * (docs + 1) + 4 * docs
+
+    size = f"{docs}x{min_len}-{max_len}"
+    return KernelCase("maxsim", f"maxsim:d{dim}-q{query_tokens}:{size}", docs, max_len, tokens, make_inputs, ref,
+                      {"fastenc": _kernel("maxsim", lambda f, x: f(x["q"], x["d"], x["cu"])), "torch": _twin(ref),
+                       "torch-padded": padded},
+                      work, "GB/s", baseline="torch-padded",
+                      also=(("TFLOP/s", lambda dtype: 2 * query_tokens * tokens * dim),))
+
+
 def kernel_cases(device_type: str, quick: bool) -> list[KernelCase]:
     """The kernel plan: attention over sequence lengths; the token-wise kernels at the e2e shapes."""
     if device_type == "cuda":
@@ -276,6 +320,11 @@ def kernel_cases(device_type: str, quick: bool) -> list[KernelCase]:
         attention = [attention_case(4, s, var) for var in (False, True) for s in (128, 256)]
         shapes, hiddens = ((8, 128),), ((768, 12),)
     cases = list(attention)
+    if device_type == "cuda":  # ColBERT's shape (the issue's CPU case at GPU scale), and BGE-M3's 1024 dims
+        cases += [maxsim_case(1000, 50, 300), maxsim_case(10000, 50, 300)]
+        cases += [] if quick else [maxsim_case(1000, 50, 300, dim=1024)]
+    else:
+        cases.append(maxsim_case(4, 8, 32, query_tokens=8, dim=32) if quick else maxsim_case(1000, 50, 300))
     for batch, seq in shapes:
         for hidden, heads in hiddens:
             cases += [
@@ -388,6 +437,6 @@ def _run_kernel_case(plan, report: Report, run: KernelRun, unavailable: dict) ->
         base = {"suite": "kernel", "case": case.case, "provider": name, "dtype": dtype_name, "batch": case.batch,
                 "seq": case.seq, "tokens": case.tokens, "kernel": case.kernel, "baseline": case.baseline,
                 "mode": "eager"}
-        report.add_rates(base, timing, [(case.unit, work)])
+        report.add_rates(base, timing, [(case.unit, work), *((unit, also(dtype)) for unit, also in case.also)])
         rate = work / (timing.median * 1e-3) / (1e12 if case.unit == "TFLOP/s" else 1e9)
         report.log(f"  {case.case} {dtype_name} {name}: {timing.median:.4f} ms, {rate:.3g} {case.unit}")

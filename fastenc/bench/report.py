@@ -329,18 +329,19 @@ def markdown(result: dict) -> str:
     if kernels:
         lines += ["## Kernels", "",
                   "TFLOP/s for GEMMs and attention, GB/s (each input read once, each output written once) for the "
-                  "memory-bound kernels; % of the measured matmul or copy peak; speed relative to the case's "
-                  "baseline (`sdpa` for attention, the torch twin `torch` otherwise). Variable-length cases are "
+                  "memory-bound kernels, both for MaxSim (bound by memory); % of the measured copy or matmul peak; "
+                  "speed relative to the case's baseline (`sdpa` for attention, `torch-padded` for MaxSim, the "
+                  "torch twin `torch` otherwise). Variable-length cases are "
                   "named `varBxMIN-MAX` (B sequences of lengths drawn from MIN..MAX); tokens: real tokens.", "",
                   "| case | tokens | dtype | provider | ms median (p20-p80) | rate | % peak | vs baseline |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in kernels:
             key = _key(r)
-            rate = table.get((*key, r["provider"], "TFLOP/s")) or table.get((*key, r["provider"], "GB/s"))
+            rates = [row for row in (table.get((*key, r["provider"], m)) for m in ("GB/s", "TFLOP/s")) if row]
             base = table.get((*key, r.get("baseline"), "ms"))
             rel = f"{base['value'] / r['value']:.2f}x" if base else "n/a"
-            share = f"{100 * rate['share_of_peak']:.1f}%" if rate and "share_of_peak" in rate else "n/a"
-            rate_text = f"{_fmt(rate['value'])} {rate['metric']}" if rate else "n/a"
+            share = ", ".join(f"{100 * row['share_of_peak']:.1f}%" for row in rates if "share_of_peak" in row) or "n/a"
+            rate_text = ", ".join(f"{_fmt(row['value'])} {row['metric']}" for row in rates) or "n/a"
             tokens = r.get("tokens", r["batch"] * r["seq"])
             lines.append(f"| {r['case']} | {tokens:,} | {r['dtype']} | {r['provider']} | "
                          f"{_fmt(r['value'])} ({_fmt(r['p20'])}-{_fmt(r['p80'])}) | {rate_text} | {share} | {rel} |")

@@ -21,6 +21,7 @@ from fastenc.kernels.attention import attention
 from fastenc.kernels.embeddings import embeddings
 from fastenc.kernels.gemm import gated_linear, linear
 from fastenc.kernels.layer_norm import add_layer_norm, gelu_layer_norm, layer_norm
+from fastenc.kernels.maxsim import maxsim
 from fastenc.kernels.qkv import fused_qkv
 from fastenc.kernels.splade import splade_pool
 
@@ -37,6 +38,9 @@ KERNELS = (
     ("gelu_layer_norm", "LayerNorm(act(x)), one row per program, fp32 statistics"),
     ("splade_pool", "SPLADE head: vocabulary GEMM tiles, log1p-ReLU and per-text max/sum pooling in registers; "
                     "the (tokens, vocab) logits never reach memory"),
+    ("maxsim", "late-interaction (ColBERT MaxSim) scores of a query against packed documents: dot-product tiles, "
+               "a running max per (document token, query token) lane in registers, the sum over the query; the "
+               "(query tokens, document tokens) products never reach memory"),
 )
 
 if _target.INTERPRETED:
@@ -45,4 +49,4 @@ if _target.INTERPRETED:
     _interpreter.install()
 
 __all__ = ["KERNELS", "add_layer_norm", "attention", "embeddings", "fused_qkv", "gated_linear", "gelu_layer_norm",
-           "layer_norm", "linear", "splade_pool"]
+           "layer_norm", "linear", "maxsim", "splade_pool"]

@@ -19,8 +19,9 @@ CUDA cores) and asynchronous copies (LDGSTS or TMA: the software-pipelined loads
     python -m fastenc.kernels.aot --sweep [--arch 90,86] [--dtype fp16,bf16,fp32] [...]
 
 ``--sweep`` compiles, instead of model forwards, the kernels whose configs depend on a width: attention
-at every head dim from 16 to 128 (powers of two and the masked ones users run: 24, 40, 48, 80, 96) and
-the row kernels (LayerNorms, embeddings) at widths from 96 to the largest supported. ``problems``
+at every head dim from 16 to 128 (powers of two and the masked ones users run: 24, 40, 48, 80, 96), the
+row kernels (LayerNorms, embeddings) at widths from 96 to the largest supported, and the MaxSim kernel
+at the multi-vector dims of ColBERT models (48, 96, 128) and BGE-M3 (1024). ``problems``
 lists every build that would fail or slow down on a GPU: over the shared memory limit, or spilling
 registers; the command exits non-zero when there is any, so a config change that regresses fails
 its test. ``tight`` lists the builds that use all 255 registers without spilling (one change away
@@ -194,7 +195,7 @@ class CompileOnlyDriver(DriverBase):
         return out
 
 
-CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_D", "BLOCK", "GROUP_M")
+CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_D", "BLOCK_Q", "BLOCK", "GROUP_M")
 SHAPE_KEYS = ("K", "N", "HEAD_DIM", "n_cols", "ACTIVATION", "POOLING")
 # The families' constexpr flags, shown with the shape where they differ from BERT's kernels.
 FLAG_DEFAULTS = {"HAS_BIAS": True, "HAS_POSITIONS": True, "HAS_RESIDUAL": False, "ROPE": False, "WINDOW": False,
@@ -266,10 +267,13 @@ def compile_report(archs=(90, 80), dtypes=("fp16", "bf16"), models=("bert-base",
 
 SWEEP_HEAD_DIMS = (16, 24, 32, 40, 48, 64, 80, 96, 128)
 SWEEP_WIDTHS = (96, 384, 768, 1024, 4096, 8192, 16384)
+# Multi-vector dims: mxbai-edge-colbert (48), answerai-colbert-small (96), most ColBERT models (128), BGE-M3 (1024).
+SWEEP_MAXSIM_DIMS = (48, 96, 128, 1024)
 
 
 def sweep_report(archs=(90, 86), dtypes=("fp16", "bf16", "fp32")) -> list[KernelBuild]:
-    """Compile attention at every head dim and the row kernels at every width, per architecture and dtype."""
+    """Compile attention at every head dim, the row kernels at every width and MaxSim at every multi-vector
+    dim, per architecture and dtype."""
     from fastenc import kernels
     from fastenc.kernels.layer_norm import MAX_HIDDEN
 
@@ -289,6 +293,9 @@ def sweep_report(archs=(90, 86), dtypes=("fp16", "bf16", "fp32")) -> list[Kernel
                     kernels.add_layer_norm(x, x, w, w, 1e-12)
                     kernels.gelu_layer_norm(x, w, w, 1e-12, "gelu_tanh")
                     kernels.embeddings(ids, ids, ids, x, x, x, w, w, 1e-12)
+                for dim in SWEEP_MAXSIM_DIMS:  # a 32-token query (ColBERT's) against the ragged documents
+                    kernels.maxsim(torch.empty(32, dim, dtype=dtype), torch.empty(tokens, dim, dtype=dtype),
+                                   cu_seqlens)
                 builds.extend(driver.builds(name, "sweep"))
     return builds
 
@@ -370,8 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the builds as JSON here")
     parser.add_argument("--positional", action="store_true", help="with --sweep: the windowed and relative-bias "
                         "attention (ModernBERT, MPNet) at every head dim, instead")
-    parser.add_argument("--sweep", action="store_true", help="attention at every head dim and the row kernels "
-                                                             "at every width, instead of model forwards")
+    parser.add_argument("--sweep", action="store_true", help="attention at every head dim, the row kernels at "
+                        "every width and MaxSim at every multi-vector dim, instead of model forwards")
     args = parser.parse_args(argv)
     if _target.INTERPRETED:
         parser.error("TRITON_INTERPRET is set: the interpreter replaces Triton's compiler; unset it")

@@ -157,6 +157,20 @@ def test_no_config_spills_at_any_head_dim_or_width(sweep):
             assert "n_cols=16384" in widths, (arch, dtype, widths)
 
 
+def test_maxsim_streams_documents_through_pipelined_tensor_cores(sweep):
+    """MaxSim at the multi-vector dims (ColBERT's 48-128, BGE-M3's 1024): 16-bit on tensor cores behind
+    asynchronous copies, fp32 on CUDA cores; no spill and shared memory within the limit (the test above)."""
+    from fastenc.kernels.aot import SWEEP_MAXSIM_DIMS
+
+    for arch, (_, _, report) in sweep.items():
+        for dtype in ("fp16", "bf16", "fp32"):
+            builds = [b for b in report["builds"] if b["kernel"] == "maxsim" and b["dtype"] == dtype]
+            assert sorted(int(b["shape"].removeprefix("K=")) for b in builds) == sorted(SWEEP_MAXSIM_DIMS), builds
+            for b in builds:
+                expected = "none" if dtype == "fp32" else "wgmma" if arch == 90 else "mma"
+                assert b["tensor_cores"] == expected and b["async_copies"], b
+
+
 def test_the_sweep_reports_a_regression():
     """``problems`` names a spill and a build over the shared memory limit; ``tight`` one at the register cap."""
     from fastenc.kernels.aot import KernelBuild, problems, tight

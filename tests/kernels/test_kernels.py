@@ -300,6 +300,71 @@ def test_splade_pool_rows_are_batch_invariant():
             start += n
 
 
+# --- maxsim -------------------------------------------------------------------------------------
+
+# Ragged: a document shorter than the query, an empty one, one past a 64-token block, a one-token one.
+MAXSIM_LENGTHS = [5, 0, 70, 1, 33]
+
+
+def maxsim_inputs(n_query: int, dim: int, dtype: torch.dtype, lengths: list[int] = MAXSIM_LENGTHS):
+    """A query and packed documents of unit-scale dot products; NaN past the dim (reading it would show)."""
+    query = rand(n_query, dim, dtype=dtype, scale=dim**-0.25, pad=4)
+    documents = rand(sum(lengths), dim, dtype=dtype, scale=dim**-0.25, pad=4)
+    return query, documents, cu_seqlens_of(lengths)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n_query, dim", [
+    (1, 24),  # one query token; fp32 takes the dim in one step
+    (37, 48),  # two query blocks, the second partial; a masked dim
+    (7, 96),  # a query shorter than its block; masked one-step dim on 16-bit
+    (32, 128),  # exactly one query block (ColBERT's query length and dim)
+    (37, 200),  # the dim walked in steps, the last one masked
+])
+def test_maxsim(dtype, n_query, dim):
+    query, documents, cu_seqlens = maxsim_inputs(n_query, dim, dtype)
+    out = kernels.maxsim(query, documents, cu_seqlens)
+    assert out.shape == (len(MAXSIM_LENGTHS),) and out.dtype == torch.float32
+    expected = reference.maxsim(*f64(query, documents), cu_seqlens)
+    assert_matches(out, expected, reference.maxsim(query, documents, cu_seqlens), "maxsim")
+    assert out[1] == 0  # the empty document
+
+
+def test_maxsim_without_tokens():
+    """No documents; documents without tokens; a query without tokens: empty sums, zero scores."""
+    query, documents, cu_seqlens = maxsim_inputs(5, 32, torch.float16)
+    assert kernels.maxsim(query, documents, cu_seqlens[:1]).shape == (0,)
+    assert kernels.maxsim(query, documents[:0], cu_seqlens_of([0, 0])).tolist() == [0.0, 0.0]
+    assert kernels.maxsim(query[:0], documents, cu_seqlens).tolist() == [0.0] * len(MAXSIM_LENGTHS)
+    assert reference.maxsim(query[:0], documents, cu_seqlens).tolist() == [0.0] * len(MAXSIM_LENGTHS)
+
+
+def test_maxsim_documents_are_batch_invariant():
+    lengths = [70, 7, 1, 0, 33, 64]
+    for dtype in (torch.float16, torch.float32):
+        query, documents, _ = maxsim_inputs(37, 96, dtype, lengths)
+        full = kernels.maxsim(query, documents, cu_seqlens_of(lengths))
+        starts = [sum(lengths[:i]) for i in range(len(lengths))]
+        docs = [documents[start:start + n] for start, n in zip(starts, lengths)]
+        reverse = kernels.maxsim(query, torch.cat(docs[::-1]), cu_seqlens_of(lengths[::-1]))
+        assert torch.equal(reverse.flip(0), full), dtype
+        for row, doc in enumerate(docs):
+            alone = kernels.maxsim(query, doc.clone(), cu_seqlens_of([doc.shape[0]]))
+            assert torch.equal(alone[0], full[row]), (dtype, row)
+
+
+def test_maxsim_twin_chunks_cut_through_documents(monkeypatch):
+    """The twin's token chunks meet: chunks of 3 rows (cutting through documents) give the padded formula's
+    scores exactly (small integers: every product and sum is exact)."""
+    lengths = [4, 0, 9, 1]
+    query = torch.randint(-4, 5, (6, 10), dtype=torch.float64)
+    documents = torch.randint(-4, 5, (sum(lengths), 10), dtype=torch.float64)
+    monkeypatch.setattr(reference, "MAXSIM_CHUNK", 3 * query.shape[0])
+    scores = reference.maxsim(query, documents, cu_seqlens_of(lengths).cpu())
+    docs = documents.split(lengths)
+    assert scores.tolist() == [(query @ d.t()).amax(1).sum().item() if len(d) else 0.0 for d in docs]
+
+
 # --- launcher errors ----------------------------------------------------------------------------
 
 
@@ -349,6 +414,14 @@ def _bad_calls() -> dict:
         "splade_pool cu_seqlens dtype": (lambda: kernels.splade_pool(x, w, b, cu.long()), ValueError, "cu_seqlens"),
         "splade_pool pooling": (lambda: kernels.splade_pool(x, w, b, cu, "mean"), ValueError, "pooling"),
         "splade_pool activation": (lambda: kernels.splade_pool(x, w, b, cu, "max", "gelu"), ValueError, "activation"),
+        "maxsim query rank": (lambda: kernels.maxsim(x[None], x, cu_seqlens_of([4])), ValueError, "query"),
+        "maxsim query dim 0": (lambda: kernels.maxsim(x[:, :0], x[:, :0], cu_seqlens_of([4])), ValueError, "query"),
+        "maxsim documents dtype": (lambda: kernels.maxsim(x, x.half(), cu_seqlens_of([4])), ValueError, "documents"),
+        "maxsim documents dim": (lambda: kernels.maxsim(x, x[:, :16], cu_seqlens_of([4])), ValueError, "documents"),
+        "maxsim documents device": (lambda: kernels.maxsim(x, x.to("meta"), cu_seqlens_of([4])), ValueError,
+                                    "documents"),
+        "maxsim cu_seqlens dtype": (lambda: kernels.maxsim(x, x, cu_seqlens_of([4]).long()), ValueError, "cu_seqlens"),
+        "maxsim cu_seqlens empty": (lambda: kernels.maxsim(x, x, cu[:0]), ValueError, "cu_seqlens"),
         "embeddings pos_emb": (
             lambda: kernels.embeddings(ids, ids, None, table, table[:, :16], None, ln_w, ln_b, 1e-12),
             ValueError,
@@ -376,7 +449,7 @@ def test_launchers_mirror_the_reference():
     """Same names, parameters and defaults as fastenc.reference; KERNELS lists each once."""
     names = [name for name, _ in kernels.KERNELS]
     assert sorted(names) == ["add_layer_norm", "attention", "embeddings", "fused_qkv", "gated_linear", "gelu_layer_norm",
-                             "layer_norm", "linear", "splade_pool"]
+                             "layer_norm", "linear", "maxsim", "splade_pool"]
     for name in names:
         ours, theirs = inspect.signature(getattr(kernels, name)), inspect.signature(getattr(reference, name))
         assert [(p.name, p.default) for p in ours.parameters.values()] == [
@@ -447,3 +520,19 @@ def test_bert_base_norms_and_embeddings(dtype):
     out = kernels.embeddings(*ids, *tables, weight, bias, 1e-12)
     expected = reference.embeddings(*ids, *f64(*tables, weight, bias), 1e-12)
     assert_matches(out, expected, reference.embeddings(*ids, *tables, weight, bias, 1e-12), "embeddings")
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("dtype", BERT_DTYPES, ids=str)
+@pytest.mark.parametrize("dim", [128, 1024])  # ColBERT's dim (one step), BGE-M3's (walked in steps)
+def test_colbert_scale_maxsim(dtype, dim):
+    """A 32-token query against 1,000 documents of 50-300 tokens, and one document alone: the same bits."""
+    lengths = torch.randint(50, 301, (1000,), generator=torch.Generator().manual_seed(0)).tolist()
+    query, documents, cu_seqlens = maxsim_inputs(32, dim, dtype, lengths)
+    out = kernels.maxsim(query, documents, cu_seqlens)
+    expected = reference.maxsim(*f64(query, documents), cu_seqlens)
+    assert_matches(out, expected, reference.maxsim(query, documents, cu_seqlens), "maxsim")
+    start = sum(lengths[:500])
+    alone = kernels.maxsim(query, documents[start:start + lengths[500]].clone(), cu_seqlens_of([lengths[500]]))
+    assert torch.equal(alone[0], out[500])
