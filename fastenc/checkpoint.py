@@ -446,8 +446,9 @@ def read_linear_pt(path: Path, dtype: torch.dtype, device: torch.device, *, in_f
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise LoadError(f"{path}: refused: the file holds objects other than tensors, and fastenc reads it "
-                        f"with torch.load(weights_only=True), which builds tensors only ({exc})") from None
+        reason = _unpickler_reason(str(exc))
+        raise LoadError(f"{path}: refused by the restricted loader torch.load(weights_only=True), which builds "
+                        f"tensors and plain values only: {reason}") from None
     except (OSError, RuntimeError, EOFError, ValueError) as exc:
         raise LoadError(f"{path}: cannot be read as a torch.save file of tensors ({exc})") from None
     if not isinstance(state, dict) or not all(isinstance(key, str) for key in state):
@@ -471,3 +472,13 @@ def read_linear_pt(path: Path, dtype: torch.dtype, device: torch.device, *, in_f
         if not bool(torch.isfinite(tensor).all()):
             raise LoadError(f"{path}: tensor {name!r} holds values outside the range of {dtype}")
     return tensors
+
+
+def _unpickler_reason(message: str) -> str:
+    """The reason in torch's long "Weights only load failed" message (what the unpickler refused)."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if "WeightsUnpickler error:" in line:
+            reason = line.split("WeightsUnpickler error:", 1)[1].strip() or (lines[i + 1] if i + 1 < len(lines) else "")
+            return reason.split(". ", 1)[0] or "not a torch.save file of tensors"
+    return lines[0] if lines else "not a torch.save file of tensors"

@@ -407,6 +407,16 @@ class Encoder:
                                     dim=mv.truncate_dim)
         return task, TextPlan(Prompt(found.text), length, expansion)
 
+    @property
+    def multivector_dim(self) -> int:
+        """The width of ``embed_multivector``'s vectors (``LoadError`` without a multi-vector output)."""
+        task, _ = self.multivector_task()
+        if task.dim is not None:
+            return task.dim
+        if task.projection == "bge_m3":
+            return self.model.heads.tensors("bge_m3")["colbert.weight"].shape[0]
+        return task.dense[-1].out_features if task.dense else self.config.hidden_size
+
     def embed_multivector(self, texts: str | Sequence[str], *, query: bool = False, batch_size: int = 32,
                           max_length: int | None = None, truncate: bool = True, progress: bool | None = None,
                           max_tokens: int = DEFAULT_MAX_TOKENS, prompt_name: str | None = None,

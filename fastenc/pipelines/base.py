@@ -35,10 +35,11 @@ class Pipeline:
     passes, decoding. ``encoder`` must have the task's ``head`` and a tokenizer."""
 
     task: str
-    head: str
+    head: str | None  # None: the task needs no classifier head (late-interaction reranking)
 
     def __init__(self, encoder: Encoder, *, batch_size: int = 32):
-        encoder.model.heads.require(self.head)
+        if self.head is not None:
+            encoder.model.heads.require(self.head)
         if encoder.text is None:
             raise LoadError(f"{encoder.path or 'this encoder'}: the {self.task} pipeline needs the checkpoint's "
                             "tokenizer files (tokenizer.json, vocab.txt or vocab.json + merges.txt)")
