@@ -253,18 +253,20 @@ class LexicalWeights:
         ids = _require_ids(self, input_ids, hidden)
         weights = model.heads.token_weights(hidden)  # (T,) float32
         special = torch.tensor(self.special_ids, dtype=torch.long, device=ids.device)
-        out, start = [], 0
-        for n in lengths:
-            text_ids, text_weights = ids[start:start + n], weights[start:start + n]
-            keep = ~torch.isin(text_ids, special) & (text_weights > 0)
-            cols, where = torch.unique(text_ids[keep], return_inverse=True)  # sorted
-            values = torch.zeros(cols.shape[0], dtype=torch.float32, device=ids.device)
-            values.scatter_reduce_(0, where, text_weights[keep], "amax", include_self=False)
+        counts = torch.tensor(list(lengths), device=ids.device)
+        rows = torch.repeat_interleave(torch.arange(len(lengths), device=ids.device), counts)  # (T,) text of each
+        keep = ~torch.isin(ids, special) & (weights > 0)
+        # one key per (text, token id); the largest weight per key: exact in any order, so batch invariant
+        keys, where = torch.unique(rows[keep] * model.config.vocab_size + ids[keep], return_inverse=True)  # sorted
+        values = torch.zeros(keys.shape[0], dtype=torch.float32, device=ids.device)
+        values.scatter_reduce_(0, where, weights[keep], "amax", include_self=False)
+        per_text = torch.bincount(keys // model.config.vocab_size, minlength=len(lengths)).tolist()
+        out = []
+        for cols, vals in zip((keys % model.config.vocab_size).cpu().split(per_text), values.cpu().split(per_text)):
             if self.top_k is not None and self.top_k < cols.shape[0]:
-                kept = values.topk(self.top_k).indices.sort().values
-                cols, values = cols[kept], values[kept]
-            out.append((cols.cpu(), values.cpu()))
-            start += n
+                kept = vals.topk(self.top_k).indices.sort().values
+                cols, vals = cols[kept], vals[kept]
+            out.append((cols, vals))
         return out
 
 

@@ -71,6 +71,37 @@ def test_matches_sentence_transformers(colbert, name, query):
         assert min(len(v) for v in ours) >= MODELS[name][1]["length"]
 
 
+def test_pylate_layout(colbert, tmp_path):
+    """PyLate's older layout (Transformer and a pylate Dense only; prefixes, lengths, expansion and skiplist
+    as top-level keys of config_sentence_transformers.json), as MultiVectorEncoder reads it."""
+    import shutil
+    import string
+
+    from sentence_transformers import MultiVectorEncoder
+
+    source, _ = colbert["bert-fixed"]
+    path = tmp_path / "pylate"
+    shutil.copytree(source, path)
+    modules = json.loads((path / "modules.json").read_text())[:2]
+    modules[1]["type"] = "pylate.models.Dense.Dense"
+    (path / "modules.json").write_text(json.dumps(modules))
+    sbert = json.loads((path / "sentence_bert_config.json").read_text())
+    for key in ("query_length", "document_length", "query_expansion"):
+        sbert.pop(key)
+    (path / "sentence_bert_config.json").write_text(json.dumps(sbert))
+    (path / "config_sentence_transformers.json").write_text(json.dumps({
+        "model_type": "ColBERT", "query_prefix": "[Q] ", "document_prefix": "[D] ", "query_length": 11,
+        "document_length": 18, "attend_to_expansion_tokens": True, "skiplist_words": list(string.punctuation[:8]),
+        "prompts": {}, "similarity_fn_name": "MaxSim"}))
+    model = _load_st(MultiVectorEncoder, path)
+    encoder = Encoder.from_pretrained(path)
+    for query in (True, False):
+        expected = (model.encode_query if query else model.encode_document)(TEXTS)
+        for mine, theirs in zip(encoder.embed_multivector(TEXTS, query=query), expected):
+            assert mine.shape == theirs.shape
+            torch.testing.assert_close(mine, theirs, rtol=0, atol=2e-6)
+
+
 def test_expansion_not_attended_is_refused(tmp_path, one_thread):
     """Expansion tokens the encoder must not attend to need a key mask the packed attention lacks: the
     queries are refused, the documents work."""
@@ -141,3 +172,16 @@ def test_dense_modules_after_pooling(family, tmp_path, one_thread):
     torch.testing.assert_close(ours, expected, rtol=0, atol=2e-6)
     cut = encoder.embed(TEXTS, dim=8)
     torch.testing.assert_close(cut, torch.nn.functional.normalize(expected[:, :8], dim=-1), rtol=0, atol=2e-6)
+
+
+def test_triton_backend_batch_invariant(colbert):
+    """On the Triton backend (interpreted here) a text's vectors are the same bits alone or in a batch (the
+    Dense GEMM on the model's ops), and close to the torch backend's."""
+    path, _ = colbert["roberta-min"]
+    texts = ["a b", "the lazy dog, again", "dog"]
+    encoder = Encoder.from_pretrained(path, backend="triton")
+    for query in (True, False):
+        batch = encoder.embed_multivector(texts, query=query)
+        assert torch.equal(encoder.embed_multivector(texts[1], query=query), batch[1])
+        for ours, theirs in zip(batch, Encoder.from_pretrained(path).embed_multivector(texts, query=query)):
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
