@@ -257,10 +257,10 @@ class SentenceConfig:
                 layer = Dense.load(path, input_name="token_embeddings" if multivector_model else "sentence_embedding")
                 if layer.input_name == "token_embeddings" and pooling is None and multivector_model:
                     token_dense.append(layer)
-                elif layer.input_name == "sentence_embedding" and pooling is not None:
+                elif layer.input_name == "sentence_embedding" and pooling is not None and not normalize:
                     dense.append(layer)
                 else:
-                    unsupported.append(f"Dense (on {layer.input_name})")
+                    unsupported.append(f"Dense (on {layer.input_name}{', after Normalize' if normalize else ''})")
             elif kind == "MultiVectorMask" and multivector_model:
                 mask = _read(path / "config.json") if (path / "config.json").is_file() else {}
                 if mask.get("keep_only_token_ids"):
@@ -271,7 +271,8 @@ class SentenceConfig:
         multivector = None
         if multivector_model:
             if legacy.get("pylate"):  # PyLate listed only Transformer and Dense: it masked and normalised inline
-                mask = mask if mask is not None else {"skiplist_words": legacy.get("skiplist_words", list(string.punctuation))}
+                if mask is None:
+                    mask = {"skiplist_words": legacy.get("skiplist_words", list(string.punctuation))}
                 token_normalize = True
             multivector = _multivector(directory, sbert.pop("_multivector"), legacy, mask or {}, tuple(token_dense),
                                        token_normalize, truncate_dim)

@@ -58,7 +58,8 @@ def test_matches_flagembedding(m3, flag):
     torch.testing.assert_close(out["dense"], dense, rtol=0, atol=1e-5)
     active = 0
     for row, text in enumerate(TEXTS):
-        ours, theirs = _as_dict(out["sparse"][row]), {int(k): float(v) for k, v in expected["lexical_weights"][row].items()}
+        ours = _as_dict(out["sparse"][row])
+        theirs = {int(k): float(v) for k, v in expected["lexical_weights"][row].items()}
         assert sorted(ours) == sorted(theirs), text
         for key in ours:
             assert abs(ours[key] - theirs[key]) <= 1e-5

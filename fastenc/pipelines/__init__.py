@@ -51,6 +51,6 @@ def pipeline(task: str, model: str | Encoder | None = None, *, batch_size: int =
 
 
 __all__ = ["AGGREGATION_STRATEGIES", "CLASSIFICATION_FUNCTIONS", "PIPELINES", "SCORE_ACTIVATIONS", "TASKS",
-           "TASK_ALIASES", "FillMaskPipeline", "LateInteractionRerankPipeline", "Pipeline", "QuestionAnsweringPipeline", "RerankPipeline",
-           "TextClassificationPipeline", "TokenClassificationPipeline", "best_spans", "clean_up_tokenization",
-           "pipeline"]
+           "TASK_ALIASES", "FillMaskPipeline", "LateInteractionRerankPipeline", "Pipeline",
+           "QuestionAnsweringPipeline", "RerankPipeline", "TextClassificationPipeline", "TokenClassificationPipeline",
+           "best_spans", "clean_up_tokenization", "has_multivector", "pipeline"]
