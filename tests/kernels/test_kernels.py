@@ -274,6 +274,23 @@ def test_splade_pool(dtype, pooling, activation, hidden, vocab):
     assert 0.02 < (out[0] > 0).float().mean() < 0.5  # the one-token text: a mix of active and inactive words
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("pooling, activation", [("max", "relu"), ("sum", "log1p_relu")])
+def test_splade_pool_without_bias(dtype, pooling, activation):
+    """A decoder without a bias (ModernBERT's ``decoder_bias: false``): ``bias=None``, not a zero vector."""
+    x = rand(sum(SPLADE_LENGTHS), 72, dtype=dtype, pad=4)
+    weight = rand(203, 72, dtype=dtype, scale=72**-0.5, pad=4)
+    cu_seqlens = cu_seqlens_of(SPLADE_LENGTHS)
+    out = kernels.splade_pool(x, weight, None, cu_seqlens, pooling, activation)
+    expected = reference.splade_pool(*f64(x, weight), None, cu_seqlens, pooling, activation)
+    torch_out = reference.splade_pool(x, weight, None, cu_seqlens, pooling, activation)
+    assert_matches(out, expected, torch_out, f"splade_pool without bias[{pooling}, {activation}]")
+    zero_bias = torch.zeros(203, dtype=torch.float64, device=DEVICE)
+    torch.testing.assert_close(expected, reference.splade_pool(*f64(x, weight), zero_bias, cu_seqlens, pooling,
+                                                               activation), rtol=0, atol=0)
+    assert (out[2] == 0).all() and 0.02 < (out[0] > 0).float().mean() < 0.98
+
+
 def test_splade_pool_matches_the_twin_chunk_by_chunk():
     """The twin's vocabulary chunks meet: a vocabulary over one chunk gives the unchunked result."""
     vocab = reference.SPLADE_VOCAB_CHUNK + 37
@@ -346,6 +363,7 @@ def _bad_calls() -> dict:
             "token_type_ids",
         ),
         "splade_pool weight shape": (lambda: kernels.splade_pool(x, w[:, :16], b, cu), ValueError, "weight"),
+        "splade_pool bias shape": (lambda: kernels.splade_pool(x, w, b[:4], cu), ValueError, "bias"),
         "splade_pool cu_seqlens dtype": (lambda: kernels.splade_pool(x, w, b, cu.long()), ValueError, "cu_seqlens"),
         "splade_pool pooling": (lambda: kernels.splade_pool(x, w, b, cu, "mean"), ValueError, "pooling"),
         "splade_pool activation": (lambda: kernels.splade_pool(x, w, b, cu, "max", "gelu"), ValueError, "activation"),
