@@ -205,11 +205,12 @@ class Encoder:
 
     @classmethod
     def from_state_dict(cls, config: dict | EncoderConfig, state_dict: dict[str, torch.Tensor], *, device=None,
-                        dtype=None, backend: str | None = None, tokenizer=None) -> "Encoder":
+                        dtype=None, backend: str | None = None, tokenizer=None,
+                        cuda_graphs: bool | None = None) -> "Encoder":
         """An encoder over in-memory tensors: ``config`` as in config.json, ``state_dict`` a model's ``state_dict()``.
 
         ``device`` defaults to the tensors' device. Tensors already on the device in ``dtype`` are shared,
-        not copied (``fastenc.optimize`` builds its encoder this way).
+        not copied (``fastenc.optimize`` builds its encoder this way). ``cuda_graphs`` as in ``from_pretrained``.
         """
         if not isinstance(config, EncoderConfig):
             config = EncoderConfig.from_dict(dict(config), source="config")
@@ -219,7 +220,8 @@ class Encoder:
         dtype = resolve_dtype(dtype, device)
         backend, ops = resolve_backend(backend, device)
         files = checkpoint.StateDictSource(state_dict, device)
-        return cls._load(files, config, device=device, dtype=dtype, backend=backend, ops=ops, tokenizer=tokenizer)
+        return cls._load(files, config, device=device, dtype=dtype, backend=backend, ops=ops, tokenizer=tokenizer,
+                         cuda_graphs=cuda_graphs)
 
     @classmethod
     def _load(cls, files, config: EncoderConfig, *, dtype: torch.dtype, **kwargs) -> "Encoder":
