@@ -3,7 +3,7 @@ run itself: peaks, kernel cases, e2e cases, peaks again; ``run_from_args`` is ``
 
 A plan is a list of cases, each with its own providers and dtype: the full plan is the cross product of
 the command line's dtypes, models, shapes and providers; ``check_plan`` is the bench stage of
-``benchmarks/gpu_check.py`` (the cases the performance goals need, nothing more). ``--providers`` and
+``benchmarks/gpu_check`` (the cases the performance goals need, nothing more). ``--providers`` and
 ``--cases`` filter either exactly; ``--budget`` skips, and reports, every case whose estimate
 (``estimate.py``) no longer fits.
 """
