@@ -22,6 +22,7 @@ FLOORS = {"env": 8, "compile": 15, "correctness": 30, "sanitizer": 15, "bench": 
 DRY_SHARES = {"env": 0.08, "compile": 0.15, "correctness": 0.15, "sanitizer": 0.14, "bench": 0.25, "embed": 0.23}
 DRY_FLOORS = {"env": 10, "compile": 15, "correctness": 15, "sanitizer": 10, "bench": 30, "embed": 25}
 TRITON_COMPILE_S = 1.2  # one new Triton kernel on an H200's host (0.9-1.5 s measured for sm_90 builds)
+CORRECTNESS_WORKERS = 8  # pytest-xdist workers on the GPU machine's 16 cores
 
 
 def shares(dry: bool) -> tuple[dict, dict]:

@@ -135,6 +135,7 @@ def run_check(args) -> int:
             _report(state, full=True)
     except CheckInterrupted as exc:
         log(f"interrupted ({exc}): writing what was done")
+        state.interrupted = str(exc)
         code = 130
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)

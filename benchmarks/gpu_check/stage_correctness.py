@@ -22,6 +22,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from .launches import LOG_ENV, PLAN_ENV, SUBSET_ENV, read_keys
+from .plan import CORRECTNESS_WORKERS
 from .processes import GRACE_S, run_member
 from .records import ROOT, Stage, log, remaining
 
@@ -77,7 +78,7 @@ def run(stage: Stage) -> None:
         stage.record.update(status="failed", note="no test module under tests/ marks a test cuda or gpu")
         return
     junit, subset_path = stage.work / "junit.xml", stage.work / "gpu-subset.json"
-    workers = 0 if stage.dry else min(8, max(1, (os.cpu_count() or 2) // 2))
+    workers = 0 if stage.dry else min(CORRECTNESS_WORKERS, max(1, (os.cpu_count() or 2) // 2))
     command, notes = pytest_command(files, junit, MARKERS, workers)
     env = dict(os.environ, **{SUBSET_ENV: str(subset_path)})
     keys_path = stage.work / "correctness-plan.jsonl"

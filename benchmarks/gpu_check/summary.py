@@ -17,7 +17,7 @@ import json
 import time
 from pathlib import Path
 
-from .plan import REPORT_RESERVE_S, STAGES, new_compiles, shares
+from .plan import CORRECTNESS_WORKERS, REPORT_RESERVE_S, STAGES, TRITON_COMPILE_S, new_compiles, shares
 from .records import START, read_json, write_atomic
 
 FILE_LIMIT = 16 * 2**20  # each file that comes back from the GPU machine
@@ -40,6 +40,7 @@ class CheckState:
     previous: dict = dataclasses.field(default_factory=dict)  # an earlier results.json's check (--only)
     previous_bench: dict = dataclasses.field(default_factory=dict)
     running: tuple[str, float] | None = None  # the stage running now and when it started
+    interrupted: str | None = None  # the signal that stopped the check
 
 
 GOAL_TEXT = {
@@ -166,6 +167,9 @@ def stage_records(state: CheckState) -> dict[str, dict]:
             records[stage] = {**read_json(state.work / f"{stage}.json"), "status": "running",
                               "seconds": round(time.time() - state.running[1], 1), "limit_s": 0.0,
                               "note": "running when this summary was written"}
+        elif stage in state.selected and state.interrupted:
+            records[stage] = {"status": "not run", "seconds": 0.0, "limit_s": 0.0,
+                              "note": f"the check got {state.interrupted} before it started"}
         elif stage in state.selected:
             records[stage] = {"status": "pending", "seconds": 0.0, "limit_s": 0.0, "note": "not started yet"}
         elif stage in state.previous.get("stages", {}):
@@ -203,6 +207,14 @@ def compile_plan(records: dict) -> dict[str, int]:
     return new_compiles(keys) if keys else {}
 
 
+def compile_seconds(stage: str, count: int, records: dict) -> float:
+    """What ``count`` new compiles cost a stage on the GPU machine's host: the compile stage's groups run in
+    parallel (its longest group counts), the correctness stage's tests in ``CORRECTNESS_WORKERS`` workers."""
+    if stage == "compile":
+        return TRITON_COMPILE_S * max((records["compile"].get("plan_groups") or {"": count}).values())
+    return TRITON_COMPILE_S * count / (CORRECTNESS_WORKERS if stage == "correctness" else 1)
+
+
 # ============================================================================================== report
 def write_report(state: CheckState, *, full: bool = True) -> list[Path]:
     """The check's files in ``state.out`` (see the module docstring); ``full=False`` (while a stage runs):
@@ -220,7 +232,8 @@ def write_report(state: CheckState, *, full: bool = True) -> list[Path]:
                  s in state.stages for s in state.selected if s != "report"),
              "plan": {"shares": share, "floors": floor, "report_reserve_s": REPORT_RESERVE_S,
                       "planned_limits_s": {k: round(v, 1) for k, v in state.planned.items()},
-                      "planned_compiles": compile_plan(records)},
+                      "planned_compiles": (compiles := compile_plan(records)),
+                      "planned_compile_s": {k: round(compile_seconds(k, n, records), 1) for k, n in compiles.items()}},
              "stages": records, "goals": goal_list, "modernbert": modernbert_comparison(bench, state.dry)}
     written = []
     write_atomic(out / "results.json", json.dumps(dict(bench, check=check), indent=1, default=str) + "\n")
@@ -300,7 +313,10 @@ def summary_markdown(check: dict, bench: dict) -> str:
             note = "(from an earlier run) " + note
         share = plan["shares"].get(stage)
         built = record.get("binaries_new")
-        compiled = f"{compiles.get(stage, '-')} / {'-' if built is None else built}"
+        planned = compiles.get(stage, "-")
+        if stage in plan["planned_compile_s"]:
+            planned = f"{planned} (~{plan['planned_compile_s'][stage]:.0f} s)"
+        compiled = f"{planned} / {'-' if built is None else built}"
         lines.append(f"| {stage} | {record.get('status')} | {record.get('seconds', 0):.1f} | "
                      f"{record.get('limit_s', 0):.0f} | {record.get('planned_limit_s', '-')} | "
                      f"{'-' if share is None else f'{share:.0%}'} | {compiled} | {note} |")
@@ -309,7 +325,9 @@ def summary_markdown(check: dict, bench: dict) -> str:
               f"({plan['report_reserve_s']:.0f} s are kept for the report): each stage starts with its share of what "
               "is left, so time one does not use goes to the later ones. Planned compiles: the Triton "
               "specialisations a stage launches at the GPU's shapes that no earlier stage launched (recorded by the "
-              "dry run without running them); built: new binaries in the shared Triton cache after the stage."]
+              f"dry run without running them), with what they cost at ~{TRITON_COMPILE_S} s each on the GPU "
+              f"machine's host (the compile stage's groups in parallel, the tests in {CORRECTNESS_WORKERS} workers); "
+              "built: new binaries in the shared Triton cache after the stage."]
     lines += ["", "## Goals (issue 13)", "", "| goal | measured | target | ratio | met |", "|---|---|---|---|---|"]
     for goal in check["goals"]:
         met = {True: "yes", False: "**no**", None: "not measured"}[goal["met"]]
@@ -360,10 +378,11 @@ def _sanitizer_section(record: dict) -> list[str]:
     if not targets:
         return []
     lines = ["", "## Sanitizer", ""]
-    lines += [f"- {tool}: {', '.join(names)}" for tool, names in targets.items()]
+    lines += ["Targets per tool:", ""] + [f"- {tool}: {', '.join(names)}" for tool, names in targets.items()]
     for tool, result in (record.get("checks") or {}).items():
-        for line in result.get("lines", []):
-            lines.append(f"  - {tool if tool != 'none' else 'without the tool'}: {line}")
+        lines += ["", f"Results ({tool if tool != 'none' else 'the targets without the tool'}): "
+                  + "; ".join(result.get("lines", [])) + "."]
+    for tool, result in (record.get("checks") or {}).items():
         races = result.get("races") or []
         if races:
             lines += ["", f"{tool}: {len(races)} reported hazards", "", "| kernel | accesses | severity | count | "
