@@ -164,7 +164,7 @@ def test_dry_run_writes_the_same_files_as_a_gpu_run(bundled, tmp_path):
     assert "## The GPU subset of the tests" in text
     assert "`tests/kernels/test_family_kernels.py::test_gated_linear`" in text
     assert "- racecheck: attention, splade" in text and "| fused_qkv | bfloat16 | 2304 | 768 |" in text
-    assert "| correctness | ok |" in text and f"| {compiles['correctness']} / 0 |" in text
+    assert "| correctness | ok |" in text and f"| {compiles['correctness']} (~" in text
     for goal in summary.GOAL_TEXT.values():
         assert goal in text
     assert "## End to end" in (out / "results.md").read_text()
