@@ -359,6 +359,38 @@ def test_launch_keys_follow_tritons_specialisation(tmp_path, monkeypatch):
                                rtol=1e-5, atol=1e-5)
 
 
+COMPILE_SCRIPT = textwrap.dedent("""
+    import json, sys, torch
+    from benchmarks.gpu_check.launches import compile_timer
+    from fastenc import kernels
+    from fastenc.kernels import aot, gemm
+    x, w = torch.empty(32, 64, dtype=torch.float16), torch.empty(48, 64, dtype=torch.float16)
+    with compile_timer() as built, aot.compile_only(90):
+        kernels.linear(x, w, None)
+        kernels.linear(x[:16], w, None)  # in the process's memory: no hook, nothing counted
+    gemm._linear_kernel.device_caches.clear()  # as a new process would: Triton's disk cache answers
+    with compile_timer() as loaded, aot.compile_only(90):
+        kernels.linear(x, w, None)
+    print(json.dumps([built.kernels, loaded.kernels]))
+""")
+
+
+def test_compiles_are_counted_and_timed_per_kernel_with_tritons_hooks(tmp_path):
+    """The compile stage's GPU path on the CPU: Triton's compiler builds sm_90 binaries into a group's own cache
+    (``fastenc.kernels.aot``), and its hooks count and time each per kernel; a disk-cache hit is a load."""
+    env = {**script_env(), "PYTHONPATH": str(ROOT), "TRITON_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    built, loaded = json.loads(proc.stdout.splitlines()[-1])
+    assert built == {"_linear_kernel": {**built["_linear_kernel"], "compiles": 1, "loads": 0}}
+    assert built["_linear_kernel"]["compile_s"] > 0.05
+    assert loaded == {"_linear_kernel": {**loaded["_linear_kernel"], "compiles": 0, "loads": 1}}
+    from benchmarks.gpu_check.stage_compile import _binaries
+
+    assert _binaries(tmp_path / "cache") == 1
+
+
 def test_parsers(tmp_path):
     junit = tmp_path / "junit.xml"
     junit.write_text('<testsuites><testsuite tests="5" failures="1" errors="1" skipped="1">'

@@ -147,10 +147,9 @@ def plan_keys(work: Path, stage: str) -> list[str]:
 class compile_timer:
     """Per kernel, the specialisations this process built or loaded and the seconds it took (Triton's hooks).
 
-    A specialisation already in the process's memory calls no hook; one in Triton's disk cache calls
-    both, within milliseconds (counted in ``loads``, below ``DISK_HIT_S``)."""
-
-    DISK_HIT_S = 0.05
+    A specialisation already in the process's memory calls no hook; one found in the Triton cache on disk
+    calls both and adds no entry to it (counted in ``loads``); a new one adds its entry (``compiles``). Meant
+    for a process with a Triton cache of its own (``TRITON_CACHE_DIR``)."""
 
     def __init__(self):
         self.kernels: dict[str, dict] = {}
@@ -160,6 +159,7 @@ class compile_timer:
         from triton import knobs
 
         self._knobs = knobs.runtime
+        self._cache = Path(knobs.cache.dir)
         self._saved = (knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook)
         knobs.runtime.jit_cache_hook = self._before
         knobs.runtime.jit_post_compile_hook = self._after
@@ -168,19 +168,22 @@ class compile_timer:
     def __exit__(self, *exc):
         self._knobs.jit_cache_hook, self._knobs.jit_post_compile_hook = self._saved
 
+    def _entries(self) -> int:
+        return sum(1 for _ in self._cache.iterdir()) if self._cache.is_dir() else 0
+
     def _before(self, **kwargs):
-        self._started[str(kwargs.get("key"))] = time.perf_counter()
+        self._started[str(kwargs.get("key"))] = (time.perf_counter(), self._entries())
         return False  # compile as usual
 
     def _after(self, **kwargs):
         started = self._started.pop(str(kwargs.get("key")), None)
         if started is None:
             return False
-        seconds = time.perf_counter() - started
+        seconds, new = time.perf_counter() - started[0], self._entries() > started[1]
         fn = kwargs.get("fn")
         name = getattr(fn, "name", None) or str(fn)
         entry = self.kernels.setdefault(name.split(".")[-1], {"compiles": 0, "loads": 0, "compile_s": 0.0})
-        entry["compiles" if seconds >= self.DISK_HIT_S else "loads"] += 1
+        entry["compiles" if new else "loads"] += 1
         entry["compile_s"] = round(entry["compile_s"] + seconds, 3)
         return False
 
