@@ -596,7 +596,7 @@ def test_cases_and_gpu_check_plan():
     small = bench.check_plan(torch.device("cpu"), small=True)
     assert [c.model.family for c in small.e2e] == [c.model.family for c in check.e2e]
     assert [r.name for r in check.kernels] == ["attention:hd64:64x512", "add_layer_norm:h768:128x512",
-                                               "gelu_layer_norm:h768:128x512"]
+                                               "gelu_layer_norm:h768:128x512", "splade_pool:h768-v30522:32x128"]
 
 
 def test_gpu_check_plan_estimate_fits_its_stage():

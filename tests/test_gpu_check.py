@@ -146,6 +146,7 @@ def test_dry_run_writes_the_same_files_as_a_gpu_run(bundled, tmp_path):
                                              "sdpa-flash", "torch"}
     for row in rows:
         assert math.isfinite(row["value"]) and row["value"] > 0 and row["p20"] <= row["value"] <= row["p80"]
+    assert {r["provider"] for r in rows if r["case"] == "splade_pool:h64-v130:2x8"} == {"fastenc", "torch"}
     compiled = [r for r in rows if r["provider"] == "hf-compile"]
     assert compiled and all(r["mode"] == "compiled" and r["compile_backend"] == "eager" for r in compiled)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -58,8 +59,6 @@ class Record:
 
 def stage_command(stage: str, work: Path, limit: float, data: Path, dry: bool, *extra: str) -> list[str]:
     """The command of one stage's process (or of a helper process a stage starts: ``--stage`` names it)."""
-    import sys
-
     return [sys.executable, "-m", "benchmarks.gpu_check", "--stage", stage, "--work", str(work), "--limit",
             f"{limit:.1f}", "--data", str(data), *(["--dry-run"] if dry else []), *extra]
 

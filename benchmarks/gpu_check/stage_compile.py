@@ -82,8 +82,9 @@ def run(stage: Stage) -> None:
     kernels: dict[str, dict] = {}
     for group in results.values():
         for kernel, entry in group.get("kernels", {}).items():
-            total = kernels.setdefault(kernel, {"compiles": 0, "compile_s": 0.0, "first_call_s": 0.0})
+            total = kernels.setdefault(kernel, {"compiles": 0, "loads": 0, "compile_s": 0.0})
             total["compiles"] += entry.get("compiles", 0)
+            total["loads"] += entry.get("loads", 0)
             total["compile_s"] = round(total["compile_s"] + entry.get("compile_s", 0.0), 3)
     gemms = {}
     for group in results.values():
