@@ -19,7 +19,7 @@ REPORT_RESERVE_S = 10.0  # the report, after the last stage: markdown, plot, fil
 # Shares of the budget less the report's reserve, and floors in seconds.
 SHARES = {"env": 0.04, "compile": 0.14, "correctness": 0.24, "sanitizer": 0.13, "bench": 0.33, "embed": 0.12}
 FLOORS = {"env": 8, "compile": 15, "correctness": 30, "sanitizer": 15, "bench": 45, "embed": 20}
-DRY_SHARES = {"env": 0.08, "compile": 0.15, "correctness": 0.15, "sanitizer": 0.14, "bench": 0.25, "embed": 0.23}
+DRY_SHARES = {"env": 0.06, "compile": 0.22, "correctness": 0.18, "sanitizer": 0.13, "bench": 0.21, "embed": 0.20}
 DRY_FLOORS = {"env": 10, "compile": 15, "correctness": 15, "sanitizer": 10, "bench": 30, "embed": 25}
 TRITON_COMPILE_S = 1.2  # one new Triton kernel on an H200's host (0.9-1.5 s measured for sm_90 builds)
 CORRECTNESS_WORKERS = 8  # pytest-xdist workers on the GPU machine's 16 cores

@@ -3,14 +3,15 @@ parallel groups, each compiling into a Triton cache of its own (its binaries and
 own: ``launches.compile_timer`` times each compile with Triton's hooks), merged afterwards into the
 cache the later stages share.
 
-A group is an encoder of a ``fastenc.bench`` model spec (one layer where every layer runs the same
-kernels; ModernBERT's three kinds of block) run on packed batches whose token counts are divisible by 16
-and not (Triton specialises on it), or the sanitizer's targets themselves. Token counts and tile shapes
-of every GEMM are in the report: ``tiles at 128 tokens`` is what a one-sequence batch can use of the GPU.
+A group is a dtype and encoders of ``fastenc.bench`` model specs (one layer where every layer runs the
+same kernels; ModernBERT's three kinds of block) run on packed batches whose token counts are divisible
+by 16 and not (Triton specialises on it), or the sanitizer's targets themselves. Token counts and tile
+shapes of every GEMM are in the report: ``tiles at 128 tokens`` is what a one-sequence batch can use of
+the GPU.
 
-The dry run rehearses two small groups under the interpreter and, while they run, plans the GPU run
-(``plan``): the launches of the GPU's groups, and of the later stages, recorded at the GPU's shapes
-without launching anything, which gives the compiles each stage will cost.
+The dry run rehearses one small group (two models) under the interpreter and, while it runs, plans the
+GPU run (``plan``): the launches of the GPU's groups, and of the later stages, recorded at the GPU's
+shapes without launching anything, which gives the compiles each stage will cost.
 """
 
 from __future__ import annotations
@@ -28,30 +29,31 @@ from .records import ROOT, Record, Stage, log, read_json, remaining
 
 
 def groups(dry: bool) -> dict[str, dict]:
-    """The groups: a model spec (or ``"sanitizer"``), a dtype and the packed batches' lengths."""
+    """The groups: a dtype and its models, each a model spec with the packed batches' lengths (or the
+    sanitizer's targets)."""
     from fastenc.bench.e2e import ModelSpec, Shape
 
-    if dry:  # the interpreter runs one program at a time: a few tokens
-        return {"tiny-hd40-fp16": dict(spec=ModelSpec("tiny-hd40", layers=1, hidden=80, heads=2, intermediate=96,
-                                                      vocab=1000), dtype="fp16", batches=[[8], [3, 2]]),
-                # ModernBERT's blocks (global, local, local) with a window of ±4 its 11 tokens span
-                "tiny-modernbert-fp16": dict(spec=ModelSpec("tiny-modernbert", layers=3, hidden=64, heads=2,
-                                                            intermediate=48, vocab=1000, family="modernbert",
-                                                            local_attention=8), dtype="fp16", batches=[[11, 3]])}
+    if dry:  # the interpreter runs one program at a time: a few tokens, one process
+        return {"tiny-fp16": dict(dtype="fp16", models=[
+            (ModelSpec("tiny-hd40", layers=1, hidden=80, heads=2, intermediate=96, vocab=1000), [[8], [3, 2]]),
+            # ModernBERT's blocks (global, local, local) with a window of ±4 its 11 tokens span
+            (ModelSpec("tiny-modernbert", layers=3, hidden=64, heads=2, intermediate=48, vocab=1000,
+                       family="modernbert", local_attention=8), [[11, 3]])])}
     var, ragged = Shape(64, 512, var_min=8).lengths(), [7, 97, 129, 33, 1]
     bert = ModelSpec("bert-base-1l", layers=1)
     return {
         # bench: 128 x 128, 1 x 128 (the graph bucket), var64x8-512, attention 64 x 512, the LayerNorms
-        "bert-base-fp16": dict(spec=bert, dtype="fp16", batches=[[128] * 128, [128], var, [512] * 64]),
-        "bert-base-bf16": dict(spec=bert, dtype="bf16", batches=[[128] * 128, ragged]),
+        "bert-base-fp16": dict(dtype="fp16", models=[(bert, [[128] * 128, [128], var, [512] * 64])]),
+        "bert-base-bf16": dict(dtype="bf16", models=[(bert, [[128] * 128, ragged])]),
         # bench: ModernBERT-base at 32 x 512 and var64x8-512; three layers hold its kinds of block
-        "modernbert-base-fp16": dict(spec=ModelSpec("modernbert-base-3l", layers=3, intermediate=1152, vocab=50368,
-                                                    family="modernbert"), dtype="fp16", batches=[[512] * 32, var]),
+        "modernbert-base-fp16": dict(dtype="fp16", models=[(ModelSpec(
+            "modernbert-base-3l", layers=3, intermediate=1152, vocab=50368, family="modernbert"), [[512] * 32, var])]),
         # embed: graph buckets (powers of two) and eager batches of any size
-        "minilm-fp16": dict(spec=ModelSpec("minilm-1l", layers=1, hidden=384, heads=12, intermediate=1536),
-                            dtype="fp16", batches=[[128] * 16, [64], ragged, [37] * 70 + [255] * 3]),
+        "minilm-fp16": dict(dtype="fp16", models=[(ModelSpec("minilm-1l", layers=1, hidden=384, heads=12,
+                                                             intermediate=1536),
+                                                   [[128] * 16, [64], ragged, [37] * 70 + [255] * 3])]),
         # the sanitizer's targets, exactly as it runs them
-        "sanitizer": dict(spec="sanitizer", dtype="fp16", batches=[]),
+        "sanitizer": dict(dtype="fp16", models="sanitizer"),
     }
 
 
@@ -103,7 +105,7 @@ def run(stage: Stage) -> None:
     note = (f"groups failed: {', '.join(failed)}; " if failed else "") + (
         f"{binaries} Triton binaries compiled, {fields['compile_s']:.1f} s of compilation over {len(names)} "
         f"parallel groups" if not stage.dry else
-        f"{len(names)} small groups under the interpreter; the GPU's groups plan "
+        f"a small group under the interpreter; the GPU's groups plan "
         f"{len(fields.get('plan_keys', []))} Triton compiles")
     stage.record.update(**fields, status="failed" if failed else "ok", note=note)
 
@@ -158,14 +160,15 @@ def gemm_tiles(keys: list[dict]) -> list[dict]:
 
 
 def group_main(args) -> int:
-    """One group's process: build its encoder, run its batches, record what Triton compiled."""
+    """One group's process: build its encoders and run their batches (or the sanitizer's targets), recording
+    what Triton compiled."""
     import time
 
     import torch
 
     from . import encoders
     from .launches import compile_timer, read_keys, record
-    from .stage_sanitizer import DRY_LENGTHS, LENGTHS, run_targets
+    from .stage_sanitizer import DRY_LENGTHS, LENGTHS, SANITIZER_TARGETS, run_targets
 
     work, name = Path(args.work), args.group
     spec = groups(args.dry_run)[name]
@@ -176,24 +179,24 @@ def group_main(args) -> int:
     rec = Record(work / f"compile-{name}.json", group=name, dtype=spec["dtype"], kernels={}, forwards=[])
     forwards = []
     with compile_timer() as timer:
-        start = time.perf_counter()
-        if spec["spec"] == "sanitizer":
-            lines = run_targets(["bert-hd64", "bert-hd40", "minilm-hd32", "modernbert", "mpnet", "attention",
-                                 "splade"], device, DRY_LENGTHS if args.dry_run else LENGTHS)
+        if spec["models"] == "sanitizer":
+            start = time.perf_counter()
+            lines = run_targets(SANITIZER_TARGETS, device, DRY_LENGTHS if args.dry_run else LENGTHS)
             bad = [line for line in lines if "NOT FINITE" in line]
             if bad:
                 raise RuntimeError(f"non-finite output: {bad}")
             forwards.append({"targets": len(lines), "seconds": round(time.perf_counter() - start, 3)})
-        else:
-            encoder = encoders.random_encoder(spec["spec"], spec["dtype"], device)
-            rec.update(setup_s=round(time.perf_counter() - start, 2), model=spec["spec"].name)
-            for lengths in spec["batches"]:
+        for model, batches in ([] if spec["models"] == "sanitizer" else spec["models"]):
+            start = time.perf_counter()
+            encoder = encoders.random_encoder(model, spec["dtype"], device)
+            rec.update(setup_s=round(rec.data.get("setup_s", 0) + time.perf_counter() - start, 2))
+            for lengths in batches:
                 start = time.perf_counter()
                 out = encoder.forward_packed(encoders.packed(encoder, lengths))
                 if not torch.isfinite(out).all():
-                    raise RuntimeError(f"non-finite output in group {name} at {len(lengths)} sequences")
-                forwards.append({"sequences": len(lengths), "tokens": sum(lengths), "max": max(lengths),
-                                 "seconds": round(time.perf_counter() - start, 3)})
+                    raise RuntimeError(f"non-finite output of {model.name} at {len(lengths)} sequences")
+                forwards.append({"model": model.name, "sequences": len(lengths), "tokens": sum(lengths),
+                                 "max": max(lengths), "seconds": round(time.perf_counter() - start, 3)})
                 rec.update(forwards=forwards, kernels=timer.kernels)
     rec.update(status="ok", forwards=forwards, kernels=timer.kernels, binaries=_binaries(cache),
                launches=len(read_keys(keys_path)), gemms=gemm_tiles(read_keys(keys_path, every_shape=True)))
@@ -208,18 +211,17 @@ def plan(work: Path, data: Path) -> None:
 
     from . import encoders, stage_bench, stage_embed, stage_sanitizer
     from .launches import read_keys, record
-    from .stage_sanitizer import LENGTHS, run_targets
+    from .stage_sanitizer import LENGTHS, SANITIZER_TARGETS, run_targets
 
     per_group = {}
     for name, spec in groups(dry=False).items():
         path = work / f"plan-compile-{name}.jsonl"
         record(path, plan_only=True)  # each group's keys to its own file, counted afresh
-        if spec["spec"] == "sanitizer":
-            run_targets(["bert-hd64", "bert-hd40", "minilm-hd32", "modernbert", "mpnet", "attention", "splade"],
-                        torch.device("cpu"), LENGTHS, shapes_only=True)
-        else:
-            encoder = encoders.shape_encoder(spec["spec"], spec["dtype"])
-            for lengths in spec["batches"]:
+        if spec["models"] == "sanitizer":
+            run_targets(SANITIZER_TARGETS, torch.device("cpu"), LENGTHS, shapes_only=True)
+        for model, batches in ([] if spec["models"] == "sanitizer" else spec["models"]):
+            encoder = encoders.shape_encoder(model, spec["dtype"])
+            for lengths in batches:
                 encoder.forward_packed(encoders.packed(encoder, lengths))
         per_group[name] = read_keys(path, every_shape=True)
     items = [item for group in per_group.values() for item in group]

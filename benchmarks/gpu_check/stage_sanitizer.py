@@ -42,6 +42,7 @@ REFUSALS = ("Device not supported", "LibraryNotLoaded", "not supported on this",
 # (tool, targets, share of the stage's time)
 CHECKS = (("memcheck", "bert-hd64,bert-hd40,minilm-hd32,modernbert,mpnet,splade", 0.55),
           ("racecheck", "attention,splade", 1.0))
+SANITIZER_TARGETS = list(dict.fromkeys(t for _, targets, _ in CHECKS for t in targets.split(",")))
 
 
 def target_specs() -> dict:
@@ -302,5 +303,4 @@ def plan_launches() -> None:
     """Every target at the GPU's lengths over zero tensors, for a plan (``launches.record(plan_only=True)``)."""
     import torch
 
-    names = list(dict.fromkeys(t for _, targets, _ in CHECKS for t in targets.split(",")))
-    run_targets(names, torch.device("cpu"), LENGTHS, shapes_only=True)
+    run_targets(SANITIZER_TARGETS, torch.device("cpu"), LENGTHS, shapes_only=True)
