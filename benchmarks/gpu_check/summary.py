@@ -41,6 +41,7 @@ class CheckState:
     previous_bench: dict = dataclasses.field(default_factory=dict)
     running: tuple[str, float] | None = None  # the stage running now and when it started
     interrupted: str | None = None  # the signal that stopped the check
+    plotted: int = 0  # the bench rows results.png shows
 
 
 GOAL_TEXT = {
@@ -247,11 +248,13 @@ def write_report(state: CheckState, *, full: bool = True) -> list[Path]:
             written.append(out / "results.md")
         except (KeyError, TypeError) as exc:
             records["bench"]["note"] = f"{records['bench'].get('note', '')}; results.md not written ({exc})"
-        if bench.get("rows"):
+        if bench.get("rows") and (len(bench["rows"]) != state.plotted or not (out / "results.png").exists()):
             tmp = out / ".results.png.tmp.png"
             if plot(bench, tmp) is None:
                 tmp.replace(out / "results.png")
-                written.append(out / "results.png")
+                state.plotted = len(bench["rows"])
+        if (out / "results.png").exists():
+            written.append(out / "results.png")
     junit = state.work / "junit.xml"
     if full and junit.exists():
         write_atomic(out / "junit.xml", junit.read_bytes())
