@@ -25,7 +25,7 @@ from pathlib import Path
 
 from .launches import plan_keys
 from .processes import GRACE_S, run_member
-from .records import ROOT, Record, Stage, log, read_json, remaining
+from .records import ROOT, Record, Stage, read_json, remaining
 
 
 def groups(dry: bool) -> dict[str, dict]:

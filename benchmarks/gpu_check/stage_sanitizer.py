@@ -32,7 +32,7 @@ import shutil
 from pathlib import Path
 
 from .launches import plan_keys
-from .processes import run_member
+from .processes import GRACE_S, run_member
 from .records import ROOT, Stage, log, remaining
 
 LENGTHS, DRY_LENGTHS = [7, 97, 129, 33, 1], [3, 2]
@@ -258,7 +258,7 @@ def run(stage: Stage) -> None:
         command = stage.command("sanitizer-target", 600, "--target", names)
         if sanitizer:
             command = [sanitizer, "--tool", tool, "--print-limit", "50", "--error-exitcode", "86", *command]
-        timeout = max((remaining(stage.deadline) - 3) * share, 5)
+        timeout = max((remaining(stage.deadline) - GRACE_S - 2) * share, 5)  # done before the runner's SIGINT
         with open(output, "a") as handle:
             handle.write(f"===== {tool} on {names}: {' '.join(command)}\n")
         outcome = run_member(command, timeout=timeout, cwd=ROOT, env=env, capture=True)
