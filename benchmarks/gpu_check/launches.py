@@ -217,4 +217,6 @@ def pytest_collection_finish(session):
         function = getattr(item, "originalname", None) or item.name.split("[")[0]
         marks = sorted({m.name for m in item.iter_markers() if m.name in ("cuda", "gpu")})
         subset.setdefault(f"{module}::{function}", []).append(item.nodeid.split("::", 1)[1] + f" {'/'.join(marks)}")
-    Path(path).write_text(json.dumps(subset, indent=1) + "\n")
+    tmp = Path(f"{path}.{os.getpid()}.tmp")  # each xdist worker collects, and writes the same file: whole
+    tmp.write_text(json.dumps(subset, indent=1) + "\n")
+    os.replace(tmp, path)
