@@ -98,7 +98,8 @@ class Encoder:
 
         ``device`` defaults to the tensors' device. Tensors already on the device in ``dtype`` are shared,
         not copied (``fastenc.optimize`` builds its encoder this way). ``tokenizer``: a
-        ``tokenizers.Tokenizer`` for the text methods, if any.
+        ``tokenizers.Tokenizer`` for the text methods, if any. ``cuda_graphs`` as in
+        ``from_pretrained``.
         """
         if not isinstance(config, EncoderConfig):
             config = EncoderConfig.from_dict(dict(config), source="config")
