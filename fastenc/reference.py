@@ -77,8 +77,8 @@ def embeddings(
     (``weight=None``, no position or type table) equal transformers' bit for bit.
     """
     x = F.embedding(input_ids, word_emb)
-    if scale is not None:
-        x = x * torch.tensor(scale, dtype=word_emb.dtype, device=word_emb.device)
+    if scale is not None:  # the scale rounded to the table's dtype on the host (no device tensor)
+        x = x * torch.tensor(scale, dtype=word_emb.dtype).item()
     if pos_emb is not None:
         x = x + F.embedding(position_ids, pos_emb)
     if type_emb is not None:

@@ -319,7 +319,10 @@ def positional_config(head_dim: int, dtype: torch.dtype, arch: int = _target.DEF
       8 warps; 64 queries with 8 warps still spill 16 B under Triton 3.6 (ptxas holds them to 128
       registers); 64 queries with 4 warps use 184 (3.6) to 228 (3.9).
     * sm_90, causal, one warpgroup (head dims 16 to 64): 236 to 254 registers with 4 warps (Triton 3.9),
-      no headroom for another compiler; 8 warps use 125 at head dim 64.
+      no headroom for another compiler; 8 warps use 119-125 at head dim 64.
+    * Head dim 256, window (Gemma3's local layers): sm_90's 64 x 64 blocks use all 255 registers with a
+      causal window under Triton 3.6; 64 x 32 use 172-189 (3.6) and 165-178 (3.9). sm_86's 64 x 32 use 254
+      (3.6); 32 x 64 spill 8 B bidirectional (3.9); 32 x 32 with 8 warps and 3 stages use 126-146 in 82 KiB.
 
     The fp32 and pre-sm_80 configs have room (the sweep finds no spill).
     """
@@ -330,6 +333,8 @@ def positional_config(head_dim: int, dtype: torch.dtype, arch: int = _target.DEF
         config["num_warps"] = 8
     if window and arch < 90 and config["BLOCK_D"] <= 32:
         config["BLOCK_N"] = 32
+    if window and config["BLOCK_D"] == 256:
+        config.update(BLOCK_N=32) if arch >= 90 else config.update(BLOCK_M=32, BLOCK_N=32, num_stages=3)
     if rel_bias and arch < 90 and config["BLOCK_D"] == 128:
         config.update(BLOCK_M=64, num_warps=4)
     return config
