@@ -277,8 +277,8 @@ def attention_config(head_dim: int, dtype: torch.dtype, arch: int = _target.DEFA
       (24, 40, 48) with 4 warps needs up to all 255 registers, so it and every 128-wide head block take
       8 warps (two warpgroups). On sm_8x ``mma`` keeps the accumulator in each warp's registers, and with
       4 warps a head dim of 64 needs all 255 registers (spilling on sm_86): 8 warps there; a 128-wide head
-      block takes 32 keys a step (64 spilled 16 B at head dims 80 and 96; 32 uses all 255 registers
-      there without spilling, 242 at 128).
+      block takes 32 keys a step (64 spilled 16 B at head dims 80 and 96; 32 use 185-194 registers, all
+      255 at 80 and 96 while the last partial key block was an ``if`` rather than a loop).
     * 16-bit at head dims 129 to 256 (Gemma's 256): 64 queries a step with 8 warps and 2 stages, 64 keys on
       sm_90 (160 KiB of shared memory, 219 registers under Triton 3.9), 32 on sm_8x (68 KiB of its 99).
       128 queries need 192 KiB and all 255 registers on sm_90 and are over sm_86's shared memory; 4 warps
@@ -323,12 +323,23 @@ def positional_config(head_dim: int, dtype: torch.dtype, arch: int = _target.DEF
     * Head dim 256, window (Gemma3's local layers): sm_90's 64 x 64 blocks use all 255 registers with a
       causal window under Triton 3.6; 64 x 32 use 172-189 (3.6) and 165-178 (3.9). sm_86's 64 x 32 use 254
       (3.6); 32 x 64 spill 8 B bidirectional (3.9); 32 x 32 with 8 warps and 3 stages use 126-146 in 82 KiB.
+    * Causal, Triton 3.6 (Triton 3.9 has room in every case): on sm_8x 64 keys a step spill 64 B at head
+      dim 40 (32 keys: 185 registers) and use all 255 with a window at 48 and 64 (32 keys: 230); on sm_90
+      a causal window uses all 255 at head dims 80 to 128 (32 keys: 192). fp32 with 8 warps (which
+      Triton 3.6 holds to 64 registers) spills 8-16 B at head dims 40 to 128; 16 x 16 blocks with 4 warps
+      use 60-78 at 40 to 64 and 126 at 128.
 
-    The fp32 and pre-sm_80 configs have room (the sweep finds no spill).
+    The other fp32 and pre-sm_80 configs have room (the sweep finds no spill).
     """
     config = attention_config(head_dim, dtype, arch)
-    if dtype == torch.float32 or arch < 80 or not (window or rel_bias or causal):
+    if not (window or rel_bias or causal):
         return config
+    if dtype == torch.float32 or arch < 80:
+        if causal and config["BLOCK_D"] in (64, 128):
+            config.update(BLOCK_M=16, num_warps=4)
+        return config
+    if causal and (arch < 90 or window) and config["BLOCK_D"] <= 128:
+        config["BLOCK_N"] = 32
     if (rel_bias or causal) and arch >= 90 and config["num_warps"] == 4:
         config["num_warps"] = 8
     if window and arch < 90 and config["BLOCK_D"] <= 32:
