@@ -184,7 +184,8 @@ LONG = "word " * 300  # over MiniLM's 256 tokens
 ])
 def test_bad_input(server, route, body, status, message):
     content = body if isinstance(body, bytes) else None
-    response = httpx.post(server + route, content=content, json=None if content else body)
+    headers = {"content-type": "application/json"} if content else None
+    response = httpx.post(server + route, content=content, json=None if content else body, headers=headers)
     assert response.status_code == status, response.text
     error = response.json()
     assert message in error["error"], error
