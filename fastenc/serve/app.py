@@ -103,6 +103,13 @@ class ClientGone(Exception):
     """The client disconnected before its answer was ready."""
 
 
+def _served_name(path) -> str:
+    """The checkpoint directory's name (its parent's when it is a packaged model's generic ``model``)."""
+    if path is None:
+        return "fastenc"
+    return path.parent.name if path.name == "model" and path.parent.name else path.name
+
+
 class ChunkedResponse(Response):
     """A response whose body goes out in ``CHUNK``-byte pieces, each waiting for the connection to drain:
     a large answer to a slow reader never sits twice in memory (the body and a copy in the send buffer)."""
@@ -167,7 +174,7 @@ class Service:
             raise InputError(f"{encoder.path or 'this encoder'}: fastenc serve needs the checkpoint's tokenizer "
                              "files (tokenizer.json, vocab.txt or vocab.json + merges.txt)")
         self.encoder = encoder
-        self.model_name = model_name or (encoder.path.name if encoder.path is not None else "fastenc")
+        self.model_name = model_name or _served_name(encoder.path)
         self.max_concurrent_requests = max_concurrent_requests
         self.payload_limit = payload_limit
         self.max_response_bytes = max_response_bytes
@@ -316,11 +323,11 @@ class Service:
             waiter.cancel()
             raise ClientGone()
         try:
-            result = waiter.result()
+            return waiter.result()
         except InputError as exc:
             raise unprocessable(str(exc)) from None
-        self.metrics.stage.labels("tokenize").observe(time.perf_counter() - start)
-        return result
+        finally:  # every tokenization that ran, answered or refused
+            self.metrics.stage.labels("tokenize").observe(time.perf_counter() - start)
 
     async def _infer(self, request: Request, rows, task) -> list:
         """Queue ``rows`` for ``task`` and wait for the worker; a disconnect cancels the job."""
