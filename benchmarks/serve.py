@@ -240,6 +240,27 @@ def offline(model: str, texts: list[str]) -> float:
 
 offline.encoders = {}
 
+_OFFLINE_CHILD = """
+import json, sys, time
+from fastenc import Encoder
+texts = json.load(sys.stdin)
+encoder = Encoder.from_pretrained(sys.argv[1])
+encoder.embed(texts[:64])
+start = time.perf_counter()
+encoder.embed(texts)
+print(len(texts) / (time.perf_counter() - start))
+"""
+
+
+def offline_passive(model: str, texts: list[str]) -> float:
+    """``offline`` in a fresh process whose OpenMP threads sleep between ops (``OMP_WAIT_POLICY=PASSIVE``),
+    as ``fastenc serve``'s CPU worker processes run: the same compute without the spinning threads that
+    a loaded machine punishes."""
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-c", _OFFLINE_CHILD, model], input=json.dumps(texts), env=env,
+                         capture_output=True, text=True, timeout=1200, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
 
 def measure(servers: dict[str, str], model: str, corpora: dict[str, list[str]], args) -> tuple[list[dict], dict]:
     """Every level of every corpus on every server, ``--rounds`` times, the servers taking turns at each
@@ -250,12 +271,14 @@ def measure(servers: dict[str, str], model: str, corpora: dict[str, list[str]], 
     for round_ in range(args.rounds):
         for kind, texts in corpora.items():
             if args.offline:
-                before = os.getloadavg()[0]
-                rate = offline(model, texts)
-                offline_runs.setdefault(kind, []).append({"texts_per_s": rate, "loadavg": [
-                    round(before, 2), round(os.getloadavg()[0], 2)]})
-                print(f"round {round_ + 1} {'offline embed()':>32} {kind:>5} {rate:8.1f} texts/s "
-                      f"load {offline_runs[kind][-1]['loadavg']}", file=sys.stderr, flush=True)
+                for label, fn in (("offline embed()", offline), ("offline embed() PASSIVE", offline_passive)):
+                    before = os.getloadavg()[0]
+                    rate = fn(model, texts)
+                    key = kind if fn is offline else f"{kind} PASSIVE"
+                    offline_runs.setdefault(key, []).append({"texts_per_s": rate, "loadavg": [
+                        round(before, 2), round(os.getloadavg()[0], 2)]})
+                    print(f"round {round_ + 1} {label:>32} {kind:>5} {rate:8.1f} texts/s "
+                          f"load {offline_runs[key][-1]['loadavg']}", file=sys.stderr, flush=True)
             for level in args.levels:
                 for name, url in servers.items():
                     before = os.getloadavg()[0]
@@ -295,10 +318,11 @@ def goals(rows: list[dict], offline_rates: dict, level: int = 32) -> list[dict]:
     out = []
     for kind in dict.fromkeys(r["corpus"] for r in rows):
         one = by.get(("fastenc", kind, level))
-        if one and kind in offline_rates:
-            ratio = one["texts_per_s"] / offline_rates[kind]["texts_per_s"]
-            out.append({"corpus": kind, "goal": f"fastenc (1 worker) at c={level} / offline embed() texts/s",
-                        "value": ratio, "target": ">= 0.90", "met": ratio >= 0.9})
+        for key, label in ((kind, "offline embed()"), (f"{kind} PASSIVE", "offline embed() with OMP_WAIT_POLICY=PASSIVE")):
+            if one and key in offline_rates:
+                ratio = one["texts_per_s"] / offline_rates[key]["texts_per_s"]
+                out.append({"corpus": kind, "goal": f"fastenc (1 worker) at c={level} / {label} texts/s",
+                            "value": ratio, "target": ">= 0.90", "met": ratio >= 0.9})
         inproc = by.get(("fastenc --in-process", kind, level))
         if one and inproc:
             ratio = one["requests_per_s"] / inproc["requests_per_s"]
@@ -338,7 +362,8 @@ def markdown(report: dict) -> str:
              f"other work was running). `uptime` at the start: {report['uptime_start']}; at the end: "
              f"{report['uptime_end']}.", ""]
     if report["offline"]:
-        lines += ["| corpus | offline embed() texts/s (median) | rounds | load avg |", "|---|---|---|---|"]
+        lines += ["| corpus (PASSIVE: OMP_WAIT_POLICY=PASSIVE, in a fresh process) | offline embed() texts/s (median) "
+                  "| rounds | load avg |", "|---|---|---|---|"]
         for kind, value in report["offline"].items():
             lines.append(f"| {kind} | {value['texts_per_s']:.1f} | {', '.join(map(str, value['rounds']))} | "
                          f"{min(value['loadavg'])}–{max(value['loadavg'])} |")
