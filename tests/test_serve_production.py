@@ -424,7 +424,7 @@ def test_schemathesis_finds_no_server_error(pair, tmp_path):
                "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
                "--max-examples", "6", "--seed", "7", "--phases", "examples,fuzzing", "--workers", "1",
                "--request-timeout", "30", "--max-time", "10", "--report-dir", str(tmp_path), "--no-color"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)  # its cache too
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
 
 
