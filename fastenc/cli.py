@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -428,11 +429,28 @@ def _serve(args) -> int:
         from .serve.app import run
     except ImportError as exc:
         raise UserError(f"fastenc serve needs the serve extra: pip install 'fastenc[serve]' ({exc})") from None
-    run(args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype, backend=args.backend,
+    from .serve.connections import ConnectionLimits
+
+    devices = [d.strip() for d in args.devices.split(",") if d.strip()] if args.devices is not None else None
+    if devices is not None and not devices:
+        raise UserError("--devices is empty: give device names, e.g. --devices cuda:0,cuda:1")
+    api_key = args.api_key if args.api_key is not None else os.environ.get("FASTENC_API_KEY") or None
+    if args.api_key is not None and not args.api_key:
+        raise UserError("--api-key is empty")
+    try:
+        limits = ConnectionLimits(header_timeout=args.header_timeout, max_connections=args.max_connections,
+                                  write_timeout=args.write_timeout, keep_alive_timeout=args.keep_alive_timeout,
+                                  body_timeout=args.body_timeout)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    run(args.model, host=args.host, port=args.port, device=args.device, devices=devices, workers=args.workers,
+        in_process=args.in_process, dtype=args.dtype, backend=args.backend,
         max_batch_tokens=args.max_batch_tokens, max_client_batch_size=args.max_client_batch_size,
         max_concurrent_requests=args.max_concurrent_requests, auto_truncate=args.auto_truncate,
-        payload_limit=args.payload_limit, model_name=args.served_model_name, threads=args.threads,
-        log_level=args.log_level)
+        payload_limit=args.payload_limit, max_response_bytes=args.max_response_bytes,
+        model_name=args.served_model_name, threads=args.threads, log_level=args.log_level,
+        access_log=not args.no_access_log, api_key=api_key, cors_allow_origins=args.cors_allow_origin,
+        connection_limits=limits)
     return 0
 
 
@@ -454,7 +472,32 @@ def _add_serve(commands) -> None:
     serve.add_argument("--served-model-name", metavar="NAME",
                        help="the model name /info and /v1/embeddings give (default: the checkpoint directory's name)")
     serve.add_argument("--threads", type=int, metavar="N",
-                       help="torch threads for the model on the CPU (default: torch's, one per core)")
+                       help="torch threads per model worker on the CPU (default: its share of the cores; one worker: "
+                            "torch's default, one per core)")
+    serve.add_argument("--devices", metavar="LIST",
+                       help="a model worker process per device, all fed by one queue: e.g. cuda:0,cuda:1")
+    serve.add_argument("--workers", type=int, metavar="N",
+                       help="model worker processes on --device (default 1); on the CPU each gets its share of the cores")
+    serve.add_argument("--in-process", action="store_true",
+                       help="run the one model on a thread of the server process instead of a worker process (no "
+                            "restart if it crashes)")
+    serve.add_argument("--api-key", metavar="KEY",
+                       help="require `Authorization: Bearer KEY` on every route but /health (default: $FASTENC_API_KEY)")
+    serve.add_argument("--cors-allow-origin", action="append", default=[], metavar="ORIGIN",
+                       help="let browser pages of ORIGIN (or *) call the server; repeatable (default: none)")
+    serve.add_argument("--max-response-bytes", type=int, default=50_000_000, metavar="BYTES",
+                       help="largest answer of /embed_all and /tokenize; more is a 413 (default 50000000)")
+    serve.add_argument("--max-connections", type=int, default=2048, metavar="N",
+                       help="open connections; more are answered 503 and closed (default 2048, within the fd limit)")
+    serve.add_argument("--header-timeout", type=float, default=10.0, metavar="S",
+                       help="seconds for a request's head to arrive (default 10)")
+    serve.add_argument("--body-timeout", type=float, default=60.0, metavar="S",
+                       help="seconds for a request's body to arrive; else 408 (default 60)")
+    serve.add_argument("--write-timeout", type=float, default=30.0, metavar="S",
+                       help="seconds a client may leave its answer unread before it is dropped (default 30)")
+    serve.add_argument("--keep-alive-timeout", type=float, default=5.0, metavar="S",
+                       help="seconds an idle connection is kept open between requests (default 5)")
+    serve.add_argument("--no-access-log", action="store_true", help="no line per request on stderr")
     serve.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
     serve.set_defaults(run=_serve)
 

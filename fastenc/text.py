@@ -10,10 +10,20 @@ pipelines, the server, Ray): it owns the tokenizer and the lock that guards its 
 the length limits, the sentence-transformers lower-casing and prompts, text pairs and overflowing
 windows, the vocabulary check, ColBERT's query expansion (``expand``: a query padded with mask tokens)
 and token lookups (a skiplist's ids, the special tokens), and packing encodings into a host ``PackedBatch``.
+
+A text is never tokenized further than its result needs: when it will be truncated (or refused for its
+length) and its overflowing windows are not asked for, a long text is cut to a prefix before it is
+tokenized, so a 2 MB text costs what its first few thousand characters cost. The cut is safe by
+construction, not by a characters-per-token guess: the prefix is tokenized, and it is kept only if the
+tokens the result needs all come from words before its last two (pre-tokenizer words: a cut can change
+only the word it falls in, and the normaliser's and pre-tokenizer's look-around at the cut is a
+character or two); else a prefix four times longer is tried, up to the whole text. So the encoding is
+the one of the whole text (ids, offsets, type ids, masks), bit for bit.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import itertools
 import json
@@ -273,17 +283,19 @@ class Tokenization:
     def encode(self, inputs: Sequence, *, max_length: int | None = None, truncate: bool = True, stride: int = 0,
                strategy: str = "longest_first", pretokenized: bool = False, special_tokens: bool = True,
                lower_case: bool | None = None, check_length: bool = True, offset: int = 0,
-               what: str = "text") -> list[Encoding]:
+               what: str = "text", overflow: bool = False) -> list[Encoding]:
         """Encodings of ``inputs`` (texts, ``(text, text_pair)`` tuples, or word lists with
         ``pretokenized``), with special tokens unless ``special_tokens=False``.
 
-        ``truncate``: cut to ``max_length`` tokens (``self.max_length`` when None), keeping the cut-off
-        tokens as overflowing windows that overlap by ``stride`` tokens; pairs are cut as ``strategy``
-        says (tokenizers' ``longest_first``, ``only_first``, ``only_second``). Without ``truncate`` an
-        input (or a window) over ``max_length`` tokens is an ``InputError``, unless ``check_length`` is
-        off. ``lower_case`` (None: the sentence-transformers setting of the checkpoint) lower-cases the
-        texts first. Errors name the input as ``"{what} {index + offset}"``: a text of a stream is named
-        by its place in the stream.
+        ``truncate``: cut to ``max_length`` tokens (``self.max_length`` when None); pairs are cut as
+        ``strategy`` says (tokenizers' ``longest_first``, ``only_first``, ``only_second``). With
+        ``overflow`` the cut-off tokens are kept as the encodings' overflowing windows, overlapping by
+        ``stride`` tokens; without it long texts are cut before they are tokenized (see the module
+        docstring: the encodings are the same, their ``overflowing`` is not meaningful). Without
+        ``truncate`` an input (or a window) over ``max_length`` tokens is an ``InputError``, unless
+        ``check_length`` is off. ``lower_case`` (None: the sentence-transformers setting of the
+        checkpoint) lower-cases the texts first. Errors name the input as ``"{what} {index + offset}"``:
+        a text of a stream is named by its place in the stream.
         """
         limit = self.limit(max_length)
         if lower_case is None:
@@ -293,6 +305,9 @@ class Tokenization:
         tokenizer = self.tokenizer
         with self._lock:
             try:
+                if not overflow and not pretokenized and (truncate or check_length):
+                    tokenizer.no_truncation()
+                    inputs = self._cut(inputs, limit, strategy, special_tokens, truncate, what, offset)
                 if truncate:
                     tokenizer.enable_truncation(limit, stride=stride, strategy=strategy)
                 else:
@@ -314,6 +329,87 @@ class Tokenization:
                     raise InputError(f"{what} {index + offset}: the tokenizer produced id {max(window.ids)}, outside "
                                      f"the model's vocab_size {vocab_size}")
         return encodings
+
+    # ------------------------------------------------------------------------------------ bounded cost
+    def _specials(self, pair: bool) -> int:
+        processor = self.tokenizer.post_processor
+        return processor.num_special_tokens_to_add(pair) if processor is not None else 0
+
+    def _safe_prefix(self, text: str, keep: int) -> tuple[str, int]:
+        """``(prefix, n)``: the shortest tried prefix of ``text`` whose first ``n >= keep`` tokens are the
+        whole text's (or ``(text, 0)`` when no shorter prefix shows it). Called with the lock held and
+        truncation off."""
+        chars = _cut_chars(keep)
+        while chars < len(text):
+            head = text[:chars]
+            words = self.tokenizer.encode(head, add_special_tokens=False).word_ids
+            if words and words[-1] is not None:
+                # the tokens of the words before the last two cannot change when the text goes on
+                safe = bisect.bisect_left(words, words[-1] - 1)
+                if safe >= keep:
+                    return head, safe
+            chars *= 4
+        return text, 0
+
+    def _cut(self, inputs: Sequence, limit: int, strategy: str, special_tokens: bool, truncate: bool, what: str,
+             offset: int) -> list:
+        """``inputs`` with long texts cut to prefixes whose encodings (truncated to ``limit`` tokens) are the
+        whole texts'; without ``truncate``, a text shown to be over ``limit`` is an ``InputError`` at once."""
+        out = list(inputs)
+        for index, item in enumerate(inputs):
+            if isinstance(item, str):
+                keep = max(1, limit - (self._specials(False) if special_tokens else 0))
+                if len(item) < _cut_chars(keep):
+                    continue
+                head, safe = self._safe_prefix(item, keep + (0 if truncate else 1))
+                if not truncate and safe > keep:
+                    raise InputError(f"{what} {index + offset} has more than {safe} tokens, over the limit of "
+                                     f"{limit} (truncation is off)")
+                if truncate:
+                    out[index] = head
+            elif truncate and isinstance(item, tuple) and len(item) == 2:
+                out[index] = self._cut_pair(item, limit, strategy, special_tokens, f"{what} {index + offset}")
+        return out
+
+    def _count(self, text: str) -> int:
+        return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def _cut_pair(self, pair: tuple, limit: int, strategy: str, special_tokens: bool, what: str) -> tuple:
+        """A pair with its long texts cut where truncation with ``strategy`` gives the same encoding.
+
+        Only a text the strategy truncates is cut, to a prefix whose first ``budget + 1`` tokens are its
+        own (``budget``: the limit less the pair's special tokens), more than truncation keeps of it.
+        ``longest_first`` also compares the texts' lengths when both are over the budget (the longer gets
+        the odd token of an odd budget): there the prefixes must compare as the whole texts do, which
+        the texts' full counts (tokenized apart: linear, where tokenizers' own truncation of a long pair
+        makes every pair of overflowing windows) decide, the longer prefix grown until they do.
+        """
+        budget = max(1, limit - (self._specials(True) if special_tokens else 0))
+        truncated = {"longest_first": (0, 1), "only_first": (0,), "only_second": (1,)}.get(strategy, ())
+        texts = list(pair)
+        cut = [side for side in truncated if isinstance(texts[side], str) and len(texts[side]) >= _cut_chars(budget + 1)]
+        if not cut:
+            return pair
+        heads = list(texts)
+        for side in cut:
+            heads[side] = self._safe_prefix(texts[side], budget + 1)[0]
+        cut = [side for side in cut if heads[side] is not texts[side]]
+        if strategy != "longest_first" or not cut or budget % 2 == 0:
+            return tuple(heads)
+        counts = [self._count(head) for head in heads]
+        if min(counts) <= budget:  # the shorter fits: only its exact (whole) length decides the split
+            return tuple(heads)
+        true = [self._count(text) if side in cut else counts[side] for side, text in enumerate(texts)]
+        longer = 0 if true[0] > true[1] else 1  # tokenizers swaps only when the first is strictly longer
+        chars = len(heads[longer])
+        while (counts[0] > counts[1]) != (true[0] > true[1]):
+            if heads[longer] is texts[longer]:
+                raise InputError(f"{what}: the two texts of a pair are each over the limit of {limit} tokens and "
+                                 "too long to truncate together; shorten one of them")
+            chars *= 4
+            heads[longer] = texts[longer] if chars >= len(texts[longer]) else texts[longer][:chars]
+            counts[longer] = true[longer] if heads[longer] is texts[longer] else self._count(heads[longer])
+        return tuple(heads)
 
     def pack(self, encodings: Sequence) -> PackedBatch:
         """A host ``PackedBatch`` of encodings (anything with ``ids`` and ``type_ids``), positions as
@@ -431,6 +527,12 @@ class Tokenization:
             yield self.batches(prompt.apply(chunk), batch_size=batch_size, max_tokens=max_tokens,
                                max_length=max_length, truncate=truncate, offset=start)
             start += len(chunk)
+
+
+def _cut_chars(tokens: int) -> int:
+    """The first prefix tried for ``tokens`` tokens: 8 characters a token (English takes about 4.5) and a
+    margin; a text shorter than this is tokenized whole."""
+    return 8 * tokens + 256
 
 
 def _lower(item):

@@ -175,7 +175,7 @@ LONG = "word " * 300  # over MiniLM's 256 tokens
     ("/rerank", {"query": "q", "texts": ["a"]}, 400, "/rerank needs a sequence-classification head"),
     ("/rerank", {"query": "q", "texts": []}, 422, "`texts` is empty"),
     ("/embed_sparse", {"inputs": "a"}, 400,
-     "/embed_sparse needs a masked-language-model head (a SPLADE checkpoint) and this model has none (heads: pooler)"),
+     "/embed_sparse needs a masked-language-model head (a SPLADE checkpoint) or BGE-M3's sparse head, and this model has neither (heads: pooler)"),
     ("/embed_all", {"inputs": []}, 422, "`inputs` is empty"),
     ("/embed_all", {"inputs": ["ok", LONG]}, 422,
      "`inputs`: text 1 has 302 tokens, over the limit of 256 (truncation is off)"),
@@ -184,7 +184,8 @@ LONG = "word " * 300  # over MiniLM's 256 tokens
 ])
 def test_bad_input(server, route, body, status, message):
     content = body if isinstance(body, bytes) else None
-    response = httpx.post(server + route, content=content, json=None if content else body)
+    headers = {"content-type": "application/json"} if content else None
+    response = httpx.post(server + route, content=content, json=None if content else body, headers=headers)
     assert response.status_code == status, response.text
     error = response.json()
     assert message in error["error"], error

@@ -61,15 +61,17 @@ class Pipeline:
         return self.text.model_max_length
 
     def tokenize(self, inputs: list, *, truncation: bool, max_length: int | None = None, stride: int = 0,
-                 strategy: str = "longest_first", is_pretokenized: bool = False) -> list:
-        """Encodings with special tokens (and their overflowing windows when ``stride`` is used): cut to
-        ``max_length`` (the tokenizer's limit when None) with ``truncation``, else each within the model's."""
+                 strategy: str = "longest_first", is_pretokenized: bool = False, overflow: bool = False) -> list:
+        """Encodings with special tokens (and, with ``overflow``, their overflowing windows overlapping by
+        ``stride`` tokens): cut to ``max_length`` (the tokenizer's limit when None) with ``truncation``, else
+        each within the model's."""
         if truncation:
             limit = self.max_length if max_length is None else max_length
         else:
             limit = self.encoder.config.max_length
         return self.text.encode(inputs, max_length=limit, truncate=truncation, stride=stride, strategy=strategy,
-                                pretokenized=is_pretokenized, lower_case=False, what="input")
+                                pretokenized=is_pretokenized, lower_case=False, what="input",
+                                overflow=overflow)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         """transformers' ``tokenizer.decode``: the tokenizers decode, then its optional clean-up."""

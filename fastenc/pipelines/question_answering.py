@@ -34,7 +34,7 @@ class QuestionAnsweringPipeline(Pipeline):
         if doc_stride >= max_seq_len:
             raise InputError(f"doc_stride {doc_stride} must be less than max_seq_len {max_seq_len}")
         encodings = self.tokenize(pairs, truncation=True, max_length=max_seq_len, stride=doc_stride,
-                                   strategy="only_second")
+                                   strategy="only_second", overflow=True)
         windows, owners = [], []
         for index, encoding in enumerate(encodings):
             chunks = [encoding, *encoding.overflowing]

@@ -49,7 +49,8 @@ class TokenClassificationPipeline(Pipeline):
             single = isinstance(inputs, str)
             items = _texts(inputs, allow_empty=False)
             sentences = items
-        encodings = self.tokenize(items, truncation=True, stride=stride or 0, is_pretokenized=is_split_into_words)
+        encodings = self.tokenize(items, truncation=True, stride=stride or 0, is_pretokenized=is_split_into_words,
+                                  overflow=stride is not None)
         windows, owners = [], []
         for index, encoding in enumerate(encodings):
             chunks = [encoding, *encoding.overflowing] if stride is not None else [encoding]

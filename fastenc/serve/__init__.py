@@ -3,9 +3,12 @@ Prometheus metrics, batching concurrent requests together (the ``serve`` extra).
 
 Three pieces, each testable alone (TEI's router is the model): ``app`` (handlers: validate, tokenize,
 enqueue; they never touch the model), ``batcher`` (one queue cut into token-budget batches) and
-``worker`` (the one thread that owns the device). ``schema`` parses request bodies; ``metrics`` holds
-the Prometheus registry. Importing this package imports neither Starlette nor uvicorn: ``create_app``
-and ``run`` do.
+``worker`` (the model workers: a process per device, or one thread of the server, each owning its
+device and taking the next batch when idle). ``schema`` parses request bodies; ``openapi`` describes
+the routes; ``middleware`` adds request ids, access logs and the API key; ``connections`` bounds what a
+client can hold (head size and time, open connections, unread answers); ``metrics`` holds the
+Prometheus registry. Importing this package imports neither Starlette nor uvicorn: ``create_app`` and
+``run`` do.
 """
 
 from __future__ import annotations

@@ -1,10 +1,13 @@
 """The HTTP layer: Starlette routes that validate, tokenize and enqueue, and never touch the model.
 
-A request is read (at most ``payload_limit`` bytes), parsed (``schema``), admitted (at most
-``max_concurrent_requests`` at once; past that 429 at once, never an unbounded queue), tokenized on
-the one tokenizer thread (fastenc's tokenizer object is not shared between threads), and queued as a
-``Job`` in the ``Batcher``; the handler then waits for the ``Worker``'s result, or for its client to
-disconnect, in which case the job is cancelled and its sequences never reach the model. Routes and
+A request is read (JSON only: another ``Content-Type`` is a 415; at most ``payload_limit`` bytes, within
+``body_timeout`` seconds), parsed (``schema``), admitted (at most ``max_concurrent_requests`` at once;
+past that 429 with ``Retry-After`` at once, never an unbounded queue), tokenized on the one tokenizer
+thread (fastenc's tokenizer object is not shared between threads; a request whose client leaves while
+it waits for that thread is never tokenized), and queued as a ``Job`` in the ``Batcher``; the handler
+then waits for a worker's result, or for its client to disconnect, in which case the job is cancelled
+and its sequences never reach the model. The workers (``worker``: processes, one per device, or one
+thread of this process) all take their batches from that one batcher. Routes and
 shapes are text-embeddings-inference's (``/embed``, ``/embed_all``, ``/embed_sparse``, ``/predict``,
 ``/rerank``, ``/tokenize``, ``/info``, ``/health``) and OpenAI's ``/v1/embeddings``; ``/metrics`` is
 Prometheus text. Each answers what the Python API answers for the same input: ``embed(prompt_name=...)``,
@@ -12,8 +15,14 @@ Prometheus text. Each answers what the Python API answers for the same input: ``
 tokenization, scoring and ranking ``/rerank`` calls (only the forward pass is the worker's, batched
 with other requests).
 
+The route table (``Service.endpoints``) is the one place a route is declared: its handler, its error
+shape (TEI's, or OpenAI's under ``/v1/``), its request and answer schemas (``openapi``, served at
+``/openapi.json``) and whether it needs the API key. Around the routes: a request id and access log
+(``middleware.RequestContext``), CORS only for the origins configured, the API key (``middleware.ApiKey``),
+and under them the connection limits of ``connections``.
+
 Shutdown (SIGTERM, through uvicorn) stops accepting connections, lets the requests in flight finish,
-then closes the batcher and joins the worker.
+then closes the batcher and joins the workers.
 """
 
 from __future__ import annotations
@@ -22,7 +31,9 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import ipaddress
 import logging
+import os
 import socket
 import sys
 import time
@@ -32,6 +43,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import orjson
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -42,27 +56,82 @@ from ..encoder import DEFAULT_MAX_TOKENS, Encoder
 from ..errors import FastencError, InputError, LoadError
 from ..text import Prompt
 from ..pipelines import RerankPipeline, TextClassificationPipeline
-from ..tasks import SentenceEmbedding, SequenceScores, SparseEmbedding, TokenEmbeddings
-from . import schema
+from ..tasks import SentenceEmbedding, SequenceScores, TokenEmbeddings
+from . import openapi, schema
 from .batcher import Batcher, Closed, Job
+from .connections import CHUNK, ConnectionLimits, protocol_class
 from .metrics import Metrics
-from .schema import ServeError, unprocessable
-from .worker import Worker
+from .middleware import ApiKey, RequestContext, family_is_openai
+from .schema import ServeError, error_body, unprocessable
+from .worker import ProcessWorker, Worker, WorkerDied, WorkerSpec
 
 log = logging.getLogger("fastenc.serve")
 
 DEFAULT_MAX_CLIENT_BATCH_SIZE = 32
 DEFAULT_MAX_CONCURRENT_REQUESTS = 512
 DEFAULT_PAYLOAD_LIMIT = 2_000_000  # bytes, as TEI
+DEFAULT_MAX_RESPONSE_BYTES = 50_000_000  # the per-token routes' answers
+RETRY_AFTER = "1"  # seconds, on a 429 and on a 503 a retry can cure
+_FLOAT_BYTES = 15  # the most a float32 takes in the JSON answer, with its comma: "-1.1754944e-38,"
+_TOKEN_BYTES = 80  # /tokenize's fixed part per token: {"id":…,"text":"","special":false,"start":…,"stop":…},
+
+
+@dataclasses.dataclass(frozen=True)
+class Endpoint:
+    """One route: ``method path`` answered by ``handler``, with its error shape (OpenAI's when ``openai``),
+    the names of its request and answer schemas in ``openapi.SCHEMAS``, the error statuses it may
+    answer, whether it is served without the API key (``public``) and left out of the OpenAPI document
+    (``hidden``)."""
+
+    path: str
+    method: str
+    handler: Callable
+    summary: str
+    request: str | None = None
+    response: str | None = None
+    errors: tuple[int, ...] = ()
+    openai: bool = False
+    public: bool = False
+    hidden: bool = False
+    media_type: str = "application/json"
+
+
+_POST_ERRORS = (408, 413, 415, 422, 429, 503)
 
 
 class ClientGone(Exception):
     """The client disconnected before its answer was ready."""
 
 
-def _json(data, status: int = 200) -> Response:
-    return Response(orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status,
-                    media_type="application/json")
+def _served_name(path) -> str:
+    """The checkpoint directory's name (its parent's when it is a packaged model's generic ``model``)."""
+    if path is None:
+        return "fastenc"
+    return path.parent.name if path.name == "model" and path.parent.name else path.name
+
+
+class ChunkedResponse(Response):
+    """A response whose body goes out in ``CHUNK``-byte pieces, each waiting for the connection to drain:
+    a large answer to a slow reader never sits twice in memory (the body and a copy in the send buffer)."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        body = memoryview(self.body)
+        for start in range(0, len(body), CHUNK):
+            end = start + CHUNK
+            await send({"type": "http.response.body", "body": bytes(body[start:end]), "more_body": end < len(body)})
+
+
+def _json(data, status: int = 200, headers: dict | None = None) -> Response:
+    body = orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY)
+    kind = ChunkedResponse if len(body) > CHUNK else Response
+    return kind(body, status_code=status, media_type="application/json", headers=headers)
+
+
+def _json_content_type(value: str | None) -> bool:
+    """``application/json`` or ``application/<anything>+json``, with any parameters (charset …)."""
+    media = (value or "").split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
 async def _disconnected(request: Request) -> None:
@@ -77,28 +146,51 @@ def _settle(future: asyncio.Future, outcome, finished: float) -> None:
 
 
 class Service:
-    """The handlers' side of the server: limits, the tokenizer thread, admission, and the route handlers."""
+    """The handlers' side of the server: limits, the tokenizer thread, admission, the workers and the route
+    handlers.
+
+    ``workers``: one ``WorkerSpec`` per model worker process (each loads the checkpoint on its device);
+    None runs the model of ``encoder`` itself on one thread of this process. ``encoder`` gives the
+    tokenizer, the configuration and the heads either way. ``api_key``: ``Authorization: Bearer`` needed
+    on every route but ``/health`` (``create_app`` adds the check; the OpenAPI document says so).
+    """
 
     def __init__(self, encoder: Encoder, *, max_batch_tokens: int = DEFAULT_MAX_TOKENS,
                  max_client_batch_size: int = DEFAULT_MAX_CLIENT_BATCH_SIZE,
                  max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS, auto_truncate: bool = False,
-                 payload_limit: int = DEFAULT_PAYLOAD_LIMIT, model_name: str | None = None, warmup: bool = True):
+                 payload_limit: int = DEFAULT_PAYLOAD_LIMIT, model_name: str | None = None, warmup: bool = True,
+                 workers: list[WorkerSpec] | None = None, max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+                 body_timeout: float = ConnectionLimits.body_timeout, api_key: str | None = None):
         for name, value in (("max_batch_tokens", max_batch_tokens), ("max_client_batch_size", max_client_batch_size),
-                            ("max_concurrent_requests", max_concurrent_requests), ("payload_limit", payload_limit)):
+                            ("max_concurrent_requests", max_concurrent_requests), ("payload_limit", payload_limit),
+                            ("max_response_bytes", max_response_bytes)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InputError(f"{name} must be a positive int, got {value!r}")
+        if workers is not None and not workers:
+            raise InputError("workers is empty: give one WorkerSpec per model worker, or None for one in this process")
+        if api_key is not None and not api_key:
+            raise InputError("the API key is empty")
         if encoder.tokenizer is None:
             raise InputError(f"{encoder.path or 'this encoder'}: fastenc serve needs the checkpoint's tokenizer "
                              "files (tokenizer.json, vocab.txt or vocab.json + merges.txt)")
         self.encoder = encoder
-        self.model_name = model_name or (encoder.path.name if encoder.path is not None else "fastenc")
+        self.model_name = model_name or _served_name(encoder.path)
         self.max_concurrent_requests = max_concurrent_requests
         self.payload_limit = payload_limit
-        self.limits = schema.Limits(max_client_batch_size, encoder.config.hidden_size, auto_truncate)
+        self.max_response_bytes = max_response_bytes
+        self.body_timeout = body_timeout
+        self.api_key = api_key
+        self.limits = schema.Limits(max_client_batch_size, encoder.embedding_dim, auto_truncate)
         self.metrics = Metrics()
         self.batcher = Batcher(max_batch_tokens, on_cancelled=self.metrics.cancelled.inc)
         self.metrics.track(self.batcher)
-        self.worker = Worker(encoder, self.batcher, self.metrics, warmup=warmup)
+        if workers is None:
+            self.workers = [Worker(encoder, self.batcher, self.metrics, warmup=warmup)]
+            self.metrics.workers_up.set_function(lambda: sum(w.up for w in self.workers))
+        else:
+            self.workers = [ProcessWorker(index, spec, self.batcher, encoder.text.pack, self.metrics,
+                                          alive=self._any_worker_up) for index, spec in enumerate(workers)]
+        self.metrics.workers.set(len(self.workers))
         self._tokenizer_thread = None  # a one-thread executor, made at startup
         self._in_flight = 0
         self.text = encoder.text
@@ -106,8 +198,9 @@ class Service:
         self.classifier = (TextClassificationPipeline(encoder) if "sequence_classification" in encoder.heads
                            else None)
         self.reranker, self._rerank_error = self._rerank_setup()
-        self._sparse_error = None if "mlm" in encoder.heads else (
-            "/embed_sparse needs a masked-language-model head (a SPLADE checkpoint) and this model has none "
+        self._sparse_error = None if encoder.heads & {"mlm", "bge_m3"} else (
+            "/embed_sparse needs a masked-language-model head (a SPLADE checkpoint) or BGE-M3's sparse head, and "
+            "this model has neither "
             f"(heads: {', '.join(sorted(encoder.heads)) or 'none'})")
         # each prompt with its tokens left out of the pooling (include_prompt: false), measured once
         self._prompts = {name: self.text.prompt(name) for name in (None, *self.text.prompts)}
@@ -120,16 +213,23 @@ class Service:
             return None, ("this checkpoint is a sentence-transformers SparseEncoder (SPLADE): its vectors come "
                           "from /embed_sparse")
         try:
-            return SentenceEmbedding.for_checkpoint(sentence, encoder.config.hidden_size), None
+            return encoder.embedding_task()[0], None
         except FastencError as exc:
             return None, f"this checkpoint serves no embeddings: {exc}"
+
+    def _sparse_task(self, top_k: int | None):
+        """``embed_sparse(top_k=...)``'s task: SPLADE vectors, or BGE-M3's lexical weights; 422 for a bad top_k."""
+        try:
+            return self.encoder.sparse_task(top_k)
+        except InputError as exc:
+            raise unprocessable(str(exc)) from None
 
     def _embedding(self, prompt_name: str | None, normalize: bool, dimensions: int | None) -> SentenceEmbedding:
         """``embed(prompt_name=..., normalize=..., dim=...)``'s task with the checkpoint's pooling."""
         if self._embed_error:
             raise ServeError(400, self._embed_error, "model")
-        return dataclasses.replace(self.embedding, normalize=normalize, dim=dimensions,
-                                   skip=self._prompt(prompt_name).skip)
+        dim = None if dimensions == self.encoder.embedding_dim else dimensions
+        return dataclasses.replace(self.embedding, normalize=normalize, dim=dim, skip=self._prompt(prompt_name).skip)
 
     def _rerank_setup(self) -> tuple[RerankPipeline | None, str | None]:
         """The rerank pipeline whose tokenization, scores and ranking ``/rerank`` uses, or why there is none."""
@@ -146,29 +246,58 @@ class Service:
             return None, f"/rerank cannot score with this checkpoint: {exc}"
 
     # ------------------------------------------------------------------------------------- lifecycle
+    def _any_worker_up(self) -> bool:
+        return any(worker.up for worker in self.workers)
+
     async def startup(self) -> None:
         self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="fastenc-tokenize")
-        self.worker.start()
-        await asyncio.get_running_loop().run_in_executor(None, self.worker.ready.wait)
-        if self.worker.error is not None:
-            raise RuntimeError(f"the model failed its warm-up: {self.worker.error}")
+        for worker in self.workers:
+            worker.start()
+        loop = asyncio.get_running_loop()
+        for worker in self.workers:
+            await loop.run_in_executor(None, worker.ready.wait)
+        failed = [f"{worker.name}: {worker.error}" for worker in self.workers if worker.error is not None]
+        if failed:
+            self.batcher.close()
+            raise RuntimeError(f"the model failed to start: {'; '.join(failed)}")
 
     async def shutdown(self) -> None:
-        self.batcher.close()  # the worker drains what is queued, then stops
-        await asyncio.get_running_loop().run_in_executor(None, self.worker.join)
+        self.batcher.close()  # the workers drain what is queued, then stop
+        loop = asyncio.get_running_loop()
+        for worker in self.workers:
+            if isinstance(worker, ProcessWorker):
+                worker.stop()
+        for worker in self.workers:
+            await loop.run_in_executor(None, worker.join)
         self._tokenizer_thread.shutdown(wait=True)
 
     # --------------------------------------------------------------------------------------- helpers
     async def _body(self, request: Request) -> dict:
+        """The JSON body: 415 unless it says it is JSON, 413 past ``payload_limit`` bytes, 408 (and the
+        connection closed) when it does not arrive within ``body_timeout`` seconds."""
+        content_type = request.headers.get("content-type")
+        if not _json_content_type(content_type):
+            raise ServeError(415, f"the request body must be JSON, sent with `Content-Type: application/json` (got "
+                                  f"{'no Content-Type' if content_type is None else repr(content_type[:100])})")
         length = request.headers.get("content-length", "")
         if length.isdigit() and int(length) > self.payload_limit:
             raise ServeError(413, f"the request body is {length} bytes, over the limit of {self.payload_limit}")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.payload_limit:
-                raise ServeError(413, f"the request body is over the limit of {self.payload_limit} bytes")
-            chunks.append(chunk)
+
+        async def read():
+            nonlocal size
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > self.payload_limit:
+                    raise ServeError(413, f"the request body is over the limit of {self.payload_limit} bytes")
+                chunks.append(chunk)
+
+        try:
+            await asyncio.wait_for(read(), self.body_timeout)
+        except asyncio.TimeoutError:
+            self.metrics.connections_dropped.labels("body_timeout").inc()
+            raise ServeError(408, f"the request body did not arrive within {self.body_timeout:g} s",
+                             headers={"Connection": "close"}) from None
         return schema.parse_body(b"".join(chunks))
 
     @contextlib.contextmanager
@@ -176,7 +305,7 @@ class Service:
         """Count the request in, or 429 at once when ``max_concurrent_requests`` are already in."""
         if self._in_flight >= self.max_concurrent_requests:
             raise ServeError(429, f"the server is at its limit of {self.max_concurrent_requests} concurrent "
-                                  "requests; retry later", "overloaded")
+                                  "requests; retry later", "overloaded", {"Retry-After": RETRY_AFTER})
         self._in_flight += 1
         self.metrics.in_flight.inc()
         try:
@@ -185,15 +314,28 @@ class Service:
             self._in_flight -= 1
             self.metrics.in_flight.dec()
 
-    async def _tokenized(self, fn: Callable, *args):
-        """``fn(*args)`` on the tokenizer thread; an ``InputError`` is the client's 422."""
+    async def _tokenized(self, request: Request, fn: Callable, *args):
+        """``fn(*args)`` on the tokenizer thread; an ``InputError`` is the client's 422. A client that leaves
+        while its request waits for the thread takes the request with it: it is never tokenized."""
         start = time.perf_counter()
+        pending = self._tokenizer_thread.submit(fn, *args)
+        waiter = asyncio.wrap_future(pending)
+        watcher = asyncio.ensure_future(_disconnected(request))
         try:
-            result = await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, fn, *args)
+            await asyncio.wait((waiter, watcher), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+        if not waiter.done():
+            if pending.cancel():  # not started yet: it never will be
+                self.metrics.skipped.labels("tokenize").inc()
+            waiter.cancel()
+            raise ClientGone()
+        try:
+            return waiter.result()
         except InputError as exc:
             raise unprocessable(str(exc)) from None
-        self.metrics.stage.labels("tokenize").observe(time.perf_counter() - start)
-        return result
+        finally:  # every tokenization that ran, answered or refused
+            self.metrics.stage.labels("tokenize").observe(time.perf_counter() - start)
 
     async def _infer(self, request: Request, rows, task) -> list:
         """Queue ``rows`` for ``task`` and wait for the worker; a disconnect cancels the job."""
@@ -214,6 +356,8 @@ class Service:
             job.cancel()
             raise ClientGone()
         outcome, finished = future.result()
+        if isinstance(outcome, WorkerDied):
+            raise ServeError(503, str(outcome), "unhealthy", {"Retry-After": RETRY_AFTER})
         if isinstance(outcome, BaseException):
             raise ServeError(500, f"inference failed: {outcome}", "backend")
         self.metrics.stage.labels("queue").observe(job.started - job.enqueued)
@@ -245,7 +389,17 @@ class Service:
             raise InputError(f"`{field}`: {exc}") from None
 
     def _encode_pairs(self, query: str, texts: list[str], truncate: bool) -> list:
-        """The rerank pipeline's tokenization of ``(query, text)`` pairs."""
+        """The rerank pipeline's tokenization of ``(query, text)`` pairs; without truncation, a query too long
+        to make a pair with any text is named as the fault, not the texts."""
+        if not truncate:
+            tokens = len(self.text.encode([query], truncate=False, check_length=False, special_tokens=False,
+                                          lower_case=False)[0].ids)
+            processor = self.text.tokenizer.post_processor
+            specials = processor.num_special_tokens_to_add(True) if processor is not None else 0
+            limit = self.reranker.pair_length
+            if tokens + specials + 1 > limit:
+                raise InputError(f"`query` has {tokens} tokens: with any text the pair is over the limit of {limit} "
+                                 "tokens (truncation is off)")
         try:
             return self.reranker.pairs(query, texts, truncation=truncate)
         except InputError as exc:
@@ -259,6 +413,11 @@ class Service:
         # without truncation, TEI's limit: the tokenizer's (the pipeline's own is the model's positions)
         return self.text.encode(items, max_length=pipe.max_length, truncate=False, lower_case=False, what="input")
 
+    def _check_answer_size(self, size: int, what: str) -> None:
+        if size > self.max_response_bytes:
+            raise ServeError(413, f"the answer would take up to {size} bytes ({what}), over the limit of "
+                                  f"{self.max_response_bytes} (--max-response-bytes): send fewer or shorter inputs")
+
     def _tokens(self, texts: list[str], add_special_tokens: bool, prompt: Prompt = Prompt()) -> list[list[dict]]:
         texts = prompt.apply(texts)  # as TEI: the tokens (and their offsets) of the prompted text
         sentence = self.encoder.sentence
@@ -266,6 +425,10 @@ class Service:
             texts = [text.lower() for text in texts]
         encodings = self.text.encode(texts, special_tokens=add_special_tokens, truncate=False, check_length=False,
                                      lower_case=False)
+        tokens = sum(len(encoding.ids) for encoding in encodings)
+        # each token's text is a slice of its input (or a special token's few characters), at most 6 bytes a
+        # character once escaped
+        self._check_answer_size(tokens * _TOKEN_BYTES + 6 * sum(map(len, texts)), f"{tokens} tokens")
         out = []
         for text, encoding in zip(texts, encodings):
             tokens = []
@@ -285,7 +448,7 @@ class Service:
         task = self._embedding(req.prompt_name, req.normalize, req.dimensions)
         prompt = self._prompt(req.prompt_name)
         with self._admitted():
-            rows = await self._tokenized(self._encode_texts, req.texts, req.truncate, "inputs", prompt)
+            rows = await self._tokenized(request, self._encode_texts, req.texts, req.truncate, "inputs", prompt)
             vectors = await self._infer(request, rows, task)
         return _json(np.stack([v.numpy() for v in vectors]))
 
@@ -294,7 +457,10 @@ class Service:
         req = schema.parse_embed_all(await self._body(request), self.limits)
         prompt = self._prompt(req.prompt_name)
         with self._admitted():
-            rows = await self._tokenized(self._encode_texts, req.texts, req.truncate, "inputs", prompt)
+            rows = await self._tokenized(request, self._encode_texts, req.texts, req.truncate, "inputs", prompt)
+            tokens = sum(len(row.ids) for row in rows)
+            hidden = self.encoder.config.hidden_size
+            self._check_answer_size(tokens * (hidden * _FLOAT_BYTES + 3) + 2, f"{tokens} tokens x {hidden} floats")
             vectors = await self._infer(request, rows, TokenEmbeddings())
         return _json([v.numpy() for v in vectors])
 
@@ -305,9 +471,9 @@ class Service:
         if self._sparse_error:
             raise ServeError(400, self._sparse_error, "model")
         prompt = self._prompt(req.prompt_name)
-        task = SparseEmbedding.for_checkpoint(self.encoder.sentence, req.top_k)
+        task = self._sparse_task(req.top_k)
         with self._admitted():
-            rows = await self._tokenized(self._encode_texts, req.texts, req.truncate, "inputs", prompt)
+            rows = await self._tokenized(request, self._encode_texts, req.texts, req.truncate, "inputs", prompt)
             vectors = await self._infer(request, rows, task)
         return _json([[{"index": index, "value": value} for index, value in zip(words.tolist(), values.numpy())]
                       for words, values in vectors])
@@ -318,7 +484,7 @@ class Service:
         prompt = self._prompt(req.prompt_name)
         with self._admitted():
             truncate = self.limits.auto_truncate
-            rows = await self._tokenized(self._encode_texts, req.texts, truncate, "input", prompt)
+            rows = await self._tokenized(request, self._encode_texts, req.texts, truncate, "input", prompt)
             vectors = await self._infer(request, rows, task)
         tokens = sum(len(row.ids) for row in rows)
         if req.encoding_format == "base64":
@@ -334,7 +500,7 @@ class Service:
         req = schema.parse_predict(await self._body(request), self.limits)
         pipe = self._classifier("/predict")
         with self._admitted():
-            rows = await self._tokenized(self._encode_items, req.items, req.truncate)
+            rows = await self._tokenized(request, self._encode_items, req.items, req.truncate)
             logits = await self._infer(request, rows, SequenceScores())
         predictions = [self._predictions(row.numpy(), req.raw_scores, pipe.id2label) for row in logits]
         return _json(predictions[0] if req.single else predictions)
@@ -362,7 +528,7 @@ class Service:
         if pipe is None:
             raise ServeError(400, self._rerank_error, "model")
         with self._admitted():
-            rows = await self._tokenized(self._encode_pairs, req.query, req.texts, req.truncate)
+            rows = await self._tokenized(request, self._encode_pairs, req.query, req.texts, req.truncate)
             logits = await self._infer(request, rows, SequenceScores())
         ranks = pipe.rank(pipe.scores(logits, req.raw_scores), req.texts, return_text=req.return_text)
         if req.return_text:
@@ -373,7 +539,7 @@ class Service:
         req = schema.parse_tokenize(await self._body(request), self.limits)
         prompt = self._prompt(req.prompt_name)
         with self._admitted():
-            tokens = await self._tokenized(self._tokens, req.texts, req.add_special_tokens, prompt)
+            tokens = await self._tokenized(request, self._tokens, req.texts, req.add_special_tokens, prompt)
         return _json(tokens)
 
     async def info(self, request: Request) -> Response:
@@ -390,10 +556,12 @@ class Service:
         routes = {"/embed": not self._embed_error, "/v1/embeddings": not self._embed_error, "/embed_all": True,
                   "/embed_sparse": not self._sparse_error, "/predict": self.classifier is not None,
                   "/rerank": self.reranker is not None, "/tokenize": True}
+        process = [w for w in self.workers if isinstance(w, ProcessWorker)]
+        dtype = process[0].spec.dtype if process and process[0].spec.dtype else str(self.encoder.dtype)
         return _json({
-            "model_id": str(self.encoder.path) if self.encoder.path is not None else self.model_name,
+            "model_id": self.model_name,  # the served name: a local path is nobody else's business
             "model_sha": None,
-            "model_dtype": str(self.encoder.dtype).replace("torch.", ""),
+            "model_dtype": dtype.replace("torch.", ""),
             "served_model_name": self.model_name,
             "model_type": model_type,
             "max_concurrent_requests": self.max_concurrent_requests,
@@ -406,8 +574,9 @@ class Service:
             "version": __version__,
             "sha": None,
             "docker_label": None,
-            "device": str(self.encoder.device),
-            "backend": self.encoder.backend,
+            "device": str(process[0].spec.device) if process else str(self.encoder.device),
+            "devices": [w.spec.device for w in process] if process else [str(self.encoder.device)],
+            "backend": (process[0].info.get("backend") if process else None) or self.encoder.backend,
             "hidden_size": config.hidden_size,
             # fastenc's: what this checkpoint serves, and the prompt names prompt_name takes
             "routes": sorted(route for route, served in routes.items() if served),
@@ -416,9 +585,17 @@ class Service:
         })
 
     async def health(self, request: Request) -> Response:
-        if self.worker.ready.is_set() and self.worker.is_alive():
-            return Response(status_code=200)
-        return _json({"error": "the model worker is not running", "error_type": "unhealthy"}, 503)
+        """200 ``{"status": "ok"}`` when every worker runs, 200 ``"degraded"`` while some are being restarted,
+        503 ``"degraded"`` while none is (the requests of a load balancer's health check then go elsewhere)."""
+        total, up = len(self.workers), sum(worker.up for worker in self.workers)
+        state = {"status": "ok" if up == total else "degraded", "workers": total, "workers_up": up}
+        if up:
+            return _json(state)
+        return _json({**error_body(503, f"no model worker is running ({total} starting or restarting)",
+                                   "unhealthy"), **state}, 503, {"Retry-After": RETRY_AFTER})
+
+    async def openapi(self, request: Request) -> Response:
+        return _json(self._openapi)
 
     async def prometheus(self, request: Request) -> Response:
         return Response(self.metrics.render(), media_type=self.metrics.content_type)
@@ -438,6 +615,9 @@ class Service:
             except Exception as exc:  # a bug, not the client's fault: say so, keep serving
                 log.exception("%s failed", route)
                 response = self._error(ServeError(500, f"internal error: {exc}", "backend"), openai)
+            if response.status_code >= 500 and response.status_code != 503:
+                log.error("%s answered %d (request %s)", route, response.status_code,
+                          request.scope.get("state", {}).get("request_id"))
             self.metrics.requests.labels(route, str(response.status_code)).inc()
             if response.status_code == 200:
                 self.metrics.stage.labels("request").observe(time.perf_counter() - start)
@@ -447,31 +627,62 @@ class Service:
 
     @staticmethod
     def _error(exc: ServeError, openai: bool) -> Response:
-        if openai:
-            return _json({"error": {"message": exc.message, "type": exc.error_type, "param": None,
-                                    "code": exc.status}}, exc.status)
-        return _json({"error": exc.message, "error_type": exc.error_type}, exc.status)
+        return _json(error_body(exc.status, exc.message, exc.error_type, openai), exc.status, exc.headers)
+
+    def endpoints(self) -> list[Endpoint]:
+        """The route table: every route, its handler, error shape, schemas and statuses (see ``Endpoint``)."""
+        post = _POST_ERRORS
+        return [
+            Endpoint("/embed", "POST", self.embed, "sentence vectors, as embed()", "EmbedRequest", "EmbedResponse",
+                     (400, *post)),
+            Endpoint("/v1/embeddings", "POST", self.openai_embeddings, "OpenAI's embeddings", "OpenAIEmbeddingRequest",
+                     "OpenAIEmbeddingResponse", (400, *post), openai=True),
+            Endpoint("/embed_all", "POST", self.embed_all, "token vectors, as embed_tokens()", "EmbedAllRequest",
+                     "EmbedAllResponse", post),
+            Endpoint("/embed_sparse", "POST", self.embed_sparse, "SPLADE vectors, as embed_sparse()",
+                     "EmbedSparseRequest", "EmbedSparseResponse", (400, *post)),
+            Endpoint("/predict", "POST", self.predict, "a sequence classifier's labels", "PredictRequest",
+                     "PredictResponse", (400, *post)),
+            Endpoint("/rerank", "POST", self.rerank, "texts ranked against a query by a cross-encoder",
+                     "RerankRequest", "RerankResponse", (400, *post)),
+            Endpoint("/tokenize", "POST", self.tokenize, "the tokens of texts", "TokenizeRequest", "TokenizeResponse",
+                     post),
+            Endpoint("/info", "GET", self.info, "the model, its routes and the server's limits", response="Info"),
+            Endpoint("/health", "GET", self.health, "200 while a model worker runs", response="Health", errors=(503,),
+                     public=True),
+            Endpoint("/metrics", "GET", self.prometheus, "Prometheus metrics", media_type="text/plain"),
+            Endpoint("/openapi.json", "GET", self.openapi, "this document", hidden=True),
+        ]
 
     def routes(self) -> list[Route]:
-        return [
-            Route("/embed", self.endpoint("/embed", self.embed), methods=["POST"]),
-            Route("/v1/embeddings", self.endpoint("/v1/embeddings", self.openai_embeddings, openai=True),
-                  methods=["POST"]),
-            Route("/embed_all", self.endpoint("/embed_all", self.embed_all), methods=["POST"]),
-            Route("/embed_sparse", self.endpoint("/embed_sparse", self.embed_sparse), methods=["POST"]),
-            Route("/predict", self.endpoint("/predict", self.predict), methods=["POST"]),
-            Route("/rerank", self.endpoint("/rerank", self.rerank), methods=["POST"]),
-            Route("/tokenize", self.endpoint("/tokenize", self.tokenize), methods=["POST"]),
-            Route("/info", self.endpoint("/info", self.info), methods=["GET"]),
-            Route("/health", self.endpoint("/health", self.health), methods=["GET"]),
-            Route("/metrics", self.prometheus, methods=["GET"]),
-        ]
+        endpoints = self.endpoints()
+        self._openapi = openapi.document(endpoints, title="fastenc serve", version=__version__,
+                                         api_key=self.api_key is not None)
+        return [Route(e.path, self.endpoint(e.path, e.handler, openai=e.openai), methods=[e.method])
+                for e in endpoints]
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    """Starlette's 404 and 405 in the JSON error shape of the route family the path belongs to."""
+    path = request.url.path
+    if exc.status_code == 404:
+        message, kind = f"no route {path!r} (see /openapi.json)", "not_found"
+    elif exc.status_code == 405:
+        allowed = (exc.headers or {}).get("Allow", "")
+        message, kind = f"{request.method} is not allowed on {path} (allowed: {allowed})", "method_not_allowed"
+    else:
+        message, kind = str(exc.detail), "validation"
+    return _json(error_body(exc.status_code, message, kind, family_is_openai(path)), exc.status_code, exc.headers)
 
 
 def create_app(encoder: Encoder, *, on_ready: Callable[[], None] | None = None,
-               on_stopped: Callable[[], None] | None = None, **options) -> Starlette:
-    """A Starlette app serving ``encoder``; ``options`` are ``Service``'s (limits, ``auto_truncate`` …).
-    ``on_ready`` is called once the model is warm, ``on_stopped`` once the last request is answered."""
+               on_stopped: Callable[[], None] | None = None, cors_allow_origins: list[str] | tuple[str, ...] = (),
+               access_log: bool = True, **options) -> Starlette:
+    """A Starlette app serving ``encoder``; ``options`` are ``Service``'s (limits, ``workers``, ``api_key``,
+    ``auto_truncate`` …). ``on_ready`` is called once the model is warm, ``on_stopped`` once the last
+    request is answered. ``cors_allow_origins``: the origins (or ``"*"``) whose pages may call the
+    server from a browser; none by default. ``access_log``: a line per request on the
+    ``fastenc.serve.access`` logger (at INFO)."""
     service = Service(encoder, **options)
 
     @contextlib.asynccontextmanager
@@ -486,7 +697,15 @@ def create_app(encoder: Encoder, *, on_ready: Callable[[], None] | None = None,
             if on_stopped is not None:
                 on_stopped()
 
-    app = Starlette(routes=service.routes(), lifespan=lifespan)
+    middleware = [Middleware(RequestContext, log=access_log)]
+    if cors_allow_origins:
+        middleware.append(Middleware(CORSMiddleware, allow_origins=list(cors_allow_origins),
+                                     allow_methods=["GET", "POST"], expose_headers=["X-Request-Id"], max_age=600,
+                                     allow_headers=["Authorization", "Content-Type", "X-Request-Id"]))
+    if service.api_key is not None:
+        middleware.append(Middleware(ApiKey, key=service.api_key))
+    app = Starlette(routes=service.routes(), lifespan=lifespan, middleware=middleware,
+                    exception_handlers={HTTPException: _http_error})
     app.state.service = service
     return app
 
@@ -506,12 +725,70 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run(model=None, *, host: str = "127.0.0.1", port: int = 8080, device=None, dtype=None, backend=None,
-        threads: int | None = None, log_level: str = "warning", **options) -> None:
+def _raise_fd_limit() -> int | None:
+    """Raise this process's open-file limit to its hard limit; the soft limit then in force (None: unknown)."""
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def worker_specs(model, *, device=None, devices=None, workers: int | None = None, dtype=None, backend=None,
+                 threads: int | None = None, warmup: bool = True) -> list[WorkerSpec]:
+    """One ``WorkerSpec`` per model worker: one per entry of ``devices``, else ``workers`` on ``device``
+    (default: CUDA when there is one, else the CPU). CPU workers share the cores: each gets ``threads``
+    torch threads, by default its share of this process's cores (at least one); a lone worker keeps
+    torch's default."""
+    from ..encoder import default_model_path
+    from ..model import resolve_device, resolve_dtype
+
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise InputError(f"workers must be a positive int, got {workers!r}")
+    if devices:
+        if device is not None:
+            raise InputError("give --device or --devices, not both")
+        if workers is not None and workers != len(devices):
+            raise InputError(f"--workers {workers} does not match the {len(devices)} devices of --devices")
+        names = list(devices)
+    else:
+        names = [device] * (workers or 1)
+    resolved = [resolve_device(name) for name in names]
+    cpu_workers = sum(d.type == "cpu" for d in resolved)
+    if threads is None and cpu_workers > 1:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = max(1, cores // cpu_workers)
+    path = str(default_model_path() if model is None else os.path.abspath(model))
+    return [WorkerSpec(path, str(d), str(resolve_dtype(dtype, d)).replace("torch.", ""), backend,
+                       threads if d.type == "cpu" else None, warmup) for d in resolved]
+
+
+def run(model=None, *, host: str = "127.0.0.1", port: int = 8080, device=None, devices: list[str] | None = None,
+        workers: int | None = None, in_process: bool = False, dtype=None, backend=None, threads: int | None = None,
+        log_level: str = "warning", access_log: bool = True, cors_allow_origins: list[str] | tuple[str, ...] = (),
+        connection_limits: ConnectionLimits | None = None, **options) -> None:
     """Load the model, listen on ``host:port`` and serve until SIGINT/SIGTERM (then finish what is in flight;
     uvicorn then re-raises the signal, so the exit status is the signal's, as for any terminated process).
 
-    ``threads``: torch's intra-op threads for the model (CPU); None leaves torch's default (one per core).
+    The model runs in worker processes, one per entry of ``devices`` (``["cuda:0", "cuda:1"]``), else
+    ``workers`` of them on ``device`` (see ``worker_specs``); ``in_process`` runs the one model on a thread
+    of this process instead (no process to restart: a crash of the model is the server's).
+    ``threads``: torch's intra-op threads per CPU worker. ``connection_limits``: see ``connections``.
+    ``options``: ``Service``'s (``api_key``, limits …).
     """
     import torch
     import uvicorn
@@ -519,7 +796,21 @@ def run(model=None, *, host: str = "127.0.0.1", port: int = 8080, device=None, d
     if threads is not None:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise InputError(f"threads must be a positive int, got {threads!r}")
-        torch.set_num_threads(threads)
+    limits = connection_limits or ConnectionLimits()
+    if in_process:
+        if devices and len(devices) > 1 or (workers or 1) > 1:
+            raise InputError("--in-process runs one model worker: drop --workers/--devices or --in-process")
+        if threads is not None:
+            torch.set_num_threads(threads)
+        specs = None
+        device = devices[0] if devices else device
+    else:
+        specs = worker_specs(model, device=device, devices=devices, workers=workers, dtype=dtype, backend=backend,
+                             threads=threads, warmup=options.get("warmup", True))
+        torch.set_num_threads(1)  # this process packs batches and never runs the model: leave the cores to it
+    fd_limit = _raise_fd_limit()
+    if fd_limit is not None and limits.max_connections > fd_limit - 64:  # fds for the model, pipes and logs
+        limits = dataclasses.replace(limits, max_connections=max(1, fd_limit - 64))
 
     try:
         sock = bind(host, port)
@@ -527,15 +818,33 @@ def run(model=None, *, host: str = "127.0.0.1", port: int = 8080, device=None, d
         raise FastencError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     bound_host, bound_port = sock.getsockname()[:2]
     url = f"http://{'[' + bound_host + ']' if ':' in bound_host else bound_host}:{bound_port}"
-    encoder = Encoder.from_pretrained(model, device=device, dtype=dtype, backend=backend)
+    if not _is_loopback(bound_host) and not options.get("api_key"):
+        print(f"fastenc serve: warning: listening on {url} without an API key: anyone who can reach this address "
+              "can use the model (set --api-key or FASTENC_API_KEY)", file=sys.stderr, flush=True)
+    if specs is None:
+        encoder = Encoder.from_pretrained(model, device=device, dtype=dtype, backend=backend)
+    else:  # the tokenizer, configuration and heads; the workers load their own model
+        encoder = Encoder.from_pretrained(model, device="cpu", backend="torch")
+    if access_log:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        access = logging.getLogger("fastenc.serve.access")
+        access.addHandler(handler)
+        access.setLevel(logging.INFO)
+        access.propagate = False
+    where = ", ".join(spec.device for spec in specs) if specs else f"{encoder.device} (in-process)"
 
     def ready():
-        print(f"fastenc serve: {encoder.path} on {encoder.device} ({encoder.backend}), listening on {url}",
+        backend_name = app.state.service.workers[0].info.get("backend") if specs else encoder.backend
+        print(f"fastenc serve: {encoder.path} on {where} ({backend_name}), listening on {url}",
               file=sys.stderr, flush=True)
 
     def stopped():
         print("fastenc serve: stopped (every request in flight was answered)", file=sys.stderr, flush=True)
 
-    app = create_app(encoder, on_ready=ready, on_stopped=stopped, **options)
-    config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on", timeout_graceful_shutdown=60)
+    app = create_app(encoder, on_ready=ready, on_stopped=stopped, workers=specs, access_log=access_log,
+                     cors_allow_origins=cors_allow_origins, body_timeout=limits.body_timeout, **options)
+    config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on", timeout_graceful_shutdown=60,
+                            http=protocol_class(limits, app.state.service.metrics), server_header=False,
+                            timeout_keep_alive=limits.keep_alive_timeout, backlog=2048)
     uvicorn.Server(config).run(sockets=[sock])

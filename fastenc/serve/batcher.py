@@ -118,6 +118,11 @@ class Batcher:
         self._on_cancelled = on_cancelled  # told how many sequences each dropped job had left
 
     @property
+    def closed(self) -> bool:
+        """``close`` was called (what is queued may still be draining)."""
+        return self._closed
+
+    @property
     def depth(self) -> int:
         """Sequences waiting for a batch."""
         return self._waiting

@@ -4,12 +4,21 @@ The shapes are text-embeddings-inference's (``router/src/http/types.rs``) and Op
 the status codes are fastenc's: 422 for a body that cannot be read, a wrong type, an empty input or a
 text over the limit; 413 for too many inputs or too many bytes; 429 when the server is full; 400 for a
 route the model has no head for. Nothing here touches the model or imports the HTTP stack.
+
+Bodies are parsed by orjson, which never recurses in Python (nesting deeper than 1,024 levels is an
+error, not a ``RecursionError``), reads integers past 64 bits as floats or refuses them (so no
+5,000-digit integer reaches ``int()``), and refuses invalid UTF-8 and lone surrogates (``"\\ud800"``)
+as malformed JSON: every such body is a 422 here. One rule for texts: a text that is empty or holds
+only whitespace and control characters (which the tokenizers drop) is a 422, never the empty text's
+vector.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import re
+
+import orjson
 
 Text = str
 Pair = tuple[str, str]
@@ -18,11 +27,20 @@ Pair = tuple[str, str]
 class ServeError(Exception):
     """An answer other than 200: ``status``, TEI's ``error_type`` and a message naming the problem."""
 
-    def __init__(self, status: int, message: str, error_type: str = "validation"):
+    def __init__(self, status: int, message: str, error_type: str = "validation", headers: dict | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.error_type = error_type
+        self.headers = headers or {}
+
+
+def error_body(status: int, message: str, error_type: str, openai: bool = False) -> dict:
+    """An error answer's JSON: TEI's ``{"error", "error_type"}``, or OpenAI's ``{"error": {"message", "type",
+    "param", "code"}}`` on its routes."""
+    if openai:
+        return {"error": {"message": message, "type": error_type, "param": None, "code": status}}
+    return {"error": message, "error_type": error_type}
 
 
 def unprocessable(message: str) -> ServeError:
@@ -113,8 +131,8 @@ def _kind(value) -> str:
 def parse_body(body: bytes) -> dict:
     """The request body as a JSON object, or 422 saying why it is not one."""
     try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
         raise unprocessable(f"malformed JSON in the request body: {exc}") from None
     if not isinstance(data, dict):
         raise unprocessable(f"the request body must be a JSON object, got {_kind(data)}")
@@ -136,11 +154,17 @@ def _flag(body: dict, key: str, default: bool) -> bool:
     return value
 
 
+# whitespace, C0/C1 controls, zero-width and bidirectional marks, the BOM: what tokenizers drop or split on
+_BLANK = re.compile(r"[\s\x00-\x1f\x7f-\x9f\u00ad\u200b-\u200f\u2028-\u202f\u205f-\u206f\ufeff]*")
+
+
 def _string(value, name: str) -> str:
     if not isinstance(value, str):
         raise unprocessable(f"`{name}` must be a string, got {_kind(value)}")
     if not value:
         raise unprocessable(f"`{name}` is an empty string")
+    if _BLANK.fullmatch(value):
+        raise unprocessable(f"`{name}` holds only whitespace or control characters (an empty text)")
     return value
 
 
@@ -205,8 +229,10 @@ def parse_openai_embed(body: dict, limits: Limits) -> OpenAIEmbedRequest:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise unprocessable(f"`model` must be a string, got {_kind(model)}")
-    encoding_format = body.get("encoding_format") or "float"
-    if encoding_format not in ("float", "base64"):
+    encoding_format = body.get("encoding_format")
+    if encoding_format is None:
+        encoding_format = "float"
+    if not isinstance(encoding_format, str) or encoding_format not in ("float", "base64"):
         raise unprocessable(f"`encoding_format` must be \"float\" or \"base64\", got {encoding_format!r}")
     return OpenAIEmbedRequest(texts=_texts(_required(body, "input"), "input", limits), model=model,
                               encoding_format=encoding_format, dimensions=_dimensions(body, limits),
