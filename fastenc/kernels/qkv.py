@@ -179,16 +179,26 @@ def qk_norm_config(dtype: torch.dtype, N: int, K: int, head_dim: int, arch: int 
     (power-of-two) head dim, hence a multiple of it; from N, K, the head dim, the dtype and the
     architecture only.
 
-    Where the head is wider than ``gemm_config``'s tile (fp32 at head dims 128 and 256, 16-bit at 256),
-    ``BLOCK_M`` shrinks so that the accumulator keeps the tile's size: 128 x 128 accumulators with a
-    256-wide head spill 96-136 B on sm_90 and 32-40 B on sm_86 (``python -m fastenc.kernels.aot
-    --models embeddinggemma-300m``, Triton 3.9), 64 x 256 use 181-186 registers; fp32 tiles of 32 x 128
-    and 16 x 256 use 128-129 (64 x 128: 236-246).
+    Where the head is wider than ``gemm_config``'s tile, the tile keeps an accumulator of the size it
+    was measured at. 16-bit tiles on tensor cores take the 128 x 128 accumulator (8 warps) as
+    ``128 * 128 / head_dim`` rows, whatever N chose: at head dim 256, 64 x 256 tiles use 181-186
+    registers, and a narrower one would leave ``wgmma`` (64 rows a warpgroup) on sm_90; 128 x 256
+    spilled 96-136 B there (``python -m fastenc.kernels.aot --models embeddinggemma-300m``, Triton 3.9).
+    fp32 (CUDA cores) keeps the 64 x 64 tile's size: 32 x 128 and 16 x 256 use 128-129 registers (64 x 128:
+    236-246). The stages are then cut to what the architecture's shared memory holds.
     """
     config = gemm_config(dtype, N, K, arch)
     if head_dim > config["BLOCK_N"]:
-        config["BLOCK_M"] = config["BLOCK_M"] * config["BLOCK_N"] // head_dim
+        if dtype != torch.float32 and arch >= 80:
+            config.update(BLOCK_M=128 * 128 // head_dim, num_warps=8)
+        else:
+            config["BLOCK_M"] = config["BLOCK_M"] * config["BLOCK_N"] // head_dim
         config["BLOCK_N"] = head_dim
+        # A stage holds a (BLOCK_M + BLOCK_N) x BLOCK_K slab of both operands, and the pipeline keeps
+        # num_stages - 1 of them in shared memory; a wide tile needs more per stage than a square one.
+        per_stage = (config["BLOCK_M"] + config["BLOCK_N"]) * config["BLOCK_K"] * dtype.itemsize
+        fitting = 1 + _target.shared_memory_limit(arch) // per_stage
+        config["num_stages"] = max(2, min(config["num_stages"], fitting))
     return config
 
 

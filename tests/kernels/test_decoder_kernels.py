@@ -313,6 +313,23 @@ def test_qwen2_qkv_bias_is_the_projections_bias():
             torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_qk_norm_tiles_fit_every_architectures_shared_memory(dtype):
+    """The pipeline of a whole-head tile (num_stages - 1 operand slabs in shared memory) fits every known
+    GPU's per-block limit, for every head dim and the decoders' QKV widths."""
+    from fastenc.kernels import _target
+    from fastenc.kernels.qkv import qk_norm_config
+
+    for arch in _target.SHARED_MEMORY:
+        for head_dim in (16, 32, 64, 128, 256):
+            for slabs in (3, 5, 6, 12, 32, 48, 64):
+                config = qk_norm_config(dtype, slabs * head_dim, 1024, head_dim, arch)
+                assert config["BLOCK_N"] % head_dim == 0
+                pipeline = (config["num_stages"] - 1) * (config["BLOCK_M"] + config["BLOCK_N"]) * \
+                    config["BLOCK_K"] * dtype.itemsize
+                assert pipeline <= _target.shared_memory_limit(arch), (arch, head_dim, slabs, config)
+
+
 def test_fused_qkv_qk_norm_rows_are_batch_invariant():
     x = rand(150, 64, dtype=torch.bfloat16)
     weight = rand(8 * 32, 64, dtype=torch.bfloat16, scale=0.1)
