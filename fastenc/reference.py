@@ -10,8 +10,8 @@ Conventions shared by every backend:
 * Activations are packed: one ``(tokens, features)`` row per real token, padding removed. Sequences
   are described by ``cu_seqlens`` (``(batch + 1,)`` int32 offsets into the token axis, on the device)
   and ``max_seqlen`` (a host ``int``), as in FlashAttention's varlen interface. A sequence may be empty.
-* ``fused_qkv`` returns Q already multiplied by ``1 / sqrt(head_dim)``; ``attention`` applies no
-  further scale.
+* ``fused_qkv`` returns Q already multiplied by ``1 / sqrt(head_dim)`` (or the ``scale`` it is given:
+  DeBERTa's ``1 / sqrt(head_dim * scale_factor)``); ``attention`` applies no further scale.
 * Activation names are canonical: ``"gelu"`` (exact erf), ``"gelu_tanh"`` (the tanh approximation used
   by ``gelu_new``, ``gelu_pytorch_tanh`` and ``gelu_fast``), ``"relu"``, ``"silu"`` (``x * sigmoid(x)``,
   transformers' ``silu`` / ``swish``), or ``None``.
@@ -23,7 +23,9 @@ Conventions shared by every backend:
 * The family-specific layouts are prepared once at load (``fastenc/family.py``): gated FFN weights
   with their two halves interleaved row by row, Q and K rows in rotary-pair order, RoPE as a
   ``(positions, head_dim)`` table of cosines and sines, MPNet's bucketed relative bias as a
-  ``(heads, 2 * positions - 1)`` table by distance.
+  ``(heads, 2 * positions - 1)`` table by distance, DeBERTa's relative embeddings projected per layer
+  (``(2 * span, heads, head_dim)``, the queries' already scaled) and its row of them for every distance
+  (``(2 * positions - 1,)`` int32).
 """
 
 from __future__ import annotations
@@ -116,13 +118,16 @@ def fused_qkv(
     num_heads: int,
     positions: torch.Tensor | None = None,  # (tokens,) integer, with rope
     rope: torch.Tensor | None = None,  # (max_positions, head_dim) float32: cosines, then sines
+    *,
+    scale: float | None = None,  # Q's factor; None: 1 / sqrt(head_dim)
 ) -> torch.Tensor:  # (3, heads, tokens, head_dim), Q scaled by 1/sqrt(head_dim)
     """One GEMM for Q, K and V, returned with the heads split, Q pre-scaled for the softmax.
 
     With ``rope``, Q and K are rotated before the scaling: the pair of columns ``(2i, 2i + 1)`` of each
     head turns by the angle whose cosine and sine are ``rope[position, i]`` and
     ``rope[position, head_dim // 2 + i]`` (the interleaved layout; ``fastenc.family.rotary_pair_order``
-    brings rotate-half checkpoints to it at load). V is never rotated.
+    brings rotate-half checkpoints to it at load). V is never rotated. ``scale`` replaces the softmax
+    scale ``1 / sqrt(head_dim)`` (DeBERTa: ``1 / sqrt(head_dim * scale_factor)``).
     """
     tokens = x.shape[0]
     head_dim = weight.shape[0] // (3 * num_heads)
@@ -134,7 +139,7 @@ def fused_qkv(
         pairs = qkv[:, :2].unflatten(-1, (half, 2))  # (tokens, 2, heads, half, 2): Q and K
         first, second = pairs[..., 0], pairs[..., 1]
         qkv[:, :2] = torch.stack((first * cos - second * sin, second * cos + first * sin), -1).flatten(-2)
-    qkv[:, 0].mul_(1.0 / math.sqrt(head_dim))
+    qkv[:, 0].mul_(1.0 / math.sqrt(head_dim) if scale is None else scale)
     return qkv.permute(1, 2, 0, 3)
 
 
@@ -147,6 +152,10 @@ def attention(
     positions: torch.Tensor | None = None,  # (tokens,) integer; None: the index within the sequence
     window: int | None = None,  # a query sees the keys with |key position - query position| <= window
     bias: torch.Tensor | None = None,  # (heads, 2 * P - 1) float32: score bias by distance, P positions
+    *,
+    rel_keys: torch.Tensor | None = None,  # (R, heads, head_dim): c2p, DeBERTa's projected relative keys
+    rel_queries: torch.Tensor | None = None,  # (R, heads, head_dim): p2c, its projected relative queries, scaled
+    rel_index: torch.Tensor | None = None,  # (2 * P - 1,) int32: the row of both for each distance
 ) -> torch.Tensor:  # (tokens, heads * head_dim)
     """Bidirectional attention within each packed sequence.
 
@@ -154,16 +163,25 @@ def attention(
     query (ModernBERT's local layers: ``window = local_attention // 2``). ``bias`` adds
     ``bias[head, key position - query position + P - 1]`` to each score (MPNet's relative position bias).
 
+    DeBERTa's disentangled attention: with ``r = rel_index[key position - query position + P - 1]``, the
+    score of query ``i`` and key ``j`` gets ``q_i · rel_keys[r, head]`` (content-to-position, c2p) and
+    ``k_j · rel_queries[r, head]`` (position-to-content, p2c), either table ``None`` for a model without
+    that term. Q comes scaled (``fused_qkv``'s ``scale``) and so do ``rel_queries``
+    (``fastenc.family.disentangled_tables``), so the three terms are added unscaled.
+
     Runs torch's ``scaled_dot_product_attention`` on a padded copy with a key-padding mask (padding
-    is added and removed here, and only here, so the rest of the encoder stays packed); a window or a
-    bias becomes a ``(batch, heads, seq, seq)`` float mask here, which only this twin builds.
+    is added and removed here, and only here, so the rest of the encoder stays packed); a window, a
+    bias or the relative terms become a ``(batch, heads, seq, seq)`` float mask here, which only this
+    twin builds (the c2p and p2c scores as transformers computes them: each query or key against the
+    relative rows its sequences can reach, then gathered).
     """
     heads, tokens, head_dim = q.shape
     batch = cu_seqlens.numel() - 1
     if tokens == 0:
         return q.new_zeros(0, heads * head_dim)
-    if window is not None or bias is not None:
-        return _attention_with_positions(q, k, v, cu_seqlens, max_seqlen, positions, window, bias)
+    relative = (rel_keys, rel_queries, rel_index) if rel_keys is not None or rel_queries is not None else None
+    if window is not None or bias is not None or relative is not None:
+        return _attention_with_positions(q, k, v, cu_seqlens, max_seqlen, positions, window, bias, relative)
     if tokens == batch * max_seqlen:  # every sequence is full: no padding to add
         def pad(t):  # (heads, tokens, D) -> (batch, heads, seq, D)
             return t.reshape(heads, batch, max_seqlen, head_dim).transpose(0, 1)
@@ -188,8 +206,9 @@ def attention(
     return out[slot]
 
 
-def _attention_with_positions(q, k, v, cu_seqlens, max_seqlen, positions, window, bias):
-    """``attention`` with a window or a position bias: an explicit mask over the padded layout."""
+def _attention_with_positions(q, k, v, cu_seqlens, max_seqlen, positions, window, bias, relative=None):
+    """``attention`` with a window, a position bias or DeBERTa's relative terms: an explicit mask over the
+    padded layout."""
     heads, tokens, head_dim = q.shape
     batch = cu_seqlens.numel() - 1
     cu = cu_seqlens.to(torch.long)
@@ -222,9 +241,37 @@ def _attention_with_positions(q, k, v, cu_seqlens, max_seqlen, positions, window
         index = (distance + span).clamp(0, bias.shape[1] - 1)  # padding's distances are never read
         scores = bias.to(q.dtype)[:, index].permute(1, 0, 2, 3)  # (batch, heads, query, key)
         mask = scores if mask is None else scores.masked_fill(~mask, float("-inf"))
+    if relative is not None:
+        scores = _disentangled_scores(q, k, distance, *relative)  # (batch, heads, query, key)
+        mask = scores if mask is None else scores.masked_fill(~mask, float("-inf"))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
     out = out.permute(0, 2, 1, 3).reshape(batch * max_seqlen, heads * head_dim)  # (B*S, hidden)
     return out if full else out[slot]
+
+
+def _disentangled_scores(q, k, distance, rel_keys, rel_queries, rel_index):
+    """DeBERTa's c2p + p2c scores ``(batch, heads, query, key)`` over the padded layout. ``q``, ``k``:
+    ``(batch, heads, seq, head_dim)``; ``distance``: ``(batch, query, key)``, key position - query position.
+
+    As transformers does, every query (c2p) and key (p2c) is scored against the relative rows and the
+    scores are gathered by each pair's row; only the rows the sequences' distances can reach are scored
+    (a contiguous range: the row is monotone in the distance), not all ``2 * span``.
+    """
+    center = (rel_index.shape[0] - 1) // 2  # the column of distance 0
+    index = rel_index.long()[(distance + center).clamp(0, 2 * center)]  # (batch, query, key)
+    reach = min(center, int(distance.abs().max()))  # padding's distances too: a superset of the real ones
+    lo = int(rel_index[center - reach:center + reach + 1].min())
+    hi = int(rel_index[center - reach:center + reach + 1].max()) + 1
+    index = (index - lo).clamp(0, hi - lo - 1)[:, None]  # (batch, 1, query, key)
+    batch, heads, seq, _ = q.shape
+    scores = q.new_zeros(batch, heads, seq, seq)
+    if rel_keys is not None:
+        c2p = torch.einsum("bhsd,rhd->bhsr", q, rel_keys[lo:hi].to(q.dtype))  # (batch, heads, query, rows)
+        scores += c2p.gather(-1, index.expand(batch, heads, seq, seq))
+    if rel_queries is not None:
+        p2c = torch.einsum("bhsd,rhd->bhsr", k, rel_queries[lo:hi].to(k.dtype))  # (batch, heads, key, rows)
+        scores += p2c.gather(-1, index.transpose(-1, -2).expand(batch, heads, seq, seq)).transpose(-1, -2)
+    return scores
 
 
 def add_layer_norm(

@@ -22,7 +22,8 @@ float32 table built at load (``fastenc.family.rope_table``: transformers' own an
 transcendental functions in the kernel), rotates in fp32 and joins the halves back. V columns pass
 through (cosine 1, sine 0).
 
-Bias-free projections (ModernBERT, NomicBERT) take ``HAS_BIAS=False``.
+Bias-free projections (ModernBERT, NomicBERT) take ``HAS_BIAS=False``. The Q scale is
+``1 / sqrt(head_dim)`` unless the caller gives one (DeBERTa's ``1 / sqrt(head_dim * scale_factor)``).
 
 Limits: ``hidden`` must be a multiple of ``num_heads``; ``x`` and ``weight`` need a unit stride in
 their last dimension; with RoPE the head dim is even and positions are below the table's length (not
@@ -124,9 +125,11 @@ def fused_qkv(
     num_heads: int,
     positions: torch.Tensor | None = None,  # (tokens,) integer, with rope
     rope: torch.Tensor | None = None,  # (max_positions, head_dim) float32: cosines, then sines
+    *,
+    scale: float | None = None,  # Q's factor; None: 1 / sqrt(head_dim)
 ) -> torch.Tensor:  # (3, heads, tokens, head_dim) contiguous, Q scaled by 1/sqrt(head_dim)
-    """One GEMM for Q, K and V, returned with the heads split, Q pre-scaled for the softmax; with ``rope``,
-    Q and K rotated (pairs ``2i, 2i + 1``) by the angles of their positions."""
+    """One GEMM for Q, K and V, returned with the heads split, Q pre-scaled for the softmax (by ``scale``
+    when given); with ``rope``, Q and K rotated (pairs ``2i, 2i + 1``) by the angles of their positions."""
     device = check_backend("x", x)
     check_tensor("x", x, (None, None))
     tokens, hidden = x.shape
@@ -143,6 +146,9 @@ def fused_qkv(
         if positions is None:
             raise ValueError("positions is required with rope")
         check_tensor("positions", positions, (tokens,), dtypes=INDEX_DTYPES, device=device)
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite float or None, got {scale!r}")
 
     out = torch.empty((3, num_heads, tokens, head_dim), device=device, dtype=x.dtype)
     if tokens == 0 or hidden == 0:
@@ -161,7 +167,7 @@ def fused_qkv(
             K,
             x.stride(0),
             weight.stride(0),
-            1.0 / math.sqrt(head_dim),
+            1.0 / math.sqrt(head_dim) if scale is None else float(scale),
             HEAD_DIM=head_dim,
             **config,
             Positions_ptr=positions if rope is not None else None,
