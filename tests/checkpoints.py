@@ -790,6 +790,8 @@ def _check_tied(model, family: str, head: str | None) -> None:
     out = model.get_output_embeddings()
     if out is None:  # e.g. ElectraForPreTraining (discriminator) has no LM head
         return
+    if family == "deberta-v2" and getattr(model.config, "legacy", True) is False:
+        return  # its "output embeddings" are the head's dense layer: the decoder is the word embeddings, always
     if getattr(model.config, "tie_word_embeddings", True):
         if out.weight is not model.get_input_embeddings().weight:
             raise RuntimeError(f"{family}/{head}: decoder weight is not tied to the word embeddings")

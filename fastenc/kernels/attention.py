@@ -60,9 +60,11 @@ per-layer tables, ``2 * 2 * span * hidden`` values whatever the batch.
 
 Its cost, per step of a ``BLOCK_M x BLOCK_N`` tile and head dim ``D``: ``QK^T`` and ``PV`` are
 ``2 * BLOCK_M * BLOCK_N * D`` multiply-adds; the relative terms add ``(BLOCK_M + BLOCK_N) * REL_W * D``
-(and two register gathers of ``BLOCK_M * BLOCK_N``). With ``64 x 64`` tiles and ``REL_W = 128`` that is
-twice the tile's own tensor-core work: disentangled attention does about 3x plain attention's
-multiply-adds, all on tensor cores, reading the tables from L2 (1.5 MiB a layer for DeBERTa-v3-base).
+per window (and two register gathers of ``BLOCK_M * BLOCK_N``), ``ceil((BLOCK_M + BLOCK_N - 1) / REL_W)``
+windows. With sm_90's ``64 x 64`` tiles and two windows of 64 that is twice the tile's own tensor-core
+work: disentangled attention does about 3x plain attention's multiply-adds (4x with sm_8x's ``64 x 32``),
+all on tensor cores, reading ``2 * REL_W`` table rows a window from L2 (the tables are 1.5 MiB a layer
+for DeBERTa-v3-base in fp16).
 The alternative — materialising every query's and key's scores against all ``2 * span`` rows,
 ``(heads, tokens, 2 * span)`` twice (transformers' c2p/p2c matrices before its gather, minus the
 gather) — costs ``2 * 2 * span * D`` multiply-adds per token and head whatever the sequence length
@@ -117,9 +119,10 @@ def _load_rows(
 def _relative_scores(
     q,  # (BLOCK_M, BLOCK_D) input dtype, scaled
     k,  # (BLOCK_N, BLOCK_D) input dtype
-    distance,  # (BLOCK_M, BLOCK_N) int64: key position - query position
-    first,  # the smallest distance between a real query of the block and a real key of the step
-    last,  # the largest
+    pos_q,  # (BLOCK_M,) int32 query positions
+    pos_k,  # (BLOCK_N,) int32 key positions
+    first,  # int32: the smallest distance between a real query of the block and a real key of the step
+    last,  # int32: the largest
     offs_d,
     RelK_base,  # this head's row 0 of the (R, heads, head_dim) c2p table, with C2P
     RelQ_base,  # this head's row 0 of the p2c table (scaled), with P2C
@@ -139,9 +142,9 @@ def _relative_scores(
     positions; more only across the holes of a mask): the table rows of a window's distances are scored against the query tile
     (c2p) and the key tile (p2c) by ``tl.dot``, and each pair takes the column of its own distance.
     """
-    column = (distance - first).to(tl.int32)  # (BLOCK_M, BLOCK_N): the pair's distance in the windows
+    column = pos_k[None, :] - pos_q[:, None] - first  # (BLOCK_M, BLOCK_N) int32: the pair's distance - first
     scores = tl.zeros(column.shape, dtype=tl.float32)
-    for start in range(0, (last - first + 1).to(tl.int32), REL_W):
+    for start in range(0, last - first + 1, REL_W):
         d = first + start + tl.arange(0, REL_W)  # (REL_W,) the window's distances
         rows = tl.load(RelIndex_center + tl.minimum(tl.maximum(d, -rel_center), rel_center)).to(tl.int64)
         local = column - start
@@ -197,17 +200,18 @@ def _attention_step(
     keys = start_n + tl.arange(0, BLOCK_N)
     k = _load_rows(k_base, keys, stride_k_token, offs_d, seqlen, HEAD_DIM, MASK_KEYS, EVEN_D)
     s = tl.dot(q, tl.trans(k), input_precision="ieee")  # (BLOCK_M, BLOCK_N) fp32 scores
-    if WINDOW or REL_BIAS or C2P or P2C:
+    if WINDOW or REL_BIAS:
         pos_k = tl.load(pos_base + keys, mask=keys < seqlen, other=0).to(tl.int64)  # (BLOCK_N,)
         distance = pos_k[None, :] - pos_q[:, None]  # (BLOCK_M, BLOCK_N): key position - query position
     if REL_BIAS:
         s += tl.load(bias_row + distance, mask=(keys < seqlen)[None, :], other=0.0)
-    if C2P or P2C:  # positions increase along the sequence: the real keys' first and last are the extremes
-        k_first = tl.min(tl.where(keys < seqlen, pos_k, 2**62), axis=0)
-        k_last = tl.max(tl.where(keys < seqlen, pos_k, -(2**62)), axis=0)
-        s += _relative_scores(q, k, distance, k_first - q_last, k_last - q_first, offs_d, rel_k_base, rel_q_base,
-                              rel_index_center, rel_center, stride_relk_row, stride_relq_row, HEAD_DIM, EVEN_D,
-                              REL_W, C2P, P2C)
+    if C2P or P2C:  # int32 positions (below the model's limit): half the registers of int64 pairs
+        pos_k32 = tl.load(pos_base + keys, mask=keys < seqlen, other=0).to(tl.int32)  # (BLOCK_N,)
+        k_first = tl.min(tl.where(keys < seqlen, pos_k32, 2**30), axis=0)
+        k_last = tl.max(tl.where(keys < seqlen, pos_k32, -(2**30)), axis=0)
+        s += _relative_scores(q, k, pos_q.to(tl.int32), pos_k32, k_first - q_last, k_last - q_first, offs_d,
+                              rel_k_base, rel_q_base, rel_index_center, rel_center, stride_relk_row, stride_relq_row,
+                              HEAD_DIM, EVEN_D, REL_W, C2P, P2C)
     if WINDOW:
         visible = (keys < seqlen)[None, :] & (distance <= window) & (distance >= -window)
         s = tl.where(visible, s, float("-inf"))
@@ -299,8 +303,8 @@ def _attention_kernel(
         q_first, q_last = 0, 0
         rel_k_base, rel_q_base, rel_index_center = RelKeys_ptr, RelQueries_ptr, RelIndex_ptr
         if C2P or P2C:  # the extremes of the block's real query positions, and this head's tables
-            q_first = tl.min(tl.where(offs_m < seqlen, pos_q, 2**62), axis=0)
-            q_last = tl.max(tl.where(offs_m < seqlen, pos_q, -(2**62)), axis=0)
+            q_first = tl.min(tl.where(offs_m < seqlen, pos_q, 2**30), axis=0).to(tl.int32)
+            q_last = tl.max(tl.where(offs_m < seqlen, pos_q, -(2**30)), axis=0).to(tl.int32)
             rel_index_center = RelIndex_ptr + rel_center
             if C2P:
                 rel_k_base = RelKeys_ptr + head * stride_relk_head
@@ -378,16 +382,23 @@ def positional_config(head_dim: int, dtype: torch.dtype, arch: int = _target.DEF
     The fp32 and pre-sm_80 configs have room (the sweep finds no spill).
 
     DeBERTa's relative terms (``disentangled``) hold two more score tiles, ``(BLOCK_M, REL_W)`` and
-    ``(BLOCK_N, REL_W)`` fp32, where ``REL_W`` (a power of two, at least ``BLOCK_M + BLOCK_N - 1``)
-    distances cover a whole step in one window: 16-bit inputs take ``64 x 64`` tiles and windows of 128
-    (the relative terms then cost twice the tile's own multiply-adds; ``128 x 64`` would need windows of
-    256, three times).
+    ``(BLOCK_N, REL_W)`` fp32, for each window of ``REL_W`` distances, besides int32 pair indices
+    (``python -m fastenc.kernels.aot --sweep --positional``, Triton 3.9): 16-bit inputs take 64-query tiles,
+    8 warps, windows of 64 distances and 2 stages (64 x 64 tiles with windows of 128 spill 48-192 B on
+    sm_90 with 8 warps, 488-1088 B with 4; 3 stages need 115 KiB of shared memory at head dim 64, over
+    sm_86's 99 KiB). sm_90 takes 64 keys a step (127 distances: two windows), sm_8x 32 (64 keys spill
+    88-96 B at head dim 64 there). The relative terms then cost twice (sm_90) or three times (sm_8x) the
+    tile's own multiply-adds. fp32 and pre-sm_80 keep their tiles, with windows of 32 distances, 8 warps
+    and, up to 64-wide head blocks, one stage (one window of 64 spills 24-48 B at head dims 21-40 on sm_90
+    with 4 warps; two stages of 32 spill 8-16 B at head dim 40 with 8 warps; one stage spills 176-232 B
+    with 128-wide head blocks, two none).
     """
     config = attention_config(head_dim, dtype, arch)
     if disentangled:
         if dtype != torch.float32 and arch >= 80:
-            config.update(BLOCK_M=64, BLOCK_N=64, num_warps=8 if config["BLOCK_D"] == 128 else 4)
-        config["REL_W"] = triton.next_power_of_2(config["BLOCK_M"] + config["BLOCK_N"] - 1)
+            config.update(BLOCK_M=64, BLOCK_N=64 if arch >= 90 else 32, num_warps=8, num_stages=2, REL_W=64)
+        else:
+            config.update(num_warps=8, num_stages=1 if config["BLOCK_D"] <= 64 else 2, REL_W=32)
         return config
     if dtype == torch.float32 or arch < 80 or not (window or rel_bias):
         return config

@@ -3,8 +3,9 @@
 One module per task, on the shared machinery of ``base.Pipeline`` (the encoder's tokenization, one
 batching policy, decoding): ``fill-mask``, ``text-classification``, ``token-classification`` and
 ``question-answering`` post-process as ``transformers`` v5 does (same keys in the same order, same
-words, offsets and labels; scores are Python floats); ``rerank`` scores ``(query, text)`` pairs with a
-cross-encoder and orders them as sentence-transformers' ``CrossEncoder.rank``.
+words, offsets and labels; scores are Python floats), and so does ``zero-shot-classification`` (any
+sequence classifier trained on NLI); ``rerank`` scores ``(query, text)`` pairs with a cross-encoder and
+orders them as sentence-transformers' ``CrossEncoder.rank``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from .question_answering import QuestionAnsweringPipeline, best_spans
 from .rerank import SCORE_ACTIVATIONS, RerankPipeline
 from .text_classification import CLASSIFICATION_FUNCTIONS, TextClassificationPipeline
 from .token_classification import AGGREGATION_STRATEGIES, TokenClassificationPipeline
+from .zero_shot_classification import ZeroShotClassificationPipeline
 
 PIPELINES = {
     "fill-mask": FillMaskPipeline,
@@ -24,6 +26,7 @@ PIPELINES = {
     "token-classification": TokenClassificationPipeline,
     "question-answering": QuestionAnsweringPipeline,
     "rerank": RerankPipeline,
+    "zero-shot-classification": ZeroShotClassificationPipeline,
 }
 TASKS = tuple(PIPELINES)
 TASK_ALIASES = {"sentiment-analysis": "text-classification", "ner": "token-classification"}
@@ -49,5 +52,5 @@ def pipeline(task: str, model: str | Encoder | None = None, *, batch_size: int =
 
 __all__ = ["AGGREGATION_STRATEGIES", "CLASSIFICATION_FUNCTIONS", "PIPELINES", "SCORE_ACTIVATIONS", "TASKS",
            "TASK_ALIASES", "FillMaskPipeline", "Pipeline", "QuestionAnsweringPipeline", "RerankPipeline",
-           "TextClassificationPipeline", "TokenClassificationPipeline", "best_spans", "clean_up_tokenization",
-           "pipeline"]
+           "TextClassificationPipeline", "TokenClassificationPipeline", "ZeroShotClassificationPipeline", "best_spans",
+           "clean_up_tokenization", "pipeline"]
