@@ -32,7 +32,7 @@ KERNELS = (
     ("fused_qkv", "one GEMM for Q, K, V stored head-split as (3, heads, tokens, head_dim), Q pre-scaled, "
                   "RoPE in the epilogue"),
     ("attention", "flash attention (online softmax, exp2) over packed variable-length sequences; sliding "
-                  "window skipping key blocks, relative position bias"),
+                  "window skipping key blocks, relative position bias, DeBERTa's c2p/p2c terms per tile"),
     ("add_layer_norm", "LayerNorm(x + residual), one row per program, fp32 statistics"),
     ("layer_norm", "LayerNorm(x), one row per program, fp32 statistics"),
     ("gelu_layer_norm", "LayerNorm(act(x)), one row per program, fp32 statistics"),
