@@ -69,7 +69,7 @@ The alternative — materialising every query's and key's scores against all ``2
 ``(heads, tokens, 2 * span)`` twice (transformers' c2p/p2c matrices before its gather, minus the
 gather) — costs ``2 * 2 * span * D`` multiply-adds per token and head whatever the sequence length
 (at span 256: 4x the whole attention of a 128-token sequence, 1x at 512) plus writing and reading
-``2 * 2 * span`` values per token and head (49 KiB per token and layer in fp32 for 12 heads) and one
+``2 * 2 * span`` values per token and head (48 KiB per token and layer in fp32 for 12 heads) and one
 gathered load per term per score: memory-bound, and never cheaper here for head dim 64.
 
 Limits: head dims 16 to 128 (any, padded to a power of two and masked); ``cu_seqlens`` is trusted
@@ -138,9 +138,10 @@ def _relative_scores(
 ):
     """DeBERTa's c2p + p2c scores of one tile, ``(BLOCK_M, BLOCK_N)`` fp32 (see the module docstring).
 
-    Windows of ``REL_W`` consecutive distances from ``first`` to ``last`` (one window for consecutive
-    positions; more only across the holes of a mask): the table rows of a window's distances are scored against the query tile
-    (c2p) and the key tile (p2c) by ``tl.dot``, and each pair takes the column of its own distance.
+    Windows of ``REL_W`` consecutive distances from ``first`` to ``last`` (as many as a step's
+    ``BLOCK_M + BLOCK_N - 1`` distances need; more only across the holes of a mask): the table rows of a
+    window's distances are scored against the query tile (c2p) and the key tile (p2c) by ``tl.dot``, and
+    each pair takes the column of its own distance.
     """
     column = pos_k[None, :] - pos_q[:, None] - first  # (BLOCK_M, BLOCK_N) int32: the pair's distance - first
     scores = tl.zeros(column.shape, dtype=tl.float32)
