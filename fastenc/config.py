@@ -23,6 +23,9 @@ SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "distilb
 _PADDING_POSITION_TYPES = ("roberta", "xlm-roberta", "camembert", "mpnet")
 # Families whose embeddings may have no token-type table (type_vocab_size 0).
 _NO_TOKEN_TYPE_TYPES = ("distilbert", "mpnet", "modernbert", "gte", "deberta-v2")
+# Families whose transformers model, without a token-type table, ignores the token_type_ids its tokenizer
+# sends (DeBERTa-v3's tokenizer marks a pair's second text with type 1).
+_IGNORED_TOKEN_TYPE_TYPES = ("deberta-v2",)
 
 # Size fields and their smallest valid value; a field may be spelled differently in config.json (_KEYS).
 _MIN_SIZES = {
@@ -90,6 +93,11 @@ class EncoderConfig:
     def activation(self) -> str:
         """The canonical activation name of the ops interface (``"gelu"``, ``"gelu_tanh"``, ``"relu"``, ``"silu"``)."""
         return _ACTIVATIONS[self.hidden_act]
+
+    @property
+    def ignores_token_types(self) -> bool:
+        """True when any ``token_type_ids`` are accepted and ignored (DeBERTa without a type table)."""
+        return self.type_vocab_size == 0 and self.model_type in _IGNORED_TOKEN_TYPE_TYPES
 
     @property
     def padding_positions(self) -> bool:

@@ -305,8 +305,9 @@ class Model:
     def check_inputs(self, input_ids, attention_mask=None, token_type_ids=None):
         """Validate padded inputs on the host, before any kernel; returns CPU int64 ids and types and a bool
         mask, or raises ``InputError``: an id outside ``[0, vocab_size)``, a token type outside
-        ``[0, type_vocab_size)``, ``seq`` over ``max_length``, mismatched shapes, a rank other than 2, a
-        floating-point ``input_ids``, mask values other than 0/1."""
+        ``[0, type_vocab_size)`` (unless the family ignores them: ``EncoderConfig.ignores_token_types``),
+        ``seq`` over ``max_length``, mismatched shapes, a rank other than 2, a floating-point ``input_ids``,
+        mask values other than 0/1."""
         c = self.config
         ids = _as_tensor(input_ids, "input_ids")
         if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
@@ -343,6 +344,8 @@ class Model:
             if types.is_floating_point() or types.is_complex() or types.dtype == torch.bool:
                 raise InputError(f"token_type_ids must be an integer tensor, got {types.dtype}")
             types = types.cpu().to(torch.long)
+            if c.ignores_token_types:  # as transformers' DeBERTa without a type table: any types, ignored
+                types = torch.zeros_like(ids)
             _check_range(types, max(c.type_vocab_size, 1), "token_type_ids", "type_vocab_size")
         return ids, mask, types
 

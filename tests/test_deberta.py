@@ -103,6 +103,34 @@ def test_heads_of_other_layouts(tmp_path, head, overrides):
     assert result.ok, result.line()
 
 
+def test_pair_token_types_are_ignored_without_a_type_table(base_dir):
+    """DeBERTa-v3's tokenizer sends type 1 for a pair's second text and its model, without a type table,
+    ignores it: so does fastenc, and an optimized transformers model fed the tokenizer's output keeps its
+    logits."""
+    encoder = fastenc.Encoder.from_pretrained(base_dir)
+    pairs = dict(zip(("input_ids", "attention_mask", "token_type_ids"), _pair_batch(base_dir)))
+    assert pairs["token_type_ids"].max() == 1
+    assert torch.equal(encoder(**pairs), encoder(pairs["input_ids"], pairs["attention_mask"]))
+    path = make_checkpoint(base_dir.parent / "nli-types", "deberta-v2", head="sequence_classification", seed=11)
+    model = hf_model(path, "sequence_classification")
+    pairs = dict(zip(("input_ids", "attention_mask", "token_type_ids"), _pair_batch(path)))
+    with torch.no_grad():
+        expected = model(**pairs).logits
+        got = fastenc.optimize(model)(**pairs).logits
+    result = compare("optimized logits", got, expected)
+    assert result.ok, result.line()
+
+
+def _pair_batch(path):
+    from transformers import AutoTokenizer
+
+    with quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    batch = tokenizer(["the cat sat", "Paris"], ["on the mat", "is in France and Paris is nice"], padding=True,
+                      return_tensors="pt")
+    return batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
+
+
 def test_config_errors_name_the_problem():
     base = {"model_type": "deberta-v2", "vocab_size": 50, "hidden_size": 48, "num_hidden_layers": 1,
             "num_attention_heads": 2, "intermediate_size": 37, "relative_attention": True}
