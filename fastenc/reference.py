@@ -263,14 +263,19 @@ def _disentangled_scores(q, k, distance, rel_keys, rel_queries, rel_index):
     lo = int(rel_index[center - reach:center + reach + 1].min())
     hi = int(rel_index[center - reach:center + reach + 1].max()) + 1
     index = (index - lo).clamp(0, hi - lo - 1)[:, None]  # (batch, 1, query, key)
-    batch, heads, seq, _ = q.shape
-    scores = q.new_zeros(batch, heads, seq, seq)
+    batch, heads, seq, head_dim = q.shape
+
+    def against_rows(x, table):  # (batch, heads, seq, D) x (rows, heads, D) -> (batch, heads, seq, rows)
+        per_head = x.transpose(0, 1).reshape(heads, batch * seq, head_dim)  # one (B*S, D) GEMM per head
+        out = torch.bmm(per_head, table[lo:hi].to(x.dtype).permute(1, 2, 0))  # (heads, B*S, rows)
+        return out.view(heads, batch, seq, hi - lo).transpose(0, 1)
+
+    scores = None
     if rel_keys is not None:
-        c2p = torch.einsum("bhsd,rhd->bhsr", q, rel_keys[lo:hi].to(q.dtype))  # (batch, heads, query, rows)
-        scores += c2p.gather(-1, index.expand(batch, heads, seq, seq))
+        scores = against_rows(q, rel_keys).gather(-1, index.expand(batch, heads, seq, seq))
     if rel_queries is not None:
-        p2c = torch.einsum("bhsd,rhd->bhsr", k, rel_queries[lo:hi].to(k.dtype))  # (batch, heads, key, rows)
-        scores += p2c.gather(-1, index.transpose(-1, -2).expand(batch, heads, seq, seq)).transpose(-1, -2)
+        p2c = against_rows(k, rel_queries).gather(-1, index.transpose(-1, -2).expand(batch, heads, seq, seq))
+        scores = p2c.transpose(-1, -2) if scores is None else scores.add_(p2c.transpose(-1, -2))
     return scores
 
 
