@@ -116,7 +116,7 @@ def _qkv(heads: int, tokens: int, head_dim: int, dtype: torch.dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("head_dim, c2p, p2c, gaps", [(21, True, True, False), (64, True, False, True),
-                                                       (32, False, True, False)])
+                                                       (32, False, True, True)])
 def test_attention_disentangled(dtype, head_dim, c2p, p2c, gaps):
     heads, tokens = 2, sum(LENGTHS)
     q, k, v = _qkv(heads, tokens, head_dim, dtype)
