@@ -6,7 +6,11 @@ along dim 0 at load, which is how Q, K and V become one ``(3·hidden, hidden)`` 
 shapes are checked exactly before anything is read, and errors name the file and the tensor.
 
 Tensors are read one at a time with ``safe_open(device=...)`` and converted to the target dtype there,
-so a model never has two full copies in memory. Nothing is ever unpickled.
+so a model never has two full copies in memory. Nothing is ever unpickled, with one exception: BGE-M3
+ships its two small projections as ``torch.save`` files (``colbert_linear.pt``, ``sparse_linear.pt``);
+``read_linear_pt`` reads them with ``torch.load(weights_only=True)``, PyTorch's restricted unpickler,
+which builds tensors, dicts and plain values and refuses any other object (no code runs), and then
+accepts only a ``{"weight", "bias"}`` mapping of tensors.
 """
 
 from __future__ import annotations
@@ -464,3 +468,56 @@ def warn_unused(files: SafetensorsDir, used: set[str]) -> None:
     if extra:
         shown = ", ".join(extra[:5]) + (", ..." if len(extra) > 5 else "")
         logger.warning("%s: ignoring %d unexpected tensor(s): %s", files.directory, len(extra), shown)
+
+
+def read_linear_pt(path: Path, dtype: torch.dtype, device: torch.device, *, in_features: int,
+                   out_features: int | None = None) -> dict[str, torch.Tensor]:
+    """The ``weight`` ``(out, in)`` and ``bias`` ``(out,)`` of a ``torch.nn.Linear`` state dict saved with
+    ``torch.save`` (as BGE-M3 ships ``colbert_linear.pt`` and ``sparse_linear.pt``), in ``dtype`` on ``device``.
+
+    Read with ``torch.load(weights_only=True)``: the restricted unpickler, which accepts tensors, dicts and
+    plain values only and runs no code from the file. The result must then be a mapping of exactly
+    ``weight`` and ``bias`` to finite floating-point tensors of those shapes (``out_features=None``: any
+    output width); anything else is a ``LoadError`` naming the file and the problem.
+    """
+    import pickle
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = _unpickler_reason(str(exc))
+        raise LoadError(f"{path}: refused by the restricted loader torch.load(weights_only=True), which builds "
+                        f"tensors and plain values only: {reason}") from None
+    except (OSError, RuntimeError, EOFError, ValueError) as exc:
+        raise LoadError(f"{path}: cannot be read as a torch.save file of tensors ({exc})") from None
+    if not isinstance(state, dict) or not all(isinstance(key, str) for key in state):
+        raise LoadError(f"{path}: expected a Linear layer's state dict ({{'weight', 'bias'}}), got "
+                        f"{type(state).__name__}")
+    if set(state) != {"weight", "bias"}:
+        raise LoadError(f"{path}: expected exactly the tensors 'weight' and 'bias' of a Linear layer, got "
+                        f"{', '.join(map(repr, sorted(state))) or 'none'}")
+    weight, bias = state["weight"], state["bias"]
+    for name, tensor in (("weight", weight), ("bias", bias)):
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            raise LoadError(f"{path}: {name!r} is not a floating-point tensor ({type(tensor).__name__})")
+    out = weight.shape[0] if out_features is None and weight.dim() == 2 else out_features
+    for name, tensor, shape in (("weight", weight, (out, in_features)), ("bias", bias, (out,))):
+        if tuple(tensor.shape) != shape or (out is not None and out < 1):
+            raise LoadError(f"{path}: tensor {name!r} has shape {list(tensor.shape)}, expected {list(shape)}")
+        if not bool(torch.isfinite(tensor).all()):
+            raise LoadError(f"{path}: tensor {name!r} holds non-finite values")
+    tensors = {name: tensor.to(device=device, dtype=dtype).contiguous() for name, tensor in state.items()}
+    for name, tensor in tensors.items():
+        if not bool(torch.isfinite(tensor).all()):
+            raise LoadError(f"{path}: tensor {name!r} holds values outside the range of {dtype}")
+    return tensors
+
+
+def _unpickler_reason(message: str) -> str:
+    """The reason in torch's long "Weights only load failed" message (what the unpickler refused)."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if "WeightsUnpickler error:" in line:
+            reason = line.split("WeightsUnpickler error:", 1)[1].strip() or (lines[i + 1] if i + 1 < len(lines) else "")
+            return reason.split(". ", 1)[0] or "not a torch.save file of tensors"
+    return lines[0] if lines else "not a torch.save file of tensors"

@@ -45,7 +45,14 @@ def _embed(args) -> int:
     import threading
 
     if args.ray:
+        if args.multivector:
+            raise UserError("--multivector writes with the plain streaming writer, not --ray")
         return _embed_ray(args)
+    if args.query and not args.multivector:
+        raise UserError("--query encodes multi-vector queries: use it with --multivector (for a dense model's query "
+                        "prompt, use --prompt-name)")
+    if args.multivector and args.pooling:
+        raise UserError("--pooling applies to dense vectors, not to --multivector outputs")
     if not args.texts and args.file is None:
         raise UserError("no texts to embed: give TEXT arguments or --file PATH (or - for standard input)")
     if args.id_field is not None and args.texts:
@@ -61,6 +68,8 @@ def _embed(args) -> int:
 
 
 def _embed_stream(args, with_ids: bool) -> int:
+    if args.multivector:
+        return _embed_multivector_stream(args, with_ids)
     from collections import deque
 
     from .corpus import BadRow, Row, open_writer, read_ranges, read_rows
@@ -71,7 +80,7 @@ def _embed_stream(args, with_ids: bool) -> int:
     # the output first: a path that cannot be written fails before the model loads
     with open_writer(args.output, precision=args.precision, dim=args.dim or 0, with_ids=with_ids) as writer:
         encoder = Encoder.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
-        writer.dim = args.dim or encoder.config.hidden_size
+        writer.dim = args.dim or encoder.embedding_dim
         ids: deque = deque()  # ids of rows read, not yet written (at most two windows)
         skipped = _Skipped()
 
@@ -101,6 +110,57 @@ def _embed_stream(args, with_ids: bool) -> int:
         for vectors in stream.windows():
             writer.ranges = stream.calibration
             writer.write([ids.popleft() for _ in range(len(vectors))] if with_ids else None, vectors)
+        writer.commit()
+    skipped.report(writer.rows)
+    return 0
+
+
+def _embed_multivector_stream(args, with_ids: bool) -> int:
+    """``--multivector``: each text's multi-vector embedding (``embed_multivector``), ``--window`` texts at a
+    time, stored with ``--precision`` (and ``--dim``) vector by vector, written as a list of vectors per row."""
+    import itertools
+
+    import torch
+
+    from .corpus import BadRow, Row, open_writer, read_ranges, read_rows
+    from .encoder import DEFAULT_MAX_TOKENS, DEFAULT_WINDOW, Encoder
+    from .quantize import Storage
+
+    window = args.window or DEFAULT_WINDOW
+    calibration = read_ranges(args.calibration) if args.calibration else None
+    with open_writer(args.output, precision=args.precision, dim=args.dim or 0, with_ids=with_ids,
+                     multivector=True) as writer:
+        encoder = Encoder.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
+        encoder.multivector_task(query=args.query, prompt_name=args.prompt_name, max_length=args.max_length)
+        storage = Storage.make(args.dim, args.precision, calibration, hidden_size=encoder.multivector_dim,
+                               normalize=True)
+        writer.dim = storage.dim
+        skipped = _Skipped()
+
+        def rows():
+            for number, text in enumerate(args.texts, start=1):
+                yield Row(f"TEXT argument {number}", text)
+            if args.file is not None:
+                for row in read_rows(args.file, text_field=args.text_field, id_field=args.id_field,
+                                     batch_rows=min(window, 65536)):
+                    if isinstance(row, BadRow):
+                        if args.on_error == "stop":
+                            raise row
+                        skipped.add(row)
+                        continue
+                    yield row
+
+        stream = rows()
+        while chunk := list(itertools.islice(stream, window)):
+            vectors = encoder.embed_multivector([row.text for row in chunk], query=args.query,
+                                                batch_size=args.batch_size, max_length=args.max_length,
+                                                max_tokens=args.max_tokens or DEFAULT_MAX_TOKENS,
+                                                prompt_name=args.prompt_name)
+            counts = [len(v) for v in vectors]
+            stored = storage.apply(torch.cat(vectors)) if sum(counts) else \
+                torch.zeros(0, storage.width, dtype=storage.dtype)
+            writer.ranges = storage.ranges
+            writer.write([row.id for row in chunk] if with_ids else None, list(stored.split(counts)))
         writer.commit()
     skipped.report(writer.rows)
     return 0
@@ -452,6 +512,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "at most 1)")
     embed.add_argument("--prompt-name", metavar="NAME", help="prepend the checkpoint's prompt NAME "
                                                               "(config_sentence_transformers.json), e.g. query")
+    embed.add_argument("--multivector", action="store_true",
+                       help="write each text's multi-vector (ColBERT) embedding, BGE-M3's or a ColBERT model's: a "
+                            "list of vectors per row (.npy: all vectors, with NAME.lengths.npy beside)")
+    embed.add_argument("--query", action="store_true", help="with --multivector: encode the texts as queries "
+                                                            "(a ColBERT model's query prompt, length and expansion)")
     embed.add_argument("texts", nargs="*", metavar="TEXT")
     embed.set_defaults(run=_embed)
 

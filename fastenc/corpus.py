@@ -13,6 +13,12 @@ or interruption inside a ``with`` block — removes it. So a failed or interrupt
 complete previous file or nothing, never a truncated file that looks complete. int8 vectors get their
 calibration ranges written beside them, as ``NAME.ranges.json``, in the same way.
 
+Multi-vector (ColBERT) outputs, one ``(n_i, width)`` matrix per text (``multivector=True``): Parquet holds
+them in a list-of-vectors column (``list<fixed_size_list<dtype, width>>``); JSON lines a list of vectors per
+line; ``.npy`` the texts' vectors one after another, ``(total_vectors, width)``, with each text's vector
+count in ``NAME.lengths.npy`` beside it (int64): the packed form ``fastenc.maxsim(query, vectors,
+lengths=lengths)`` scores in place.
+
 ``pyarrow`` (the ``parquet`` extra) is imported only when a Parquet file is read or written.
 """
 
@@ -254,14 +260,15 @@ class VectorWriter:
     """Base of the three writers: ``write(ids, vectors)`` per window, then ``commit`` or ``abort``.
 
     ``ids`` is a list (one per row) or ``None``; ``vectors`` a CPU tensor ``(n, width)`` in the stored
-    dtype. Use as a context manager: leaving the block by an exception aborts.
+    dtype, or with ``multivector`` a list of ``(n_i, width)`` tensors, one per row. Use as a context
+    manager: leaving the block by an exception aborts.
     """
 
     suffix = ""
 
-    def __init__(self, path: Path, *, precision: str, dim: int, with_ids: bool):
+    def __init__(self, path: Path, *, precision: str, dim: int, with_ids: bool, multivector: bool = False):
         self.path = path
-        self.precision, self.dim, self.with_ids = precision, dim, with_ids
+        self.precision, self.dim, self.with_ids, self.multivector = precision, dim, with_ids, multivector
         self.rows = 0
         self.ranges: torch.Tensor | None = None  # int8 calibration ranges, written beside at commit
 
@@ -327,11 +334,12 @@ class NpyWriter(VectorWriter):
     suffix = ".npy"
     _HEADER_BYTES = 128  # magic, version, length and the padded dict: room for any 2-D shape
 
-    def __init__(self, path: Path, *, precision: str, dim: int, with_ids: bool):
-        super().__init__(path, precision=precision, dim=dim, with_ids=with_ids)
+    def __init__(self, path: Path, *, precision: str, dim: int, with_ids: bool, multivector: bool = False):
+        super().__init__(path, precision=precision, dim=dim, with_ids=with_ids, multivector=multivector)
         if with_ids:
             raise CorpusError(f"--output {path}: a .npy file holds only the vectors; write ids to .parquet or .jsonl")
         self._dtype = {"float32": np.float32, "float16": np.float16, "int8": np.int8, "binary": np.uint8}[precision]
+        self._lengths: list[int] = []  # multi-vector: each text's vector count
         self._file = AtomicFile(path)
         self._file.handle.write(self._header(0))
 
@@ -343,24 +351,46 @@ class NpyWriter(VectorWriter):
         return b"\x93NUMPY\x01\x00" + length.to_bytes(2, "little") + text.ljust(length - 1).encode("latin1") + b"\n"
 
     def _write(self, ids, vectors) -> None:
+        if self.multivector:
+            self._lengths += [len(v) for v in vectors]
+            vectors = torch.cat(list(vectors)) if len(vectors) else torch.zeros(0, 0)
         self._file.handle.write(np.ascontiguousarray(vectors.numpy(), dtype=self._dtype).tobytes())
 
     def _commit(self) -> None:
         handle = self._file.handle
+        lengths = None
         try:
             handle.seek(0)
-            handle.write(self._header(self.rows))
+            handle.write(self._header(sum(self._lengths) if self.multivector else self.rows))
+            if self.multivector:
+                lengths = AtomicFile(lengths_path(self.path))
+                np.save(lengths.handle, np.array(self._lengths, dtype=np.int64))
         except OSError as exc:
             self._file.abort()
+            if lengths is not None:
+                lengths.abort()
             raise CorpusError(f"cannot write --output {self.path}: {exc.strerror or exc}") from None
-        self._file.commit()
+        if lengths is not None:
+            lengths.commit()
+        try:
+            self._file.commit()
+        except BaseException:
+            if lengths is not None:
+                lengths.path.unlink(missing_ok=True)
+            raise
 
     def abort(self) -> None:
         self._file.abort()
 
 
+def lengths_path(path: Path) -> Path:
+    """Where a multi-vector ``.npy`` output's per-text vector counts go: ``NAME.lengths.npy`` beside it."""
+    return path.with_name(path.stem + ".lengths.npy")
+
+
 class JsonlWriter(VectorWriter):
-    """JSON lines: a vector per line (``[...]``), or ``{"id": ..., "embedding": [...]}`` with ids.
+    """JSON lines: a vector per line (``[...]``), or ``{"id": ..., "embedding": [...]}`` with ids; with
+    ``multivector`` the embedding is a list of vectors (``[[...], ...]``).
 
     float32 numbers are rounded to 7 decimals (what float32 holds); the others are written exactly.
     ``path=None`` writes to standard output as it goes (nothing to rename there).
@@ -368,15 +398,16 @@ class JsonlWriter(VectorWriter):
 
     suffix = ".jsonl"
 
-    def __init__(self, path: Path | None, *, precision: str, dim: int, with_ids: bool):
-        super().__init__(path, precision=precision, dim=dim, with_ids=with_ids)
+    def __init__(self, path: Path | None, *, precision: str, dim: int, with_ids: bool, multivector: bool = False):
+        super().__init__(path, precision=precision, dim=dim, with_ids=with_ids, multivector=multivector)
         self._file = AtomicFile(path, "w") if path is not None else None
         self._handle = self._file.handle if self._file is not None else sys.stdout
 
     def _write(self, ids, vectors) -> None:
-        rows = vectors.tolist()
+        rows = [v.tolist() for v in vectors] if self.multivector else vectors.tolist()
         if self.precision == "float32":
-            rows = [[round(x, 7) for x in row] for row in rows]
+            rows = [[[round(x, 7) for x in vector] for vector in row] for row in rows] if self.multivector else \
+                [[round(x, 7) for x in row] for row in rows]
         if ids is None:
             lines = [json.dumps(row) for row in rows]
         else:
@@ -395,7 +426,8 @@ class JsonlWriter(VectorWriter):
 
 
 class ParquetWriter(VectorWriter):
-    """Parquet: an ``id`` column (with ids) and ``embedding``, a fixed-size list of the stored dtype.
+    """Parquet: an ``id`` column (with ids) and ``embedding``, a fixed-size list of the stored dtype (with
+    ``multivector``: a list of them per row).
 
     The schema metadata ``fastenc`` holds the precision and dim (and the int8 ranges). A row group per
     window; the writer opens at the first window, when the id type is known.
@@ -403,17 +435,25 @@ class ParquetWriter(VectorWriter):
 
     suffix = ".parquet"
 
-    def __init__(self, path: Path, *, precision: str, dim: int, with_ids: bool):
-        super().__init__(path, precision=precision, dim=dim, with_ids=with_ids)
+    def __init__(self, path: Path, *, precision: str, dim: int, with_ids: bool, multivector: bool = False):
+        super().__init__(path, precision=precision, dim=dim, with_ids=with_ids, multivector=multivector)
         self._pa = _import_pyarrow()
         self._file = AtomicFile(path)
         self._writer = None
 
     def _table(self, ids, vectors):
         pa = self._pa
-        array = np.ascontiguousarray(vectors.numpy())
-        values = pa.array(array.reshape(-1))
-        columns = {"embedding": pa.FixedSizeListArray.from_arrays(values, array.shape[1])}
+        if self.multivector:
+            counts = [len(v) for v in vectors]
+            flat = torch.cat(list(vectors)) if vectors else torch.zeros(0, self._width(), dtype=_TORCH[self.precision])
+            array = np.ascontiguousarray(flat.numpy())
+            points = pa.FixedSizeListArray.from_arrays(pa.array(array.reshape(-1)), array.shape[1])
+            offsets = pa.array(np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int32))
+            columns = {"embedding": pa.ListArray.from_arrays(offsets, points)}
+        else:
+            array = np.ascontiguousarray(vectors.numpy())
+            values = pa.array(array.reshape(-1))
+            columns = {"embedding": pa.FixedSizeListArray.from_arrays(values, array.shape[1])}
         if self.with_ids:
             columns = {"id": pa.array(ids, type=pa.int64() if ids and isinstance(ids[0], int) else pa.string()),
                        **columns}
@@ -422,7 +462,7 @@ class ParquetWriter(VectorWriter):
     def _write(self, ids, vectors) -> None:
         table = self._table(ids, vectors)
         if self._writer is None:
-            meta = {"precision": self.precision, "dim": self.dim}
+            meta = {"precision": self.precision, "dim": self.dim, **({"multivector": True} if self.multivector else {})}
             if self.ranges is not None:
                 meta["ranges"] = ranges_document(self.ranges)
             schema = table.schema.with_metadata({"fastenc": json.dumps(meta)})
@@ -435,15 +475,16 @@ class ParquetWriter(VectorWriter):
     def _commit(self) -> None:
         try:
             if self._writer is None:  # no rows: still a valid, empty file
-                empty = torch.zeros(0, -(-self.dim // 8) if self.precision == "binary" else self.dim,
-                                    dtype={"float32": torch.float32, "float16": torch.float16, "int8": torch.int8,
-                                           "binary": torch.uint8}[self.precision])
+                empty = [] if self.multivector else torch.zeros(0, self._width(), dtype=_TORCH[self.precision])
                 self._write([] if self.with_ids else None, empty)
             self._writer.close()
         except (OSError, self._pa.ArrowException) as exc:
             self._file.abort()
             raise CorpusError(f"cannot write --output {self.path}: {exc}") from None
         self._file.commit()
+
+    def _width(self) -> int:
+        return -(-self.dim // 8) if self.precision == "binary" else self.dim
 
     def abort(self) -> None:
         if self._writer is not None:
@@ -454,15 +495,19 @@ class ParquetWriter(VectorWriter):
         self._file.abort()
 
 
-def open_writer(path: str | None, *, precision: str, dim: int, with_ids: bool) -> VectorWriter:
+_TORCH = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8, "binary": torch.uint8}
+
+
+def open_writer(path: str | None, *, precision: str, dim: int, with_ids: bool,
+                multivector: bool = False) -> VectorWriter:
     """The writer for ``path``'s suffix (``None``: JSON lines on standard output)."""
     if path is None:
-        return JsonlWriter(None, precision=precision, dim=dim, with_ids=with_ids)
+        return JsonlWriter(None, precision=precision, dim=dim, with_ids=with_ids, multivector=multivector)
     target = Path(path)
     writers = {w.suffix: w for w in (NpyWriter, JsonlWriter, ParquetWriter)}
     if target.suffix not in writers:
         raise CorpusError(f"--output {path}: the suffix must be one of {', '.join(OUTPUT_FORMATS)}")
     if target.is_dir():
         raise CorpusError(f"cannot write --output {path}: it is a directory")
-    return writers[target.suffix](target, precision=precision, dim=dim, with_ids=with_ids)
+    return writers[target.suffix](target, precision=precision, dim=dim, with_ids=with_ids, multivector=multivector)
 

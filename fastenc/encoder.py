@@ -5,8 +5,9 @@
 * ``text`` (``fastenc.text.Tokenization``): the checkpoint's tokenizer and everything between texts and
   packed ids (limits, lower-casing, prompts, pairs, windows), used by every caller; ``None`` when the
   checkpoint has no tokenizer files.
-* the output kinds (``fastenc.tasks``): pooled vectors, token vectors, sparse vectors, scores, each
-  computed from packed hidden states by one object that the server's worker and Ray use too.
+* the output kinds (``fastenc.tasks``): pooled vectors, token vectors, sparse vectors, multi-vector
+  (ColBERT) vectors, scores, each computed from packed hidden states by one object that the server's
+  worker and Ray use too.
 
 Each method below is a short composition of the three: texts are tokenized into token-budget batches
 (``embed``'s texts ``window`` at a time), each batch runs through the model once, and the task turns its
@@ -25,13 +26,14 @@ import torch
 from . import checkpoint
 from . import heads as task_heads
 from .config import EncoderConfig
-from .errors import InputError, LoadError
+from .errors import FastencError, InputError, LoadError
 from .model import Model, resolve_backend, resolve_device, resolve_dtype
-from .packing import PackedBatch
-from .pooling import SentenceConfig
+from .packing import PackedBatch, token_budget_batches
+from .pooling import QueryExpansion, SentenceConfig
 from .quantize import Storage, int8_ranges
 from .streaming import PROGRESS_MIN_TEXTS, EmbedStream, HeapTrimmer, Progress, read_ahead
-from .tasks import SentenceEmbedding, SparseEmbedding, TokenEmbeddings
+from .tasks import LexicalWeights, MultiEmbedding, MultiVectorEmbedding, SentenceEmbedding, SparseEmbedding, \
+    TokenEmbeddings
 from .text import Prompt, Tokenization, load_tokenizer, missing_tokenizer
 
 DEFAULT_MAX_TOKENS = 16384  # embed()'s token budget per batch: real tokens, padding is never made
@@ -96,7 +98,8 @@ class Encoder:
 
         ``device`` defaults to the tensors' device. Tensors already on the device in ``dtype`` are shared,
         not copied (``fastenc.optimize`` builds its encoder this way). ``tokenizer``: a
-        ``tokenizers.Tokenizer`` for the text methods, if any.
+        ``tokenizers.Tokenizer`` for the text methods, if any. ``cuda_graphs`` as in
+        ``from_pretrained``.
         """
         if not isinstance(config, EncoderConfig):
             config = EncoderConfig.from_dict(dict(config), source="config")
@@ -115,8 +118,17 @@ class Encoder:
         """The encoder's and the heads' tensors read from ``files`` (a SafetensorsDir or StateDictSource)."""
         tensors, prefix, used = checkpoint.load_encoder(files, config, dtype)
         head_tensors, head_keys = task_heads.load_heads(files, config, dtype, prefix)
+        bge_m3 = task_heads.load_bge_m3(kwargs.get("path"), config, dtype, kwargs["device"])
+        if bge_m3 is not None:  # colbert_linear.pt and sparse_linear.pt beside the weights
+            head_tensors["bge_m3"] = bge_m3
         checkpoint.warn_unused(files, used | head_keys)
         return Model(config, tensors, dtype=dtype, head_tensors=head_tensors, **kwargs)
+
+    @property
+    def embedding_dim(self) -> int:
+        """The width of ``embed``'s vectors: the last sentence-transformers ``Dense`` module's, else the
+        hidden size."""
+        return (self.sentence.embedding_dim if self.sentence else None) or self.config.hidden_size
 
     def __repr__(self) -> str:
         c = self.config
@@ -221,6 +233,10 @@ class Encoder:
         """What ``embed`` computes for these options: the task (pooling, dim, normalisation, the prompt's
         tokens left out) and the prompt it prepends; ``FastencError`` if this checkpoint cannot embed."""
         found = self._require_text().prompt(prompt_name, prompt, max_length=max_length)
+        if "bge_m3" in self.heads and not (self.sentence and self.sentence.pooling):
+            # BGE-M3's dense vector is its normalised CLS token, with or without sentence-transformers files
+            pooling = "cls" if pooling is None else pooling
+            normalize = True if normalize is None else normalize
         task = SentenceEmbedding.for_checkpoint(self.sentence, self.config.hidden_size, pooling=pooling,
                                                 normalize=normalize, dim=dim, skip=found.skip)
         return task, found
@@ -235,7 +251,7 @@ class Encoder:
         task, found = self.embedding_task(pooling=pooling, normalize=normalize, dim=dim, prompt_name=prompt_name,
                                           prompt=prompt, max_length=max_length)
         text.limit(max_length)  # a bad max_length fails now, not at the first window
-        storage = Storage.make(task.dim, precision, calibration, hidden_size=self.config.hidden_size,
+        storage = Storage.make(task.dim, precision, calibration, hidden_size=self.embedding_dim,
                                normalize=task.normalize)
         return _EmbedPlan(batch_size, max_tokens, window, max_length, truncate, task, storage, found)
 
@@ -262,12 +278,15 @@ class Encoder:
 
     # ------------------------------------------------------------------------------------------ retrieval
     def _batches(self, texts: list[str], *, batch_size: int, max_length: int | None, truncate: bool,
-                 progress: bool | None, max_tokens: int, desc: str):
-        """``(rows, packed)`` per token-budget batch of ``texts`` (as ``embed`` batches them)."""
+                 progress: bool | None, max_tokens: int, desc: str, expansion: QueryExpansion | None = None):
+        """``(rows, packed)`` per token-budget batch of ``texts`` (as ``embed`` batches them); with
+        ``expansion``, queries padded with expansion tokens first (``Tokenization.expand``)."""
         _check_positive(batch_size=batch_size, max_tokens=max_tokens)
         text = self._require_text()
-        encodings, batches = text.batches(texts, batch_size=batch_size, max_tokens=max_tokens, max_length=max_length,
-                                          truncate=truncate)
+        encodings = text.encode(texts, max_length=max_length, truncate=truncate)
+        if expansion is not None:
+            encodings = text.expand(encodings, expansion)
+        batches = token_budget_batches([len(e.ids) for e in encodings], batch_size, max_tokens)
         if progress is None:
             progress = len(texts) >= PROGRESS_MIN_TEXTS and sys.stderr.isatty()
         if progress:
@@ -282,7 +301,7 @@ class Encoder:
         out: list = [None] * len(texts)
         for rows, packed in self._batches(texts, **batching):
             with torch.inference_mode():
-                results = task.compute(self.model, self.model(packed), list(packed.lengths))
+                results = task.compute(self.model, self.model(packed), list(packed.lengths), packed.input_ids)
             for row, result in zip(rows, results):
                 out[row] = result
         return out
@@ -303,29 +322,175 @@ class Encoder:
                      max_length: int | None = None, truncate: bool = True, progress: bool | None = None,
                      max_tokens: int = DEFAULT_MAX_TOKENS, prompt_name: str | None = None,
                      prompt: str | None = None) -> torch.Tensor:
-        """SPLADE vectors: a float32 CPU sparse COO tensor ``(len(texts), vocab_size)`` (``(vocab_size,)`` for
-        a single ``str``), as sentence-transformers' ``SparseEncoder.encode``.
+        """Sparse vectors: a float32 CPU sparse COO tensor ``(len(texts), vocab_size)`` (``(vocab_size,)`` for
+        a single ``str``): SPLADE vectors as sentence-transformers' ``SparseEncoder.encode``, or for BGE-M3
+        its lexical weights (FlagEmbedding's ``lexical_weights``, see ``tasks.LexicalWeights``).
 
-        The checkpoint needs a masked-LM head; its ``SpladePooling`` config says how to pool (max or sum)
+        SPLADE needs a masked-LM head; its ``SpladePooling`` config says how to pool (max or sum)
         and activate (``relu``: ``log1p(relu)``; ``log1p_relu``: ``log1p(log1p(relu))``), by default max
         and relu as SparseEncoder does for a plain masked LM. ``top_k`` keeps each vector's largest
         values (``None``: the checkpoint's ``max_active_dims``, else all). On the Triton backend the
         projection onto the vocabulary, the activation and the pooling are one fused kernel, so the
         ``(tokens, vocab)`` logits never reach memory; the torch backend walks the vocabulary in chunks.
         """
-        self.model.heads.require("mlm")
-        task = SparseEmbedding.for_checkpoint(self.sentence, top_k)
+        task = self.sparse_task(top_k)
         single = isinstance(texts, str)
         texts = self._require_text().prompt(prompt_name, prompt, max_length=max_length).apply(_check_texts(texts))
         found = self._compute(task, texts, batch_size=batch_size, max_length=max_length, truncate=truncate,
                               progress=progress, max_tokens=max_tokens, desc="embed_sparse")
+        out = self._sparse_tensor(found)
+        return out[0] if single else out
+
+    def sparse_task(self, top_k: int | None = None) -> LexicalWeights | SparseEmbedding:
+        """What ``embed_sparse`` computes: BGE-M3's lexical weights, or SPLADE vectors from the masked-LM
+        head (``LoadError`` naming the missing tensors when the checkpoint has neither)."""
+        if "bge_m3" in self.heads:
+            top_k = SparseEmbedding.for_checkpoint(None, top_k).top_k  # checked as SPLADE's
+            s = self._require_text().settings
+            special = (s.cls_token_id, s.eos_token_id, s.pad_token_id, s.unk_token_id)
+            return LexicalWeights(tuple(sorted({i for i in special if i is not None})), top_k)
+        self.model.heads.require("mlm")
+        return SparseEmbedding.for_checkpoint(self.sentence, top_k)
+
+    def _sparse_tensor(self, found: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """A float32 sparse COO ``(len(found), vocab_size)`` from per-text ``(indices, values)``."""
         rows = [torch.full_like(cols, row) for row, (cols, _) in enumerate(found)]
         indices = torch.stack([torch.cat(rows), torch.cat([cols for cols, _ in found])]) if found else \
             torch.zeros(2, 0, dtype=torch.long)
         values = torch.cat([values for _, values in found]) if found else torch.zeros(0)
-        out = torch.sparse_coo_tensor(indices, values, (len(texts), self.config.vocab_size),
-                                      check_invariants=False).coalesce()
+        return torch.sparse_coo_tensor(indices, values, (len(found), self.config.vocab_size),
+                                       check_invariants=False).coalesce()
+
+    # ---------------------------------------------------------------------------------------- multi-vector
+    def multivector_task(self, *, query: bool = False, prompt_name: str | None = None, prompt: str | None = None,
+                         max_length: int | None = None) -> tuple[MultiVectorEmbedding, "TextPlan"]:
+        """What ``embed_multivector`` computes for these options, and how it tokenizes the texts.
+
+        BGE-M3: its ColBERT vectors (every token but the first, through ``colbert_linear``, normalised),
+        the same for queries and documents, the prompt as ``embed`` resolves it. A sentence-transformers
+        ``MultiVectorEncoder`` (ColBERT model), as ``encode_query`` (``query=True``) and ``encode_document``
+        do: the ``query`` (else no) prompt or the first of ``document``, ``passage``, ``corpus``; at most
+        ``query_length`` / ``document_length`` tokens (``max_length`` overrides them); queries expanded
+        with mask tokens; the token-level ``Dense`` projection, normalisation and skiplist. ``LoadError``
+        for a checkpoint with no multi-vector output; ``FastencError`` for settings fastenc cannot run.
+        """
+        text = self._require_text()
+        mv = self.sentence.multivector if self.sentence else None
+        if "bge_m3" in self.heads:
+            found = text.prompt(prompt_name, prompt, max_length=max_length)
+            return MultiVectorEmbedding("bge_m3", skip_first=True), TextPlan(Prompt(found.text), max_length, None)
+        if mv is None:
+            raise LoadError(f"{self.path or 'this encoder'}: no multi-vector output: fastenc gives one for BGE-M3 "
+                            "(colbert_linear.pt and sparse_linear.pt beside the weights) and for sentence-transformers "
+                            "MultiVectorEncoder (ColBERT) models")
+        if self.sentence.unsupported_modules:
+            raise FastencError(f"embed_multivector() cannot reproduce the sentence-transformers modules "
+                               f"{', '.join(self.sentence.unsupported_modules)} of this checkpoint")
+        if prompt is None and prompt_name is None:
+            names = ("query",) if query else ("document", "passage", "corpus")
+            prompt = next((text.prompts[name] for name in names if name in text.prompts), "")
+        found = text.prompt(prompt_name, prompt, max_length=max_length)
+        expansion = mv.expansion if query else None
+        if expansion is not None and not expansion.attend:
+            raise FastencError(
+                "this ColBERT model pads queries with expansion tokens that the encoder must not attend to "
+                "(query_expansion attend=false, ColBERT's and PyLate's default): fastenc's packed attention has "
+                "no way yet to keep tokens out of a sequence's keys, so it refuses these queries rather than "
+                "compute them differently; its documents (query=False) are supported")
+        length = max_length if max_length is not None else mv.query_length if query else mv.document_length
+        if expansion is not None and expansion.strategy == "fixed":
+            length = expansion.length
+        elif expansion is not None and length is not None:
+            length = max(length, expansion.length)
+        skip = mv.skiplist_words if ("query" if query else "document") in mv.skiplist_tasks else ()
+        task = MultiVectorEmbedding("dense", mv.dense, mv.normalize, skip_ids=text.token_ids(skip),
+                                    dim=mv.truncate_dim)
+        return task, TextPlan(Prompt(found.text), length, expansion)
+
+    @property
+    def multivector_dim(self) -> int:
+        """The width of ``embed_multivector``'s vectors (``LoadError`` without a multi-vector output)."""
+        task, _ = self.multivector_task()
+        if task.dim is not None:
+            return task.dim
+        if task.projection == "bge_m3":
+            return self.model.heads.tensors("bge_m3")["colbert.weight"].shape[0]
+        return task.dense[-1].out_features if task.dense else self.config.hidden_size
+
+    def embed_multivector(self, texts: str | Sequence[str], *, query: bool = False, batch_size: int = 32,
+                          max_length: int | None = None, truncate: bool = True, progress: bool | None = None,
+                          max_tokens: int = DEFAULT_MAX_TOKENS, prompt_name: str | None = None,
+                          prompt: str | None = None) -> list[torch.Tensor] | torch.Tensor:
+        """Multi-vector (ColBERT) embeddings: per text a float32 CPU ``(n_i, dim)`` tensor of L2-normalised
+        token vectors, for late interaction (``fastenc.maxsim``); a single ``str`` gives one tensor.
+
+        BGE-M3 gives its ColBERT vectors (FlagEmbedding's ``colbert_vecs``: every token but the first);
+        a sentence-transformers ``MultiVectorEncoder`` encodes ``query=True`` texts as ``encode_query``
+        and the others as ``encode_document`` (see ``multivector_task``). A text's vectors do not depend
+        on the other texts.
+        """
+        task, plan = self.multivector_task(query=query, prompt_name=prompt_name, prompt=prompt,
+                                           max_length=max_length)
+        single = isinstance(texts, str)
+        out = self._compute(task, plan.prompt.apply(_check_texts(texts)), batch_size=batch_size,
+                            max_length=plan.max_length, truncate=truncate, progress=progress, max_tokens=max_tokens,
+                            desc="embed_multivector", expansion=plan.expansion)
         return out[0] if single else out
+
+    def embed_multi(self, texts: str | Sequence[str], *, dense: bool = True, sparse: bool = True,
+                    multivector: bool = True, query: bool = False, top_k: int | None = None, batch_size: int = 32,
+                    max_length: int | None = None, truncate: bool = True, progress: bool | None = None,
+                    max_tokens: int = DEFAULT_MAX_TOKENS, prompt_name: str | None = None,
+                    prompt: str | None = None) -> dict:
+        """Several outputs of the same texts from one forward pass: a dict with the keys asked for.
+
+        ``"dense"``: ``embed``'s vectors ``(n, dim)``; ``"sparse"``: ``embed_sparse``'s COO ``(n, vocab)``
+        (BGE-M3's lexical weights, or SPLADE vectors); ``"multivector"``: ``embed_multivector``'s list. For
+        BGE-M3 these are FlagEmbedding's ``dense_vecs``, ``lexical_weights`` and ``colbert_vecs`` of one
+        ``encode(..., return_dense=True, return_sparse=True, return_colbert_vecs=True)``. Each equals what
+        its own method gives for the same options (the same batches, the same hidden states). A single
+        ``str`` gives one vector, one sparse vector and one tensor.
+        """
+        if not (dense or sparse or multivector):
+            raise InputError("embed_multi needs at least one of dense, sparse and multivector")
+        text = self._require_text()
+        found = text.prompt(prompt_name, prompt, max_length=max_length)
+        plan = TextPlan(Prompt(found.text), max_length, None)
+        parts = {}
+        if multivector:
+            parts["multivector"], plan = self.multivector_task(query=query, prompt_name=prompt_name, prompt=prompt,
+                                                               max_length=max_length)
+        if dense:
+            parts["dense"], _ = self.embedding_task(prompt_name=prompt_name, prompt=prompt, max_length=max_length)
+        if sparse:
+            parts["sparse"] = self.sparse_task(top_k)
+        single = isinstance(texts, str)
+        found_all = self._compute(MultiEmbedding(**parts), plan.prompt.apply(_check_texts(texts)),
+                                  batch_size=batch_size, max_length=plan.max_length, truncate=truncate,
+                                  progress=progress, max_tokens=max_tokens, desc="embed_multi",
+                                  expansion=plan.expansion)
+        out = {}
+        if dense:
+            width = parts["dense"].width or self.config.hidden_size
+            out["dense"] = torch.stack([row["dense"] for row in found_all]) if found_all else torch.zeros(0, width)
+        if sparse:
+            out["sparse"] = self._sparse_tensor([row["sparse"] for row in found_all])
+        if multivector:
+            out["multivector"] = [row["multivector"] for row in found_all]
+        if single:
+            out = {key: value[0] for key, value in out.items()}
+        return out
+
+
+class TextPlan:
+    """How a task's texts become token sequences: the prompt prepended, the length limit (None: the
+    default), and ColBERT's query expansion (or None)."""
+
+    def __init__(self, prompt: Prompt, max_length: int | None, expansion: QueryExpansion | None):
+        self.prompt, self.max_length, self.expansion = prompt, max_length, expansion
+
+    def __repr__(self) -> str:
+        return f"TextPlan(prompt={self.prompt.text!r}, max_length={self.max_length}, expansion={self.expansion})"
 
 
 class _EmbedPlan:

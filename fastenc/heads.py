@@ -34,6 +34,11 @@ What each family computes (transformers' modeling files, v5):
   classifier first pools the tokens as ``classifier_pooling`` says (``"cls"``: the first token,
   ``"mean"``: the mean of the sequence's tokens).
 
+* BGE-M3 (``bge_m3``, from ``colbert_linear.pt`` and ``sparse_linear.pt`` beside the weights, read by
+  ``checkpoint.read_linear_pt``): ``colbert_linear(h)`` on every token (its ColBERT vectors, before the
+  first token is dropped and they are normalised) and ``relu(sparse_linear(h))``, one weight per token
+  (its lexical weights), as FlagEmbedding's ``BGEM3FlagModel`` computes them.
+
 BERT's and ALBERT's sequence and token classifiers have the same tensor names (``classifier.*``), so
 which one a checkpoint holds is read from ``config.json``'s ``architectures``; without it, a pooler
 means sequence classification (``*ForTokenClassification`` is built without one). A head with some but
@@ -51,7 +56,8 @@ from . import checkpoint
 from .config import EncoderConfig, canonical_activation
 from .errors import LoadError
 
-HEAD_NAMES = ("pooler", "mlm", "sequence_classification", "token_classification", "question_answering")
+HEAD_NAMES = ("pooler", "mlm", "sequence_classification", "token_classification", "question_answering", "bge_m3")
+BGE_M3_FILES = ("colbert_linear.pt", "sparse_linear.pt")
 _CLASSIFIERS = ("sequence_classification", "token_classification")
 
 
@@ -326,6 +332,28 @@ def load_heads(files: checkpoint.SafetensorsDir, config: EncoderConfig, dtype: t
     return loaded, used | alternatives
 
 
+def load_bge_m3(directory: Path | None, config: EncoderConfig, dtype: torch.dtype,
+                device: torch.device) -> dict[str, torch.Tensor] | None:
+    """BGE-M3's two projections when ``directory`` holds ``colbert_linear.pt`` and ``sparse_linear.pt``
+    (None when it holds neither): ``colbert.weight`` ``(D, hidden)`` and ``colbert.bias`` ``(D,)`` (D is
+    the hidden size for BAAI/bge-m3), ``sparse.weight`` ``(1, hidden)`` and ``sparse.bias`` ``(1,)``."""
+    if directory is None:
+        return None
+    present = [name for name in BGE_M3_FILES if (Path(directory) / name).is_file()]
+    if not present:
+        return None
+    if len(present) == 1:
+        other = next(name for name in BGE_M3_FILES if name not in present)
+        raise LoadError(f"{directory}: has {present[0]} but not {other}; a BGE-M3 checkpoint ships both "
+                        "(its ColBERT and its lexical-weight projections)")
+    H = config.hidden_size
+    colbert = checkpoint.read_linear_pt(Path(directory) / "colbert_linear.pt", dtype, device, in_features=H)
+    sparse = checkpoint.read_linear_pt(Path(directory) / "sparse_linear.pt", dtype, device, in_features=H,
+                                       out_features=1)
+    return {"colbert.weight": colbert["weight"], "colbert.bias": colbert["bias"],
+            "sparse.weight": sparse["weight"], "sparse.bias": sparse["bias"]}
+
+
 def missing_tensors(config: EncoderConfig, head: str, path: Path | None = None) -> list[str]:
     """The checkpoint tensors a model of ``config`` would need for ``head`` (for error messages), named as
     the checkpoint in ``path`` would hold them when there is one."""
@@ -398,6 +426,8 @@ class Heads:
         if head in self.names:
             return
         where = self.path if self.path is not None else "this encoder"
+        if head == "bge_m3":
+            raise LoadError(f"{where}: not a BGE-M3 checkpoint: {' and '.join(BGE_M3_FILES)} are missing")
         config = self.config
         missing = ", ".join(map(repr, missing_tensors(config, head, self.path)))
         allowed = _architecture_heads(config)
@@ -477,6 +507,16 @@ class Heads:
         x = self._mlm_transform(hidden)  # (T, E)
         decoder, bias = self._mlm_decoder()
         return self.ops.splade_pool(x, decoder, bias, cu_seqlens, pooling, activation)
+
+    def colbert_vectors(self, hidden: torch.Tensor) -> torch.Tensor:
+        """BGE-M3's ``colbert_linear`` on every token: ``(tokens, D)`` in the model's dtype, not normalised."""
+        t = self.tensors("bge_m3")
+        return self.ops.linear(hidden, t["colbert.weight"], t["colbert.bias"])
+
+    def token_weights(self, hidden: torch.Tensor) -> torch.Tensor:
+        """BGE-M3's lexical weight of every token, ``relu(sparse_linear(h))``: ``(tokens,)`` float32."""
+        t = self.tensors("bge_m3")
+        return self.ops.linear(hidden, t["sparse.weight"], t["sparse.bias"], "relu")[:, 0].float()
 
     def _mlm_transform(self, hidden: torch.Tensor) -> torch.Tensor:
         """The MLM head's transform ``LayerNorm(act(dense(h)))``: ``(N, E)``."""

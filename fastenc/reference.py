@@ -327,7 +327,7 @@ def splade_activation(x: torch.Tensor, activation: str) -> torch.Tensor:
 def splade_pool(
     x: torch.Tensor,  # (tokens, hidden): the MLM transform's output
     weight: torch.Tensor,  # (vocab, hidden): the MLM decoder (the word embeddings when tied)
-    bias: torch.Tensor,  # (vocab,)
+    bias: torch.Tensor | None,  # (vocab,), None for a decoder without a bias
     cu_seqlens: torch.Tensor,  # (batch + 1,) int32
     pooling: str = "max",
     activation: str = "relu",
@@ -347,7 +347,8 @@ def splade_pool(
     out = torch.empty(batch, vocab, dtype=out_dtype, device=x.device)
     for start in range(0, vocab, SPLADE_VOCAB_CHUNK):
         end = min(start + SPLADE_VOCAB_CHUNK, vocab)
-        logits = torch.addmm(bias[start:end], x, weight[start:end].t()).to(out_dtype)  # (tokens, chunk)
+        logits = (x @ weight[start:end].t() if bias is None
+                  else torch.addmm(bias[start:end], x, weight[start:end].t())).to(out_dtype)  # (tokens, chunk)
         if pooling == "max":
             pooled = logits.new_full((batch, end - start), float("-inf"))
             pooled.scatter_reduce_(0, text[:, None].expand_as(logits), logits, "amax")

@@ -10,7 +10,8 @@ A SentencePiece model alone (DeBERTa-v3's ``spm.model``, XLM-R's ``sentencepiece
 pipelines, the server, Ray): it owns the tokenizer and the lock that guards its truncation setting
 (``tokenizers.Tokenizer`` keeps truncation as state on the object, so two threads that flip it race),
 the length limits, the sentence-transformers lower-casing and prompts, text pairs and overflowing
-windows, the vocabulary check, and packing encodings into a host ``PackedBatch``.
+windows, the vocabulary check, ColBERT's query expansion (``expand``: a query padded with mask tokens)
+and token lookups (a skiplist's ids, the special tokens), and packing encodings into a host ``PackedBatch``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from tokenizers.models import BPE, WordPiece
 from .config import EncoderConfig
 from .errors import InputError, LoadError
 from .packing import PackedBatch, pack_sequences, token_budget_batches
-from .pooling import SentenceConfig
+from .pooling import QueryExpansion, SentenceConfig
 
 _VERY_LARGE = int(1e30)  # transformers' model_max_length when tokenizer_config.json gives none
 # The families whose transformers tokenizers send token_type_ids; the others' models see type 0 everywhere
@@ -173,6 +174,8 @@ class TokenizerSettings:
     mask_token_id: int | None = None
     pad_token_id: int | None = None
     unk_token_id: int | None = None
+    cls_token_id: int | None = None
+    eos_token_id: int | None = None
     model_max_length: int = _VERY_LARGE
     clean_up_tokenization_spaces: bool = False
 
@@ -199,6 +202,8 @@ class TokenizerSettings:
             mask_token_id=None if mask is None else tokenizer.token_to_id(mask),
             pad_token_id=token_id("pad_token", ("[PAD]", "<pad>")),
             unk_token_id=token_id("unk_token", ("[UNK]", "<unk>")),
+            cls_token_id=token_id("cls_token", ("[CLS]", "<s>")),
+            eos_token_id=token_id("eos_token", ("</s>",)),
             model_max_length=int(min(max_length, _VERY_LARGE)) if usable else _VERY_LARGE,
             clean_up_tokenization_spaces=bool(settings.get("clean_up_tokenization_spaces", False)),
         )
@@ -216,6 +221,14 @@ class Prompt:
         return [self.text + text for text in texts] if self.text else list(texts)
 
 
+@dataclasses.dataclass(frozen=True)
+class Tokens:
+    """A token sequence made here rather than by the tokenizer (an expanded query): ``ids`` and ``type_ids``."""
+
+    ids: list[int]
+    type_ids: list[int]
+
+
 class Tokenization:
     """Texts -> encodings -> packed token ids, for one checkpoint (see the module docstring).
 
@@ -228,9 +241,27 @@ class Tokenization:
         self.tokenizer = tokenizer
         self.config = config
         self.sentence = sentence
-        self.settings = TokenizerSettings.read(tokenizer, directory)
         self.token_types = config.model_type in TOKEN_TYPE_FAMILIES
         self._lock = threading.Lock()  # guards the tokenizer's truncation state: set, encode, reset
+        if sentence is not None and sentence.multivector is not None:
+            self._register_prefixes(sentence.multivector.prefixes)
+        self.settings = TokenizerSettings.read(tokenizer, directory)
+
+    def _register_prefixes(self, prefixes: Sequence[str]) -> None:
+        """PyLate's query and document prefixes (``[unused0]``, ``[Q] ``) were inserted as single tokens in
+        training; where the tokenizer would split one that it knows (``[unused0]`` into ``[``, ``unused``,
+        ``##0``, ``]``), register it as a special token, as ``MultiVectorEncoder`` does, so that prepending
+        it as text gives the token trained with."""
+        vocab = self.tokenizer.get_vocab(with_added_tokens=True)
+        for value in prefixes:
+            if not value or not value.split():
+                continue
+            for prefix in (value, value.split(None, 1)[0]):
+                if prefix not in vocab:
+                    continue
+                if self.tokenizer.encode(prefix, add_special_tokens=False).tokens != [prefix]:
+                    self.tokenizer.add_special_tokens([AddedToken(prefix, normalized=False, special=True)])
+                break
 
     # ------------------------------------------------------------------------------------------ limits
     @property
@@ -330,6 +361,33 @@ class Tokenization:
             mask[row, :n] = 1
             types[row, :n] = torch.tensor(e.type_ids, dtype=torch.long)
         return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+
+    # ------------------------------------------------------------------------------------------ tokens
+    def token_ids(self, tokens: Sequence[str]) -> tuple[int, ...]:
+        """The ids of the tokens the vocabulary (or the added tokens) holds as such; the others are left
+        out (as sentence-transformers' skiplist drops words that are no single token)."""
+        found = (self.tokenizer.token_to_id(token) for token in tokens)
+        return tuple(sorted({i for i in found if i is not None}))
+
+    def expand(self, encodings: Sequence, expansion: QueryExpansion) -> list[Tokens]:
+        """ColBERT's query expansion: each encoding shorter than ``expansion.length`` tokens padded to it
+        with the expansion token (``expansion.token``, else the mask token, else EOS), token type 0, as
+        sentence-transformers' ``Transformer`` expands query batches (a ``fixed`` expansion's queries are
+        cut to ``length`` by ``encode`` first)."""
+        if expansion.token is not None:
+            token_id = self.tokenizer.token_to_id(expansion.token)
+            if token_id is None:
+                raise InputError(f"the query expansion token {expansion.token!r} is not in the vocabulary")
+        else:
+            token_id = self.settings.mask_token_id if self.settings.mask_token_id is not None else \
+                self.settings.eos_token_id
+            if token_id is None:
+                raise InputError("query expansion needs a mask or EOS token, and this tokenizer has neither")
+        out = []
+        for encoding in encodings:
+            missing = max(expansion.length - len(encoding.ids), 0)
+            out.append(Tokens(list(encoding.ids) + [token_id] * missing, list(encoding.type_ids) + [0] * missing))
+        return out
 
     # ----------------------------------------------------------------------------------------- prompts
     @property

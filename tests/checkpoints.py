@@ -21,6 +21,9 @@ Main entry points::
                               max_seq_length=None) -> Path
     minilm_with_prompts(minilm_path, directory, *, default=None, include_prompt=True) -> Path
     make_sparse_encoder(path, family, pooling, activation, *, layout, max_active_dims=None, seed=0) -> Path
+    make_bge_m3(path, *, seed=0, modules=True, colbert_dim=None) -> Path
+    make_colbert(path, family, *, expansion, dense_activation="Tanh", skiplist_tasks=("document",), seed=0) -> Path
+    make_dense_sentence_transformer(path, family, *, activation, use_residual=False, normalize=True, seed=0) -> Path
     save_sharded(path, max_shard_size="20KB") -> Path
     rewrite_weights(path, fn) -> Path        (rename / drop / reshape tensors of model.safetensors)
     hf_model(path, head=None, attn_implementation="eager") -> transformers.PreTrainedModel
@@ -903,6 +906,102 @@ def make_sparse_encoder(path, family: str, pooling: str, activation: str, *, lay
     if max_active_dims is not None:
         config["max_active_dims"] = max_active_dims
     (path / "config_sentence_transformers.json").write_text(json.dumps(config))
+    return path
+
+
+def _perturbed_linear(n_in: int, n_out: int, seed: int, *, bias_shift: float = 0.0, bias: bool = True):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        linear = torch.nn.Linear(n_in, n_out, bias=bias)
+    with torch.no_grad():
+        for param in linear.parameters():
+            param.add_(0.1 * torch.randn(param.shape, generator=gen))
+        if bias:
+            linear.bias.add_(bias_shift)
+    return linear
+
+
+def make_bge_m3(path, *, seed: int = 0, modules: bool = True, colbert_dim: int | None = None) -> pathlib.Path:
+    """A tiny BGE-M3: a 2-layer XLM-R model with ``colbert_linear.pt`` and ``sparse_linear.pt`` saved as
+    BAAI/bge-m3 ships them (``torch.save`` of each ``nn.Linear``'s state dict), perturbed; the sparse bias
+    is shifted up so that most tokens get a positive lexical weight. ``modules``: also the
+    sentence-transformers files BAAI/bge-m3 has (CLS pooling, Normalize)."""
+    path = make_checkpoint(path, "xlm-roberta", seed=seed, num_hidden_layers=2)
+    hidden = json.loads((path / "config.json").read_text())["hidden_size"]
+    torch.save(_perturbed_linear(hidden, colbert_dim or hidden, seed + 1).state_dict(), path / "colbert_linear.pt")
+    torch.save(_perturbed_linear(hidden, 1, seed + 2, bias_shift=0.3).state_dict(), path / "sparse_linear.pt")
+    if modules:
+        (path / "modules.json").write_text(json.dumps([
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+        (path / "1_Pooling").mkdir()
+        (path / "1_Pooling" / "config.json").write_text(json.dumps(
+            {"word_embedding_dimension": hidden, "pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}))
+        (path / "2_Normalize").mkdir()
+    return path
+
+
+def make_colbert(path, family: str, *, expansion: dict | None, dense_activation: str = "Tanh",
+                 skiplist_tasks=("document",), query_length: int | None = 14, document_length: int | None = 20,
+                 seed: int = 0) -> pathlib.Path:
+    """A tiny ColBERT model saved by sentence-transformers as a ``MultiVectorEncoder``: the ``family``
+    checkpoint, a perturbed token-level ``Dense`` to 16 dims (``torch.nn.<dense_activation>``), a
+    punctuation skiplist for ``skiplist_tasks``, token ``Normalize``; query/document prompts and lengths,
+    and ``expansion`` (the Transformer's ``query_expansion``)."""
+    import string
+
+    from sentence_transformers import MultiVectorEncoder
+    from sentence_transformers.base.modules import Normalize, Transformer
+    from sentence_transformers.base.modules.dense import Dense
+    from sentence_transformers.multi_vector_encoder.modules import MultiVectorMask
+
+    path = pathlib.Path(path)
+    backbone = make_checkpoint(path.with_name(path.name + "-backbone"), family, seed=seed)
+    with quiet_transformers(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        transformer = Transformer(str(backbone), query_length=query_length, document_length=document_length,
+                                  query_expansion=expansion)
+        hidden = transformer.get_embedding_dimension()
+        linear = _perturbed_linear(hidden, 16, seed + 3)
+        dense = Dense(hidden, 16, activation_function=getattr(torch.nn, dense_activation)(),
+                      init_weight=linear.weight, init_bias=linear.bias, module_input_name="token_embeddings")
+        mask = MultiVectorMask(skiplist_words=list(string.punctuation), skiplist_tasks=list(skiplist_tasks))
+        model = MultiVectorEncoder(modules=[transformer, dense, mask, Normalize(module_input_name="token_embeddings")],
+                                   prompts={"query": "query: ", "document": "passage: "}, device="cpu")
+        model.save(str(path))
+    shutil.rmtree(backbone)
+    return path
+
+
+def make_dense_sentence_transformer(path, family: str, *, activation: str, use_residual: bool = False,
+                                    normalize: bool = True, pooling: str = "mean", seed: int = 0) -> pathlib.Path:
+    """A tiny ``SentenceTransformer`` saved by sentence-transformers: the ``family`` checkpoint, Pooling, a
+    perturbed ``Dense`` to 24 dims (``torch.nn.<activation>``, ``use_residual``) and a second one back to
+    the hidden size, then Normalize."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.base.modules import Normalize, Transformer
+    from sentence_transformers.base.modules.dense import Dense
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    path = pathlib.Path(path)
+    backbone = make_checkpoint(path.with_name(path.name + "-backbone"), family, seed=seed)
+    with quiet_transformers(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        transformer = Transformer(str(backbone))
+        hidden = transformer.get_embedding_dimension()
+        layers = []
+        for i, (n_in, n_out) in enumerate(((hidden, 24), (24, hidden))):
+            linear = _perturbed_linear(n_in, n_out, seed + 5 + i)
+            layers.append(Dense(n_in, n_out, activation_function=getattr(torch.nn, activation)(),
+                                init_weight=linear.weight, init_bias=linear.bias, use_residual=use_residual))
+            if use_residual and n_in != n_out:
+                with torch.no_grad():
+                    layers[-1].residual.weight.add_(0.1)
+        modules = [transformer, Pooling(hidden, pooling_mode=pooling), *layers] + ([Normalize()] if normalize else [])
+        SentenceTransformer(modules=modules, device="cpu").save(str(path))
+    shutil.rmtree(backbone)
     return path
 
 

@@ -16,8 +16,10 @@ from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# Folders a script, ``python -m`` or pytest runs from: each lands first on sys.path.
-SCRIPT_FOLDERS = [ROOT, ROOT / "benchmarks", *sorted({p.parent for p in (ROOT / "tests").rglob("test_*.py")})]
+# Folders a script, ``python -m`` or pytest runs from: each lands first on sys.path (the GPU check's package
+# folder too, should one of its modules be run as a file).
+SCRIPT_FOLDERS = [ROOT, ROOT / "benchmarks", ROOT / "benchmarks" / "gpu_check",
+                  *sorted({p.parent for p in (ROOT / "tests").rglob("test_*.py")})]
 FIELD_PACKAGES = {
     "kernels", "tokenizers", "transformers", "torch", "triton", "ray", "safetensors", "numpy", "huggingface_hub",
     "sentence_transformers", "accelerate", "flash_attn", "vllm", "infinity_emb", "FlagEmbedding", "xformers",

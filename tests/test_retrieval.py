@@ -188,6 +188,27 @@ def test_sparse_vectors_match_sentence_transformers(tmp_path, family, pooling, a
     assert ((top > 0).sum(1) <= 5).all()
 
 
+def test_sparse_vectors_of_a_decoder_without_bias(tmp_path):
+    """ModernBERT with ``decoder_bias: false``: its masked-LM head has no decoder bias. Expected:
+    SpladePooling's max of ``log1p(relu(logits))`` over each text's tokens of transformers' own
+    ModernBertForMaskedLM. (The Triton kernel's bias-free path: ``test_splade_pool_without_bias``.)"""
+    from transformers import AutoModelForMaskedLM
+
+    path = C.make_checkpoint(tmp_path / "modernbert", "modernbert", head="mlm", seed=4, decoder_bias=False)
+    with C.quiet_transformers():
+        model = AutoModelForMaskedLM.from_pretrained(str(path)).eval()
+    assert model.decoder.bias is None
+    texts = ["the cat sat on the mat", "a", "Paris is the capital of France. " * 3]
+    encoder = Encoder.from_pretrained(path, backend="torch")
+    batch = encoder.tokenize(texts)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    active = torch.log1p(torch.relu(logits)) * batch["attention_mask"][..., None]
+    dense = _dense(encoder.embed_sparse(texts))
+    torch.testing.assert_close(dense, active.amax(1), rtol=1e-4, atol=1e-5)
+    assert 0.05 < (dense > 0).float().mean() < 1
+
+
 def test_sparse_defaults_and_errors(tmp_path, minilm_path):
     path = C.make_sparse_encoder(tmp_path / "k", "bert", "max", "relu", layout="current", max_active_dims=7)
     encoder = Encoder.from_pretrained(path)

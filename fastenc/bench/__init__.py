@@ -13,9 +13,9 @@ Everything a run needs lives in this package, so the installed command works wit
 A plan is a list of cases, each a model and shape (e2e, named ``<model>:<shape>``, e.g.
 ``bert-base:128x128``, ``bert-base:var64x8-512``) or a kernel at a size (``attention:hd64:64x512``), in a
 dtype, with its providers. ``--plan full`` is the cross product of the options; ``--plan gpu-check`` is the
-bench stage of ``benchmarks/gpu_check.py`` (the cases the performance goals need; small shapes on the CPU).
-``--providers`` and ``--cases`` (names or shell patterns) filter exactly: what is named runs, and nothing
-else is loaded. ``--budget`` starts a case only when its estimate fits in what is left, and reports every
+bench stage of the GPU check, ``benchmarks/gpu_check`` (the cases the performance goals need; small shapes
+on the CPU). ``--providers`` and ``--cases`` (names or shell patterns) filter exactly: what is named runs,
+and nothing else is loaded. ``--budget`` starts a case only when its estimate fits in what is left, and reports every
 case it skipped.
 
 What is measured (STYLE point 11: the unit the hardware is judged by):
@@ -85,8 +85,8 @@ same stem ``.md`` (a markdown table, with each case's time beside its estimate) 
 matplotlib is installed). A run keeps the rows of an earlier run in the same file for the cases it does
 not plan, each row naming its run and each run keeping its own peaks, so a GPU session can split the work
 over several commands. The commit comes from ``FASTENC_BENCH_COMMIT``, else git, else the
-``.gpu/provenance.json`` that ``benchmarks/gpu_check.py --bundle`` writes (checked against the tree's
-files: ``-modified`` when they changed since).
+``.gpu/provenance.json`` that ``python -m benchmarks.gpu_check --bundle`` writes (checked against the
+tree's files: ``-modified`` when they changed since).
 
 On a GPU: ``pip install 'fastenc[bench]'`` (transformers, matplotlib), then ``fastenc bench --device cuda``
 (fp16 and bf16, BERT-base and MiniLM-L6 shapes, fastenc on its Triton backend), whole or in parts into the

@@ -33,11 +33,12 @@ class ModelSpec:
 
     Speed does not depend on the weights' values, and a local build needs no download and nothing that
     cannot travel to a GPU machine (the bundled all-MiniLM-L6-v2 is not there; its real weights serve the
-    ``embed`` comparison of ``benchmarks/gpu_check.py`` only). ``local_attention`` and ``global_every`` are
-    ModernBERT's: a global layer every ``global_every`` layers (the first is one), sliding windows of
-    ``local_attention`` tokens (keys within ``±local_attention // 2``) between. DeBERTa (``deberta-v2``) is
-    built as DeBERTa-v3 is configured: 256 position buckets, c2p and p2c, shared position keys,
-    normalised relative embeddings, no absolute positions, no token types.
+    ``embed`` comparison of the GPU check, ``benchmarks/gpu_check``, only). ``local_attention`` and
+    ``global_every`` are ModernBERT's: a global layer every ``global_every`` layers (the first is one),
+    sliding windows of ``local_attention`` tokens (keys within ``±local_attention // 2``) between;
+    ``model`` builds it. DeBERTa (``deberta-v2``) is built as DeBERTa-v3 is configured: 256 position
+    buckets, c2p and p2c, shared position keys, normalised relative embeddings, no absolute positions, no
+    token types.
     """
 
     name: str
@@ -56,10 +57,38 @@ class ModelSpec:
 
     def materialize(self, workdir: Path) -> Path:
         """A checkpoint directory (config.json + model.safetensors) both fastenc and transformers load."""
+        path = workdir / self.name
+        if not (path / "model.safetensors").exists():
+            model = self.model()
+            with _quiet_transformers():
+                model.save_pretrained(path)
+        return path
+
+    def config(self):
+        """transformers' own config of this shape (its defaults are the base checkpoints' except where set)."""
         if self.family == "bert":
-            return make_bert_checkpoint(workdir / self.name, layers=self.layers, hidden=self.hidden,
-                                        heads=self.heads, intermediate=self.intermediate, vocab=self.vocab)
-        return make_family_checkpoint(workdir / self.name, self)
+            from transformers import BertConfig
+
+            return BertConfig(vocab_size=self.vocab, hidden_size=self.hidden, num_hidden_layers=self.layers,
+                              num_attention_heads=self.heads, intermediate_size=self.intermediate,
+                              max_position_embeddings=512, type_vocab_size=2)
+        return _family_config(self)
+
+    def model(self, seed: int = 0, *, weights: bool = True):
+        """transformers' model of this shape, without a pooler, in eval mode. ``weights``: random and perturbed
+        (LayerNorm weights ``1 + 0.1·randn``, biases ``0.02·randn``, the rest ``+ 0.002·randn``, from ``seed``);
+        False: on the ``meta`` device, for the parameters' names and shapes alone."""
+        from transformers import AutoModel
+
+        config = self.config()
+        kwargs = {"add_pooling_layer": False} if self.family in ("bert", "mpnet") else {}
+        with torch.random.fork_rng(devices=[]), _quiet_transformers(), \
+                (contextlib.nullcontext() if weights else torch.device("meta")):
+            torch.manual_seed(seed)
+            model = AutoModel.from_config(config, **kwargs).eval()
+            if weights:
+                _perturb(model)
+        return model
 
     @property
     def gated(self) -> bool:
@@ -132,29 +161,18 @@ MODELS = {
 }
 
 
-def make_bert_checkpoint(path: Path, *, layers: int = 12, hidden: int = 768, heads: int = 12,
-                         intermediate: int = 3072, vocab: int = 30522, seed: int = 0) -> Path:
-    """A BERT checkpoint with random, perturbed weights (LayerNorms not 1/0), built locally."""
-    from transformers import BertConfig, BertModel
-
-    if (path / "model.safetensors").exists():
-        return path
-    config = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                        intermediate_size=intermediate, max_position_embeddings=512, type_vocab_size=2)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = BertModel(config, add_pooling_layer=False).eval()
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if "LayerNorm.weight" in name:
-                    param.copy_(1.0 + 0.1 * torch.randn_like(param))
-                elif name.endswith("bias"):
-                    param.copy_(0.02 * torch.randn_like(param))
-                else:
-                    param.add_(0.002 * torch.randn_like(param))
-    with _quiet_transformers():
-        model.save_pretrained(path)
-    return path
+def _perturb(model: torch.nn.Module) -> None:
+    """Every parameter away from its initialisation: LayerNorm weights ``1 + 0.1·randn``, biases ``0.02·randn``,
+    the rest ``+ 0.002·randn`` (in ``named_parameters`` order, from the caller's generator state)."""
+    norms = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, torch.nn.LayerNorm)}
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in norms:
+                param.copy_(1.0 + 0.1 * torch.randn_like(param))
+            elif name.endswith("bias"):
+                param.copy_(0.02 * torch.randn_like(param))
+            else:
+                param.add_(0.002 * torch.randn_like(param))
 
 
 def _family_config(spec: ModelSpec):
@@ -182,31 +200,6 @@ def _family_config(spec: ModelSpec):
                                             share_att_key=True, norm_rel_ebd="layer_norm", position_biased_input=False)
     act = "silu" if spec.family == "nomic_bert" else "gelu"  # SwiGLU (nomic-embed), GeGLU (gte-*-v1.5)
     return CONFIG_MAPPING[spec.family](**sizes, hidden_act=act, type_vocab_size=spec.token_types)
-
-
-def make_family_checkpoint(path: Path, spec: ModelSpec, seed: int = 0) -> Path:
-    """A checkpoint of ``spec.family`` built with transformers' own model class, every parameter perturbed
-    (LayerNorm weights ``1 + 0.1·randn``, biases ``0.02·randn``, the rest ``+ 0.002·randn``), no pooler."""
-    from transformers import AutoModel
-
-    if (path / "model.safetensors").exists():
-        return path
-    config = _family_config(spec)
-    with torch.random.fork_rng(devices=[]), _quiet_transformers():
-        torch.manual_seed(seed)
-        model = (AutoModel.from_config(config, add_pooling_layer=False) if spec.family == "mpnet"
-                 else AutoModel.from_config(config)).eval()
-        norms = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, torch.nn.LayerNorm)}
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if name in norms:
-                    param.copy_(1.0 + 0.1 * torch.randn_like(param))
-                elif name.endswith("bias"):
-                    param.copy_(0.02 * torch.randn_like(param))
-                else:
-                    param.add_(0.002 * torch.randn_like(param))
-        model.save_pretrained(path)
-    return path
 
 
 @contextlib.contextmanager

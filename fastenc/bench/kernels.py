@@ -240,6 +240,29 @@ def gelu_layer_norm_case(batch: int, seq: int, hidden: int = 768) -> KernelCase:
                       work, "GB/s")
 
 
+def splade_case(batch: int, seq: int, hidden: int = 768, vocab: int = 30522) -> KernelCase:
+    """The SPLADE head's fused projection, activation and max pooling over each text's tokens (``splade_pool``,
+    BERT's vocabulary): ``2·T·H·V`` FLOPs, the ``(T, V)`` logits never written."""
+    tokens = batch * seq
+
+    def make_inputs(device, dtype):
+        g = torch.Generator(device=device).manual_seed(0)
+        cu = torch.arange(0, tokens + 1, seq, dtype=torch.int32)
+        return {"x": _randn((tokens, hidden), device, dtype, g), "w": _randn((vocab, hidden), device, dtype, g,
+                                                                             hidden ** -0.5),
+                "b": _randn((vocab,), device, dtype, g, 0.1) - 1.0, "cu": cu.to(device)}
+
+    def ref(x):
+        return reference.splade_pool(x["x"], x["w"], x["b"], x["cu"], "max", "relu")
+
+    return KernelCase("splade_pool", f"splade_pool:h{hidden}-v{vocab}:{batch}x{seq}", batch, seq, tokens, make_inputs,
+                      ref,
+                      {"fastenc": _kernel("splade_pool", lambda f, x: f(x["x"], x["w"], x["b"], x["cu"], "max",
+                                                                        "relu")),
+                       "torch": _twin(ref)},
+                      lambda dtype: 2 * tokens * hidden * vocab, "TFLOP/s")
+
+
 def embeddings_case(batch: int, seq: int, hidden: int = 768, vocab: int = 30522) -> KernelCase:
     tokens = batch * seq
 

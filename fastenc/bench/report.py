@@ -119,7 +119,7 @@ def _exc_line(exc: BaseException) -> str:
 
 
 ROOT = Path(__file__).resolve().parents[2]  # the source tree (this file is fastenc/bench/report.py)
-PROVENANCE = Path(".gpu") / "provenance.json"  # written by ``benchmarks/gpu_check.py --bundle``
+PROVENANCE = Path(".gpu") / "provenance.json"  # written by ``python -m benchmarks.gpu_check --bundle``
 
 
 def git_commit(root: Path = ROOT) -> str:

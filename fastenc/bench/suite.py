@@ -3,7 +3,7 @@ run itself: peaks, kernel cases, e2e cases, peaks again; ``run_from_args`` is ``
 
 A plan is a list of cases, each with its own providers and dtype: the full plan is the cross product of
 the command line's dtypes, models, shapes and providers; ``check_plan`` is the bench stage of
-``benchmarks/gpu_check.py`` (the cases the performance goals need, nothing more). ``--providers`` and
+``benchmarks/gpu_check`` (the cases the performance goals need, nothing more). ``--providers`` and
 ``--cases`` filter either exactly; ``--budget`` skips, and reports, every case whose estimate
 (``estimate.py``) no longer fits.
 """
@@ -24,7 +24,8 @@ from ..errors import FastencError, InputError
 from .e2e import DEFAULT_E2E_PROVIDERS, E2E_PROVIDERS, MODELS, QUICK_SKIPS, E2ECase, ModelSpec, Shape, e2e_shapes, \
     run_e2e
 from .estimate import Budget, peaks_seconds
-from .kernels import KernelRun, add_layer_norm_case, attention_case, gelu_layer_norm_case, kernel_cases, run_kernels
+from .kernels import (KernelRun, add_layer_norm_case, attention_case, gelu_layer_norm_case, kernel_cases, run_kernels,
+                      splade_case)
 from .measure import DTYPES, best_peaks, measure_peaks
 from .report import Report, collect_env, results_paths, update_readme, write_results
 
@@ -74,8 +75,9 @@ def _split(value: str | None) -> list[str] | None:
 def check_plan(device: torch.device, small: bool = False) -> Plan:
     """The bench stage of the GPU check: the cases issue 13's goals need.
 
-    Kernels first (no model to load), then BERT-base fp16 at 128 x 128 (fastenc and the eager and SDPA peers),
-    1 x 128 (latency, a CUDA graph) and ``var64x8-512``, bf16 at 128 x 128; then ModernBERT-base fp16 against
+    Kernels first (no model to load; attention, the two LayerNorms and the SPLADE head), then BERT-base fp16
+    at 128 x 128 (fastenc and the eager and SDPA peers), 1 x 128 (latency, a CUDA graph) and
+    ``var64x8-512``, bf16 at 128 x 128; then ModernBERT-base fp16 against
     transformers' own ModernBERT (issue 16) at 32 x 512 (with the eager peer) and ``var64x8-512``, lengths
     where its 128-token windows skip most key blocks; and last, alone, ``hf-compile`` at 128 x 128 (its
     30-60 s compile is the plan's largest and least certain cost). ``small``: the same plan at small shapes,
@@ -86,13 +88,15 @@ def check_plan(device: torch.device, small: bool = False) -> Plan:
         modernbert, long = SMALL_MODERNBERT, Shape(2, 48)
         attention = attention_case(2, 64, False, heads=2, head_dim=64)
         norms = [add_layer_norm_case(2, 8, 64), gelu_layer_norm_case(2, 8, 64)]
+        splade = splade_case(2, 8, 64, 130)  # a partial last vocabulary tile
     else:
         model, main, latency, var = MODELS["bert-base"], Shape(128, 128), Shape(1, 128), Shape(64, 512, var_min=8)
         modernbert, long = MODELS["modernbert-base"], Shape(32, 512)
         attention = attention_case(64, 512, False)  # 32,768 tokens, 12 heads of 64
         norms = [add_layer_norm_case(128, 512, 768), gelu_layer_norm_case(128, 512, 768)]
+        splade = splade_case(32, 128, 768, 30522)  # a retrieval batch against BERT's vocabulary
     kernels = [KernelRun(attention, "fp16", ("fastenc", "sdpa", "sdpa-flash"))]
-    kernels += [KernelRun(case, "fp16", ("fastenc", "torch")) for case in norms]
+    kernels += [KernelRun(case, "fp16", ("fastenc", "torch")) for case in [*norms, splade]]
     peers = ("fastenc", "fastenc-packed", "hf-sdpa")
     e2e = [E2ECase(model, main, "fp16", (*peers, "hf-eager")), E2ECase(model, latency, "fp16", peers),
            E2ECase(model, var, "fp16", peers), E2ECase(model, main, "bf16", peers),

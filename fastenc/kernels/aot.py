@@ -12,7 +12,8 @@ decides whether a kernel runs, and how well: dynamic shared memory against the a
 (Triton refuses the launch above it), registers per thread, bytes spilled to local memory, the
 tensor-core instruction in the SASS (``wgmma`` = HGMMA on sm_90, ``mma`` = HMMA on sm_8x, ``none``:
 CUDA cores) and asynchronous copies (LDGSTS or TMA: the software-pipelined loads), read with the
-``cuobjdump`` that Triton ships.
+``cuobjdump`` that Triton ships; and for each GEMM the tiles (programs) it launches for a 128-token
+batch, which decide how much of the GPU a small batch can use.
 
     python -m fastenc.kernels.aot [--arch 90,80,86] [--dtype fp16,bf16] [--models bert-base,minilm]
                                   [--markdown FILE] [--json FILE]
@@ -93,6 +94,7 @@ class KernelBuild:
     spilled: int  # bytes of stack and local memory per thread (register spills)
     tensor_cores: str  # "wgmma" (HGMMA), "mma" (HMMA) or "none"
     async_copies: bool  # cp.async (LDGSTS) or TMA (UTMALDG) loads: the software pipeline is there
+    tiles_128: int | None = None  # a GEMM's output tiles (programs) for a batch of 128 tokens
 
     @property
     def fits(self) -> bool:
@@ -189,16 +191,28 @@ class CompileOnlyDriver(DriverBase):
                               if arguments.get(name, "none") != "none"]
                              + [f"{name}={arguments[name]}" for name, default in FLAG_DEFAULTS.items()
                                 if arguments.get(name, default) != default])
-            build = KernelBuild(kernel=recorder.src.fn.__name__.strip("_").removesuffix("_kernel"), shape=shape,
-                                arch=self.arch, dtype=dtype, model=model, config=config,
+            kernel = recorder.src.fn.__name__.strip("_").removesuffix("_kernel")
+            build = KernelBuild(kernel=kernel, shape=shape, arch=self.arch, dtype=dtype, model=model, config=config,
                                 shared=recorder.metadata.shared, shared_limit=_target.shared_memory_limit(self.arch),
-                                **self.utils.cubins[function])
+                                tiles_128=_tiles_128(kernel, arguments, config), **self.utils.cubins[function])
             if build not in out:  # the same build for another token count
                 out.append(build)
         self.launches.clear()
         return out
 
 
+def _tiles_128(kernel: str, arguments: dict, config: dict) -> int | None:
+    """A GEMM kernel's tiles for 128 tokens (``gated_linear``'s N counts output features: its tiles span the
+    weight's 2 N rows); None for the other kernels."""
+    if kernel not in GEMM_KERNELS:
+        return None
+    from fastenc.kernels.gemm import SMALL_BATCH_TOKENS, tiles_at
+
+    rows = 2 * arguments["N"] if kernel == "gated_linear" else arguments["N"]
+    return tiles_at(SMALL_BATCH_TOKENS, rows, config["BLOCK_M"], config["BLOCK_N"])
+
+
+GEMM_KERNELS = ("linear", "gated_linear", "fused_qkv")
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_D", "BLOCK_Q", "BLOCK", "GROUP_M", "REL_W")
 SHAPE_KEYS = ("K", "N", "HEAD_DIM", "n_cols", "ACTIVATION", "POOLING")
 # The families' constexpr flags, shown with the shape where they differ from BERT's kernels.
@@ -369,12 +383,14 @@ def _size(n: int) -> str:
 
 
 def markdown(builds: list[KernelBuild]) -> str:
-    header = ("| arch | dtype | model | kernel | shape | config | shared (limit) | regs | spilled B | tensor cores "
-              "| async copies |")
-    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|"]
+    header = ("| arch | dtype | model | kernel | shape | config | tiles at 128 tokens | shared (limit) | regs "
+              "| spilled B | tensor cores | async copies |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for b in builds:
         config = " ".join(f"{k.removeprefix('BLOCK_').removeprefix('num_').lower()}{v}" for k, v in b.config.items())
-        lines.append(f"| sm_{b.arch} | {b.dtype} | {b.model} | {b.kernel} | {b.shape} | {config} | {_size(b.shared)} "
+        tiles = "-" if b.tiles_128 is None else b.tiles_128
+        lines.append(f"| sm_{b.arch} | {b.dtype} | {b.model} | {b.kernel} | {b.shape} | {config} | {tiles} "
+                     f"| {_size(b.shared)} "
                      f"({_size(b.shared_limit)}){'' if b.fits else ' **over**'} | {b.registers} | {b.spilled} "
                      f"| {b.tensor_cores} | {'yes' if b.async_copies else 'no'} |")
     return "\n".join(lines) + "\n"

@@ -273,7 +273,16 @@ def _attention_kernel(
     REL_W: tl.constexpr = 16,  # distances per window of the relative tables
     C2P: tl.constexpr = False,
     P2C: tl.constexpr = False,
+    ROW_ALIGN: tl.constexpr = 1,  # every head and token stride is a multiple of it (elements)
 ):
+    if ROW_ALIGN > 1:  # (s // A) * A == s, but now the compiler knows A divides it: 16-byte vector loads
+        stride_q_head = stride_q_head // ROW_ALIGN * ROW_ALIGN
+        stride_q_token = stride_q_token // ROW_ALIGN * ROW_ALIGN
+        stride_k_head = stride_k_head // ROW_ALIGN * ROW_ALIGN
+        stride_k_token = stride_k_token // ROW_ALIGN * ROW_ALIGN
+        stride_v_head = stride_v_head // ROW_ALIGN * ROW_ALIGN
+        stride_v_token = stride_v_token // ROW_ALIGN * ROW_ALIGN
+        stride_out_token = stride_out_token // ROW_ALIGN * ROW_ALIGN
     pid_bh = tl.program_id(0)  # sequence * num_heads + head
     pid_m = tl.program_id(1)
     seq = pid_bh // num_heads
@@ -510,8 +519,24 @@ def attention(
             rel_center=0 if rel_index is None else (rel_index.shape[0] - 1) // 2,
             C2P=rel_keys is not None,
             P2C=rel_queries is not None,
+            ROW_ALIGN=_row_align(q.element_size(), q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
+                                 v.stride(1), out.stride(0)),
         )
     return out
+
+
+def _row_align(itemsize: int, *strides: int) -> int:
+    """The largest power of two, at most 16 bytes' worth of elements, that divides every stride (elements).
+
+    Triton specialises an integer argument only on divisibility by 16: a row of 24 or 40 fp16 elements
+    (48 or 80 bytes) is then read element by element, which rules out the asynchronous copies of the
+    software pipeline (``python -m fastenc.kernels.aot`` shows "async copies: no"). The strides say
+    what the rows really allow; the loads are the same loads, so the results are the same bits.
+    """
+    align = 16 // itemsize
+    while align > 1 and any(stride % align for stride in strides):
+        align //= 2
+    return align
 
 
 def _sequence_positions(cu_seqlens: torch.Tensor, tokens: int) -> torch.Tensor:

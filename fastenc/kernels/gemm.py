@@ -196,20 +196,34 @@ def _gated_linear_kernel(
     tl.store(out_ptrs, out.to(Out_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_f < N)[None, :])
 
 
+# The 16-bit tensor-core tiles (BLOCK_M, BLOCK_N, warps, stages), largest first. A GEMM takes the first that
+# gives a batch of SMALL_BATCH_TOKENS tokens at least MIN_TILES tiles; the last when none does.
+TENSOR_CORE_TILES = ((128, 128, 8, 3), (64, 128, 4, 3), (64, 64, 4, 4))
+SMALL_BATCH_TOKENS = 128  # one 128-token sequence: the latency goal's batch
+MIN_TILES = 32  # a quarter of an H100's / H200's 132 SMs
+
+
 def gemm_config(dtype: torch.dtype, N: int, K: int, arch: int = _target.DEFAULT_ARCH) -> dict:
     """Fixed tile sizes from the dtype, N, K and the GPU architecture only (never M: batch invariance).
 
-    sm_80 and newer run 16-bit tiles of 128 x 128 x 64 on tensor cores (``wgmma`` on sm_90, ``mma`` on
-    sm_8x), 3 stages: 96 KiB of shared memory on sm_90, 64 KiB on sm_8x (``python -m
-    fastenc.kernels.aot`` prints what each compiles to). fp32, and 16-bit on GPUs older than sm_80
-    (Triton gives them no tensor-core code), run on CUDA cores in 64 x 64 x 32 tiles that spill no
-    registers.
+    sm_80 and newer run 16-bit tiles on tensor cores (``wgmma`` on sm_90, ``mma`` on sm_8x), ``BLOCK_K``
+    64. The tile shape follows N: 128 x 128 (8 warps, 3 stages) where that already gives a 128-token
+    batch ``MIN_TILES`` tiles (a vocabulary projection), else 64 x 128 (one warpgroup, 3 stages: the
+    QKV and FFN-in projections of base-size encoders, N 2304 and 3072, 36 and 48 tiles), else 64 x 64
+    (4 stages: N 768 gives 24 tiles where 128 x 128 gave 6, each a quarter of the work). Large batches
+    have tiles to spare at any of these shapes; a small one would leave most SMs idle with the largest
+    (``python -m fastenc.kernels.aot`` lists each GEMM's tiles at 128 tokens, its shared memory and
+    registers). fp32, and 16-bit on GPUs older than sm_80 (Triton gives them no tensor-core code), run
+    on CUDA cores in 64 x 64 x 32 tiles that spill no registers.
     """
     if dtype == torch.float32 or arch < 80:  # CUDA-core FMA path; 16-bit operands spill there with 4 warps
         block_m, block_n, block_k = 64, 64, 32
         warps, stages = (4 if dtype == torch.float32 else 8), (3 if arch >= 80 else 2)
     else:  # tensor cores
-        block_m, block_n, block_k, warps, stages = 128, 128, 64, 8, 3
+        block_k = 64
+        for block_m, block_n, warps, stages in TENSOR_CORE_TILES:
+            if tiles_at(SMALL_BATCH_TOKENS, N, block_m, block_n) >= MIN_TILES:
+                break
     # Narrow outputs (classifier heads) and short reductions do not need the full tile.
     block_n = min(block_n, max(16, triton.next_power_of_2(N)))
     block_k = min(block_k, max(16, triton.next_power_of_2(K)))
@@ -223,6 +237,11 @@ def gemm_config(dtype: torch.dtype, N: int, K: int, arch: int = _target.DEFAULT_
         num_stages=stages,
         **_target.COMPILE_OPTIONS,
     )
+
+
+def tiles_at(M: int, N: int, block_m: int, block_n: int) -> int:
+    """The output tiles (programs) of an ``M x N`` GEMM in ``block_m x block_n`` tiles."""
+    return triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
 
 
 def linear(

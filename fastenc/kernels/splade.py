@@ -2,7 +2,9 @@
 
 What it computes (sentence-transformers' ``SpladePooling`` on an MLM's logits): for each packed text,
 ``pool over its tokens of act(x @ weight.T + bias)``, with ``x`` the MLM transform's output
-``(tokens, hidden)``, ``weight`` the decoder ``(vocab, hidden)`` (the word embeddings when tied), ``act``
+``(tokens, hidden)``, ``weight`` the decoder ``(vocab, hidden)`` (the word embeddings when tied), ``bias``
+its ``(vocab,)`` bias or None (a decoder without one, ModernBERT's ``decoder_bias: false``: ``HAS_BIAS``
+off, as in ``gemm.py``), ``act``
 ``log1p(relu)`` (``"relu"``) or ``log1p(log1p(relu))`` (``"log1p_relu"``) and ``pool`` max or sum.
 
 Algorithm: one program per (text, vocabulary tile of ``BLOCK_N`` words). The program walks its text's
@@ -66,7 +68,7 @@ def _splade_activation(x, ACTIVATION: tl.constexpr):
 def _splade_pool_kernel(
     X_ptr,  # (tokens, K): the MLM transform's output, packed
     W_ptr,  # (N, K): the decoder, one row per word
-    B_ptr,  # (N,)
+    B_ptr,  # (N,), None when not HAS_BIAS
     CuSeqlens_ptr,  # (batch + 1,) int32
     Out_ptr,  # (batch, N) fp32
     N,
@@ -80,6 +82,7 @@ def _splade_pool_kernel(
     BLOCK_N: tl.constexpr,  # words per tile
     BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr = True,
 ):
     text = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -87,7 +90,10 @@ def _splade_pool_kernel(
     length = tl.load(CuSeqlens_ptr + text + 1) - start
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = offs_n < N
-    bias = tl.load(B_ptr + offs_n, mask=col_ok, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(B_ptr + offs_n, mask=col_ok, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
     X_text = X_ptr + start.to(tl.int64) * stride_x_row  # this text's first token
     if POOLING == "max":
         pooled = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
@@ -133,7 +139,7 @@ def splade_config(dtype: torch.dtype, N: int, K: int, arch: int = _target.DEFAUL
 def splade_pool(
     x: torch.Tensor,  # (tokens, hidden): the MLM transform's output
     weight: torch.Tensor,  # (vocab, hidden): the MLM decoder (the word embeddings when tied)
-    bias: torch.Tensor,  # (vocab,)
+    bias: torch.Tensor | None,  # (vocab,), None for a decoder without a bias
     cu_seqlens: torch.Tensor,  # (batch + 1,) int32
     pooling: str = "max",
     activation: str = "relu",
@@ -144,7 +150,8 @@ def splade_pool(
     K = x.shape[1]
     check_tensor("weight", weight, (None, K), dtypes=(x.dtype,), device=device)
     N = weight.shape[0]
-    check_tensor("bias", bias, (N,), dtypes=(x.dtype,), device=device)
+    if bias is not None:
+        check_tensor("bias", bias, (N,), dtypes=(x.dtype,), device=device)
     check_tensor("cu_seqlens", cu_seqlens, (None,), dtypes=(torch.int32,), device=device)
     if cu_seqlens.numel() < 1:
         raise ValueError("cu_seqlens must hold at least one offset (0)")
@@ -163,6 +170,6 @@ def splade_pool(
     with on_device(device):
         _splade_pool_kernel[(batch, tiles)](
             x, weight, bias, cu_seqlens, out, N, K, x.stride(0), weight.stride(0), out.stride(0), POOLING=pooling,
-            ACTIVATION=activation, **config
+            ACTIVATION=activation, HAS_BIAS=bias is not None, **config
         )
     return out

@@ -5,7 +5,8 @@ batching policy, decoding): ``fill-mask``, ``text-classification``, ``token-clas
 ``question-answering`` post-process as ``transformers`` v5 does (same keys in the same order, same
 words, offsets and labels; scores are Python floats), and so does ``zero-shot-classification`` (any
 sequence classifier trained on NLI); ``rerank`` scores ``(query, text)`` pairs with a cross-encoder and
-orders them as sentence-transformers' ``CrossEncoder.rank``.
+orders them as sentence-transformers' ``CrossEncoder.rank``, or, on a multi-vector model without a
+classifier (BGE-M3, a ColBERT model), scores the texts by late interaction (MaxSim).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from ..errors import InputError
 from .base import Pipeline, clean_up_tokenization
 from .fill_mask import FillMaskPipeline
 from .question_answering import QuestionAnsweringPipeline, best_spans
-from .rerank import SCORE_ACTIVATIONS, RerankPipeline
+from .rerank import SCORE_ACTIVATIONS, LateInteractionRerankPipeline, RerankPipeline, has_multivector
 from .text_classification import CLASSIFICATION_FUNCTIONS, TextClassificationPipeline
 from .token_classification import AGGREGATION_STRATEGIES, TokenClassificationPipeline
 from .zero_shot_classification import ZeroShotClassificationPipeline
@@ -47,10 +48,12 @@ def pipeline(task: str, model: str | Encoder | None = None, *, batch_size: int =
         encoder = model
     else:
         encoder = Encoder.from_pretrained(model, **load_kwargs)
+    if name == "rerank" and "sequence_classification" not in encoder.heads and has_multivector(encoder):
+        return LateInteractionRerankPipeline(encoder, batch_size=batch_size)
     return PIPELINES[name](encoder, batch_size=batch_size)
 
 
 __all__ = ["AGGREGATION_STRATEGIES", "CLASSIFICATION_FUNCTIONS", "PIPELINES", "SCORE_ACTIVATIONS", "TASKS",
-           "TASK_ALIASES", "FillMaskPipeline", "Pipeline", "QuestionAnsweringPipeline", "RerankPipeline",
-           "TextClassificationPipeline", "TokenClassificationPipeline", "ZeroShotClassificationPipeline", "best_spans",
-           "clean_up_tokenization", "pipeline"]
+           "TASK_ALIASES", "FillMaskPipeline", "LateInteractionRerankPipeline", "Pipeline",
+           "QuestionAnsweringPipeline", "RerankPipeline", "TextClassificationPipeline", "TokenClassificationPipeline",
+           "ZeroShotClassificationPipeline", "best_spans", "clean_up_tokenization", "has_multivector", "pipeline"]

@@ -36,10 +36,11 @@ class Pipeline:
     passes, decoding. ``encoder`` must have the task's ``head`` and a tokenizer."""
 
     task: str
-    head: str
+    head: str | None  # None: the task needs no classifier head (late-interaction reranking)
 
     def __init__(self, encoder: Encoder, *, batch_size: int = 32):
-        encoder.model.heads.require(self.head)
+        if self.head is not None:
+            encoder.model.heads.require(self.head)
         if encoder.text is None:
             raise LoadError(f"the {self.task} pipeline needs the checkpoint's tokenizer: "
                             f"{missing_tokenizer(encoder.path)}")

@@ -1,5 +1,6 @@
 """``rerank``: ``(query, text)`` pairs scored by a cross-encoder and ordered as sentence-transformers'
-``CrossEncoder.rank`` does."""
+``CrossEncoder.rank`` does; or, for a multi-vector model (BGE-M3, a ColBERT ``MultiVectorEncoder``), the
+texts scored by late interaction with the query (``LateInteractionRerankPipeline``)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import torch
 from .. import heads as task_heads
 from ..encoder import Encoder
 from ..errors import LoadError
+from ..multivector import maxsim
 from ..tasks import SequenceScores
-from .base import Pipeline, _positive_int, _texts
+from .base import Pipeline, _check_batch_size, _positive_int, _texts
 
 # A CrossEncoder's activation_fn (the dotted path sentence-transformers saves) -> the score function.
 SCORE_ACTIVATIONS = {
@@ -110,3 +112,52 @@ class RerankPipeline(Pipeline):
         return results[:top_k]
 
 
+
+
+def has_multivector(encoder: Encoder) -> bool:
+    """Whether ``encoder`` gives multi-vector embeddings (BGE-M3, or a sentence-transformers ColBERT model)."""
+    return "bge_m3" in encoder.heads or bool(encoder.sentence and encoder.sentence.multivector)
+
+
+class LateInteractionRerankPipeline(Pipeline):
+    """``p(query, texts, top_k=None, return_text=False)``: ``[{"index", "score"(, "text")}]``, best first,
+    for a multi-vector model: late interaction instead of a cross-encoder.
+
+    The query is embedded as a query and each text as a document (``Encoder.embed_multivector`` with
+    ``query=True`` / ``False``: a ColBERT model's prompts, lengths, expansion and skiplist), and each text
+    scores ``fastenc.maxsim``: the sum over the query's vectors of their largest dot product with the
+    text's vectors (a text without vectors scores 0). That is the plain MaxSim sum, which the ranking
+    depends on alone: BGE-M3's ``colbert_score`` and a ``meanmaxsim`` ColBERT model divide it by the
+    query's vector count, the same for every text. Sorted as ``RerankPipeline.rank`` sorts: highest first,
+    ties in input order; ``top_k`` keeps the first ones. Scoring runs on the encoder's device and backend.
+    """
+
+    task, head = "rerank", None
+
+    def __call__(self, query: str, texts: Sequence[str], *, top_k: int | None = None, return_text: bool = False,
+                 truncation: bool = True, batch_size: int | None = None) -> list[dict]:
+        """``truncation=False``: a text or query over the model's length is an ``InputError`` instead of
+        being cut."""
+        if not isinstance(query, str):
+            raise TypeError(f"query must be a str, got {type(query).__name__}")
+        if isinstance(texts, str):
+            raise TypeError("texts must be a list of str (the documents to rank), not one str")
+        texts = _texts(texts)
+        if top_k is not None:
+            top_k = _positive_int(top_k, "top_k")
+        batch_size = self.batch_size if batch_size is None else _check_batch_size(batch_size)
+        return self.rank(self.scores(query, texts, truncation=truncation, batch_size=batch_size), texts, top_k=top_k,
+                         return_text=return_text)
+
+    def scores(self, query: str, texts: list[str], *, truncation: bool = True, batch_size: int = 32) -> list[float]:
+        """The MaxSim score of each text against ``query``, in input order."""
+        if not texts:
+            return []
+        encoder = self.encoder
+        query_vectors = encoder.embed_multivector(query, query=True, truncate=truncation, batch_size=batch_size)
+        documents = encoder.embed_multivector(texts, query=False, truncate=truncation, batch_size=batch_size)
+        device = encoder.device
+        scores = maxsim(query_vectors.to(device), [d.to(device) for d in documents], backend=encoder.backend)
+        return scores.cpu().tolist()
+
+    rank = staticmethod(RerankPipeline.rank)

@@ -85,6 +85,10 @@ def test_every_kernel_of_the_forward_compiles(bert_builds, family_builds):
                                "gelu_layer_norm", "splade_pool"}, (arch, dtype)
     ffn = {b["shape"] for b in builds if b["kernel"] == "linear"}
     assert ffn == {"K=768 N=768", "K=768 N=3072 ACTIVATION=gelu", "K=3072 N=768"}
+    # A 128-token batch (the latency goal) launches a few dozen tiles per GEMM, not 6 (128 x 128 tiles at N 768).
+    tiles = {(b["kernel"], b["shape"]): b["tiles_128"] for b in builds if b["tiles_128"] is not None}
+    assert tiles == {("linear", "K=768 N=768"): 24, ("linear", "K=768 N=3072 ACTIVATION=gelu"): 48,
+                     ("linear", "K=3072 N=768"): 24, ("fused_qkv", "K=768 N=2304 HEAD_DIM=64"): 36}
     splade = {b["shape"] for b in builds if b["kernel"] == "splade_pool"}
     assert splade == {"K=768 N=30522 ACTIVATION=relu POOLING=max", "K=768 N=30522 ACTIVATION=log1p_relu POOLING=sum"}
     for arch in (90, 86):
@@ -151,6 +155,10 @@ def test_no_config_spills_at_any_head_dim_or_width(sweep):
                                             for dtype in ("fp16", "bf16") for d in (80, 96)}
         assert set(report["tight"]) <= allowed, report["tight"]
         builds = report["builds"]
+        if arch == 90:  # rows of 24 or 40 elements are 16-byte aligned too: every head dim is pipelined
+            unpipelined = [b["shape"] for b in builds if b["kernel"] == "attention" and b["dtype"] != "fp32"
+                           and not b["async_copies"]]
+            assert unpipelined == [], unpipelined
         for dtype in ("fp16", "bf16", "fp32"):
             head_dims = sorted(int(b["shape"].split("=")[1]) for b in builds
                                if b["kernel"] == "attention" and b["dtype"] == dtype)
@@ -202,6 +210,10 @@ def test_configs_are_chosen_per_architecture():
     assert attention_config(40, torch.float16, 90)["num_warps"] == 8  # masked head dim: 4 warps use all 255 registers
     assert attention_config(128, torch.float32, 90)["BLOCK_M"] == 16  # CUDA-core tiles: 32 rows spilled 728 B
     assert gemm_config(torch.float16, 3072, 768, 75)["BLOCK_M"] == 64  # no tensor cores: CUDA-core tiles
+    # Tensor-core tiles follow N: the largest that gives a 128-token batch 32 tiles, else the smallest.
+    shapes = {n: (c["BLOCK_M"], c["BLOCK_N"]) for n in (768, 2304, 30522)
+              for c in [gemm_config(torch.float16, n, 768, 90)]}
+    assert shapes == {768: (64, 64), 2304: (64, 128), 30522: (128, 128)}
     with _target.compiling_for(86):
         assert _target.device_arch(torch.device("cpu")) == 86 and _target.compiling()
     assert _target.device_arch(torch.device("cpu")) == _target.DEFAULT_ARCH and not _target.compiling()

@@ -20,13 +20,13 @@ import fastenc.reference as reference  # noqa: E402
 from fastenc import family  # noqa: E402
 from fastenc import kernels  # noqa: E402
 from test_kernels import (  # noqa: E402,F401  (the autouse fixture seeds and poisons torch.empty)
-    DEVICE, DTYPES, _seed_and_poison, assert_matches, cu_seqlens_of, f64, norm_params, rand,
+    DEVICE, DTYPES, FP16_ON_GPU, GPU_DTYPES, _seed_and_poison, assert_matches, cu_seqlens_of, f64, norm_params, rand,
 )
 
 # --- gated_linear, linear without bias / with a residual ----------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @pytest.mark.parametrize("activation, with_bias", [("silu", False), ("gelu", True), ("gelu_tanh", False)])
 def test_gated_linear(dtype, activation, with_bias):
     M, K, N = 70, 56, 37  # M past a block at 64 rows (fp32), K ragged, N odd: 74 interleaved rows
@@ -51,7 +51,7 @@ def test_gated_linear_is_act_of_one_half_times_the_other():
     assert torch.equal(swapped, weight)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", FP16_ON_GPU, ids=str)
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
 def test_linear_with_residual(dtype, with_bias):
     M, K, N = 70, 40, 48
@@ -63,7 +63,7 @@ def test_linear_with_residual(dtype, with_bias):
     assert_matches(out, expected, reference.linear(x, weight, bias, None, residual), "linear + residual")
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", FP16_ON_GPU, ids=str)
 def test_linear_silu_without_bias(dtype):
     x, weight = rand(33, 40, dtype=dtype), rand(24, 40, dtype=dtype, scale=0.3)
     out = kernels.linear(x, weight, None, "silu")
@@ -74,7 +74,7 @@ def test_linear_silu_without_bias(dtype):
 # --- norms and embeddings without bias / positions ------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", FP16_ON_GPU, ids=str)
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
 def test_layer_norm(dtype, with_bias):
     x = rand(37, 120, dtype=dtype, scale=2.0, pad=3)
@@ -85,7 +85,7 @@ def test_layer_norm(dtype, with_bias):
     assert_matches(out, expected, reference.layer_norm(x, weight, bias, 1e-5), "layer_norm")
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", FP16_ON_GPU, ids=str)
 def test_add_layer_norm_without_bias(dtype):
     x, residual = rand(21, 96, dtype=dtype), rand(21, 96, dtype=dtype)
     weight, _ = norm_params(96, dtype)
@@ -94,7 +94,7 @@ def test_add_layer_norm_without_bias(dtype):
     assert_matches(out, expected, reference.add_layer_norm(x, residual, weight, None, 1e-12), "add_layer_norm")
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", FP16_ON_GPU, ids=str)
 @pytest.mark.parametrize("with_types", [True, False], ids=["token_types", "no_token_types"])
 def test_embeddings_without_positions(dtype, with_types):
     tokens, vocab, emb = 29, 50, 80
@@ -114,7 +114,7 @@ def test_embeddings_without_positions(dtype, with_types):
 # --- fused_qkv with RoPE --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @pytest.mark.parametrize("tokens, hidden, heads, with_bias", [(7, 96, 4, True), (70, 80, 2, False), (33, 56, 2, True)])
 def test_fused_qkv_rope(dtype, tokens, hidden, heads, with_bias):  # head dims 24, 40, 28
     x = rand(tokens, hidden, dtype=dtype, pad=4)
@@ -168,6 +168,7 @@ def test_rope_table_is_transformers_own():
     assert torch.equal(table[:, :12], cos[0, :, :12]) and torch.equal(table[:, 12:], sin[0, :, :12])
 
 
+@pytest.mark.gpu
 def test_fused_qkv_rope_rows_are_batch_invariant():
     x = rand(150, 80, dtype=torch.float16)
     weight, bias = rand(240, 80, dtype=torch.float16, scale=0.1), rand(240, dtype=torch.float16)
@@ -204,7 +205,7 @@ def _positions(lengths: list[int], gaps: bool) -> torch.Tensor:
     return torch.cat(out).to(DEVICE)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @pytest.mark.parametrize("head_dim, window", [(24, 5), (40, 0), (64, 40)])
 def test_attention_sliding_window(dtype, head_dim, window):
     heads, tokens = 2, sum(LENGTHS)
@@ -216,7 +217,7 @@ def test_attention_sliding_window(dtype, head_dim, window):
     assert_matches(out, expected, torch_out, f"attention window={window}")
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @pytest.mark.parametrize("head_dim, window", [(24, None), (64, 9)])
 def test_attention_relative_bias(dtype, head_dim, window):
     heads, tokens, max_positions = 3, sum(LENGTHS), 400  # positions with gaps reach about 260
@@ -248,6 +249,7 @@ def test_relative_bias_is_mpnet_bucketed_bias():
     assert torch.equal(family.mpnet_bucket(relative), MPNetEncoder.relative_position_bucket(relative))
 
 
+@pytest.mark.gpu
 @pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")  # the blocks near the NaN keys
 def test_sliding_window_skips_the_key_blocks_outside_it():
     """Keys and values far outside every window of a query block are NaN: had the kernel read them
@@ -271,7 +273,9 @@ def test_sliding_window_skips_the_key_blocks_outside_it():
         assert torch.equal(out[far], clean[far]), dtype
 
 
-@pytest.mark.parametrize("dtype, position", [(torch.float32, 0), (torch.bfloat16, 2), (torch.float32, 4)])
+@pytest.mark.parametrize("dtype, position", [(torch.float32, 0), pytest.param(torch.bfloat16, 2,
+                                                                              marks=pytest.mark.gpu),
+                                             (torch.float32, 4)])
 def test_windowed_biased_attention_is_batch_invariant(dtype, position):
     lengths = [129, 7, 1, 0]
     lengths.insert(position, 97)

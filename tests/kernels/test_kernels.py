@@ -31,6 +31,12 @@ DEVICE = "cuda" if CUDA else "cpu"
 # tl.dot reads bf16 operands exactly and whose fp32 -> bf16 casts round to nearest (Triton's own
 # interpreter does neither).
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# The GPU check's subset (``-m gpu``, with the ``cuda`` tests): these tests pick CUDA when it is there, and
+# their 16-bit cases run compiled on the GPU; every kernel variant has its fp16 case there, and bf16 too
+# where its rounding takes a path of its own (attention's P cast, the GEMM epilogues, SPLADE).
+GPU = pytest.mark.gpu
+FP16_ON_GPU = [torch.float32, pytest.param(torch.float16, marks=GPU), torch.bfloat16]
+GPU_DTYPES = [torch.float32, pytest.param(torch.float16, marks=GPU), pytest.param(torch.bfloat16, marks=GPU)]
 ACTIVATIONS = [None, "gelu", "gelu_tanh", "relu"]
 # Added to twice torch's error: only matters where torch's op happens to be exact.
 ABS_FLOOR = {torch.float32: 1e-6, torch.float16: 1e-5, torch.bfloat16: 1e-4}
@@ -93,7 +99,7 @@ def cu_seqlens_of(lengths: list[int]) -> torch.Tensor:
 # --- linear -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", FP16_ON_GPU, ids=str)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("M, K, N", [(130, 120, 96), (7, 384, 40)])  # M past a block; K ragged, K even
 def test_linear(dtype, activation, M, K, N):
@@ -105,6 +111,7 @@ def test_linear(dtype, activation, M, K, N):
     assert_matches(out, expected, reference.linear(x, weight, bias, activation), "linear")
 
 
+@GPU
 def test_linear_rows_are_batch_invariant():
     x = rand(200, 96, dtype=torch.float16)
     weight, bias = rand(120, 96, dtype=torch.float16, scale=0.1), rand(120, dtype=torch.float16)
@@ -124,7 +131,7 @@ def test_linear_empty_and_single_column():
 # --- fused_qkv ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @pytest.mark.parametrize("tokens, hidden, heads", [(7, 96, 4), (130, 120, 3), (33, 160, 2)])  # D = 24, 40, 80
 def test_fused_qkv(dtype, tokens, hidden, heads):
     x = rand(tokens, hidden, dtype=dtype, pad=4)
@@ -136,6 +143,7 @@ def test_fused_qkv(dtype, tokens, hidden, heads):
     assert_matches(out, expected, reference.fused_qkv(x, weight, bias, heads), "fused_qkv")
 
 
+@GPU
 def test_fused_qkv_rows_are_batch_invariant():
     x = rand(150, 96, dtype=torch.float16)
     weight, bias = rand(288, 96, dtype=torch.float16, scale=0.1), rand(288, dtype=torch.float16)
@@ -161,7 +169,7 @@ def qkv_inputs(heads: int, tokens: int, head_dim: int, dtype: torch.dtype, layou
     return q, k, v
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @pytest.mark.parametrize("head_dim", [24, 40, 64, 80])
 @pytest.mark.parametrize("layout", ["slabs", "permuted"])
 def test_attention(dtype, head_dim, layout):
@@ -173,7 +181,7 @@ def test_attention(dtype, head_dim, layout):
     assert_matches(out, expected, reference.attention(q, k, v, cu_seqlens, max(LENGTHS)), "attention")
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", FP16_ON_GPU, ids=str)
 def test_attention_after_fused_qkv(dtype):
     lengths, hidden, heads = [5, 0, 70], 96, 3
     x = rand(sum(lengths), hidden, dtype=dtype)
@@ -185,7 +193,7 @@ def test_attention_after_fused_qkv(dtype):
     assert_matches(out, expected, torch_out, "fused_qkv + attention")
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @pytest.mark.parametrize("position", [0, 2, 4])  # first, middle, last
 def test_attention_sequence_is_batch_invariant(dtype, position):
     lengths = [129, 7, 1, 0]
@@ -209,7 +217,7 @@ def test_attention_without_tokens():
 # --- layer norms --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", FP16_ON_GPU, ids=str)
 @pytest.mark.parametrize("hidden", [96, 120, 384, 1023])
 def test_add_layer_norm(dtype, hidden):
     x, residual = rand(37, hidden, dtype=dtype, pad=3), rand(37, hidden, dtype=dtype, scale=2.0, pad=5)
@@ -219,7 +227,7 @@ def test_add_layer_norm(dtype, hidden):
     assert_matches(out, expected, reference.add_layer_norm(x, residual, weight, bias, 1e-12), "add_layer_norm")
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", FP16_ON_GPU, ids=str)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("hidden", [96, 120, 384])
 def test_gelu_layer_norm(dtype, activation, hidden):
@@ -234,7 +242,7 @@ def test_gelu_layer_norm(dtype, activation, hidden):
 # --- embeddings ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", FP16_ON_GPU, ids=str)
 @pytest.mark.parametrize("with_types", [True, False], ids=["token_types", "no_token_types"])
 @pytest.mark.parametrize("emb", [96, 120, 384])
 def test_embeddings(dtype, with_types, emb):
@@ -257,7 +265,7 @@ def test_embeddings(dtype, with_types, emb):
 SPLADE_LENGTHS = [1, 7, 0, 70]  # a one-token text, an empty one, one past a 64-token block
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @pytest.mark.parametrize("pooling, activation", [("max", "relu"), ("sum", "log1p_relu")])
 @pytest.mark.parametrize("hidden, vocab", [(72, 203), (64, 130)])  # K ragged / even; the last vocab tile partial
 def test_splade_pool(dtype, pooling, activation, hidden, vocab):
@@ -274,6 +282,23 @@ def test_splade_pool(dtype, pooling, activation, hidden, vocab):
     assert 0.02 < (out[0] > 0).float().mean() < 0.5  # the one-token text: a mix of active and inactive words
 
 
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("pooling, activation", [("max", "relu"), ("sum", "log1p_relu")])
+def test_splade_pool_without_bias(dtype, pooling, activation):
+    """A decoder without a bias (ModernBERT's ``decoder_bias: false``): ``bias=None``, not a zero vector."""
+    x = rand(sum(SPLADE_LENGTHS), 72, dtype=dtype, pad=4)
+    weight = rand(203, 72, dtype=dtype, scale=72**-0.5, pad=4)
+    cu_seqlens = cu_seqlens_of(SPLADE_LENGTHS)
+    out = kernels.splade_pool(x, weight, None, cu_seqlens, pooling, activation)
+    expected = reference.splade_pool(*f64(x, weight), None, cu_seqlens, pooling, activation)
+    torch_out = reference.splade_pool(x, weight, None, cu_seqlens, pooling, activation)
+    assert_matches(out, expected, torch_out, f"splade_pool without bias[{pooling}, {activation}]")
+    zero_bias = torch.zeros(203, dtype=torch.float64, device=DEVICE)
+    torch.testing.assert_close(expected, reference.splade_pool(*f64(x, weight), zero_bias, cu_seqlens, pooling,
+                                                               activation), rtol=0, atol=0)
+    assert (out[2] == 0).all() and 0.02 < (out[0] > 0).float().mean() < 0.98
+
+
 def test_splade_pool_matches_the_twin_chunk_by_chunk():
     """The twin's vocabulary chunks meet: a vocabulary over one chunk gives the unchunked result."""
     vocab = reference.SPLADE_VOCAB_CHUNK + 37
@@ -286,6 +311,7 @@ def test_splade_pool_matches_the_twin_chunk_by_chunk():
         torch.testing.assert_close(reference.splade_pool(x, weight, bias, cu_seqlens, pooling, "log1p_relu"), pooled)
 
 
+@GPU
 def test_splade_pool_rows_are_batch_invariant():
     lengths = [70, 7, 1, 33]
     x = rand(sum(lengths), 96, dtype=torch.float16)
@@ -411,6 +437,7 @@ def _bad_calls() -> dict:
             "token_type_ids",
         ),
         "splade_pool weight shape": (lambda: kernels.splade_pool(x, w[:, :16], b, cu), ValueError, "weight"),
+        "splade_pool bias shape": (lambda: kernels.splade_pool(x, w, b[:4], cu), ValueError, "bias"),
         "splade_pool cu_seqlens dtype": (lambda: kernels.splade_pool(x, w, b, cu.long()), ValueError, "cu_seqlens"),
         "splade_pool pooling": (lambda: kernels.splade_pool(x, w, b, cu, "mean"), ValueError, "pooling"),
         "splade_pool activation": (lambda: kernels.splade_pool(x, w, b, cu, "max", "gelu"), ValueError, "activation"),
