@@ -24,7 +24,7 @@ from .errors import LoadError
 
 logger = logging.getLogger("fastenc")
 
-POOLING_MODES = ("mean", "cls", "max", "mean_sqrt_len")
+POOLING_MODES = ("mean", "cls", "max", "mean_sqrt_len", "lasttoken")
 
 # 1_Pooling/config.json flags -> our mode names.
 _POOLING_FLAGS = {
@@ -32,8 +32,9 @@ _POOLING_FLAGS = {
     "pooling_mode_cls_token": "cls",
     "pooling_mode_max_tokens": "max",
     "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len",
+    "pooling_mode_lasttoken": "lasttoken",
 }
-_UNSUPPORTED_FLAGS = ("pooling_mode_weightedmean_tokens", "pooling_mode_lasttoken")
+_UNSUPPORTED_FLAGS = ("pooling_mode_weightedmean_tokens",)
 
 SPLADE_POOLING = ("max", "sum")
 SPLADE_ACTIVATIONS = ("relu", "log1p_relu")
@@ -432,8 +433,19 @@ def pool(hidden: torch.Tensor, lengths: list[int], mode: str, *, normalize: bool
     other sequences, bit for bit: no reduction across the batch, no atomics, no kernel whose shape
     depends on the batch. ``skip`` leading tokens of each sequence are left out (a prompt, when the
     pooling config says ``include_prompt: false``). An empty sequence pools to zeros.
+
+    ``lasttoken`` (the decoder embedders') is one gather at ``cu_seqlens[1:] - 1``: only those rows are
+    read and converted, whatever the batch holds.
     """
     out = hidden.new_zeros(len(lengths), hidden.shape[-1], dtype=torch.float32)
+    if mode == "lasttoken":
+        ends = torch.tensor(lengths, dtype=torch.long).cumsum(0) - 1  # cu_seqlens[1:] - 1
+        kept = torch.tensor(lengths) > skip  # texts with a token after the skipped ones
+        out[kept.to(out.device)] = hidden[ends[kept].to(hidden.device)].float()
+        if normalize:
+            for row in out:  # as below: one row at a time
+                row /= row.norm().clamp_min(1e-12)
+        return out
     for row, tokens in enumerate(hidden.float().split(lengths)):
         tokens = tokens[skip:]
         if tokens.shape[0] == 0:

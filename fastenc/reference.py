@@ -10,8 +10,11 @@ Conventions shared by every backend:
 * Activations are packed: one ``(tokens, features)`` row per real token, padding removed. Sequences
   are described by ``cu_seqlens`` (``(batch + 1,)`` int32 offsets into the token axis, on the device)
   and ``max_seqlen`` (a host ``int``), as in FlashAttention's varlen interface. A sequence may be empty.
-* ``fused_qkv`` returns Q already multiplied by ``1 / sqrt(head_dim)`` (or the ``scale`` it is given:
-  DeBERTa's ``1 / sqrt(head_dim * scale_factor)``); ``attention`` applies no further scale.
+* ``fused_qkv`` returns Q already multiplied by the softmax scale (``1 / sqrt(head_dim)`` unless the
+  family says otherwise: DeBERTa's ``1 / sqrt(head_dim * scale_factor)``); ``attention`` applies no further scale.
+* Heads are ``(heads, tokens, head_dim)`` slabs. With grouped-query attention K and V have
+  ``kv_heads`` slabs (``heads % kv_heads == 0``) and query head ``h`` reads K/V head
+  ``h // (heads // kv_heads)``, transformers' ``repeat_kv`` order; the kernels never expand them.
 * Activation names are canonical: ``"gelu"`` (exact erf), ``"gelu_tanh"`` (the tanh approximation used
   by ``gelu_new``, ``gelu_pytorch_tanh`` and ``gelu_fast``), ``"relu"``, ``"silu"`` (``x * sigmoid(x)``,
   transformers' ``silu`` / ``swish``), or ``None``.
@@ -26,6 +29,10 @@ Conventions shared by every backend:
   ``(heads, 2 * positions - 1)`` table by distance, DeBERTa's relative embeddings projected per layer
   (``(2 * span, heads, head_dim)``, the queries' already scaled) and its row of them for every distance
   (``(2 * positions - 1,)`` int32).
+* RMSNorm (the decoder families) follows transformers' roundings, which differ between two forms:
+  ``offset == 0`` is ``LlamaRMSNorm`` (also Mistral's, Qwen2's, Qwen3's), ``weight * (x * rstd).to(dtype)``;
+  ``offset != 0`` is ``Gemma3RMSNorm``, ``(x * rstd * (offset + weight)).to(dtype)`` with ``offset = 1``.
+  Statistics are float32 (float64 for float64 inputs, so that the twin can serve as the exact reference).
 """
 
 from __future__ import annotations
@@ -60,17 +67,25 @@ def embeddings(
     word_emb: torch.Tensor,  # (vocab, emb)
     pos_emb: torch.Tensor | None,  # (max_positions, emb), None without absolute positions (RoPE, MPNet's bias)
     type_emb: torch.Tensor | None,  # (type_vocab, emb), None for DistilBERT
-    weight: torch.Tensor,  # (emb,)
+    weight: torch.Tensor | None,  # (emb,), None: no LayerNorm (the decoder families)
     bias: torch.Tensor | None,  # (emb,)
     eps: float,
+    scale: float | None = None,  # the word rows' factor (Gemma: sqrt(hidden)), None: 1
 ) -> torch.Tensor:  # (tokens, emb)
-    """Gather word (+ position) (+ token type) rows, sum them and apply LayerNorm."""
+    """Gather word (+ position) (+ token type) rows, sum them and apply LayerNorm (unless ``weight`` is None).
+
+    ``scale`` multiplies the word rows first, as transformers' ``Gemma3TextScaledWordEmbedding`` does it:
+    the scale rounded to the table's dtype, the product rounded to it, so a decoder's embeddings
+    (``weight=None``, no position or type table) equal transformers' bit for bit.
+    """
     x = F.embedding(input_ids, word_emb)
+    if scale is not None:  # the scale rounded to the table's dtype on the host (no device tensor)
+        x = x * torch.tensor(scale, dtype=word_emb.dtype).item()
     if pos_emb is not None:
         x = x + F.embedding(position_ids, pos_emb)
     if type_emb is not None:
         x = x + F.embedding(token_type_ids, type_emb)
-    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    return x if weight is None else F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
 def _matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -100,8 +115,11 @@ def gated_linear(
 ) -> torch.Tensor:  # (tokens, out)
     """The gated feed-forward input (GLU family): ``act(h[:, 0::2]) * h[:, 1::2]`` with ``h = x @ W.T + b``.
 
-    SwiGLU (NomicBERT), GeGLU (ModernBERT, GTE): ``fastenc.family.interleave_gate`` puts the two halves
-    of a checkpoint's weight row by row, so that one GEMM tile holds both halves of its output columns.
+    SwiGLU (NomicBERT; the decoders' ``silu``), GeGLU (ModernBERT, GTE; Gemma's ``gelu_tanh``):
+    ``fastenc.family.interleave_gate`` puts the two halves of a checkpoint's weight row by row, so that
+    one GEMM tile holds both halves of its output columns. For the decoders' separate ``gate_proj`` and
+    ``up_proj`` (transformers computes ``act(gate_proj(x)) * up_proj(x)``) the activated half is
+    ``gate_proj``: ``interleave_gate(torch.cat([gate_proj.weight, up_proj.weight]))``.
     """
     # Two GEMMs over the even and the odd rows (strided views, no copy): each half comes out contiguous
     # for the activation and the product, and CPU BLAS runs two half-width GEMMs faster than one
@@ -113,55 +131,87 @@ def gated_linear(
 
 def fused_qkv(
     x: torch.Tensor,  # (tokens, hidden)
-    weight: torch.Tensor,  # (3 * hidden, hidden): Q, K, V stacked
-    bias: torch.Tensor | None,  # (3 * hidden,)
+    weight: torch.Tensor,  # ((heads + 2 * kv_heads) * head_dim, hidden): Q, K, V stacked
+    bias: torch.Tensor | None,  # ((heads + 2 * kv_heads) * head_dim,)
     num_heads: int,
     positions: torch.Tensor | None = None,  # (tokens,) integer, with rope
     rope: torch.Tensor | None = None,  # (max_positions, head_dim) float32: cosines, then sines
     *,
+    num_kv_heads: int | None = None,  # K and V heads (grouped-query attention); None: num_heads
+    head_dim: int | None = None,  # None: hidden // num_heads
+    q_norm: torch.Tensor | None = None,  # (head_dim,): RMSNorm weight over each head of Q, with k_norm
+    k_norm: torch.Tensor | None = None,  # (head_dim,): RMSNorm weight over each head of K
+    norm_eps: float = 1e-6,
+    norm_offset: float = 0.0,  # the QK-norm's weight is offset + weight (Gemma: 1)
     scale: float | None = None,  # Q's factor; None: 1 / sqrt(head_dim)
-) -> torch.Tensor:  # (3, heads, tokens, head_dim), Q scaled by 1/sqrt(head_dim)
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One GEMM for Q, K and V, returned with the heads split, Q pre-scaled for the softmax.
 
-    With ``rope``, Q and K are rotated before the scaling: the pair of columns ``(2i, 2i + 1)`` of each
-    head turns by the angle whose cosine and sine are ``rope[position, i]`` and
-    ``rope[position, head_dim // 2 + i]`` (the interleaved layout; ``fastenc.family.rotary_pair_order``
-    brings rotate-half checkpoints to it at load). V is never rotated. ``scale`` replaces the softmax
-    scale ``1 / sqrt(head_dim)`` (DeBERTa: ``1 / sqrt(head_dim * scale_factor)``).
+    Returns ``(3, heads, tokens, head_dim)`` when every query head has its own K/V head, else the tuple
+    ``q (heads, tokens, head_dim), k (kv_heads, ...), v (kv_heads, ...)``; ``q, k, v = fused_qkv(...)``
+    reads both. The weight stacks ``heads`` Q heads, then ``kv_heads`` K heads, then ``kv_heads`` V heads
+    of ``head_dim`` rows each (transformers' ``q_proj``, ``k_proj``, ``v_proj`` concatenated); a bias on
+    these alone (Qwen2) is ``bias`` here, the output projection's is ``None``.
+
+    In order, on the projection: with ``q_norm`` and ``k_norm`` (Qwen3, Gemma3's QK-norm) each head of Q
+    and of K is RMS-normalised over its ``head_dim`` values (``rms_norm`` with ``norm_offset``);
+    with ``rope``, Q and K are rotated: the pair of columns ``(2i, 2i + 1)`` of each head turns by the
+    angle whose cosine and sine are ``rope[position, i]`` and ``rope[position, head_dim // 2 + i]`` (the
+    interleaved layout; ``fastenc.family.rotary_pair_order`` brings rotate-half checkpoints to it at
+    load, and the QK-norm weights must be permuted within the head the same way); then Q is multiplied
+    by ``scale`` (Gemma3: ``query_pre_attn_scalar ** -0.5``; DeBERTa:
+    ``1 / sqrt(head_dim * scale_factor)``). V is neither normalised nor rotated.
     """
-    tokens = x.shape[0]
-    head_dim = weight.shape[0] // (3 * num_heads)
-    qkv = _matmul(x, weight, bias).view(tokens, 3, num_heads, head_dim)
+    tokens, hidden = x.shape
+    kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    head_dim = hidden // num_heads if head_dim is None else head_dim
+    proj = _matmul(x, weight, bias).view(tokens, num_heads + 2 * kv_heads, head_dim)
+    qk = proj[:, : num_heads + kv_heads]  # (tokens, heads + kv_heads, head_dim)
+    if q_norm is not None:
+        proj[:, :num_heads] = _rms_norm(proj[:, :num_heads], q_norm, norm_eps, norm_offset)
+        proj[:, num_heads: num_heads + kv_heads] = _rms_norm(proj[:, num_heads: num_heads + kv_heads], k_norm,
+                                                             norm_eps, norm_offset)
     if rope is not None:
         half = head_dim // 2
         table = rope[positions.long()]  # (tokens, head_dim)
-        cos, sin = (t[:, None, None, :].to(qkv.dtype) for t in (table[:, :half], table[:, half:]))
-        pairs = qkv[:, :2].unflatten(-1, (half, 2))  # (tokens, 2, heads, half, 2): Q and K
+        cos, sin = (t[:, None, :].to(proj.dtype) for t in (table[:, :half], table[:, half:]))
+        pairs = qk.unflatten(-1, (half, 2))  # (tokens, heads + kv_heads, half, 2)
         first, second = pairs[..., 0], pairs[..., 1]
-        qkv[:, :2] = torch.stack((first * cos - second * sin, second * cos + first * sin), -1).flatten(-2)
-    qkv[:, 0].mul_(1.0 / math.sqrt(head_dim) if scale is None else scale)
-    return qkv.permute(1, 2, 0, 3)
+        qk.copy_(torch.stack((first * cos - second * sin, second * cos + first * sin), -1).flatten(-2))
+    proj[:, :num_heads].mul_(1.0 / math.sqrt(head_dim) if scale is None else scale)
+    slabs = proj.transpose(0, 1)  # (heads + 2 * kv_heads, tokens, head_dim)
+    if kv_heads == num_heads:
+        return slabs.unflatten(0, (3, num_heads))
+    return slabs[:num_heads], slabs[num_heads: num_heads + kv_heads], slabs[num_heads + kv_heads:]
 
 
 def attention(
     q: torch.Tensor,  # (heads, tokens, head_dim), pre-scaled
-    k: torch.Tensor,  # (heads, tokens, head_dim)
-    v: torch.Tensor,  # (heads, tokens, head_dim)
+    k: torch.Tensor,  # (kv_heads, tokens, head_dim)
+    v: torch.Tensor,  # (kv_heads, tokens, head_dim)
     cu_seqlens: torch.Tensor,  # (batch + 1,) int32
     max_seqlen: int,
     positions: torch.Tensor | None = None,  # (tokens,) integer; None: the index within the sequence
     window: int | None = None,  # a query sees the keys with |key position - query position| <= window
     bias: torch.Tensor | None = None,  # (heads, 2 * P - 1) float32: score bias by distance, P positions
     *,
+    causal: bool = False,  # a query sees only the keys at or before it in its sequence
     rel_keys: torch.Tensor | None = None,  # (R, heads, head_dim): c2p, DeBERTa's projected relative keys
     rel_queries: torch.Tensor | None = None,  # (R, heads, head_dim): p2c, its projected relative queries, scaled
     rel_index: torch.Tensor | None = None,  # (2 * P - 1,) int32: the row of both for each distance
 ) -> torch.Tensor:  # (tokens, heads * head_dim)
-    """Bidirectional attention within each packed sequence.
+    """Attention within each packed sequence: bidirectional, or causal.
 
     Every token of a sequence is a key, or with ``window`` the keys within ``window`` positions of the
-    query (ModernBERT's local layers: ``window = local_attention // 2``). ``bias`` adds
-    ``bias[head, key position - query position + P - 1]`` to each score (MPNet's relative position bias).
+    query (ModernBERT's local layers: ``window = local_attention // 2``). ``causal`` keeps the keys at or
+    before the query (by index in the sequence); with ``window`` too, the keys with
+    ``query position - window <= key position <= query position``. In transformers' terms
+    (``masking_utils``, Gemma3's local layers) ``window = config.sliding_window - 1``, causal or not:
+    a causal ``sliding_window`` of ``S`` keeps ``q - S < k <= q``, and a bidirectional Gemma3
+    (``use_bidirectional_attention``, whose config turns ``S`` into ``S // 2 + 1``) keeps
+    ``|q - k| < config.sliding_window``. ``bias`` adds ``bias[head, key position - query position + P - 1]``
+    to each score (MPNet's relative position bias). With fewer K/V heads than query heads
+    (grouped-query attention), query head ``h`` reads K/V head ``h // (heads // kv_heads)``.
 
     DeBERTa's disentangled attention: with ``r = rel_index[key position - query position + P - 1]``, the
     score of query ``i`` and key ``j`` gets ``q_i · rel_keys[r, head]`` (content-to-position, c2p) and
@@ -173,20 +223,23 @@ def attention(
     is added and removed here, and only here, so the rest of the encoder stays packed); a window, a
     bias or the relative terms become a ``(batch, heads, seq, seq)`` float mask here, which only this
     twin builds (the c2p and p2c scores as transformers computes them: each query or key against the
-    relative rows its sequences can reach, then gathered).
+    relative rows its sequences can reach, then gathered). K and V are expanded to every query head here,
+    which only this twin does.
     """
     heads, tokens, head_dim = q.shape
     batch = cu_seqlens.numel() - 1
     if tokens == 0:
         return q.new_zeros(0, heads * head_dim)
+    if k.shape[0] != heads:  # grouped-query attention: transformers' repeat_kv
+        k, v = (t.repeat_interleave(heads // t.shape[0], dim=0) for t in (k, v))
     relative = (rel_keys, rel_queries, rel_index) if rel_keys is not None or rel_queries is not None else None
     if window is not None or bias is not None or relative is not None:
-        return _attention_with_positions(q, k, v, cu_seqlens, max_seqlen, positions, window, bias, relative)
+        return _attention_with_positions(q, k, v, cu_seqlens, max_seqlen, positions, window, bias, causal, relative)
     if tokens == batch * max_seqlen:  # every sequence is full: no padding to add
         def pad(t):  # (heads, tokens, D) -> (batch, heads, seq, D)
             return t.reshape(heads, batch, max_seqlen, head_dim).transpose(0, 1)
 
-        out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), scale=1.0)
+        out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), scale=1.0, is_causal=causal)
         return out.permute(0, 2, 1, 3).reshape(tokens, heads * head_dim)
 
     cu = cu_seqlens.to(torch.long)
@@ -199,14 +252,17 @@ def attention(
         padded[:, slot] = t
         return padded.view(heads, batch, max_seqlen, head_dim).transpose(0, 1)
 
-    lengths = cu[1:] - cu[:-1]
-    keep = torch.arange(max_seqlen, device=q.device) < lengths[:, None]  # (batch, seq)
-    out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=keep[:, None, None, :], scale=1.0)
+    if causal:  # a real query sees only earlier keys, all real: right padding needs no key mask
+        out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), scale=1.0, is_causal=True)
+    else:
+        lengths = cu[1:] - cu[:-1]
+        keep = torch.arange(max_seqlen, device=q.device) < lengths[:, None]  # (batch, seq)
+        out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=keep[:, None, None, :], scale=1.0)
     out = out.permute(0, 2, 1, 3).reshape(batch * max_seqlen, heads * head_dim)  # (B*S, hidden)
     return out[slot]
 
 
-def _attention_with_positions(q, k, v, cu_seqlens, max_seqlen, positions, window, bias, relative=None):
+def _attention_with_positions(q, k, v, cu_seqlens, max_seqlen, positions, window, bias, causal, relative=None):
     """``attention`` with a window, a position bias or DeBERTa's relative terms: an explicit mask over the
     padded layout."""
     heads, tokens, head_dim = q.shape
@@ -229,12 +285,16 @@ def _attention_with_positions(q, k, v, cu_seqlens, max_seqlen, positions, window
     pos = pad(position[:, None]).view(batch, max_seqlen)
     distance = pos[:, None, :] - pos[:, :, None]  # (batch, query, key): key position - query position
     keep = None  # (batch, query, key) bool, None: every key
-    if not full:
-        real = torch.arange(max_seqlen, device=q.device) < (cu[1:] - cu[:-1])[:, None]  # (batch, seq)
-        keep = real[:, None, :] | ~real[:, :, None]  # padding rows attend to everything: finite, dropped below
+    if causal:
+        order = torch.arange(max_seqlen, device=q.device)
+        keep = (order[None, :] <= order[:, None])[None].expand(batch, -1, -1)  # key index <= query index
     if window is not None:
         near = distance.abs() <= window
         keep = near if keep is None else keep & near
+    if not full:
+        real = torch.arange(max_seqlen, device=q.device) < (cu[1:] - cu[:-1])[:, None]  # (batch, seq)
+        real_keys = real[:, None, :] if keep is None else real[:, None, :] & keep
+        keep = real_keys | ~real[:, :, None]  # padding rows attend to everything: finite, dropped below
     mask = None if keep is None else keep[:, None]  # (batch, 1, query, key)
     if bias is not None:
         span = (bias.shape[1] - 1) // 2
@@ -243,7 +303,10 @@ def _attention_with_positions(q, k, v, cu_seqlens, max_seqlen, positions, window
         mask = scores if mask is None else scores.masked_fill(~mask, float("-inf"))
     if relative is not None:
         scores = _disentangled_scores(q, k, distance, *relative)  # (batch, heads, query, key)
-        mask = scores if mask is None else scores.masked_fill(~mask, float("-inf"))
+        if mask is None or mask.dtype != torch.bool:  # a bias's scores (-inf where masked) add up
+            mask = scores if mask is None else mask + scores
+        else:
+            mask = scores.masked_fill(~mask, float("-inf"))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
     out = out.permute(0, 2, 1, 3).reshape(batch * max_seqlen, heads * head_dim)  # (B*S, hidden)
     return out if full else out[slot]
@@ -309,6 +372,52 @@ def gelu_layer_norm(
 ) -> torch.Tensor:  # (tokens, hidden)
     """``LayerNorm(act(x))``: the transform of the masked-LM head."""
     return F.layer_norm(apply_activation(x, activation), (x.shape[-1],), weight, bias, eps)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> torch.Tensor:
+    """RMSNorm over the last dimension with transformers' operations and roundings (the module docstring)."""
+    h = x.to(torch.promote_types(x.dtype, torch.float32))
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if offset == 0:  # LlamaRMSNorm: the normalised row is rounded to x's dtype, then weighted
+        return weight * h.to(x.dtype)
+    return (h * (offset + weight.to(h.dtype))).to(x.dtype)  # Gemma3RMSNorm: weighted in fp32, rounded once
+
+
+def rms_norm(
+    x: torch.Tensor,  # (tokens, hidden)
+    weight: torch.Tensor,  # (hidden,)
+    eps: float,
+    offset: float = 0.0,  # the weight is offset + weight: Gemma's 1
+) -> torch.Tensor:  # (tokens, hidden)
+    """``x / sqrt(mean(x^2) + eps) * (offset + weight)``: the decoder families' norm.
+
+    ``offset=0`` is Llama's, Mistral's, Qwen2's and Qwen3's RMSNorm, ``offset=1`` Gemma3's; the
+    roundings of each are transformers' (see the module docstring), so that this twin gives transformers'
+    bits in every dtype.
+    """
+    return _rms_norm(x, weight, eps, offset)
+
+
+def sandwich_rms_norm(
+    x: torch.Tensor,  # (tokens, hidden): a sub-block's output
+    residual: torch.Tensor,  # (tokens, hidden): the residual stream
+    weight: torch.Tensor,  # (hidden,): the sub-block's post-norm
+    next_weight: torch.Tensor,  # (hidden,): the next sub-block's pre-norm
+    eps: float,
+    offset: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:  # (tokens, hidden) each
+    """The "sandwich" norm's residual step (Gemma2/3): ``r = residual + rms_norm(x, weight)``, then
+    ``h = rms_norm(r, next_weight)``; returns ``(r, h)``, the new residual stream and the next input.
+
+    In a Gemma3 block it runs twice: after attention (``x = o_proj(a)``, ``weight`` the
+    ``post_attention_layernorm``, ``next_weight`` the ``pre_feedforward_layernorm``) and after the
+    feed-forward (``x = down_proj(f)``, ``post_feedforward_layernorm``, then the next layer's
+    ``input_layernorm`` or, after the last layer, the final norm). Each step is transformers' own, with
+    its roundings: the post-norm's output and the sum are in x's dtype, and ``h`` normalises the ``r``
+    that is returned.
+    """
+    residual = residual + _rms_norm(x, weight, eps, offset)
+    return residual, _rms_norm(residual, next_weight, eps, offset)
 
 
 SPLADE_VOCAB_CHUNK = 4096  # words per chunk of splade_pool's twin: its scratch is (tokens, 4096), not (tokens, vocab)

@@ -63,6 +63,9 @@ def test_pooling_modes_match_hidden_states(minilm):
                                hidden[:, 0])
     maxed = hidden.masked_fill(mask == 0, -1e9).amax(1)
     torch.testing.assert_close(minilm.embed(["pooling test sentence", "a"], pooling="max", normalize=False), maxed)
+    last = hidden[torch.arange(2), batch["attention_mask"].sum(1) - 1]
+    torch.testing.assert_close(minilm.embed(["pooling test sentence", "a"], pooling="lasttoken", normalize=False),
+                               last)
 
 
 def test_embed_is_batch_invariant(minilm):

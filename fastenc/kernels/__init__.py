@@ -23,19 +23,25 @@ from fastenc.kernels.gemm import gated_linear, linear
 from fastenc.kernels.layer_norm import add_layer_norm, gelu_layer_norm, layer_norm
 from fastenc.kernels.maxsim import maxsim
 from fastenc.kernels.qkv import fused_qkv
+from fastenc.kernels.rms_norm import rms_norm, sandwich_rms_norm
 from fastenc.kernels.splade import splade_pool
 
 KERNELS = (
-    ("embeddings", "word + position (+ type) gather, sum and LayerNorm in one pass, one token per program"),
+    ("embeddings", "word + position (+ type) gather, sum and LayerNorm in one pass, one token per program; "
+                   "a scaled gather without the norm for the decoders (Gemma's sqrt(hidden))"),
     ("linear", "tiled GEMM, fp32 accumulation, bias, activation and residual in the epilogue"),
     ("gated_linear", "the GEMM over interleaved halves, act(a) * b in the epilogue (GeGLU, SwiGLU)"),
-    ("fused_qkv", "one GEMM for Q, K, V stored head-split as (3, heads, tokens, head_dim), Q pre-scaled, "
-                  "RoPE in the epilogue"),
-    ("attention", "flash attention (online softmax, exp2) over packed variable-length sequences; sliding "
-                  "window skipping key blocks, relative position bias, DeBERTa's c2p/p2c terms per tile"),
+    ("fused_qkv", "one GEMM for Q, K, V stored head-split as (heads + 2 * kv_heads, tokens, head_dim), Q "
+                  "pre-scaled; per-head QK RMSNorm and RoPE in the epilogue"),
+    ("attention", "flash attention (online softmax, exp2) over packed variable-length sequences; causal "
+                  "(key blocks above the diagonal skipped), grouped-query K/V, sliding window skipping key "
+                  "blocks, relative position bias, DeBERTa's c2p/p2c terms per tile"),
     ("add_layer_norm", "LayerNorm(x + residual), one row per program, fp32 statistics"),
     ("layer_norm", "LayerNorm(x), one row per program, fp32 statistics"),
     ("gelu_layer_norm", "LayerNorm(act(x)), one row per program, fp32 statistics"),
+    ("rms_norm", "RMSNorm(x) with (offset + weight), transformers' roundings, one row per program"),
+    ("sandwich_rms_norm", "residual + RMSNorm(x), then RMSNorm of that: Gemma's post-norm, residual add and "
+                          "next pre-norm in one pass"),
     ("splade_pool", "SPLADE head: vocabulary GEMM tiles, log1p-ReLU and per-text max/sum pooling in registers; "
                     "the (tokens, vocab) logits never reach memory"),
     ("maxsim", "late-interaction (ColBERT MaxSim) scores of a query against packed documents: dot-product tiles, "
@@ -49,4 +55,4 @@ if _target.INTERPRETED:
     _interpreter.install()
 
 __all__ = ["KERNELS", "add_layer_norm", "attention", "embeddings", "fused_qkv", "gated_linear", "gelu_layer_norm",
-           "layer_norm", "linear", "maxsim", "splade_pool"]
+           "layer_norm", "linear", "maxsim", "rms_norm", "sandwich_rms_norm", "splade_pool"]

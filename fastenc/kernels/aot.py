@@ -17,12 +17,17 @@ batch, which decide how much of the GPU a small batch can use.
 
     python -m fastenc.kernels.aot [--arch 90,80,86] [--dtype fp16,bf16] [--models bert-base,minilm]
                                   [--markdown FILE] [--json FILE]
-    python -m fastenc.kernels.aot --sweep [--arch 90,86] [--dtype fp16,bf16,fp32] [...]
+    python -m fastenc.kernels.aot --sweep [--positional | --decoder] [--arch 90,86] [--dtype fp16,bf16,fp32] [...]
+
+The decoder backbones (``--models qwen3-0.6b,qwen2-1.5b,mistral-7b,embeddinggemma-300m,gemma3-1b``) are
+compiled op by op, one layer of each with the constexprs its family needs (``decoder_forward``).
 
 ``--sweep`` compiles, instead of model forwards, the kernels whose configs depend on a width: attention
-at every head dim from 16 to 128 (powers of two and the masked ones users run: 24, 40, 48, 80, 96), the
-row kernels (LayerNorms, embeddings) at widths from 96 to the largest supported, and the MaxSim kernel
-at the multi-vector dims of ColBERT models (48, 96, 128) and BGE-M3 (1024). ``problems``
+at every head dim from 16 to 256 (powers of two and the masked ones users run: 24, 40, 48, 80, 96),
+the row kernels (LayerNorms, embeddings) at widths from 96 to the largest supported, and the MaxSim
+kernel at the multi-vector dims of ColBERT models (48, 96, 128) and BGE-M3 (1024); with
+``--positional`` the windowed and relative-bias attention instead, with ``--decoder`` the causal
+attention (plain and windowed), the fused QKV with QK-norm and the RMSNorms. ``problems``
 lists every build that would fail or slow down on a GPU: over the shared memory limit, or spilling
 registers; the command exits non-zero when there is any, so a config change that regresses fails
 its test. ``tight`` lists the builds that use all 255 registers without spilling (one change away
@@ -37,6 +42,8 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import functools
+import itertools
 import json
 import re
 import subprocess
@@ -70,6 +77,17 @@ MODELS = {
                             type_vocab_size=0, relative_attention=True, position_buckets=256,
                             pos_att_type=["p2c", "c2p"], share_att_key=True, norm_rel_ebd="layer_norm",
                             position_biased_input=False),
+}
+# Decoder backbones (embedders and rerankers), compiled op by op (``decoder_forward``): one layer's kernels
+# with the constexprs their families need. window: Gemma3's local layers (transformers' sliding_window - 1).
+DECODERS = {
+    "qwen3-0.6b": dict(hidden=1024, heads=16, kv_heads=8, head_dim=128, intermediate=3072, qk_norm=True),
+    "qwen2-1.5b": dict(hidden=1536, heads=12, kv_heads=2, head_dim=128, intermediate=8960, qkv_bias=True),
+    "mistral-7b": dict(hidden=4096, heads=32, kv_heads=8, head_dim=128, intermediate=14336),
+    "embeddinggemma-300m": dict(hidden=768, heads=3, kv_heads=1, head_dim=256, intermediate=1152, qk_norm=True,
+                                gemma=True, window=256, bidirectional=True),
+    "gemma3-1b": dict(hidden=1152, heads=4, kv_heads=1, head_dim=256, intermediate=6912, qk_norm=True, gemma=True,
+                      window=511),
 }
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # Lengths of the packed batches each model is run on: a full 32 x 128 batch (4096 tokens, divisible by
@@ -217,7 +235,8 @@ CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_D", "BLOCK_Q", "BLOCK", "
 SHAPE_KEYS = ("K", "N", "HEAD_DIM", "n_cols", "ACTIVATION", "POOLING")
 # The families' constexpr flags, shown with the shape where they differ from BERT's kernels.
 FLAG_DEFAULTS = {"HAS_BIAS": True, "HAS_POSITIONS": True, "HAS_RESIDUAL": False, "ROPE": False, "WINDOW": False,
-                 "REL_BIAS": False, "C2P": False, "P2C": False}
+                 "REL_BIAS": False, "CAUSAL": False, "QK_NORM": False, "HAS_NORM": True, "HAS_SCALE": False,
+                 "OFFSET": False, "C2P": False, "P2C": False}
 
 
 @contextlib.contextmanager
@@ -266,6 +285,12 @@ def compile_report(archs=(90, 80), dtypes=("fp16", "bf16"), models=("bert-base",
     for arch in archs:
         for dtype in dtypes:
             for model in models:
+                if model in DECODERS:
+                    with compile_only(arch) as driver:
+                        for lengths in BATCHES:
+                            decoder_forward(model, DTYPES[dtype], lengths)
+                        builds.extend(driver.builds(dtype, model))
+                    continue
                 encoder = encoder_for(model, DTYPES[dtype])
                 with compile_only(arch) as driver:
                     for lengths in BATCHES:
@@ -286,10 +311,51 @@ def compile_report(archs=(90, 80), dtypes=("fp16", "bf16"), models=("bert-base",
     return builds
 
 
-SWEEP_HEAD_DIMS = (16, 24, 32, 40, 48, 64, 80, 96, 128)
+def decoder_forward(model: str, dtype: torch.dtype, lengths: list[int]) -> None:
+    """Launch, over uninitialised CPU tensors, the ops of one decoder layer of ``model``'s shape: the
+    embeddings, the pre-attention norm, the fused QKV (grouped-query heads, RoPE, QK-norm, a Q scale),
+    causal attention (and windowed, bidirectional or causal, for Gemma3's local layers), the output
+    projection, the gated feed-forward and the norms, as the families' forward calls them."""
+    from fastenc import kernels
+
+    m = DECODERS[model]
+    hidden, heads, kv_heads, head_dim = m["hidden"], m["heads"], m["kv_heads"], m["head_dim"]
+    tokens = sum(lengths)
+    cu_seqlens = torch.tensor([0] + list(itertools.accumulate(lengths)), dtype=torch.int32)
+    positions = torch.zeros(tokens, dtype=torch.long)
+    empty = functools.partial(torch.empty, dtype=dtype)
+    offset = 1.0 if m.get("gemma") else 0.0
+    x = kernels.embeddings(torch.zeros(tokens, dtype=torch.long), None, None, empty(1024, hidden), None, None, None,
+                           None, 0.0, hidden**0.5 if m.get("gemma") else None)
+    h = kernels.rms_norm(x, empty(hidden), 1e-6, offset)
+    slabs = heads + 2 * kv_heads
+    norms = dict(q_norm=empty(head_dim), k_norm=empty(head_dim), norm_offset=offset) if m.get("qk_norm") else {}
+    q, k, v = kernels.fused_qkv(h, empty(slabs * head_dim, hidden), empty(slabs * head_dim) if m.get("qkv_bias") else
+                                None, heads, positions, torch.empty(1024, head_dim), num_kv_heads=kv_heads,
+                                head_dim=head_dim, scale=256**-0.5 if m.get("gemma") else None, **norms)
+    a = kernels.attention(q, k, v, cu_seqlens, max(lengths), causal=True)
+    if "window" in m:
+        kernels.attention(q, k, v, cu_seqlens, max(lengths), positions, m["window"], causal=not m.get("bidirectional"))
+    if m.get("gemma"):  # sandwich blocks: post-norm, residual add, next pre-norm
+        o = kernels.linear(a, empty(hidden, heads * head_dim), None)
+        x, h = kernels.sandwich_rms_norm(o, x, empty(hidden), empty(hidden), 1e-6, offset)
+        f = kernels.gated_linear(h, empty(2 * m["intermediate"], hidden), None, "gelu_tanh")
+        x, h = kernels.sandwich_rms_norm(kernels.linear(f, empty(hidden, m["intermediate"]), None), x, empty(hidden),
+                                         empty(hidden), 1e-6, offset)
+    else:  # pre-norm blocks: the residual add in the GEMM epilogue, then the norm
+        x = kernels.linear(a, empty(hidden, heads * head_dim), None, residual=x)
+        h = kernels.rms_norm(x, empty(hidden), 1e-6, offset)
+        f = kernels.gated_linear(h, empty(2 * m["intermediate"], hidden), None, "silu")
+        kernels.linear(f, empty(hidden, m["intermediate"]), None, residual=x)
+
+
+SWEEP_HEAD_DIMS = (16, 24, 32, 40, 48, 64, 80, 96, 128, 256)
 SWEEP_WIDTHS = (96, 384, 768, 1024, 4096, 8192, 16384)
 # Multi-vector dims: mxbai-edge-colbert (48), answerai-colbert-small (96), most ColBERT models (128), BGE-M3 (1024).
 SWEEP_MAXSIM_DIMS = (48, 96, 128, 1024)
+# The decoders' hidden sizes, on either side of row_config's block edges (2048, 8192): EmbeddingGemma, Qwen3,
+# Qwen2-1.5B, Qwen3-1.7B, Qwen3-4B and Gemma3-4B, Qwen2-7B, Mistral-7B and Qwen3-8B, Gemma3-27B.
+DECODER_WIDTHS = (96, 768, 1024, 1536, 2048, 2560, 3584, 4096, 5376, 8192, 16384)
 
 
 def sweep_report(archs=(90, 86), dtypes=("fp16", "bf16", "fp32")) -> list[KernelBuild]:
@@ -347,6 +413,40 @@ def positional_sweep_report(archs=(90, 86), dtypes=("fp16", "bf16", "fp32"),
     return builds
 
 
+def decoder_sweep_report(archs=(90, 86), dtypes=("fp16", "bf16", "fp32"), head_dims=SWEEP_HEAD_DIMS,
+                         widths=DECODER_WIDTHS) -> list[KernelBuild]:
+    """The decoders' kernels where their configs depend on a width: causal attention (plain and windowed,
+    grouped-query) at every head dim, the fused QKV with QK-norm at every power-of-two head dim, and the
+    RMSNorms (both forms) at every width."""
+    from fastenc import kernels
+    from fastenc.kernels.layer_norm import MAX_HIDDEN
+
+    lengths = [7, 128, 1, 127]
+    cu_seqlens = torch.tensor([0, 7, 135, 136, 263], dtype=torch.int32)
+    tokens, builds = sum(lengths), []
+    positions = torch.zeros(tokens, dtype=torch.long)
+    for arch in archs:
+        for name in dtypes:
+            dtype = DTYPES[name]
+            with compile_only(arch) as driver:
+                for head_dim in head_dims:
+                    q, kv = torch.empty(4, tokens, head_dim, dtype=dtype), torch.empty(2, tokens, head_dim, dtype=dtype)
+                    kernels.attention(q, kv, kv, cu_seqlens, max(lengths), causal=True)
+                    kernels.attention(q, kv, kv, cu_seqlens, max(lengths), positions, 64, causal=True)
+                    if head_dim & (head_dim - 1) == 0:
+                        x, n = torch.empty(tokens, 1024, dtype=dtype), torch.empty(head_dim, dtype=dtype)
+                        kernels.fused_qkv(x, torch.empty(8 * head_dim, 1024, dtype=dtype), None, 4, positions,
+                                          torch.empty(1024, head_dim), num_kv_heads=2, head_dim=head_dim, q_norm=n,
+                                          k_norm=n)
+                for width in (w for w in widths if w <= MAX_HIDDEN):
+                    x, w = torch.empty(tokens, width, dtype=dtype), torch.empty(width, dtype=dtype)
+                    for offset in (0.0, 1.0):
+                        kernels.rms_norm(x, w, 1e-6, offset)
+                        kernels.sandwich_rms_norm(x, x, w, w, 1e-6, offset)
+                builds.extend(driver.builds(name, "sweep"))
+    return builds
+
+
 def _where(b: KernelBuild) -> str:
     return f"sm_{b.arch} {b.dtype} {b.kernel} {b.shape}"
 
@@ -400,11 +500,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastenc.kernels.aot", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="90,80", help="compute capabilities as integers, e.g. 90,80,86")
     parser.add_argument("--dtype", default="fp16,bf16", help=f"from {', '.join(DTYPES)}")
-    parser.add_argument("--models", default="bert-base,minilm", help=f"from {', '.join(MODELS)}")
+    parser.add_argument("--models", default="bert-base,minilm", help=f"from {', '.join([*MODELS, *DECODERS])}")
     parser.add_argument("--markdown", type=Path, help="write the table here too")
     parser.add_argument("--json", type=Path, help="write the builds as JSON here")
     parser.add_argument("--positional", action="store_true", help="with --sweep: the windowed, relative-bias and "
                         "disentangled attention (ModernBERT, MPNet, DeBERTa) at every head dim, instead")
+    parser.add_argument("--decoder", action="store_true", help="with --sweep: the decoders' causal attention, "
+                        "fused QKV with QK-norm and RMSNorms at every head dim and width, instead")
     parser.add_argument("--sweep", action="store_true", help="attention at every head dim, the row kernels at "
                         "every width and MaxSim at every multi-vector dim, instead of model forwards")
     args = parser.parse_args(argv)
@@ -415,18 +517,21 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         parser.error(f"--arch: {args.arch!r} is not a list of integers such as 90,80")
     dtypes, models = args.dtype.split(","), args.models.split(",")
-    for name, allowed in (("dtype", DTYPES), ("models", MODELS)):
+    for name, allowed in (("dtype", DTYPES), ("models", {**MODELS, **DECODERS})):
         unknown = [v for v in getattr(args, name).split(",") if v not in allowed]
         if unknown:
             parser.error(f"--{name}: unknown {', '.join(unknown)}; choose from {', '.join(allowed)}")
+    if args.positional and args.decoder:
+        parser.error("--positional and --decoder are two different sweeps: choose one")
     if args.sweep:
-        builds = positional_sweep_report(archs, dtypes) if args.positional else sweep_report(archs, dtypes)
+        builds = (positional_sweep_report(archs, dtypes) if args.positional else
+                  decoder_sweep_report(archs, dtypes) if args.decoder else sweep_report(archs, dtypes))
     else:
         builds = compile_report(archs, dtypes, models)
     found, near = problems(builds), tight(builds)
     env = environment()
     command = "python -m fastenc.kernels.aot" + (" --sweep" if args.sweep else "") + (
-        " --positional" if args.sweep and args.positional else "")
+        " --positional" if args.sweep and args.positional else "") + (" --decoder" if args.sweep and args.decoder else "")
     table = (f"Compiled by Triton {env['triton']} with {env['ptxas']}, on no GPU (`{command}`), "
              f"commit {env['commit']}, {env['time']}.\n\n" + markdown(builds)
              + ("\nProblems:\n" + "".join(f"- {p}\n" for p in found) if found else "\nNo problems: every build fits "

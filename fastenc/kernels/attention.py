@@ -1,4 +1,4 @@
-"""``attention``: bidirectional flash attention over packed variable-length sequences.
+"""``attention``: flash attention over packed variable-length sequences, bidirectional or causal.
 
 Algorithm: FlashAttention-2 (Dao, 2023, arXiv:2307.08691), in the style of the Triton fused-attention
 tutorial, for the varlen layout of FlashAttention's ``flash_attn_varlen_func``. One program owns a
@@ -11,11 +11,14 @@ and bf16 that costs an extra rounding of Q (measured under the interpreter: max 
 torch's, against 1.00x this way). Full key blocks run without masks; only the sequence's last,
 partial key block masks its keys (to ``-inf``).
 
-Layout: ``q``, ``k``, ``v`` are ``(heads, tokens, head_dim)`` with any head/token strides and a unit
-last stride (the Triton ``fused_qkv`` gives contiguous slabs, the reference a permuted view). Sequences
-are ``cu_seqlens`` offsets; the grid is ``(batch * heads, cdiv(max_seqlen, BLOCK_M))`` with batch x
-heads on axis 0 because axes 1 and 2 stop at 65535. Query blocks past their sequence's end return at
-once; an empty sequence writes nothing. The output row ``t`` gets head ``h`` in columns
+Layout: ``q`` is ``(heads, tokens, head_dim)``, ``k`` and ``v`` are ``(kv_heads, tokens, head_dim)``, with
+any head/token strides and a unit last stride (the Triton ``fused_qkv`` gives contiguous slabs, the
+reference a permuted view). Grouped-query attention (``kv_heads < heads``, Qwen, Llama, Mistral,
+Gemma): query head ``h`` reads K/V head ``h // (heads // kv_heads)`` (transformers' ``repeat_kv``); the
+program of each query head loads its group's K and V tiles, which the other heads of the group read
+from L2, so K and V are never expanded in memory. Sequences are ``cu_seqlens`` offsets; the grid is
+``(batch * heads, cdiv(max_seqlen, BLOCK_M))`` with batch x heads on axis 0 because axes 1 and 2 stop at
+65535. Query blocks past their sequence's end return at once; an empty sequence writes nothing. The output row ``t`` gets head ``h`` in columns
 ``h * head_dim .. (h + 1) * head_dim``.
 
 Precision: scores, softmax statistics and the accumulator are fp32; the probabilities are cast to the
@@ -72,9 +75,19 @@ gather) — costs ``2 * 2 * span * D`` multiply-adds per token and head whatever
 ``2 * 2 * span`` values per token and head (48 KiB per token and layer in fp32 for 12 heads) and one
 gathered load per term per score: memory-bound, and never cheaper here for head dim 64.
 
-Limits: head dims 16 to 128 (any, padded to a power of two and masked); ``cu_seqlens`` is trusted
-(int32, non-decreasing, last entry == tokens, every length <= ``max_seqlen``): checking its values
-would need a device synchronisation.
+Causal attention (``CAUSAL``, the decoders): a query sees the keys at or before it in its sequence
+(by index: positions do not enter causality). A program for the queries ``m0 .. m0 + BLOCK_M - 1``
+walks the key blocks before ``m0`` without a mask (every key is at or before every query of the block:
+``BLOCK_M`` is a multiple of ``BLOCK_N``), then the ``BLOCK_M / BLOCK_N`` blocks the diagonal crosses,
+masked per (query, key); the blocks after its last query are never loaded, which halves the work of
+a long sequence. With ``WINDOW`` too (Gemma3's local layers), the keys of ``[q - window, q]`` in
+positions: the windowed walk stops at the block's last query. A prefix of a text gives its states
+bitwise the same as the whole text's first states: a query's key blocks and their order do not
+depend on what follows it (a masked block adds ``exp2(-inf) = 0`` and rescales by ``exp2(0) = 1``).
+
+Limits: head dims 16 to 256 (any, padded to a power of two and masked; 129 to 256 with smaller query
+blocks, see ``attention_config``); ``cu_seqlens`` is trusted (int32, non-decreasing, last entry ==
+tokens, every length <= ``max_seqlen``): checking its values would need a device synchronisation.
 """
 
 from __future__ import annotations
@@ -87,6 +100,7 @@ from fastenc.kernels import _target
 from fastenc.kernels._checks import INDEX_DTYPES, check_backend, check_tensor, on_device
 
 LOG2E = tl.constexpr(1.4426950408889634)
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 
 
 @triton.jit
@@ -196,8 +210,13 @@ def _attention_step(
     REL_W: tl.constexpr = 16,
     C2P: tl.constexpr = False,
     P2C: tl.constexpr = False,
+    offs_m=None,  # (BLOCK_M,) query indices within the sequence, with CAUSAL
+    CAUSAL: tl.constexpr = False,
 ):
-    """Fold one block of keys into the online softmax; returns the updated (acc, m_i, l_i)."""
+    """Fold one block of keys into the online softmax; returns the updated (acc, m_i, l_i).
+
+    ``MASK_KEYS`` masks the keys past the sequence end and, with ``CAUSAL``, the keys after each query.
+    """
     keys = start_n + tl.arange(0, BLOCK_N)
     k = _load_rows(k_base, keys, stride_k_token, offs_d, seqlen, HEAD_DIM, MASK_KEYS, EVEN_D)
     s = tl.dot(q, tl.trans(k), input_precision="ieee")  # (BLOCK_M, BLOCK_N) fp32 scores
@@ -215,6 +234,8 @@ def _attention_step(
                               HEAD_DIM, EVEN_D, REL_W, C2P, P2C)
     if WINDOW:
         visible = (keys < seqlen)[None, :] & (distance <= window) & (distance >= -window)
+        if CAUSAL:
+            visible = visible & (keys[None, :] <= offs_m[:, None])
         s = tl.where(visible, s, float("-inf"))
         # A row may see no key of this block: keep its statistics finite (exp2(-inf) = 0 adds nothing).
         m_new = tl.maximum(m_i, tl.max(s, axis=1) * LOG2E)
@@ -223,9 +244,14 @@ def _attention_step(
         p = tl.exp2(s * LOG2E - m_safe[:, None])
     else:
         if MASK_KEYS:
-            s = tl.where((keys < seqlen)[None, :], s, float("-inf"))
+            if CAUSAL:
+                s = tl.where((keys < seqlen)[None, :] & (keys[None, :] <= offs_m[:, None]), s, float("-inf"))
+            else:
+                s = tl.where((keys < seqlen)[None, :], s, float("-inf"))
         # Statistics in log2 units: exp(s - m) == exp2(s * log2(e) - m'), one FMA per score.
-        # Each block holds at least one real key, so m_new is finite and nothing below is inf - inf.
+        # Every row has seen a real key by the end of the first block it folds in (the first causal
+        # diagonal block holds the key at the block's first query), so from then on m_new is finite and
+        # nothing below is inf - inf; a later diagonal block that a row sees nothing of adds exp2(-inf) = 0.
         m_new = tl.maximum(m_i, tl.max(s, axis=1) * LOG2E)
         alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated under the old maximum
         p = tl.exp2(s * LOG2E - m_new[:, None])
@@ -237,12 +263,13 @@ def _attention_step(
 
 @triton.jit
 def _attention_kernel(
-    Q_ptr,  # (heads, tokens, head_dim), pre-scaled by 1/sqrt(head_dim)
-    K_ptr,  # (heads, tokens, head_dim)
-    V_ptr,  # (heads, tokens, head_dim)
+    Q_ptr,  # (heads, tokens, head_dim), pre-scaled
+    K_ptr,  # (kv_heads, tokens, head_dim)
+    V_ptr,  # (kv_heads, tokens, head_dim)
     Out_ptr,  # (tokens, heads * head_dim)
     CuSeqlens_ptr,  # (batch + 1,) int32
     num_heads,
+    kv_group,  # heads // kv_heads: query head h reads K/V head h // kv_group
     stride_q_head,
     stride_q_token,
     stride_k_head,
@@ -274,6 +301,7 @@ def _attention_kernel(
     C2P: tl.constexpr = False,
     P2C: tl.constexpr = False,
     ROW_ALIGN: tl.constexpr = 1,  # every head and token stride is a multiple of it (elements)
+    CAUSAL: tl.constexpr = False,
 ):
     if ROW_ALIGN > 1:  # (s // A) * A == s, but now the compiler knows A divides it: 16-byte vector loads
         stride_q_head = stride_q_head // ROW_ALIGN * ROW_ALIGN
@@ -287,16 +315,18 @@ def _attention_kernel(
     pid_m = tl.program_id(1)
     seq = pid_bh // num_heads
     head = (pid_bh % num_heads).to(tl.int64)
+    kv_head = head // kv_group
     start = tl.load(CuSeqlens_ptr + seq).to(tl.int64)
     seqlen = (tl.load(CuSeqlens_ptr + seq + 1) - start).to(tl.int32)
     if pid_m * BLOCK_M >= seqlen:  # past this sequence's end (or an empty sequence): nothing to write
         return
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m0 = pid_m * BLOCK_M  # this block's first query
+    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q_base = Q_ptr + head * stride_q_head + start * stride_q_token
-    k_base = K_ptr + head * stride_k_head + start * stride_k_token
-    v_base = V_ptr + head * stride_v_head + start * stride_v_token
+    k_base = K_ptr + kv_head * stride_k_head + start * stride_k_token
+    v_base = V_ptr + kv_head * stride_v_head + start * stride_v_token
 
     # log2(e) is applied to the fp32 scores, not folded into this tile: see the module docstring.
     q = _load_rows(q_base, offs_m, stride_q_token, offs_d, seqlen, HEAD_DIM, True, EVEN_D)
@@ -322,22 +352,36 @@ def _attention_kernel(
                 rel_q_base = RelQueries_ptr + head * stride_relq_head
         lo, hi = 0, seqlen
         if WINDOW:  # only the key blocks that can hold a key of some row's window: the others are never read
-            lo = tl.maximum(pid_m * BLOCK_M - window, 0) // BLOCK_N * BLOCK_N
-            hi = tl.minimum(pid_m * BLOCK_M + BLOCK_M + window, seqlen)
+            lo = tl.maximum(m0 - window, 0) // BLOCK_N * BLOCK_N
+            hi = tl.minimum(m0 + BLOCK_M + window, seqlen)
+        if CAUSAL:  # nor the blocks after the block's last query
+            hi = tl.minimum(hi, m0 + BLOCK_M)
         for start_n in range(lo, hi, BLOCK_N):  # every block masked: by the window and the sequence end
             acc, m_i, l_i = _attention_step(q, acc, m_i, l_i, k_base, v_base, stride_k_token, stride_v_token,
                                             start_n, seqlen, offs_d, HEAD_DIM, BLOCK_N, True, EVEN_D, pos_q,
                                             pos_base, window, bias_row, WINDOW, REL_BIAS, q_first, q_last,
                                             rel_k_base, rel_q_base, rel_index_center, rel_center, stride_relk_row,
-                                            stride_relq_row, REL_W, C2P, P2C)
+                                            stride_relq_row, REL_W, C2P, P2C, offs_m, CAUSAL)
+    elif CAUSAL:
+        tl.static_assert(BLOCK_M % BLOCK_N == 0)  # the key blocks before m0 end before m0
+        for start_n in range(0, m0, BLOCK_N):  # wholly at or below the diagonal: every key seen, no mask
+            acc, m_i, l_i = _attention_step(q, acc, m_i, l_i, k_base, v_base, stride_k_token, stride_v_token,
+                                            start_n, seqlen, offs_d, HEAD_DIM, BLOCK_N, False, EVEN_D)
+        # The blocks the diagonal crosses, masked; the blocks above it are never read.
+        for start_n in range(m0, tl.minimum(m0 + BLOCK_M, seqlen), BLOCK_N):
+            acc, m_i, l_i = _attention_step(q, acc, m_i, l_i, k_base, v_base, stride_k_token, stride_v_token,
+                                            start_n, seqlen, offs_d, HEAD_DIM, BLOCK_N, True, EVEN_D,
+                                            offs_m=offs_m, CAUSAL=True)
     else:
         full_end = (seqlen // BLOCK_N) * BLOCK_N
         for start_n in range(0, full_end, BLOCK_N):
             acc, m_i, l_i = _attention_step(q, acc, m_i, l_i, k_base, v_base, stride_k_token, stride_v_token,
                                             start_n, seqlen, offs_d, HEAD_DIM, BLOCK_N, False, EVEN_D)
-        if full_end < seqlen:  # the last, partial block: mask the keys past the end
+        # The last, partial block: mask the keys past the end. A loop of at most one step rather than an
+        # `if`: with the `if`, head dim 256 spilled 256-624 B (fp32; 16-bit on sm_86), with the loop nothing.
+        for start_n in range(full_end, seqlen, BLOCK_N):
             acc, m_i, l_i = _attention_step(q, acc, m_i, l_i, k_base, v_base, stride_k_token, stride_v_token,
-                                            full_end, seqlen, offs_d, HEAD_DIM, BLOCK_N, True, EVEN_D)
+                                            start_n, seqlen, offs_d, HEAD_DIM, BLOCK_N, True, EVEN_D)
 
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # l_i >= 1 on real rows; never 0 / 0
     rows = start + offs_m.to(tl.int64)
@@ -350,19 +394,25 @@ def attention_config(head_dim: int, dtype: torch.dtype, arch: int = _target.DEFA
     """Fixed block sizes from the head dim, dtype and GPU architecture only (never the sequence lengths).
 
     Chosen from what ``python -m fastenc.kernels.aot --sweep`` reports (registers and spills at head dims
-    16 to 128, sm_90 and sm_86, Triton 3.6 and 3.9), to be timed and tuned on a GPU:
+    16 to 256, sm_90 and sm_86, Triton 3.6 and 3.9; 256 under 3.9 only), to be timed and tuned on a GPU:
 
     * 16-bit inputs on sm_80 and newer: 128 queries x 64 keys per step. On sm_90 one warpgroup (4 warps)
       issues ``wgmma`` for the 128 rows when the head dim is a power of two up to 64; a masked head dim
       (24, 40, 48) with 4 warps needs up to all 255 registers, so it and every 128-wide head block take
       8 warps (two warpgroups). On sm_8x ``mma`` keeps the accumulator in each warp's registers, and with
       4 warps a head dim of 64 needs all 255 registers (spilling on sm_86): 8 warps there; a 128-wide head
-      block takes 32 keys a step (64 spilled 16 B at head dims 80 and 96; 32 uses all 255 registers
-      there without spilling, 242 at 128).
+      block takes 32 keys a step (64 spilled 16 B at head dims 80 and 96; 32 use 185-194 registers, all
+      255 at 80 and 96 while the last partial key block was an ``if`` rather than a loop).
+    * 16-bit at head dims 129 to 256 (Gemma's 256): 64 queries a step with 8 warps and 2 stages, 64 keys on
+      sm_90 (160 KiB of shared memory, 219 registers under Triton 3.9), 32 on sm_8x (68 KiB of its 99).
+      128 queries need 192 KiB and all 255 registers on sm_90 and are over sm_86's shared memory; 4 warps
+      spill (208 B on sm_90 at 64 x 64, 16 B on sm_86 at 64 x 32); a third stage on sm_90 takes 224 KiB
+      and spills 8 B.
     * fp32, and GPUs older than sm_80, run on CUDA cores (``ieee`` FMA products), where Triton holds the
       operand tiles in registers: the tile per thread must stay small. 32 x 16 blocks with 4 warps up to a
-      32-wide head block, 8 warps at 64 (4 spilled 200 B), and 16 x 16 with 8 warps at 128 (32 x 16
-      spilled 728 to 1400 B). These are the accuracy path, not the fast one.
+      32-wide head block, 8 warps at 64 (4 spilled 200 B), and 16 x 16 with 8 warps from 128 (32 x 16
+      spilled 728 to 1400 B at 128; at 256 the 16 x 16 blocks use 80-94 registers with 8 warps, and 4 warps
+      spill 8 B). These are the accuracy path, not the fast one.
     """
     block_d = max(16, triton.next_power_of_2(head_dim))
     even_d = block_d == head_dim
@@ -370,6 +420,9 @@ def attention_config(head_dim: int, dtype: torch.dtype, arch: int = _target.DEFA
         block_m, warps = (32, 4) if block_d <= 32 else (32, 8) if block_d == 64 else (16, 8)
         return dict(BLOCK_D=block_d, EVEN_D=even_d, BLOCK_M=block_m, BLOCK_N=16, num_warps=warps, num_stages=2,
                     **_target.COMPILE_OPTIONS)
+    if block_d == 256:  # the tiles of 128 queries do not fit: see the docstring
+        return dict(BLOCK_D=block_d, EVEN_D=even_d, BLOCK_M=64, BLOCK_N=64 if arch >= 90 else 32, num_warps=8,
+                    num_stages=2, **_target.COMPILE_OPTIONS)
     one_warpgroup = arch >= 90 and (block_d <= 32 or (block_d == 64 and even_d))
     block_n = 32 if arch < 90 and block_d == 128 else 64
     return dict(BLOCK_D=block_d, EVEN_D=even_d, BLOCK_M=128, BLOCK_N=block_n, num_warps=4 if one_warpgroup else 8,
@@ -377,10 +430,11 @@ def attention_config(head_dim: int, dtype: torch.dtype, arch: int = _target.DEFA
 
 
 def positional_config(head_dim: int, dtype: torch.dtype, arch: int = _target.DEFAULT_ARCH, *, window: bool = False,
-                      rel_bias: bool = False, disentangled: bool = False) -> dict:
-    """``attention_config`` for the windowed (``WINDOW``) and relative-bias (``REL_BIAS``) kernels, which also
-    hold a block of positions (and of bias) in registers. Where BERT's config would spill with them
-    (``python -m fastenc.kernels.aot --sweep --positional``, Triton 3.9 and 3.6, fp16 and bf16):
+                      rel_bias: bool = False, causal: bool = False, disentangled: bool = False) -> dict:
+    """``attention_config`` for the windowed (``WINDOW``), relative-bias (``REL_BIAS``), causal (``CAUSAL``) and
+    disentangled (``C2P``, ``P2C``) kernels, which also hold a block of positions (and of bias, or query
+    indices) in registers. Where BERT's config would spill with them (``python -m fastenc.kernels.aot
+    --sweep --positional`` and ``--decoder``, Triton 3.9 and 3.6, fp16 and bf16):
 
     * sm_90, relative bias, head blocks up to 32 (one warpgroup): 255 registers and 40-136 B spilled with
       4 warps; 8 warps use 168-223.
@@ -388,8 +442,18 @@ def positional_config(head_dim: int, dtype: torch.dtype, arch: int = _target.DEF
     * sm_8x, relative bias, 128-wide head blocks (head dims 80-128): 16 B spilled with 128 queries and
       8 warps; 64 queries with 8 warps still spill 16 B under Triton 3.6 (ptxas holds them to 128
       registers); 64 queries with 4 warps use 184 (3.6) to 228 (3.9).
+    * sm_90, causal, one warpgroup (head dims 16 to 64): 236 to 254 registers with 4 warps (Triton 3.9),
+      no headroom for another compiler; 8 warps use 119-125 at head dim 64.
+    * Head dim 256, window (Gemma3's local layers): sm_90's 64 x 64 blocks use all 255 registers with a
+      causal window under Triton 3.6; 64 x 32 use 172-189 (3.6) and 165-178 (3.9). sm_86's 64 x 32 use 254
+      (3.6); 32 x 64 spill 8 B bidirectional (3.9); 32 x 32 with 8 warps and 3 stages use 126-146 in 82 KiB.
+    * Causal, Triton 3.6 (Triton 3.9 has room in every case): on sm_8x 64 keys a step spill 64 B at head
+      dim 40 (32 keys: 185 registers) and use all 255 with a window at 48 and 64 (32 keys: 230); on sm_90
+      a causal window uses all 255 at head dims 80 to 128 (32 keys: 192). fp32 with 8 warps (which
+      Triton 3.6 holds to 64 registers) spills 8-16 B at head dims 40 to 128; 16 x 16 blocks with 4 warps
+      use 60-78 at 40 to 64 and 126 at 128.
 
-    The fp32 and pre-sm_80 configs have room (the sweep finds no spill).
+    The other fp32 and pre-sm_80 configs have room (the sweep finds no spill).
 
     DeBERTa's relative terms (``disentangled``) hold two more score tiles, ``(BLOCK_M, REL_W)`` and
     ``(BLOCK_N, REL_W)`` fp32, for each window of ``REL_W`` distances, besides int32 pair indices
@@ -410,12 +474,20 @@ def positional_config(head_dim: int, dtype: torch.dtype, arch: int = _target.DEF
         else:
             config.update(num_warps=8, num_stages=1 if config["BLOCK_D"] <= 64 else 2, REL_W=32)
         return config
-    if dtype == torch.float32 or arch < 80 or not (window or rel_bias):
+    if not (window or rel_bias or causal):
         return config
-    if rel_bias and arch >= 90 and config["num_warps"] == 4:
+    if dtype == torch.float32 or arch < 80:
+        if causal and config["BLOCK_D"] in (64, 128):
+            config.update(BLOCK_M=16, num_warps=4)
+        return config
+    if causal and (arch < 90 or window) and config["BLOCK_D"] <= 128:
+        config["BLOCK_N"] = 32
+    if (rel_bias or causal) and arch >= 90 and config["num_warps"] == 4:
         config["num_warps"] = 8
     if window and arch < 90 and config["BLOCK_D"] <= 32:
         config["BLOCK_N"] = 32
+    if window and config["BLOCK_D"] == 256:
+        config.update(BLOCK_N=32) if arch >= 90 else config.update(BLOCK_M=32, BLOCK_N=32, num_stages=3)
     if rel_bias and arch < 90 and config["BLOCK_D"] == 128:
         config.update(BLOCK_M=64, num_warps=4)
     return config
@@ -423,37 +495,43 @@ def positional_config(head_dim: int, dtype: torch.dtype, arch: int = _target.DEF
 
 def attention(
     q: torch.Tensor,  # (heads, tokens, head_dim), pre-scaled
-    k: torch.Tensor,  # (heads, tokens, head_dim)
-    v: torch.Tensor,  # (heads, tokens, head_dim)
+    k: torch.Tensor,  # (kv_heads, tokens, head_dim)
+    v: torch.Tensor,  # (kv_heads, tokens, head_dim)
     cu_seqlens: torch.Tensor,  # (batch + 1,) int32
     max_seqlen: int,
     positions: torch.Tensor | None = None,  # (tokens,) integer; None: the index within the sequence
     window: int | None = None,  # a query sees the keys with |key position - query position| <= window
     bias: torch.Tensor | None = None,  # (heads, 2 * P - 1) float32: score bias by distance, P positions
     *,
+    causal: bool = False,  # a query sees only the keys at or before it in its sequence
     rel_keys: torch.Tensor | None = None,  # (R, heads, head_dim): c2p, DeBERTa's projected relative keys
     rel_queries: torch.Tensor | None = None,  # (R, heads, head_dim): p2c, its projected relative queries, scaled
     rel_index: torch.Tensor | None = None,  # (2 * P - 1,) int32: the row of both for each distance
 ) -> torch.Tensor:  # (tokens, heads * head_dim)
-    """Bidirectional attention within each packed sequence: every key of the sequence, or those within
-    ``window`` positions; ``bias[head, key position - query position + P - 1]`` added to the scores;
-    DeBERTa's ``q_i · rel_keys[r, head]`` and ``k_j · rel_queries[r, head]`` with
-    ``r = rel_index[key position - query position + P - 1]`` (``rel_index`` is trusted: every entry a row
-    of the tables)."""
+    """Attention within each packed sequence, bidirectional or ``causal``: every key of the sequence (up to
+    the query's own), or those within ``window`` positions; ``bias[head, key position - query position
+    + P - 1]`` added to the scores; DeBERTa's ``q_i · rel_keys[r, head]`` and ``k_j · rel_queries[r, head]``
+    with ``r = rel_index[key position - query position + P - 1]`` (``rel_index`` is trusted: every entry a
+    row of the tables); query head ``h`` reads K/V head ``h // (heads // kv_heads)``."""
     device = check_backend("q", q)
     check_tensor("q", q, (None, None, None))
     heads, tokens, head_dim = q.shape
-    check_tensor("k", k, (heads, tokens, head_dim), dtypes=(q.dtype,), device=device)
-    check_tensor("v", v, (heads, tokens, head_dim), dtypes=(q.dtype,), device=device)
+    check_tensor("k", k, (None, tokens, head_dim), dtypes=(q.dtype,), device=device)
+    kv_heads = k.shape[0]
+    if kv_heads == 0 or heads % kv_heads:
+        raise ValueError(f"k has {kv_heads} heads, which must divide q's {heads} (grouped-query attention)")
+    check_tensor("v", v, (kv_heads, tokens, head_dim), dtypes=(q.dtype,), device=device)
     check_tensor("cu_seqlens", cu_seqlens, (None,), dtypes=(torch.int32,), device=device)
     if cu_seqlens.numel() == 0:
         raise ValueError("cu_seqlens must hold at least one offset (batch + 1 entries)")
-    if not 16 <= head_dim <= 128:
-        raise ValueError(f"q has head_dim {head_dim}; the attention kernel supports 16 to 128")
+    if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"q has head_dim {head_dim}; the attention kernel supports {MIN_HEAD_DIM} to {MAX_HEAD_DIM}")
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
         raise ValueError(f"max_seqlen must be a non-negative int, got {max_seqlen!r}")
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 0):
         raise ValueError(f"window must be a non-negative int or None, got {window!r}")
+    if not isinstance(causal, bool):
+        raise ValueError(f"causal must be a bool, got {causal!r}")
     if bias is not None:
         check_tensor("bias", bias, (heads, None), dtypes=(torch.float32,), device=device)
         if bias.shape[1] % 2 == 0:
@@ -481,7 +559,7 @@ def attention(
     if tokens == 0 or batch == 0 or heads == 0 or max_seqlen == 0:
         return out
     config = positional_config(head_dim, q.dtype, _target.device_arch(device), window=window is not None,
-                               rel_bias=bias is not None, disentangled=disentangled)
+                               rel_bias=bias is not None, causal=causal, disentangled=disentangled)
     grid = (batch * heads, triton.cdiv(max_seqlen, config["BLOCK_M"]))
     if grid[1] > 65535:
         raise ValueError(f"max_seqlen {max_seqlen} is too long: at most {65535 * config['BLOCK_M']} tokens")
@@ -493,6 +571,7 @@ def attention(
             out,
             cu_seqlens,
             heads,
+            heads // kv_heads,
             q.stride(0),
             q.stride(1),
             k.stride(0),
@@ -521,6 +600,7 @@ def attention(
             P2C=rel_queries is not None,
             ROW_ALIGN=_row_align(q.element_size(), q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
                                  v.stride(1), out.stride(0)),
+            CAUSAL=causal,
         )
     return out
 

@@ -8,7 +8,11 @@ never goes through memory, which is the point of the fusion (the unfused path re
 
 ``HAS_TYPES`` (a constexpr) drops the token-type table for DistilBERT, whose ``type_emb`` is ``None``;
 ``HAS_POSITIONS`` drops the position table of the families without absolute positions (RoPE:
-ModernBERT, NomicBERT, GTE), and ``HAS_BIAS`` the norm's bias (ModernBERT).
+ModernBERT, NomicBERT, GTE, the decoders), and ``HAS_BIAS`` the norm's bias (ModernBERT).
+``HAS_NORM=False`` drops the LayerNorm (the decoders normalise in their blocks), and ``HAS_SCALE`` multiplies
+the word row by a factor first (Gemma's ``sqrt(hidden)``), as transformers' ``Gemma3TextScaledWordEmbedding``
+does it: the factor rounded to the table's dtype, the product rounded to it. A decoder's embeddings
+are then transformers' bit for bit (a gather, and one exact product and rounding).
 
 Batch invariance: a token reads only its own rows; the reduction order depends only on ``emb``.
 
@@ -18,6 +22,8 @@ stride must be 1; the LayerNorm weight and bias have the tables' dtype.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -35,7 +41,7 @@ def _embeddings_kernel(
     WordEmb_ptr,  # (vocab, emb)
     PosEmb_ptr,  # (max_positions, emb), None when not HAS_POSITIONS
     TypeEmb_ptr,  # (type_vocab, emb), None when not HAS_TYPES
-    W_ptr,  # (emb,)
+    W_ptr,  # (emb,), None when not HAS_NORM
     B_ptr,  # (emb,)
     Out_ptr,  # (tokens, emb)
     stride_word_row,
@@ -48,20 +54,26 @@ def _embeddings_kernel(
     BLOCK: tl.constexpr,
     HAS_POSITIONS: tl.constexpr = True,
     HAS_BIAS: tl.constexpr = True,
+    scale=1.0,  # the word rows' factor, already rounded to the table's dtype, with HAS_SCALE
+    HAS_NORM: tl.constexpr = True,
+    HAS_SCALE: tl.constexpr = False,
 ):
     token = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < n_cols
     word = tl.load(InputIds_ptr + token).to(tl.int64)
     x = tl.load(WordEmb_ptr + word * stride_word_row + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SCALE:  # exact in fp32 for 16-bit tables, then rounded once, as torch's product in the table's dtype
+        x = (x * scale).to(Out_ptr.dtype.element_ty).to(tl.float32)
     if HAS_POSITIONS:
         position = tl.load(PositionIds_ptr + token).to(tl.int64)
         x += tl.load(PosEmb_ptr + position * stride_pos_row + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_TYPES:
         token_type = tl.load(TokenTypeIds_ptr + token).to(tl.int64)
         x += tl.load(TypeEmb_ptr + token_type * stride_type_row + offs, mask=mask, other=0.0).to(tl.float32)
-    y = _layer_norm_row(x, mask, W_ptr, B_ptr, offs, n_cols, eps, HAS_BIAS)
-    tl.store(Out_ptr + token * stride_out_row + offs, y.to(Out_ptr.dtype.element_ty), mask=mask)
+    if HAS_NORM:
+        x = _layer_norm_row(x, mask, W_ptr, B_ptr, offs, n_cols, eps, HAS_BIAS)
+    tl.store(Out_ptr + token * stride_out_row + offs, x.to(Out_ptr.dtype.element_ty), mask=mask)
 
 
 def embeddings(
@@ -71,11 +83,13 @@ def embeddings(
     word_emb: torch.Tensor,  # (vocab, emb)
     pos_emb: torch.Tensor | None,  # (max_positions, emb), None without absolute positions (RoPE, MPNet's bias)
     type_emb: torch.Tensor | None,  # (type_vocab, emb), None for DistilBERT
-    weight: torch.Tensor,  # (emb,)
+    weight: torch.Tensor | None,  # (emb,), None: no LayerNorm (the decoder families)
     bias: torch.Tensor | None,  # (emb,)
     eps: float,
+    scale: float | None = None,  # the word rows' factor (Gemma: sqrt(hidden)), None: 1
 ) -> torch.Tensor:  # (tokens, emb)
-    """Gather word (+ position) (+ token type) rows, sum them and apply LayerNorm."""
+    """Gather word (+ position) (+ token type) rows (the word rows times ``scale``, in the table's dtype), sum
+    them and apply LayerNorm (unless ``weight`` is None)."""
     device = check_backend("word_emb", word_emb)
     check_tensor("word_emb", word_emb, (None, None))
     dtype, emb = word_emb.dtype, word_emb.shape[1]
@@ -93,11 +107,18 @@ def embeddings(
         if token_type_ids is None:
             raise ValueError("token_type_ids is required when type_emb is given")
         check_tensor("token_type_ids", token_type_ids, (tokens,), dtypes=INDEX_DTYPES, device=device)
-    check_tensor("weight", weight, (emb,), dtypes=(dtype,), device=device)
+    if weight is not None:
+        check_tensor("weight", weight, (emb,), dtypes=(dtype,), device=device)
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+            raise ValueError(f"eps must be a non-negative float, got {eps!r}")
     if bias is not None:
+        if weight is None:
+            raise ValueError("bias is the LayerNorm's: give weight too, or neither")
         check_tensor("bias", bias, (emb,), dtypes=(dtype,), device=device)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise ValueError(f"scale must be a finite float or None, got {scale!r}")
+        scale = torch.tensor(scale, dtype=dtype).item()  # rounded to the table's dtype, as transformers does
 
     out = torch.empty((tokens, emb), device=device, dtype=dtype)
     if tokens == 0:
@@ -118,10 +139,13 @@ def embeddings(
             type_emb.stride(0) if has_types else 0,
             out.stride(0),
             emb,
-            float(eps),
+            float(eps) if weight is not None else 0.0,
             HAS_TYPES=has_types,
             **row_config(emb),
             HAS_POSITIONS=has_positions,
             HAS_BIAS=bias is not None,
+            scale=1.0 if scale is None else scale,
+            HAS_NORM=weight is not None,
+            HAS_SCALE=scale is not None,
         )
     return out

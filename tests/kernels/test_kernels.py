@@ -476,7 +476,7 @@ def test_launchers_mirror_the_reference():
     """Same names, parameters and defaults as fastenc.reference; KERNELS lists each once."""
     names = [name for name, _ in kernels.KERNELS]
     assert sorted(names) == ["add_layer_norm", "attention", "embeddings", "fused_qkv", "gated_linear", "gelu_layer_norm",
-                             "layer_norm", "linear", "maxsim", "splade_pool"]
+                             "layer_norm", "linear", "maxsim", "rms_norm", "sandwich_rms_norm", "splade_pool"]
     for name in names:
         ours, theirs = inspect.signature(getattr(kernels, name)), inspect.signature(getattr(reference, name))
         assert [(p.name, p.default) for p in ours.parameters.values()] == [
