@@ -35,7 +35,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 # Task models keep the encoder under one of these prefixes; a base model has none.
 BASE_PREFIXES = ("", "bert.", "roberta.", "xlm-roberta.", "camembert.", "distilbert.", "electra.", "albert.",
-                 "mpnet.", "model.", "nomic_bert.", "gte.", "new.")
+                 "mpnet.", "model.", "nomic_bert.", "gte.", "new.", "deberta.")
 # Buffers some checkpoints carry that are not weights.
 IGNORED_SUFFIXES = ("position_ids", "token_type_ids")
 
@@ -114,6 +114,21 @@ _ALBERT_LAYER = _layer_map(
 )
 
 
+# DeBERTa-v2/v3: BERT's blocks under other names, and the position projections of the disentangled
+# attention (the families' tables keep only what a config's family has: see encoder_shapes).
+_DEBERTA_LAYER = {
+    **_layer_map("encoder.layer.{i}.", "attention.self.query_proj", "attention.self.key_proj",
+                 "attention.self.value_proj", "attention.output.dense", "attention.output.LayerNorm",
+                 "intermediate.dense", "output.dense", "output.LayerNorm"),
+    **_fields("encoder.layer.{i}.", pos_key="attention.self.pos_key_proj", pos_query="attention.self.pos_query_proj"),
+}
+_DEBERTA_PROJECT = {"embeddings.project.weight": "embeddings.embed_proj.weight"}  # no bias
+_DEBERTA_MODEL = {"relative.embeddings": "encoder.rel_embeddings.weight",
+                  "relative.norm.weight": "encoder.LayerNorm.weight", "relative.norm.bias": "encoder.LayerNorm.bias",
+                  "conv.weight": "encoder.conv.conv.weight", "conv.bias": "encoder.conv.conv.bias",
+                  "conv.norm.weight": "encoder.conv.LayerNorm.weight", "conv.norm.bias": "encoder.conv.LayerNorm.bias"}
+
+
 @dataclasses.dataclass(frozen=True)
 class NameMap:
     """Where a family keeps its encoder tensors (names relative to the base prefix)."""
@@ -151,6 +166,7 @@ NAME_MAPS = {
                           model={"final_norm.weight": "final_norm.weight", "final_norm.bias": "final_norm.bias"}),
     "nomic_bert": NameMap(_NOMIC_EMBEDDINGS, _NOMIC_LAYER),
     "gte": NameMap(_NO_POSITION, _GTE_LAYER, gate_linear_first=True),
+    "deberta-v2": NameMap(_BERT_EMBEDDINGS, _DEBERTA_LAYER, _DEBERTA_PROJECT, model=_DEBERTA_MODEL),
 }
 # Other layouts a family's tensors come in, tried after NAME_MAPS' when its first layer is absent.
 OTHER_LAYOUTS = {
@@ -215,9 +231,13 @@ def encoder_shapes(config: EncoderConfig) -> dict[str, tuple[int, ...]]:
         shapes["relative_bias"] = (config.relative_attention_num_buckets, config.num_attention_heads)
     if family.final_norm:
         shapes["final_norm.weight"] = (H,)
+    if family.project_before_norm:  # DeBERTa: the projection (no bias) comes first, the norm is hidden-wide
+        shapes.update({"embeddings.project.weight": (H, E), "embeddings.norm.weight": (H,)})
+        del shapes["embeddings.project.bias"]
+    shapes.update(_deberta_shapes(config))
     norms = ["attn_norm", "ffn_norm"]
     if family.has_bias("norm"):
-        shapes["embeddings.norm.bias"] = (E,)
+        shapes["embeddings.norm.bias"] = shapes["embeddings.norm.weight"]
         if family.final_norm:
             shapes["final_norm.bias"] = (H,)
     ffn_rows = 2 * I if family.ffn == "gated" else I  # gated: both halves, concatenated
@@ -233,6 +253,25 @@ def encoder_shapes(config: EncoderConfig) -> dict[str, tuple[int, ...]]:
             shapes[f"layers.{i}.{part}.weight"] = (H,)
             if family.has_bias("norm"):
                 shapes[f"layers.{i}.{part}.bias"] = (H,)
+    return shapes
+
+
+def _deberta_shapes(config: EncoderConfig) -> dict[str, tuple[int, ...]]:
+    """DeBERTa's tensors outside BERT's: the relative embeddings (and their norm), each layer's position
+    projections where they are not the layer's own K and Q, the first block's convolution."""
+    H, family, shapes = config.hidden_size, config.family, {}
+    spec, conv = family.disentangled, family.conv
+    if spec is not None:
+        shapes["relative.embeddings"] = (2 * spec.span, H)
+        if spec.norm:
+            shapes.update({"relative.norm.weight": (H,), "relative.norm.bias": (H,)})
+        for i in range(num_unique_layers(config)):
+            for part, term in (("pos_key", spec.c2p), ("pos_query", spec.p2c)):
+                if term and not spec.shared_keys:
+                    shapes.update({f"layers.{i}.{part}.weight": (H, H), f"layers.{i}.{part}.bias": (H,)})
+    if conv is not None:
+        shapes.update({"conv.weight": (H, H // conv.groups, conv.kernel_size), "conv.bias": (H,),
+                       "conv.norm.weight": (H,), "conv.norm.bias": (H,)})
     return shapes
 
 
@@ -411,7 +450,7 @@ def load_encoder(files: SafetensorsDir, config: EncoderConfig, dtype: torch.dtyp
     table = encoder_names(config, names)
     tensors = load_tensors(files, table, encoder_shapes(config), dtype, prefix)
     tensors = families.prepare(tensors, config.family, config.num_attention_heads, num_unique_layers(config),
-                               gate_linear_first=names.gate_linear_first)
+                               gate_linear_first=names.gate_linear_first, eps=config.layer_norm_eps)
     return tensors, prefix, used_keys(table, prefix)
 
 

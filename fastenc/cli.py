@@ -339,7 +339,8 @@ def _top_k(value: str) -> int | str:
 def _run(args) -> int:
     from .pipelines import pipeline
 
-    options = {name: getattr(args, name) for name in ("top_k", "aggregation_strategy", "max_answer_len")
+    options = {name: getattr(args, name) for name in ("top_k", "aggregation_strategy", "max_answer_len",
+                                                      "candidate_labels", "hypothesis_template", "multi_label")
                if getattr(args, name, None) is not None}
     if options.get("top_k") == "all":
         options["top_k"] = None
@@ -365,7 +366,9 @@ def _add_run(commands) -> None:
     for task, help_text in (("fill-mask", "the likeliest tokens at each mask token"),
                             ("text-classification", "labels and scores for each text"),
                             ("token-classification", "entities with their words and character offsets"),
-                            ("question-answering", "the answer span of --context to --question")):
+                            ("question-answering", "the answer span of --context to --question"),
+                            ("zero-shot-classification", "--candidate-labels ranked for each text by an NLI "
+                                                         "classifier")):
         parser = tasks.add_parser(task, help=help_text)
         _load_args(parser)
         parser.add_argument("--batch-size", type=int, default=32)
@@ -384,6 +387,13 @@ def _add_run(commands) -> None:
                                 "the best label, as a single result)")
         elif task == "token-classification":
             parser.add_argument("--aggregation-strategy", choices=("none", "simple", "first", "average", "max"))
+        elif task == "zero-shot-classification":
+            parser.add_argument("--candidate-labels", required=True, metavar="LABELS",
+                                help="comma-separated labels, e.g. 'sports,politics,science'")
+            parser.add_argument("--hypothesis-template", metavar="TEMPLATE",
+                                help="with {} where a label goes (default 'This example is {}.')")
+            parser.add_argument("--multi-label", action="store_true", default=None,
+                                help="score each label on its own (entailment against contradiction)")
         parser.set_defaults(run=_run)
 
 

@@ -1,8 +1,9 @@
 """``EncoderConfig``: one dataclass for every encoder ``config.json``, one small reader per family.
 
 A reader returns the sizes in one vocabulary, and for the families after BERT (MPNet, ModernBERT,
-NomicBERT, GTE) the ``Family`` description of their blocks (``fastenc/family.py``): norm placement,
-position scheme, attention window per layer, feed-forward kind, biases.
+NomicBERT, GTE, DeBERTa-v2/v3) the ``Family`` description of their blocks (``fastenc/family.py``): norm
+placement, position scheme, attention window per layer, feed-forward kind, biases, DeBERTa's
+disentangled attention.
 """
 
 from __future__ import annotations
@@ -14,14 +15,17 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LoadError
-from .family import BERT, MPNET_BUCKETS, Family, LayerKind
+from .family import BERT, MPNET_BUCKETS, Conv, Disentangled, Family, LayerKind
 
 SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "albert",
-                         "mpnet", "modernbert", "nomic_bert", "gte")
+                         "mpnet", "modernbert", "nomic_bert", "gte", "deberta-v2")
 # Position ids count non-padding tokens from pad_token_id + 1 in these families.
 _PADDING_POSITION_TYPES = ("roberta", "xlm-roberta", "camembert", "mpnet")
 # Families whose embeddings may have no token-type table (type_vocab_size 0).
-_NO_TOKEN_TYPE_TYPES = ("distilbert", "mpnet", "modernbert", "gte")
+_NO_TOKEN_TYPE_TYPES = ("distilbert", "mpnet", "modernbert", "gte", "deberta-v2")
+# Families whose transformers model, without a token-type table, ignores the token_type_ids its tokenizer
+# sends (DeBERTa-v3's tokenizer marks a pair's second text with type 1).
+_IGNORED_TOKEN_TYPE_TYPES = ("deberta-v2",)
 
 # Size fields and their smallest valid value; a field may be spelled differently in config.json (_KEYS).
 _MIN_SIZES = {
@@ -89,6 +93,11 @@ class EncoderConfig:
     def activation(self) -> str:
         """The canonical activation name of the ops interface (``"gelu"``, ``"gelu_tanh"``, ``"relu"``, ``"silu"``)."""
         return _ACTIVATIONS[self.hidden_act]
+
+    @property
+    def ignores_token_types(self) -> bool:
+        """True when any ``token_type_ids`` are accepted and ignored (DeBERTa without a type table)."""
+        return self.type_vocab_size == 0 and self.model_type in _IGNORED_TOKEN_TYPE_TYPES
 
     @property
     def padding_positions(self) -> bool:
@@ -344,6 +353,59 @@ def _modernbert_family(raw: dict, layers: int) -> Family | str:
     return Family(norm="pre", positions="rope", ffn="gated", biases=frozenset(biases), layers=kinds)
 
 
+def _deberta_v2(raw: dict) -> dict:
+    """DeBERTa-v2 and v3 (transformers' ``DebertaV2Config`` defaults; v3 checkpoints set ``position_buckets``
+    256, ``norm_rel_ebd`` "layer_norm", ``share_att_key`` and ``position_biased_input`` false)."""
+    fields = _bert(raw)
+    fields["type_vocab_size"] = raw.get("type_vocab_size", 0)
+    fields["layer_norm_eps"] = raw.get("layer_norm_eps", 1e-7)
+    fields["embedding_size"] = raw.get("embedding_size", fields["hidden_size"])
+    fields["family"] = _deberta_family(raw, fields["max_position_embeddings"])
+    return fields
+
+
+def _deberta_family(raw: dict, max_positions) -> Family | str:
+    kinds = raw.get("pos_att_type") or []
+    if isinstance(kinds, str):  # the old "p2c|c2p" spelling, as transformers reads it
+        kinds = [kind.strip() for kind in kinds.lower().split("|")]
+    if not isinstance(kinds, list) or not set(kinds) <= {"c2p", "p2c"}:
+        return f"pos_att_type {raw.get('pos_att_type')!r} is not a list of 'c2p' / 'p2c'"
+    flags = {key: raw.get(key, default) for key, default in (("relative_attention", False), ("share_att_key", False),
+                                                             ("position_biased_input", True))}
+    for key, value in flags.items():
+        if not isinstance(value, bool):
+            return f"{key} must be true or false, got {value!r}"
+    numbers = {key: raw.get(key, default) for key, default in (("position_buckets", -1), ("max_relative_positions", -1),
+                                                               ("conv_kernel_size", 0), ("conv_groups", 1))}
+    for key, value in numbers.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            return f"{key} must be an int, got {value!r}"
+    norms = [part.strip() for part in str(raw.get("norm_rel_ebd", "none")).lower().split("|")]
+    disentangled = None
+    if flags["relative_attention"]:
+        max_distance = numbers["max_relative_positions"]
+        if max_distance < 1:
+            max_distance = max_positions
+        buckets = max(numbers["position_buckets"], 0)
+        if buckets == 1:
+            return "position_buckets 1 is not supported (log buckets need at least 2)"
+        disentangled = Disentangled(c2p="c2p" in kinds, p2c="p2c" in kinds, buckets=buckets, max_distance=max_distance,
+                                    shared_keys=flags["share_att_key"], norm="layer_norm" in norms)
+    conv = None
+    if numbers["conv_kernel_size"] > 0:
+        kernel, groups, hidden = numbers["conv_kernel_size"], numbers["conv_groups"], raw.get("hidden_size")
+        activation = raw.get("conv_act", "tanh")
+        if kernel % 2 == 0:
+            return f"conv_kernel_size {kernel} is not supported (only odd sizes keep the sequence length)"
+        if groups < 1 or not isinstance(hidden, int) or hidden % groups:
+            return f"conv_groups {groups} does not divide hidden_size {hidden!r}"
+        if activation != "tanh" and canonical_activation(activation) is None:
+            return f"conv_act {activation!r} is not supported; supported: tanh, {', '.join(_ACTIVATIONS)}"
+        conv = Conv(kernel, groups, "tanh" if activation == "tanh" else canonical_activation(activation))
+    return Family(positions="absolute" if flags["position_biased_input"] else "relative", disentangled=disentangled,
+                  scale_factor=1 + len(set(kinds)), project_before_norm=True, conv=conv)
+
+
 def _validate(fields: dict, model_type: str, source: str) -> None:
     """Check every field's type and range in place (eps becomes a float); errors name the config.json key."""
     keys = _KEYS.get(model_type, {})
@@ -380,4 +442,5 @@ _READERS = {
     "modernbert": _modernbert,
     "nomic_bert": _nomic_bert,
     "gte": _gte,
+    "deberta-v2": _deberta_v2,
 }

@@ -34,7 +34,7 @@ from .quantize import Storage, int8_ranges
 from .streaming import PROGRESS_MIN_TEXTS, EmbedStream, HeapTrimmer, Progress, read_ahead
 from .tasks import LexicalWeights, MultiEmbedding, MultiVectorEmbedding, SentenceEmbedding, SparseEmbedding, \
     TokenEmbeddings
-from .text import Prompt, Tokenization, load_tokenizer
+from .text import Prompt, Tokenization, load_tokenizer, missing_tokenizer
 
 DEFAULT_MAX_TOKENS = 16384  # embed()'s token budget per batch: real tokens, padding is never made
 DEFAULT_WINDOW = 4096  # texts embed()/embed_iter() tokenize, batch and pool together: the memory bound of a stream
@@ -162,8 +162,7 @@ class Encoder:
     # -------------------------------------------------------------------------------------------- text
     def _require_text(self) -> Tokenization:
         if self.text is None:
-            raise LoadError("this checkpoint has no tokenizer files (tokenizer.json, vocab.txt or vocab.json + "
-                            "merges.txt); pass token ids to the encoder instead")
+            raise LoadError(missing_tokenizer(self.path))
         return self.text
 
     def tokenize(self, texts: str | Sequence[str], *, max_length: int | None = None,

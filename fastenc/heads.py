@@ -24,6 +24,11 @@ What each family computes (transformers' modeling files, v5):
 * MPNet: RoBERTa's heads (``lm_head``, ``classifier.dense`` / ``out_proj``) under ``mpnet.``.
   NomicBERT and GTE: BERT's pooler and classifiers; NomicBERT's MLM head is BERT's (``cls.predictions``,
   the encoder's activation), GTE's RoBERTa's (``lm_head``, exact GELU); neither has a QA model.
+* DeBERTa-v2/v3: sequence classification is ``classifier(act(pooler.dense(first token)))`` (its
+  ``ContextPooler``, ``pooler_hidden_act``, GELU by default); the masked LM is BERT's head
+  (``cls.predictions``, to ``embedding_size``) with ``legacy`` (transformers' default), else
+  ``lm_predictions.lm_head`` (hidden-wide, its decoder always the word embeddings); token
+  classification and QA as BERT's.
 * ModernBERT: every task runs ``head`` (``norm(act(dense(x)))``, ``classifier_activation``, biases as
   ``classifier_bias`` / ``norm_bias`` say) before its ``classifier`` (or ``decoder``); the sequence
   classifier first pools the tokens as ``classifier_pooling`` says (``"cls"``: the first token,
@@ -173,8 +178,32 @@ def _modernbert_heads(config: EncoderConfig) -> dict[str, HeadSpec]:
     }
 
 
+def _deberta_heads(config: EncoderConfig) -> dict[str, HeadSpec]:
+    """DeBERTa's heads: the context pooler's activation and the masked LM's layout come from the config."""
+    raw = config.raw
+    pooler_act = raw.get("pooler_hidden_act", "gelu")
+    activation = "tanh" if pooler_act == "tanh" else canonical_activation(pooler_act)
+    if activation is None:
+        raise LoadError(f"config.json: pooler_hidden_act {pooler_act!r} is not supported")
+    if raw.get("legacy", True) is not False:
+        mlm = HEAD_SPECS["bert"]["mlm"]
+    else:  # the decoder is the word embedding matrix itself, whatever tie_word_embeddings says
+        mlm = HeadSpec({**_linear("mlm.dense", "lm_predictions.lm_head.dense"),
+                        **_linear("mlm.norm", "lm_predictions.lm_head.LayerNorm"),
+                        "mlm.decoder.bias": "lm_predictions.lm_head.bias"}, activation="config")
+    return {
+        "mlm": mlm,
+        "sequence_classification": HeadSpec({**_linear("seq.dense", "pooler.dense"),
+                                             **_linear("seq.out", "classifier")}, activation=activation),
+        "token_classification": _TOKEN,
+        "question_answering": _QA,
+    }
+
+
 def head_specs(config: EncoderConfig) -> dict[str, HeadSpec]:
-    """The heads a family can have, and their tensors (ModernBERT's depend on its config)."""
+    """The heads a family can have, and their tensors (ModernBERT's and DeBERTa's depend on its config)."""
+    if config.model_type == "deberta-v2":
+        return _deberta_heads(config)
     if config.model_type == "modernbert":
         if config.raw.get("classifier_pooling", "cls") not in ("cls", "mean"):
             raise LoadError(f"config.json: classifier_pooling {config.raw['classifier_pooling']!r} is not "
@@ -193,7 +222,7 @@ _ARCHITECTURE_HEADS = {
 }
 _BASE_PREFIX = {"bert": "bert.", "roberta": "roberta.", "xlm-roberta": "roberta.", "camembert": "roberta.",
                 "distilbert": "distilbert.", "electra": "electra.", "albert": "albert.", "mpnet": "mpnet.",
-                "modernbert": "model.", "nomic_bert": "nomic_bert.", "gte": "gte."}
+                "modernbert": "model.", "nomic_bert": "nomic_bert.", "gte": "gte.", "deberta-v2": "deberta."}
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -214,7 +243,9 @@ def id2label(config: EncoderConfig) -> dict[int, str]:
 
 def head_shapes(config: EncoderConfig) -> dict[str, tuple[int, ...]]:
     H, V, L = config.hidden_size, config.vocab_size, num_labels(config)
-    E = config.embedding_size if config.model_type in ("electra", "albert") else H  # the MLM transform's width
+    # the MLM transform's width: ELECTRA's, ALBERT's and DeBERTa's legacy head end at embedding_size
+    legacy_deberta = config.model_type == "deberta-v2" and config.raw.get("legacy", True) is not False
+    E = config.embedding_size if config.model_type in ("electra", "albert") or legacy_deberta else H
     return {
         "pooler.weight": (H, H), "pooler.bias": (H,),
         "mlm.dense.weight": (E, H), "mlm.dense.bias": (E,),

@@ -1,8 +1,9 @@
 """The encoder network: one forward pass, written once, over the ops backend chosen at load.
 
 The pass follows the checkpoint's ``Family`` (``fastenc/family.py``): post- or pre-LayerNorm blocks,
-absolute positions at the embeddings or RoPE in the fused-QKV epilogue, MPNet's relative bias and
-ModernBERT's sliding windows inside attention, plain or gated feed-forwards, with or without biases.
+absolute positions at the embeddings or RoPE in the fused-QKV epilogue, MPNet's relative bias,
+DeBERTa's disentangled relative terms and ModernBERT's sliding windows inside attention, plain or gated
+feed-forwards, with or without biases, DeBERTa-v2's convolution beside the first block.
 
 The model never sees text. It takes a ``PackedBatch`` (real tokens only, FlashAttention's varlen
 layout: ``(tokens,)`` ids and ``cu_seqlens`` offsets), moves it to its device at the door, and every
@@ -15,6 +16,7 @@ heads (``heads.Heads``) run on the same ops over the packed hidden states.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import warnings
 from pathlib import Path
@@ -126,6 +128,8 @@ class Layer:
     ffn_out_bias: torch.Tensor | None
     ffn_norm_weight: torch.Tensor  # (hidden,)
     ffn_norm_bias: torch.Tensor | None
+    rel_keys: torch.Tensor | None = None  # (2 * span, heads, head_dim): DeBERTa's c2p table
+    rel_queries: torch.Tensor | None = None  # (2 * span, heads, head_dim): DeBERTa's p2c table, scaled
 
     @classmethod
     def from_tensors(cls, tensors: dict, index: int, kind: families.LayerKind) -> "Layer":
@@ -153,7 +157,9 @@ class Model:
         self.backend = backend
         self.ops = ops
         self.tensors = tensors
-        self.heads = Heads(config, head_tensors or {}, ops, tensors["embeddings.word"], path)
+        # the word table the masked-LM decoder is tied to (DeBERTa's, before its projection is folded in)
+        self.heads = Heads(config, head_tensors or {}, ops, tensors.get("embeddings.word_unprojected",
+                                                                       tensors["embeddings.word"]), path)
         family = config.family
         self.layers = [Layer.from_tensors(tensors, unique, family.layer(depth))
                        for depth, unique in enumerate(checkpoint.layer_schedule(config))]
@@ -163,6 +169,10 @@ class Model:
         self.relative_bias = (families.relative_bias_by_distance(tensors["relative_bias"],
                                                                  config.max_position_embeddings)
                               if family.relative_bias else None)
+        # DeBERTa: Q's scale, and the row of the relative tables for every distance.
+        self.q_scale = None if family.scale_factor == 1 else 1.0 / math.sqrt(config.head_dim * family.scale_factor)
+        self.rel_index = (families.relative_index_by_distance(family.disentangled, config.max_position_embeddings)
+                          .to(device) if family.disentangled is not None else None)
         self.graphs = GraphRunner(self) if resolve_cuda_graphs(cuda_graphs, device, backend) else None
 
     def __repr__(self) -> str:
@@ -183,19 +193,22 @@ class Model:
         if "embeddings.project.weight" in t:
             x = ops.linear(x, t["embeddings.project.weight"], t["embeddings.project.bias"])  # (T, H)
         cu_seqlens, max_seqlen = batch.cu_seqlens, batch.max_seqlen
-        # Attention needs positions only for a window or a relative bias; BERT's stays position-free.
-        attn_positions = positions if family.relative_bias or any(k.window is not None for k in family.layers) else None
+        # Attention needs positions only for a window or relative terms; BERT's stays position-free.
+        attn_positions = positions if (family.relative_bias or family.disentangled is not None
+                                       or any(k.window is not None for k in family.layers)) else None
         pre_norm = family.norm == "pre"
+        embedded = x  # DeBERTa-v2's convolution reads the embeddings
         h = x  # the input of the next attention: x itself, or LN(x) in a pre-LN block
-        for layer in self.layers:
+        for depth, layer in enumerate(self.layers):
             kind = layer.kind
             if pre_norm and layer.attn_norm_weight is not None:
                 h = ops.layer_norm(x, layer.attn_norm_weight, layer.attn_norm_bias, eps)
             rope = self.rope.get(kind.rope_theta)
             q, k, v = ops.fused_qkv(h, layer.qkv_weight, layer.qkv_bias, c.num_attention_heads,
-                                    positions if rope is not None else None, rope)  # (H, T, D) each
-            a = ops.attention(q, k, v, cu_seqlens, max_seqlen, attn_positions, kind.window,
-                              self.relative_bias)  # (T, hidden)
+                                    positions if rope is not None else None, rope, scale=self.q_scale)  # (H, T, D)
+            a = ops.attention(q, k, v, cu_seqlens, max_seqlen, attn_positions, kind.window, self.relative_bias,
+                              rel_keys=layer.rel_keys, rel_queries=layer.rel_queries,
+                              rel_index=self.rel_index)  # (T, hidden)
             if pre_norm:  # x = x + f(LN(x)); the residual add rides in the GEMM epilogue
                 x = ops.linear(a, layer.attn_out_weight, layer.attn_out_bias, residual=x)
                 h = ops.layer_norm(x, layer.ffn_norm_weight, layer.ffn_norm_bias, eps)
@@ -212,9 +225,36 @@ class Model:
             else:
                 f = ops.linear(f, layer.ffn_out_weight, layer.ffn_out_bias)
                 x = h = ops.add_layer_norm(f, x, layer.ffn_norm_weight, layer.ffn_norm_bias, eps)
+            if depth == 0 and family.conv is not None:  # DeBERTa-v2: LN(x + act(conv(embeddings)))
+                x = h = self._conv(embedded, x, batch)
         if family.final_norm:
             x = ops.layer_norm(x, t["final_norm.weight"], t.get("final_norm.bias"), eps)
         return x
+
+    def _conv(self, embedded: torch.Tensor, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        """DeBERTa-v2's ``ConvLayer``: ``LN(x + act(conv1d(embedded)))`` per sequence, zeros past its ends.
+
+        The convolution is one GEMM over each token's ``kernel_size`` neighbours side by side
+        (``(tokens, kernel * hidden)``, the weight laid out by ``fastenc.family.conv_weight``). A neighbour is
+        the token of the same sequence at ``position + offset``: a position the caller masked out (or past
+        the sequence) is a zero, as in transformers' padded layout, whose masked embeddings are zeros.
+        """
+        ops, t, conv = self.ops, self.tensors, self.config.family.conv
+        tokens = embedded.shape[0]
+        token = torch.arange(tokens, device=embedded.device)
+        sequence = torch.searchsorted(batch.cu_seqlens[1:].long(), token, right=True)  # (T,) which sequence
+        key = sequence * (2 * self.config.max_position_embeddings) + batch.position_ids.long()  # (T,) increasing
+        padded = torch.cat([embedded, embedded.new_zeros(1, embedded.shape[1])])  # row T: the zero neighbour
+        columns = []
+        for offset in range(-(conv.kernel_size // 2), conv.kernel_size // 2 + 1):
+            found = torch.searchsorted(key, key + offset).clamp(max=tokens - 1)
+            columns.append(padded[torch.where(key[found] == key + offset, found, tokens)])
+        neighbours = torch.cat(columns, dim=1)  # (T, kernel * hidden)
+        activation = None if conv.activation == "tanh" else conv.activation
+        out = ops.linear(neighbours, t["conv.weight"], t["conv.bias"], activation)  # (T, hidden)
+        if conv.activation == "tanh":  # not an ops activation (as the pooler's tanh)
+            out = torch.tanh(out)
+        return ops.add_layer_norm(out, x, t["conv.norm.weight"], t["conv.norm.bias"], self.config.layer_norm_eps)
 
     def __call__(self, batch: PackedBatch) -> torch.Tensor:
         """``forward``, replayed from a CUDA graph when the batch is small enough for one."""
@@ -265,8 +305,9 @@ class Model:
     def check_inputs(self, input_ids, attention_mask=None, token_type_ids=None):
         """Validate padded inputs on the host, before any kernel; returns CPU int64 ids and types and a bool
         mask, or raises ``InputError``: an id outside ``[0, vocab_size)``, a token type outside
-        ``[0, type_vocab_size)``, ``seq`` over ``max_length``, mismatched shapes, a rank other than 2, a
-        floating-point ``input_ids``, mask values other than 0/1."""
+        ``[0, type_vocab_size)`` (unless the family ignores them: ``EncoderConfig.ignores_token_types``),
+        ``seq`` over ``max_length``, mismatched shapes, a rank other than 2, a floating-point ``input_ids``,
+        mask values other than 0/1."""
         c = self.config
         ids = _as_tensor(input_ids, "input_ids")
         if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
@@ -303,6 +344,8 @@ class Model:
             if types.is_floating_point() or types.is_complex() or types.dtype == torch.bool:
                 raise InputError(f"token_type_ids must be an integer tensor, got {types.dtype}")
             types = types.cpu().to(torch.long)
+            if c.ignores_token_types:  # as transformers' DeBERTa without a type table: any types, ignored
+                types = torch.zeros_like(ids)
             _check_range(types, max(c.type_vocab_size, 1), "token_type_ids", "type_vocab_size")
         return ids, mask, types
 

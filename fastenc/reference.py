@@ -11,7 +11,7 @@ Conventions shared by every backend:
   are described by ``cu_seqlens`` (``(batch + 1,)`` int32 offsets into the token axis, on the device)
   and ``max_seqlen`` (a host ``int``), as in FlashAttention's varlen interface. A sequence may be empty.
 * ``fused_qkv`` returns Q already multiplied by the softmax scale (``1 / sqrt(head_dim)`` unless the
-  family says otherwise); ``attention`` applies no further scale.
+  family says otherwise: DeBERTa's ``1 / sqrt(head_dim * scale_factor)``); ``attention`` applies no further scale.
 * Heads are ``(heads, tokens, head_dim)`` slabs. With grouped-query attention K and V have
   ``kv_heads`` slabs (``heads % kv_heads == 0``) and query head ``h`` reads K/V head
   ``h // (heads // kv_heads)``, transformers' ``repeat_kv`` order; the kernels never expand them.
@@ -26,7 +26,9 @@ Conventions shared by every backend:
 * The family-specific layouts are prepared once at load (``fastenc/family.py``): gated FFN weights
   with their two halves interleaved row by row, Q and K rows in rotary-pair order, RoPE as a
   ``(positions, head_dim)`` table of cosines and sines, MPNet's bucketed relative bias as a
-  ``(heads, 2 * positions - 1)`` table by distance.
+  ``(heads, 2 * positions - 1)`` table by distance, DeBERTa's relative embeddings projected per layer
+  (``(2 * span, heads, head_dim)``, the queries' already scaled) and its row of them for every distance
+  (``(2 * positions - 1,)`` int32).
 * RMSNorm (the decoder families) follows transformers' roundings, which differ between two forms:
   ``offset == 0`` is ``LlamaRMSNorm`` (also Mistral's, Qwen2's, Qwen3's), ``weight * (x * rstd).to(dtype)``;
   ``offset != 0`` is ``Gemma3RMSNorm``, ``(x * rstd * (offset + weight)).to(dtype)`` with ``offset = 1``.
@@ -157,7 +159,8 @@ def fused_qkv(
     angle whose cosine and sine are ``rope[position, i]`` and ``rope[position, head_dim // 2 + i]`` (the
     interleaved layout; ``fastenc.family.rotary_pair_order`` brings rotate-half checkpoints to it at
     load, and the QK-norm weights must be permuted within the head the same way); then Q is multiplied
-    by ``scale`` (Gemma3: ``query_pre_attn_scalar ** -0.5``). V is neither normalised nor rotated.
+    by ``scale`` (Gemma3: ``query_pre_attn_scalar ** -0.5``; DeBERTa:
+    ``1 / sqrt(head_dim * scale_factor)``). V is neither normalised nor rotated.
     """
     tokens, hidden = x.shape
     kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -193,6 +196,9 @@ def attention(
     bias: torch.Tensor | None = None,  # (heads, 2 * P - 1) float32: score bias by distance, P positions
     *,
     causal: bool = False,  # a query sees only the keys at or before it in its sequence
+    rel_keys: torch.Tensor | None = None,  # (R, heads, head_dim): c2p, DeBERTa's projected relative keys
+    rel_queries: torch.Tensor | None = None,  # (R, heads, head_dim): p2c, its projected relative queries, scaled
+    rel_index: torch.Tensor | None = None,  # (2 * P - 1,) int32: the row of both for each distance
 ) -> torch.Tensor:  # (tokens, heads * head_dim)
     """Attention within each packed sequence: bidirectional, or causal.
 
@@ -207,10 +213,18 @@ def attention(
     to each score (MPNet's relative position bias). With fewer K/V heads than query heads
     (grouped-query attention), query head ``h`` reads K/V head ``h // (heads // kv_heads)``.
 
+    DeBERTa's disentangled attention: with ``r = rel_index[key position - query position + P - 1]``, the
+    score of query ``i`` and key ``j`` gets ``q_i · rel_keys[r, head]`` (content-to-position, c2p) and
+    ``k_j · rel_queries[r, head]`` (position-to-content, p2c), either table ``None`` for a model without
+    that term. Q comes scaled (``fused_qkv``'s ``scale``) and so do ``rel_queries``
+    (``fastenc.family.disentangled_tables``), so the three terms are added unscaled.
+
     Runs torch's ``scaled_dot_product_attention`` on a padded copy with a key-padding mask (padding
-    is added and removed here, and only here, so the rest of the encoder stays packed); a window or a
-    bias becomes a ``(batch, heads, seq, seq)`` float mask here, which only this twin builds. K and V are
-    expanded to every query head here, which only this twin does.
+    is added and removed here, and only here, so the rest of the encoder stays packed); a window, a
+    bias or the relative terms become a ``(batch, heads, seq, seq)`` float mask here, which only this
+    twin builds (the c2p and p2c scores as transformers computes them: each query or key against the
+    relative rows its sequences can reach, then gathered). K and V are expanded to every query head here,
+    which only this twin does.
     """
     heads, tokens, head_dim = q.shape
     batch = cu_seqlens.numel() - 1
@@ -218,8 +232,9 @@ def attention(
         return q.new_zeros(0, heads * head_dim)
     if k.shape[0] != heads:  # grouped-query attention: transformers' repeat_kv
         k, v = (t.repeat_interleave(heads // t.shape[0], dim=0) for t in (k, v))
-    if window is not None or bias is not None:
-        return _attention_with_positions(q, k, v, cu_seqlens, max_seqlen, positions, window, bias, causal)
+    relative = (rel_keys, rel_queries, rel_index) if rel_keys is not None or rel_queries is not None else None
+    if window is not None or bias is not None or relative is not None:
+        return _attention_with_positions(q, k, v, cu_seqlens, max_seqlen, positions, window, bias, causal, relative)
     if tokens == batch * max_seqlen:  # every sequence is full: no padding to add
         def pad(t):  # (heads, tokens, D) -> (batch, heads, seq, D)
             return t.reshape(heads, batch, max_seqlen, head_dim).transpose(0, 1)
@@ -247,8 +262,9 @@ def attention(
     return out[slot]
 
 
-def _attention_with_positions(q, k, v, cu_seqlens, max_seqlen, positions, window, bias, causal):
-    """``attention`` with a window or a position bias: an explicit mask over the padded layout."""
+def _attention_with_positions(q, k, v, cu_seqlens, max_seqlen, positions, window, bias, causal, relative=None):
+    """``attention`` with a window, a position bias or DeBERTa's relative terms: an explicit mask over the
+    padded layout."""
     heads, tokens, head_dim = q.shape
     batch = cu_seqlens.numel() - 1
     cu = cu_seqlens.to(torch.long)
@@ -285,9 +301,45 @@ def _attention_with_positions(q, k, v, cu_seqlens, max_seqlen, positions, window
         index = (distance + span).clamp(0, bias.shape[1] - 1)  # padding's distances are never read
         scores = bias.to(q.dtype)[:, index].permute(1, 0, 2, 3)  # (batch, heads, query, key)
         mask = scores if mask is None else scores.masked_fill(~mask, float("-inf"))
+    if relative is not None:
+        scores = _disentangled_scores(q, k, distance, *relative)  # (batch, heads, query, key)
+        if mask is None or mask.dtype != torch.bool:  # a bias's scores (-inf where masked) add up
+            mask = scores if mask is None else mask + scores
+        else:
+            mask = scores.masked_fill(~mask, float("-inf"))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
     out = out.permute(0, 2, 1, 3).reshape(batch * max_seqlen, heads * head_dim)  # (B*S, hidden)
     return out if full else out[slot]
+
+
+def _disentangled_scores(q, k, distance, rel_keys, rel_queries, rel_index):
+    """DeBERTa's c2p + p2c scores ``(batch, heads, query, key)`` over the padded layout. ``q``, ``k``:
+    ``(batch, heads, seq, head_dim)``; ``distance``: ``(batch, query, key)``, key position - query position.
+
+    As transformers does, every query (c2p) and key (p2c) is scored against the relative rows and the
+    scores are gathered by each pair's row; only the rows the sequences' distances can reach are scored
+    (a contiguous range: the row is monotone in the distance), not all ``2 * span``.
+    """
+    center = (rel_index.shape[0] - 1) // 2  # the column of distance 0
+    index = rel_index.long()[(distance + center).clamp(0, 2 * center)]  # (batch, query, key)
+    reach = min(center, int(distance.abs().max()))  # padding's distances too: a superset of the real ones
+    lo = int(rel_index[center - reach:center + reach + 1].min())
+    hi = int(rel_index[center - reach:center + reach + 1].max()) + 1
+    index = (index - lo).clamp(0, hi - lo - 1)[:, None]  # (batch, 1, query, key)
+    batch, heads, seq, head_dim = q.shape
+
+    def against_rows(x, table):  # (batch, heads, seq, D) x (rows, heads, D) -> (batch, heads, seq, rows)
+        per_head = x.transpose(0, 1).reshape(heads, batch * seq, head_dim)  # one (B*S, D) GEMM per head
+        out = torch.bmm(per_head, table[lo:hi].to(x.dtype).permute(1, 2, 0))  # (heads, B*S, rows)
+        return out.view(heads, batch, seq, hi - lo).transpose(0, 1)
+
+    scores = None
+    if rel_keys is not None:
+        scores = against_rows(q, rel_keys).gather(-1, index.expand(batch, heads, seq, seq))
+    if rel_queries is not None:
+        p2c = against_rows(k, rel_queries).gather(-1, index.transpose(-1, -2).expand(batch, heads, seq, seq))
+        scores = p2c.transpose(-1, -2) if scores is None else scores.add_(p2c.transpose(-1, -2))
+    return scores
 
 
 def add_layer_norm(

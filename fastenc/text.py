@@ -3,6 +3,8 @@
 ``load_tokenizer`` reads the tokenizer files: ``tokenizer.json`` as is; without it a WordPiece tokenizer
 from ``vocab.txt`` (BERT-style normalisation, ``[CLS] … [SEP]``) or a byte-level BPE from ``vocab.json``
 + ``merges.txt`` (RoBERTa-style, ``<s> … </s>``), with ``tokenizer_config.json``'s casing and special tokens.
+A SentencePiece model alone (DeBERTa-v3's ``spm.model``, XLM-R's ``sentencepiece.bpe.model``) is not read:
+``missing_tokenizer`` says, in one line, how to write its ``tokenizer.json``.
 
 ``Tokenization`` is the one component every caller goes through (``embed`` and its relatives, the
 pipelines, the server, Ray): it owns the tokenizer and the lock that guards its truncation setting
@@ -44,7 +46,7 @@ from .pooling import QueryExpansion, SentenceConfig
 _VERY_LARGE = int(1e30)  # transformers' model_max_length when tokenizer_config.json gives none
 # The families whose transformers tokenizers send token_type_ids; the others' models see type 0 everywhere
 # (RoBERTa's pair encodings carry type 1, which its one-row type table does not have).
-TOKEN_TYPE_FAMILIES = ("bert", "electra", "albert", "nomic_bert")
+TOKEN_TYPE_FAMILIES = ("bert", "electra", "albert", "nomic_bert", "deberta-v2")
 
 
 def _read_json(path: Path) -> dict:
@@ -80,6 +82,22 @@ def load_tokenizer(directory: Path) -> Tokenizer | None:
     tokenizer.no_padding()
     tokenizer.no_truncation()
     return tokenizer
+
+
+SENTENCEPIECE_FILES = ("spm.model", "sentencepiece.bpe.model", "tokenizer.model")
+
+
+def missing_tokenizer(directory: Path | None) -> str:
+    """Why a checkpoint has no tokenizer fastenc can use, in one line that says what to do."""
+    where = directory if directory is not None else "this encoder"
+    found = [name for name in SENTENCEPIECE_FILES if directory is not None and (Path(directory) / name).is_file()]
+    if found:
+        return (f"{where}: the tokenizer is SentencePiece ({found[0]}) without a tokenizer.json, which fastenc needs; "
+                f"write one with: python -c \"from transformers import AutoTokenizer; "
+                f"AutoTokenizer.from_pretrained('{where}').save_pretrained('{where}')\" "
+                "(transformers converts it with the sentencepiece and protobuf packages)")
+    return (f"{where}: no tokenizer files (tokenizer.json, vocab.txt or vocab.json + merges.txt); "
+            "pass token ids to the encoder instead")
 
 
 def _wordpiece(vocab: Path, settings: dict) -> Tokenizer:

@@ -6,9 +6,13 @@ suite covers head dims 24, 28, 32 and 40, intermediate sizes that are not powers
 ``embedding_size != hidden_size``, ALBERT's shared layer, RoBERTa-style ``pad_token_id = 1`` and both
 ``gelu`` and ``gelu_new``.
 
-The families after BERT (``NEW_FAMILIES``: MPNet, ModernBERT, NomicBERT, GTE) are built the same way;
-ModernBERT's tiny config has a window of ±8 tokens (``local_attention=16``) so that short test
-sequences already span several windows, and three layers (global, local, local).
+The families after BERT (``NEW_FAMILIES``: MPNet, ModernBERT, NomicBERT, GTE, DeBERTa-v2) are built the
+same way; ModernBERT's tiny config has a window of ±8 tokens (``local_attention=16``) so that short test
+sequences already span several windows, and three layers (global, local, local). DeBERTa's is v3's
+kind (no absolute positions, shared position keys, normalised relative embeddings, c2p and p2c) with an
+odd head dim (42 / 2 = 21) and 8 position buckets (distances past ±4 are log-bucketed up to 96), so
+every test text reaches past them; its tokenizer is a SentencePiece-style Unigram (transformers'
+``DebertaV2Tokenizer``) saved as tokenizer.json.
 
 Main entry points::
 
@@ -81,7 +85,7 @@ __all__ = [
 ]
 
 FAMILIES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "albert")
-NEW_FAMILIES = ("mpnet", "modernbert", "nomic_bert", "gte")
+NEW_FAMILIES = ("mpnet", "modernbert", "nomic_bert", "gte", "deberta-v2")
 ALL_FAMILIES = FAMILIES + NEW_FAMILIES
 HEADS = ("mlm", "sequence_classification", "token_classification", "question_answering", "pretraining")
 
@@ -99,6 +103,7 @@ WORDPIECE_FAMILIES = ("bert", "distilbert", "electra", "albert", "nomic_bert")
 BPE_FAMILIES = ("roberta", "xlm-roberta", "camembert", "gte")
 MPNET_FAMILIES = ("mpnet",)  # WordPiece with MPNet's <s> <pad> </s> <unk> <mask> specials
 MODERNBERT_FAMILIES = ("modernbert",)  # byte-level BPE with [CLS] [SEP] [PAD] [UNK] [MASK]
+DEBERTA_FAMILIES = ("deberta-v2",)  # Unigram (SentencePiece) with [PAD] [CLS] [SEP] [UNK] ... [MASK]
 
 # Config kwargs per family (vocab_size is filled in from the tokenizer).  Head dims:
 #   bert 72/3 = 24, albert 96/4 = 24, roberta / xlm-roberta / camembert 64/2 = 32,
@@ -236,6 +241,25 @@ FAMILY_DEFAULTS: dict[str, dict] = {
         layer_norm_eps=1e-12,
         pad_token_id=0,
     ),
+    # DeBERTa-v3's kind, head dim 42 / 2 = 21 (odd), 8 buckets: exact within ±4, log-bucketed beyond.
+    "deberta-v2": dict(
+        hidden_size=42,
+        num_attention_heads=2,
+        num_hidden_layers=2,
+        intermediate_size=111,  # 37 * 3
+        max_position_embeddings=96,
+        type_vocab_size=0,
+        hidden_act="gelu",
+        layer_norm_eps=1e-7,
+        relative_attention=True,
+        position_buckets=8,
+        max_relative_positions=-1,
+        pos_att_type=["p2c", "c2p"],
+        share_att_key=True,
+        norm_rel_ebd="layer_norm",
+        position_biased_input=False,
+        pad_token_id=0,
+    ),
     "gte": dict(
         hidden_size=56,
         num_attention_heads=2,
@@ -293,6 +317,8 @@ SAVED_TIED_KEYS.update({
     "nomic_bert": {"cls.predictions.decoder.weight": "nomic_bert.embeddings.word_embeddings.weight",
                    "cls.predictions.decoder.bias": "cls.predictions.bias"},
     "gte": {"lm_head.decoder.weight": "gte.embeddings.word_embeddings.weight"},
+    "deberta-v2": {"cls.predictions.decoder.weight": "deberta.embeddings.word_embeddings.weight",
+                   "cls.predictions.decoder.bias": "cls.predictions.bias"},
 })
 
 
@@ -507,6 +533,31 @@ def _modernbert_tokenizer():
     return tok
 
 
+DEBERTA_SPECIALS = ["[PAD]", "[CLS]", "[SEP]", "[UNK]"]  # ids 0-3, [MASK] last, as in DeBERTa-v3's vocabulary
+
+
+def deberta_vocab() -> list[tuple[str, float]]:
+    """A small Unigram vocabulary, (piece, log-probability): words with SentencePiece's "▁", letters (both
+    cases), digits, punctuation, a few suffixes."""
+    pieces = ["▁" + word for word in _WP_WORDS]
+    for ch in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789":
+        pieces += ["▁" + ch, ch]
+    pieces += _WP_PUNCT + ["▁" + p for p in ".,!?"] + ["▁", "s", "es", "ed", "ing", "ly", "er", "tion"]
+    unique = list(dict.fromkeys(pieces))
+    scores = [-2.0 - 0.1 * len(p) if p.startswith("▁") else -4.0 - 0.3 * len(p) for p in unique]
+    return [(t, 0.0) for t in DEBERTA_SPECIALS] + list(zip(unique, scores)) + [("[MASK]", 0.0)]
+
+
+def _deberta_tokenizer(path: pathlib.Path, max_positions: int) -> None:
+    """DeBERTa-v3's kind of tokenizer, built by transformers' own ``DebertaV2Tokenizer`` (Unigram, Metaspace,
+    ``[CLS] A [SEP] B [SEP]`` with token types), saved as tokenizer.json + tokenizer_config.json."""
+    from transformers import DebertaV2Tokenizer
+
+    with quiet_transformers():
+        tok = DebertaV2Tokenizer(vocab=deberta_vocab(), do_lower_case=False, model_max_length=max_positions)
+        tok.save_pretrained(str(path))
+
+
 def tokenizer_size(family: str) -> int:
     if family in WORDPIECE_FAMILIES:
         return len(wordpiece_vocab())
@@ -514,6 +565,8 @@ def tokenizer_size(family: str) -> int:
         return len(MPNET_SPECIALS) + len([t for t in wordpiece_vocab() if t not in _WP_SPECIALS])
     if family in BPE_FAMILIES or family in MODERNBERT_FAMILIES:
         return len(_bpe_vocab_merges()[0])
+    if family in DEBERTA_FAMILIES:
+        return len(deberta_vocab())
     raise ValueError(f"unknown family {family!r}; expected one of {ALL_FAMILIES}")
 
 
@@ -525,12 +578,14 @@ def special_ids(family: str) -> dict[str, int]:
         return {"cls": 0, "pad": 1, "sep": 2, "unk": 3, "mask": 4}
     if family in MODERNBERT_FAMILIES:
         return {"unk": 0, "cls": 1, "sep": 2, "pad": 3, "mask": 4}
+    if family in DEBERTA_FAMILIES:
+        return {"pad": 0, "cls": 1, "sep": 2, "unk": 3, "mask": len(deberta_vocab()) - 1}
     raise ValueError(f"unknown family {family!r}; expected one of {ALL_FAMILIES}")
 
 
 def mask_token(family: str) -> str:
     """The mask token of the family's test tokenizer."""
-    if family in MODERNBERT_FAMILIES or family in WORDPIECE_FAMILIES:
+    if family in MODERNBERT_FAMILIES or family in WORDPIECE_FAMILIES or family in DEBERTA_FAMILIES:
         return "[MASK]"
     return "<mask>"
 
@@ -554,6 +609,11 @@ def _write_tokenizer(path: pathlib.Path, family: str, mode: str | None, max_posi
         return
     if mode not in ("json", "vocab"):
         raise ValueError(f"tokenizer must be 'json', 'vocab' or None, not {mode!r}")
+    if family in DEBERTA_FAMILIES:
+        if mode != "json":
+            raise ValueError(f"{family} checkpoints are built with tokenizer.json only")
+        _deberta_tokenizer(path, max_positions)
+        return
     if family in MPNET_FAMILIES or family in MODERNBERT_FAMILIES:
         pass  # below
     elif family in WORDPIECE_FAMILIES:
@@ -733,6 +793,8 @@ def _check_tied(model, family: str, head: str | None) -> None:
     out = model.get_output_embeddings()
     if out is None:  # e.g. ElectraForPreTraining (discriminator) has no LM head
         return
+    if family == "deberta-v2" and getattr(model.config, "legacy", True) is False:
+        return  # its "output embeddings" are the head's dense layer: the decoder is the word embeddings, always
     if getattr(model.config, "tie_word_embeddings", True):
         if out.weight is not model.get_input_embeddings().weight:
             raise RuntimeError(f"{family}/{head}: decoder weight is not tied to the word embeddings")

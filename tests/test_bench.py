@@ -35,7 +35,7 @@ TINY_WIDE = bench.ModelSpec("bert-tiny-wide", layers=1, hidden=48, heads=2, inte
 # One tiny spec per family after BERT (ModernBERT: global, local, local with a window of ±4 the sequences span)
 TINY_FAMILIES = {family: bench.ModelSpec(f"{family}-tiny", layers=3, hidden=32, heads=2, intermediate=40, vocab=200,
                                          family=family, local_attention=8)
-                 for family in ("mpnet", "modernbert", "nomic_bert", "gte")}
+                 for family in ("mpnet", "modernbert", "nomic_bert", "gte", "deberta-v2")}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -161,17 +161,19 @@ def test_each_family_case_is_checked_then_timed(monkeypatch, one_thread, family)
     if family not in CONFIG_MAPPING:  # the twin's transformers 5.17 has no GTE: a clean skip, no crash
         assert report.rows == [] and all(f"has no '{family}' model" in r for r in reasons.values()), reasons
         return
-    timed = {"fastenc", "fastenc-packed", "hf-eager", "recording"} | ({"hf-sdpa"} if family != "mpnet" else set())
+    no_sdpa = family in ("mpnet", "deberta-v2")
+    timed = {"fastenc", "fastenc-packed", "hf-eager", "recording"} | (set() if no_sdpa else {"hf-sdpa"})
     measured = {(r["case"], r["provider"]) for r in report.rows}
     assert measured == {(f"{spec.name}:{case}", p) for case in ("2x8", "var3x5-24") for p in timed}
     for case in ("2x8", "var3x5-24"):
         reason = reasons[(f"{spec.name}:{case}", "wrong")]
         assert "check" in reason and "FAIL" in reason
-    if family == "mpnet":
-        assert reasons[(f"{spec.name}:all", "hf-sdpa")] == ("transformers' MPNetModel has no SDPA attention "
+    if no_sdpa:
+        model = {"mpnet": "MPNetModel", "deberta-v2": "DebertaV2Model"}[family]
+        assert reasons[(f"{spec.name}:all", "hf-sdpa")] == (f"transformers' {model} has no SDPA attention "
                                                              "(_supports_sdpa is False)")
         assert "hf-eager" in reasons[(f"{spec.name}:2x8", "wrong")]  # its float32 reference runs eager
-    assert len(reasons) == 2 + (family == "mpnet")
+    assert len(reasons) == 2 + no_sdpa
     types = family in ("nomic_bert", "gte")
     assert ("token_type_ids" in seen["cpu"]) == ("token_type_ids" in seen["device"]) == types
     var = {r["metric"]: r for r in report.rows if r["provider"] == "fastenc" and r["case"].endswith("var3x5-24")}

@@ -108,9 +108,9 @@ def test_sliding_window_spans_many_windows(modernbert_dir, backend, monkeypatch)
     encoder = fastenc.Encoder.from_pretrained(modernbert_dir, backend=backend)
     windows, attention = [], encoder.model.ops.attention
 
-    def spy(q, k, v, cu_seqlens, max_seqlen, positions=None, window=None, bias=None):
+    def spy(q, k, v, cu_seqlens, max_seqlen, positions=None, window=None, bias=None, **relative):
         windows.append(window)
-        return attention(q, k, v, cu_seqlens, max_seqlen, positions, window, bias)
+        return attention(q, k, v, cu_seqlens, max_seqlen, positions, window, bias, **relative)
 
     monkeypatch.setattr(encoder.model, "ops", _Replace(encoder.model.ops, attention=spy))
     ids, mask, types = family_batch(encoder, "modernbert", [90, 3], seed=2)

@@ -254,7 +254,7 @@ def test_pipeline_on_an_encoder_and_aliases():
 
 def test_pipeline_needs_a_tokenizer(tmp_path):
     path = C.make_checkpoint(tmp_path / "notok", "bert", head="mlm", tokenizer=None)
-    with pytest.raises(LoadError, match="needs the checkpoint's tokenizer files"):
+    with pytest.raises(LoadError, match="needs the checkpoint's tokenizer: .*no tokenizer files"):
         fastenc.pipeline("fill-mask", path, device="cpu")
 
 

@@ -259,7 +259,7 @@ DOCUMENTS = ["Paris is the capital of France.", "The cat sat on the mat.", "", "
              "France is a country in Europe; its capital is Paris.", "a"]
 
 
-@pytest.mark.parametrize("family, activation", [("bert", None), ("roberta", torch.nn.Identity())])
+@pytest.mark.parametrize("family, activation", [("bert", None), ("roberta", torch.nn.Identity()), ("deberta-v2", None)])
 def test_rerank_matches_cross_encoder(tmp_path, family, activation):
     from sentence_transformers import CrossEncoder
 

@@ -20,8 +20,9 @@ from .report import E2E_BASELINE, Report, _exc_line
 
 
 # ============================================================================================= models
-FAMILIES = ("bert", "mpnet", "modernbert", "nomic_bert", "gte")  # the ``model_type`` each spec builds
+FAMILIES = ("bert", "mpnet", "modernbert", "nomic_bert", "gte", "deberta-v2")  # the ``model_type`` each spec builds
 GATED_FAMILIES = ("modernbert", "nomic_bert", "gte")  # GeGLU / SwiGLU: the FFN-in projection is H -> 2·I
+DEBERTA_BUCKETS = 256  # DeBERTa-v3's position_buckets
 TOKEN_TYPE_FAMILIES = ("bert", "nomic_bert", "gte")  # their transformers models take token_type_ids
 
 
@@ -35,7 +36,9 @@ class ModelSpec:
     ``embed`` comparison of the GPU check, ``benchmarks/gpu_check``, only). ``local_attention`` and
     ``global_every`` are ModernBERT's: a global layer every ``global_every`` layers (the first is one),
     sliding windows of ``local_attention`` tokens (keys within ``±local_attention // 2``) between;
-    ``model`` builds it.
+    ``model`` builds it. DeBERTa (``deberta-v2``) is built as DeBERTa-v3 is configured: 256 position
+    buckets, c2p and p2c, shared position keys, normalised relative embeddings, no absolute positions, no
+    token types.
     """
 
     name: str
@@ -99,7 +102,7 @@ class ModelSpec:
     @property
     def max_positions(self) -> int:
         """``max_position_embeddings`` (MPNet's 514: positions start after its padding id, 512 usable)."""
-        return {"bert": 512, "mpnet": 514, "nomic_bert": 2048}.get(self.family, 8192)
+        return {"bert": 512, "mpnet": 514, "nomic_bert": 2048, "deberta-v2": 512}.get(self.family, 8192)
 
     @property
     def pad_id(self) -> int:
@@ -114,9 +117,9 @@ class ModelSpec:
 
     def flops(self, lengths: list[int]) -> int:
         """``encoder_flops`` for this family: gated FFNs count three ``H×I`` projections, sliding-window
-        layers only the pairs within their window."""
+        layers only the pairs within their window, DeBERTa's attention its c2p and p2c dot products."""
         return encoder_flops(lengths, self.hidden, self.intermediate, self.layers, gated=self.gated,
-                             windows=self.windows)
+                             windows=self.windows, relative_terms=2 if self.family == "deberta-v2" else 0)
 
     @property
     def parameters(self) -> int:
@@ -129,6 +132,8 @@ class ModelSpec:
         if self.family in ("bert", "mpnet"):  # absolute positions; biases everywhere; MPNet's 32 buckets per head
             embeddings += self.max_positions * h + (32 * self.heads if self.family == "mpnet" else 0)
             return embeddings + layers * (4 * h * h + 2 * h * i + 9 * h + i)
+        if self.family == "deberta-v2":  # BERT's blocks; 2 x 256 relative embeddings and their LayerNorm
+            return embeddings + 2 * DEBERTA_BUCKETS * h + 2 * h + layers * (4 * h * h + 2 * h * i + 9 * h + i)
         if self.family == "nomic_bert":  # linears without bias
             return embeddings + layers * (4 * h * h + 3 * h * i + 4 * h)
         return embeddings + layers * (4 * h * h + 3 * h * i + 9 * h)  # gte: no bias on the gated FFN-in
@@ -150,6 +155,9 @@ MODELS = {
                                     family="modernbert"),
     "nomic-embed-2l": ModelSpec("nomic-embed-2l", layers=2, vocab=30528, family="nomic_bert"),
     "gte-base-2l": ModelSpec("gte-base-2l", layers=2, vocab=30528, family="gte"),
+    # DeBERTa-v3-base (12 x 768, its 128k vocabulary) and its CPU stand-in
+    "deberta-v3-base": ModelSpec("deberta-v3-base", vocab=128100, family="deberta-v2"),
+    "deberta-v3-base-2l": ModelSpec("deberta-v3-base-2l", layers=2, vocab=128100, family="deberta-v2"),
 }
 
 
@@ -185,6 +193,11 @@ def _family_config(spec: ModelSpec):
                                             spec.local_attention, global_attn_every_n_layers=spec.global_every)
     if spec.family == "mpnet":
         return CONFIG_MAPPING["mpnet"](**sizes, hidden_act="gelu", bos_token_id=0, eos_token_id=2)
+    if spec.family == "deberta-v2":  # DeBERTa-v3's config.json
+        return CONFIG_MAPPING["deberta-v2"](**sizes, hidden_act="gelu", type_vocab_size=0, layer_norm_eps=1e-7,
+                                            relative_attention=True, position_buckets=DEBERTA_BUCKETS,
+                                            max_relative_positions=-1, pos_att_type=["p2c", "c2p"],
+                                            share_att_key=True, norm_rel_ebd="layer_norm", position_biased_input=False)
     act = "silu" if spec.family == "nomic_bert" else "gelu"  # SwiGLU (nomic-embed), GeGLU (gte-*-v1.5)
     return CONFIG_MAPPING[spec.family](**sizes, hidden_act=act, type_vocab_size=spec.token_types)
 
@@ -479,8 +492,10 @@ def config_flops(config, lengths: list[int]) -> int:
     each layer's window."""
     family = config.family
     windows = tuple(family.layer(i).window for i in range(config.num_hidden_layers))
+    spec = family.disentangled
+    terms = 0 if spec is None else int(spec.c2p) + int(spec.p2c)
     return encoder_flops(lengths, config.hidden_size, config.intermediate_size, config.num_hidden_layers,
-                         gated=family.ffn == "gated", windows=windows)
+                         gated=family.ffn == "gated", windows=windows, relative_terms=terms)
 
 
 def _reason(exc: BaseException) -> str:

@@ -29,7 +29,7 @@ WARMUP_MS, REP_MS = 25.0, 100.0
 
 # =============================================================================================== work
 def encoder_flops(lengths: list[int], hidden: int, intermediate: int, layers: int, *, gated: bool = False,
-                  windows: tuple[int | None, ...] | None = None) -> int:
+                  windows: tuple[int | None, ...] | None = None, relative_terms: int = 0) -> int:
     """FLOPs of the encoder layers on real tokens only (see the package docstring).
 
     Per layer: ``2·T·(4·H² + 2·H·I)`` for the Q, K, V, output and two FFN projections (``gated``: the FFN-in
@@ -37,7 +37,8 @@ def encoder_flops(lengths: list[int], hidden: int, intermediate: int, layers: in
     ``4·P·H`` for ``QKᵀ`` and ``PV`` (``2·head_dim`` per (query, key) pair and head; heads·head_dim = H), ``P``
     the pairs the layer attends: ``Σ L_i²`` for a global layer, only the pairs within the window for a
     sliding-window one (``windows``: one entry per layer, the window ``w`` — keys within ``±w`` positions of
-    the query — or None for every key; None: every layer global).
+    the query — or None for every key; None: every layer global). DeBERTa's ``relative_terms`` (c2p, p2c)
+    each add one more ``head_dim`` dot product per pair and head: ``2·P·H`` a term.
     """
     if windows is None:
         windows = (None,) * layers
@@ -46,7 +47,8 @@ def encoder_flops(lengths: list[int], hidden: int, intermediate: int, layers: in
     tokens = sum(lengths)
     ffn = 3 if gated else 2
     projections = 2 * tokens * (4 * hidden * hidden + ffn * hidden * intermediate)
-    return layers * projections + sum(attention_flops(lengths, hidden, window) for window in windows)
+    attention = sum(attention_flops(lengths, hidden, window) * (2 + relative_terms) // 2 for window in windows)
+    return layers * projections + attention
 
 
 def attention_flops(lengths: list[int], hidden: int, window: int | None = None) -> int:

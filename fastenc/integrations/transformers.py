@@ -31,7 +31,8 @@ width: transformers passes ``sliding_window + 1``, flash-attention's inclusive b
 windowed kernel, which skips the key blocks outside the window. Whatever falls back to ``sdpa`` from
 there gets the windowed mask ``"sdpa"`` would have built. The other families after BERT (NomicBERT,
 GTE, ModernBERT's global layers) rotate Q and K before calling the interface, so theirs is plain
-attention. MPNet computes its attention itself (with its relative bias), without the interface.
+attention. MPNet and DeBERTa compute their attention themselves (with their relative terms), without the
+interface; ``optimize`` runs both on fastenc.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ KERNELS = (
                   "pre-scaled; per-head QK RMSNorm and RoPE in the epilogue"),
     ("attention", "flash attention (online softmax, exp2) over packed variable-length sequences; causal "
                   "(key blocks above the diagonal skipped), grouped-query K/V, sliding window skipping key "
-                  "blocks, relative position bias"),
+                  "blocks, relative position bias, DeBERTa's c2p/p2c terms per tile"),
     ("add_layer_norm", "LayerNorm(x + residual), one row per program, fp32 statistics"),
     ("layer_norm", "LayerNorm(x), one row per program, fp32 statistics"),
     ("gelu_layer_norm", "LayerNorm(act(x)), one row per program, fp32 statistics"),

@@ -73,6 +73,10 @@ MODELS = {
                             num_hidden_layers=2, global_attn_every_n_layers=2),
     "nomic-embed": dict(model_type="nomic_bert", hidden_size=768, num_attention_heads=12, intermediate_size=3072),
     "gte-base": dict(model_type="gte", hidden_size=768, num_attention_heads=12, intermediate_size=3072),
+    "deberta-v3-base": dict(model_type="deberta-v2", hidden_size=768, num_attention_heads=12, intermediate_size=3072,
+                            type_vocab_size=0, relative_attention=True, position_buckets=256,
+                            pos_att_type=["p2c", "c2p"], share_att_key=True, norm_rel_ebd="layer_norm",
+                            position_biased_input=False),
 }
 # Decoder backbones (embedders and rerankers), compiled op by op (``decoder_forward``): one layer's kernels
 # with the constexprs their families need. window: Gemma3's local layers (transformers' sliding_window - 1).
@@ -227,12 +231,12 @@ def _tiles_128(kernel: str, arguments: dict, config: dict) -> int | None:
 
 
 GEMM_KERNELS = ("linear", "gated_linear", "fused_qkv")
-CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_D", "BLOCK_Q", "BLOCK", "GROUP_M")
+CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_D", "BLOCK_Q", "BLOCK", "GROUP_M", "REL_W")
 SHAPE_KEYS = ("K", "N", "HEAD_DIM", "n_cols", "ACTIVATION", "POOLING")
 # The families' constexpr flags, shown with the shape where they differ from BERT's kernels.
 FLAG_DEFAULTS = {"HAS_BIAS": True, "HAS_POSITIONS": True, "HAS_RESIDUAL": False, "ROPE": False, "WINDOW": False,
                  "REL_BIAS": False, "CAUSAL": False, "QK_NORM": False, "HAS_NORM": True, "HAS_SCALE": False,
-                 "OFFSET": False}
+                 "OFFSET": False, "C2P": False, "P2C": False}
 
 
 @contextlib.contextmanager
@@ -254,7 +258,7 @@ def compile_only(arch: int):
 
 def encoder_for(model: str, dtype: torch.dtype):
     """A one-layer model of ``model``'s shape over uninitialised CPU tensors, on the Triton ops."""
-    from fastenc import checkpoint, kernels
+    from fastenc import checkpoint, family, kernels
     from fastenc.config import EncoderConfig
     from fastenc.model import Model
 
@@ -266,6 +270,9 @@ def encoder_for(model: str, dtype: torch.dtype):
     config = EncoderConfig.from_dict(raw, source=model)
     shapes = checkpoint.encoder_shapes(config)
     tensors = {name: torch.empty(shapes[name], dtype=dtype) for name in checkpoint.encoder_names(config)}
+    # the kernels' layouts and DeBERTa's tables, as at load
+    tensors = family.prepare(tensors, config.family, config.num_attention_heads,
+                             checkpoint.num_unique_layers(config), eps=config.layer_norm_eps)
     return Model(config, tensors, device=torch.device("cpu"), dtype=dtype, backend="triton", ops=kernels,
                  cuda_graphs=False)
 
@@ -382,7 +389,8 @@ def sweep_report(archs=(90, 86), dtypes=("fp16", "bf16", "fp32")) -> list[Kernel
 
 def positional_sweep_report(archs=(90, 86), dtypes=("fp16", "bf16", "fp32"),
                             head_dims=SWEEP_HEAD_DIMS) -> list[KernelBuild]:
-    """The windowed and the relative-bias attention (ModernBERT's local layers, MPNet) at every head dim."""
+    """The windowed, the relative-bias and the disentangled attention (ModernBERT's local layers, MPNet,
+    DeBERTa with c2p and p2c over 256 buckets) at every head dim."""
     from fastenc import kernels
 
     lengths = [7, 128, 1, 127]
@@ -390,6 +398,7 @@ def positional_sweep_report(archs=(90, 86), dtypes=("fp16", "bf16", "fp32"),
     tokens, builds = sum(lengths), []
     positions = torch.zeros(tokens, dtype=torch.long)
     bias = torch.empty(2, 2 * 514 - 1, dtype=torch.float32)
+    rel_index = torch.zeros(2 * 512 - 1, dtype=torch.int32)
     for arch in archs:
         for name in dtypes:
             with compile_only(arch) as driver:
@@ -397,6 +406,9 @@ def positional_sweep_report(archs=(90, 86), dtypes=("fp16", "bf16", "fp32"),
                     q = torch.empty(2, tokens, head_dim, dtype=DTYPES[name])
                     kernels.attention(q, q, q, cu_seqlens, max(lengths), positions, 64)
                     kernels.attention(q, q, q, cu_seqlens, max(lengths), positions, None, bias)
+                    tables = torch.empty(512, 2, head_dim, dtype=DTYPES[name])
+                    kernels.attention(q, q, q, cu_seqlens, max(lengths), positions, rel_keys=tables,
+                                      rel_queries=tables, rel_index=rel_index)
                 builds.extend(driver.builds(name, "sweep"))
     return builds
 
@@ -491,8 +503,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="bert-base,minilm", help=f"from {', '.join([*MODELS, *DECODERS])}")
     parser.add_argument("--markdown", type=Path, help="write the table here too")
     parser.add_argument("--json", type=Path, help="write the builds as JSON here")
-    parser.add_argument("--positional", action="store_true", help="with --sweep: the windowed and relative-bias "
-                        "attention (ModernBERT, MPNet) at every head dim, instead")
+    parser.add_argument("--positional", action="store_true", help="with --sweep: the windowed, relative-bias and "
+                        "disentangled attention (ModernBERT, MPNet, DeBERTa) at every head dim, instead")
     parser.add_argument("--decoder", action="store_true", help="with --sweep: the decoders' causal attention, "
                         "fused QKV with QK-norm and RMSNorms at every head dim and width, instead")
     parser.add_argument("--sweep", action="store_true", help="attention at every head dim, the row kernels at "

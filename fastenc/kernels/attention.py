@@ -45,8 +45,35 @@ path guards the online softmax against ``-inf - (-inf)``.
 Relative position bias (``REL_BIAS``, MPNet): ``bias[head, key position - query position + P - 1]`` is
 added to each fp32 score, read from the ``(heads, 2P - 1)`` table by distance built once at load
 (``fastenc.family.relative_bias_by_distance``, transformers' own buckets); no ``(seq, seq)`` bias is
-ever made. A window and a bias are independent constexprs; plain BERT attention compiles to what
-it was without either.
+ever made. A window, a bias and DeBERTa's terms (below) are independent constexprs; plain BERT
+attention compiles to what it was without any.
+
+DeBERTa's disentangled attention (``C2P``, ``P2C``): each score also gets ``q_i · Kr[r]`` (content to
+position) and ``k_j · Qr[r]`` (position to content), ``r = rel_index[pos_j - pos_i + P - 1]`` the row of
+the pair's bucketed distance (``fastenc.family.relative_index_by_distance``), ``Kr`` and ``Qr`` the layer's
+projected relative embeddings ``(2 * span, heads, head_dim)``, made once at load (``Qr`` carries the
+softmax scale, as Q does). Per step, a program's ``BLOCK_M x BLOCK_N`` pairs span at most
+``BLOCK_M + BLOCK_N - 1`` consecutive distances (positions grow by one per token; by more across the
+holes of a mask, which only adds windows). ``_relative_scores`` loads the table rows of a window of
+``REL_W`` consecutive distances (one int32 index each), scores the query tile and the key tile against
+them with two more ``tl.dot`` — ``(BLOCK_M, REL_W)`` c2p and ``(BLOCK_N, REL_W)`` p2c — and picks each
+pair's column with ``tl.gather`` along the diagonal ``distance - first distance``. Nothing of size
+``tokens x tokens`` (nor ``tokens x buckets``) is ever written to memory; what is materialised is the
+per-layer tables, ``2 * 2 * span * hidden`` values whatever the batch.
+
+Its cost, per step of a ``BLOCK_M x BLOCK_N`` tile and head dim ``D``: ``QK^T`` and ``PV`` are
+``2 * BLOCK_M * BLOCK_N * D`` multiply-adds; the relative terms add ``(BLOCK_M + BLOCK_N) * REL_W * D``
+per window (and two register gathers of ``BLOCK_M * BLOCK_N``), ``ceil((BLOCK_M + BLOCK_N - 1) / REL_W)``
+windows. With sm_90's ``64 x 64`` tiles and two windows of 64 that is twice the tile's own tensor-core
+work: disentangled attention does about 3x plain attention's multiply-adds (4x with sm_8x's ``64 x 32``),
+all on tensor cores, reading ``2 * REL_W`` table rows a window from L2 (the tables are 1.5 MiB a layer
+for DeBERTa-v3-base in fp16).
+The alternative — materialising every query's and key's scores against all ``2 * span`` rows,
+``(heads, tokens, 2 * span)`` twice (transformers' c2p/p2c matrices before its gather, minus the
+gather) — costs ``2 * 2 * span * D`` multiply-adds per token and head whatever the sequence length
+(at span 256: 4x the whole attention of a 128-token sequence, 1x at 512) plus writing and reading
+``2 * 2 * span`` values per token and head (48 KiB per token and layer in fp32 for 12 heads) and one
+gathered load per term per score: memory-bound, and never cheaper here for head dim 64.
 
 Causal attention (``CAUSAL``, the decoders): a query sees the keys at or before it in its sequence
 (by index: positions do not enter causality). A program for the queries ``m0 .. m0 + BLOCK_M - 1``
@@ -103,6 +130,53 @@ def _load_rows(
 
 
 @triton.jit
+def _relative_scores(
+    q,  # (BLOCK_M, BLOCK_D) input dtype, scaled
+    k,  # (BLOCK_N, BLOCK_D) input dtype
+    pos_q,  # (BLOCK_M,) int32 query positions
+    pos_k,  # (BLOCK_N,) int32 key positions
+    first,  # int32: the smallest distance between a real query of the block and a real key of the step
+    last,  # int32: the largest
+    offs_d,
+    RelK_base,  # this head's row 0 of the (R, heads, head_dim) c2p table, with C2P
+    RelQ_base,  # this head's row 0 of the p2c table (scaled), with P2C
+    RelIndex_center,  # the (2P - 1,) int32 row-by-distance table, at distance 0
+    rel_center,  # P - 1: the largest distance the table holds
+    stride_relk_row,
+    stride_relq_row,
+    HEAD_DIM: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    REL_W: tl.constexpr,
+    C2P: tl.constexpr,
+    P2C: tl.constexpr,
+):
+    """DeBERTa's c2p + p2c scores of one tile, ``(BLOCK_M, BLOCK_N)`` fp32 (see the module docstring).
+
+    Windows of ``REL_W`` consecutive distances from ``first`` to ``last`` (as many as a step's
+    ``BLOCK_M + BLOCK_N - 1`` distances need; more only across the holes of a mask): the table rows of a
+    window's distances are scored against the query tile (c2p) and the key tile (p2c) by ``tl.dot``, and
+    each pair takes the column of its own distance.
+    """
+    column = pos_k[None, :] - pos_q[:, None] - first  # (BLOCK_M, BLOCK_N) int32: the pair's distance - first
+    scores = tl.zeros(column.shape, dtype=tl.float32)
+    for start in range(0, last - first + 1, REL_W):
+        d = first + start + tl.arange(0, REL_W)  # (REL_W,) the window's distances
+        rows = tl.load(RelIndex_center + tl.minimum(tl.maximum(d, -rel_center), rel_center)).to(tl.int64)
+        local = column - start
+        inside = (local >= 0) & (local < REL_W)
+        local = tl.minimum(tl.maximum(local, 0), REL_W - 1)
+        if C2P:
+            rel_k = _load_rows(RelK_base, rows, stride_relk_row, offs_d, 0, HEAD_DIM, False, EVEN_D)  # (REL_W, D)
+            c2p = tl.dot(q, tl.trans(rel_k), input_precision="ieee")  # (BLOCK_M, REL_W)
+            scores += tl.where(inside, tl.gather(c2p, local, axis=1), 0.0)
+        if P2C:
+            rel_q = _load_rows(RelQ_base, rows, stride_relq_row, offs_d, 0, HEAD_DIM, False, EVEN_D)  # (REL_W, D)
+            p2c = tl.dot(k, tl.trans(rel_q), input_precision="ieee")  # (BLOCK_N, REL_W)
+            scores += tl.where(inside, tl.trans(tl.gather(p2c, tl.trans(local), axis=1)), 0.0)
+    return scores
+
+
+@triton.jit
 def _attention_step(
     q,  # (BLOCK_M, BLOCK_D) input dtype, scaled by 1 / sqrt(head_dim)
     acc,  # (BLOCK_M, BLOCK_D) fp32, unnormalised output
@@ -125,6 +199,17 @@ def _attention_step(
     bias_row=None,  # this head's row of the (heads, 2P - 1) bias table, at distance 0, with REL_BIAS
     WINDOW: tl.constexpr = False,
     REL_BIAS: tl.constexpr = False,
+    q_first=0,  # the smallest and largest position of the block's real queries, with C2P or P2C
+    q_last=0,
+    rel_k_base=None,  # DeBERTa's tables (see _relative_scores), with C2P or P2C
+    rel_q_base=None,
+    rel_index_center=None,
+    rel_center=0,
+    stride_relk_row=0,
+    stride_relq_row=0,
+    REL_W: tl.constexpr = 16,
+    C2P: tl.constexpr = False,
+    P2C: tl.constexpr = False,
     offs_m=None,  # (BLOCK_M,) query indices within the sequence, with CAUSAL
     CAUSAL: tl.constexpr = False,
 ):
@@ -140,6 +225,13 @@ def _attention_step(
         distance = pos_k[None, :] - pos_q[:, None]  # (BLOCK_M, BLOCK_N): key position - query position
     if REL_BIAS:
         s += tl.load(bias_row + distance, mask=(keys < seqlen)[None, :], other=0.0)
+    if C2P or P2C:  # int32 positions (below the model's limit): half the registers of int64 pairs
+        pos_k32 = tl.load(pos_base + keys, mask=keys < seqlen, other=0).to(tl.int32)  # (BLOCK_N,)
+        k_first = tl.min(tl.where(keys < seqlen, pos_k32, 2**30), axis=0)
+        k_last = tl.max(tl.where(keys < seqlen, pos_k32, -(2**30)), axis=0)
+        s += _relative_scores(q, k, pos_q.to(tl.int32), pos_k32, k_first - q_last, k_last - q_first, offs_d,
+                              rel_k_base, rel_q_base, rel_index_center, rel_center, stride_relk_row, stride_relq_row,
+                              HEAD_DIM, EVEN_D, REL_W, C2P, P2C)
     if WINDOW:
         visible = (keys < seqlen)[None, :] & (distance <= window) & (distance >= -window)
         if CAUSAL:
@@ -197,6 +289,17 @@ def _attention_kernel(
     window=0,
     WINDOW: tl.constexpr = False,
     REL_BIAS: tl.constexpr = False,
+    RelKeys_ptr=None,  # (R, heads, head_dim) DeBERTa's c2p table, with C2P
+    RelQueries_ptr=None,  # (R, heads, head_dim) its p2c table (scaled), with P2C
+    RelIndex_ptr=None,  # (2P - 1,) int32 the table row of each distance, with C2P or P2C
+    stride_relk_row=0,
+    stride_relk_head=0,
+    stride_relq_row=0,
+    stride_relq_head=0,
+    rel_center=0,  # P - 1: the column of distance 0
+    REL_W: tl.constexpr = 16,  # distances per window of the relative tables
+    C2P: tl.constexpr = False,
+    P2C: tl.constexpr = False,
     ROW_ALIGN: tl.constexpr = 1,  # every head and token stride is a multiple of it (elements)
     CAUSAL: tl.constexpr = False,
 ):
@@ -231,12 +334,22 @@ def _attention_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    if WINDOW or REL_BIAS:
+    if WINDOW or REL_BIAS or C2P or P2C:
         pos_base = Positions_ptr + start
         pos_q = tl.load(pos_base + offs_m, mask=offs_m < seqlen, other=0).to(tl.int64)  # (BLOCK_M,)
         bias_row = Bias_ptr
         if REL_BIAS:
             bias_row = Bias_ptr + head * stride_bias_head + bias_center
+        q_first, q_last = 0, 0
+        rel_k_base, rel_q_base, rel_index_center = RelKeys_ptr, RelQueries_ptr, RelIndex_ptr
+        if C2P or P2C:  # the extremes of the block's real query positions, and this head's tables
+            q_first = tl.min(tl.where(offs_m < seqlen, pos_q, 2**30), axis=0).to(tl.int32)
+            q_last = tl.max(tl.where(offs_m < seqlen, pos_q, -(2**30)), axis=0).to(tl.int32)
+            rel_index_center = RelIndex_ptr + rel_center
+            if C2P:
+                rel_k_base = RelKeys_ptr + head * stride_relk_head
+            if P2C:
+                rel_q_base = RelQueries_ptr + head * stride_relq_head
         lo, hi = 0, seqlen
         if WINDOW:  # only the key blocks that can hold a key of some row's window: the others are never read
             lo = tl.maximum(m0 - window, 0) // BLOCK_N * BLOCK_N
@@ -246,7 +359,9 @@ def _attention_kernel(
         for start_n in range(lo, hi, BLOCK_N):  # every block masked: by the window and the sequence end
             acc, m_i, l_i = _attention_step(q, acc, m_i, l_i, k_base, v_base, stride_k_token, stride_v_token,
                                             start_n, seqlen, offs_d, HEAD_DIM, BLOCK_N, True, EVEN_D, pos_q,
-                                            pos_base, window, bias_row, WINDOW, REL_BIAS, offs_m, CAUSAL)
+                                            pos_base, window, bias_row, WINDOW, REL_BIAS, q_first, q_last,
+                                            rel_k_base, rel_q_base, rel_index_center, rel_center, stride_relk_row,
+                                            stride_relq_row, REL_W, C2P, P2C, offs_m, CAUSAL)
     elif CAUSAL:
         tl.static_assert(BLOCK_M % BLOCK_N == 0)  # the key blocks before m0 end before m0
         for start_n in range(0, m0, BLOCK_N):  # wholly at or below the diagonal: every key seen, no mask
@@ -315,11 +430,11 @@ def attention_config(head_dim: int, dtype: torch.dtype, arch: int = _target.DEFA
 
 
 def positional_config(head_dim: int, dtype: torch.dtype, arch: int = _target.DEFAULT_ARCH, *, window: bool = False,
-                      rel_bias: bool = False, causal: bool = False) -> dict:
-    """``attention_config`` for the windowed (``WINDOW``), relative-bias (``REL_BIAS``) and causal (``CAUSAL``)
-    kernels, which also hold a block of positions (and of bias, or query indices) in registers. Where
-    BERT's config would spill with them (``python -m fastenc.kernels.aot --sweep --positional`` and
-    ``--decoder``, Triton 3.9 and 3.6, fp16 and bf16):
+                      rel_bias: bool = False, causal: bool = False, disentangled: bool = False) -> dict:
+    """``attention_config`` for the windowed (``WINDOW``), relative-bias (``REL_BIAS``), causal (``CAUSAL``) and
+    disentangled (``C2P``, ``P2C``) kernels, which also hold a block of positions (and of bias, or query
+    indices) in registers. Where BERT's config would spill with them (``python -m fastenc.kernels.aot
+    --sweep --positional`` and ``--decoder``, Triton 3.9 and 3.6, fp16 and bf16):
 
     * sm_90, relative bias, head blocks up to 32 (one warpgroup): 255 registers and 40-136 B spilled with
       4 warps; 8 warps use 168-223.
@@ -339,8 +454,26 @@ def positional_config(head_dim: int, dtype: torch.dtype, arch: int = _target.DEF
       use 60-78 at 40 to 64 and 126 at 128.
 
     The other fp32 and pre-sm_80 configs have room (the sweep finds no spill).
+
+    DeBERTa's relative terms (``disentangled``) hold two more score tiles, ``(BLOCK_M, REL_W)`` and
+    ``(BLOCK_N, REL_W)`` fp32, for each window of ``REL_W`` distances, besides int32 pair indices
+    (``python -m fastenc.kernels.aot --sweep --positional``, Triton 3.9): 16-bit inputs take 64-query tiles,
+    8 warps, windows of 64 distances and 2 stages (64 x 64 tiles with windows of 128 spill 48-192 B on
+    sm_90 with 8 warps, 488-1088 B with 4; 3 stages need 115 KiB of shared memory at head dim 64, over
+    sm_86's 99 KiB). sm_90 takes 64 keys a step (127 distances: two windows), sm_8x 32 (64 keys spill
+    88-96 B at head dim 64 there). The relative terms then cost twice (sm_90) or three times (sm_8x) the
+    tile's own multiply-adds. fp32 and pre-sm_80 keep their tiles, with windows of 32 distances, 8 warps
+    and, up to 64-wide head blocks, one stage (one window of 64 spills 24-48 B at head dims 21-40 on sm_90
+    with 4 warps; two stages of 32 spill 8-16 B at head dim 40 with 8 warps; one stage spills 176-232 B
+    with 128-wide head blocks, two none).
     """
     config = attention_config(head_dim, dtype, arch)
+    if disentangled:
+        if dtype != torch.float32 and arch >= 80:
+            config.update(BLOCK_M=64, BLOCK_N=64 if arch >= 90 else 32, num_warps=8, num_stages=2, REL_W=64)
+        else:
+            config.update(num_warps=8, num_stages=1 if config["BLOCK_D"] <= 64 else 2, REL_W=32)
+        return config
     if not (window or rel_bias or causal):
         return config
     if dtype == torch.float32 or arch < 80:
@@ -371,10 +504,15 @@ def attention(
     bias: torch.Tensor | None = None,  # (heads, 2 * P - 1) float32: score bias by distance, P positions
     *,
     causal: bool = False,  # a query sees only the keys at or before it in its sequence
+    rel_keys: torch.Tensor | None = None,  # (R, heads, head_dim): c2p, DeBERTa's projected relative keys
+    rel_queries: torch.Tensor | None = None,  # (R, heads, head_dim): p2c, its projected relative queries, scaled
+    rel_index: torch.Tensor | None = None,  # (2 * P - 1,) int32: the row of both for each distance
 ) -> torch.Tensor:  # (tokens, heads * head_dim)
     """Attention within each packed sequence, bidirectional or ``causal``: every key of the sequence (up to
     the query's own), or those within ``window`` positions; ``bias[head, key position - query position
-    + P - 1]`` added to the scores; query head ``h`` reads K/V head ``h // (heads // kv_heads)``."""
+    + P - 1]`` added to the scores; DeBERTa's ``q_i · rel_keys[r, head]`` and ``k_j · rel_queries[r, head]``
+    with ``r = rel_index[key position - query position + P - 1]`` (``rel_index`` is trusted: every entry a
+    row of the tables); query head ``h`` reads K/V head ``h // (heads // kv_heads)``."""
     device = check_backend("q", q)
     check_tensor("q", q, (None, None, None))
     heads, tokens, head_dim = q.shape
@@ -398,9 +536,22 @@ def attention(
         check_tensor("bias", bias, (heads, None), dtypes=(torch.float32,), device=device)
         if bias.shape[1] % 2 == 0:
             raise ValueError(f"bias must have an odd number of columns (2 * positions - 1), got {bias.shape[1]}")
+    disentangled = rel_keys is not None or rel_queries is not None
+    if disentangled:
+        if rel_index is None:
+            raise ValueError("rel_index is required with rel_keys or rel_queries")
+        check_tensor("rel_index", rel_index, (None,), dtypes=(torch.int32,), device=device)
+        if rel_index.shape[0] % 2 == 0:
+            raise ValueError(f"rel_index must have an odd length (2 * positions - 1), got {rel_index.shape[0]}")
+        rows = (rel_keys if rel_keys is not None else rel_queries).shape[0]
+        for name, table in (("rel_keys", rel_keys), ("rel_queries", rel_queries)):
+            if table is not None:
+                check_tensor(name, table, (rows, heads, head_dim), dtypes=(q.dtype,), device=device)
+    elif rel_index is not None:
+        raise ValueError("rel_index is given without rel_keys or rel_queries")
     if positions is not None:
         check_tensor("positions", positions, (tokens,), dtypes=INDEX_DTYPES, device=device)
-    elif window is not None or bias is not None:  # the index within each sequence
+    elif window is not None or bias is not None or disentangled:  # the index within each sequence
         positions = _sequence_positions(cu_seqlens, tokens)
 
     out = torch.empty((tokens, heads * head_dim), device=device, dtype=q.dtype)
@@ -408,7 +559,7 @@ def attention(
     if tokens == 0 or batch == 0 or heads == 0 or max_seqlen == 0:
         return out
     config = positional_config(head_dim, q.dtype, _target.device_arch(device), window=window is not None,
-                               rel_bias=bias is not None, causal=causal)
+                               rel_bias=bias is not None, causal=causal, disentangled=disentangled)
     grid = (batch * heads, triton.cdiv(max_seqlen, config["BLOCK_M"]))
     if grid[1] > 65535:
         raise ValueError(f"max_seqlen {max_seqlen} is too long: at most {65535 * config['BLOCK_M']} tokens")
@@ -430,13 +581,23 @@ def attention(
             out.stride(0),
             HEAD_DIM=head_dim,
             **config,
-            Positions_ptr=positions if window is not None or bias is not None else None,
+            Positions_ptr=positions if window is not None or bias is not None or disentangled else None,
             Bias_ptr=bias,
             stride_bias_head=0 if bias is None else bias.stride(0),
             bias_center=0 if bias is None else (bias.shape[1] - 1) // 2,
             window=0 if window is None else window,
             WINDOW=window is not None,
             REL_BIAS=bias is not None,
+            RelKeys_ptr=rel_keys,
+            RelQueries_ptr=rel_queries,
+            RelIndex_ptr=rel_index,
+            stride_relk_row=0 if rel_keys is None else rel_keys.stride(0),
+            stride_relk_head=0 if rel_keys is None else rel_keys.stride(1),
+            stride_relq_row=0 if rel_queries is None else rel_queries.stride(0),
+            stride_relq_head=0 if rel_queries is None else rel_queries.stride(1),
+            rel_center=0 if rel_index is None else (rel_index.shape[0] - 1) // 2,
+            C2P=rel_keys is not None,
+            P2C=rel_queries is not None,
             ROW_ALIGN=_row_align(q.element_size(), q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
                                  v.stride(1), out.stride(0)),
             CAUSAL=causal,

@@ -35,7 +35,7 @@ cosines and sines of each row's position from the float32 table built at load
 rotates in fp32 and joins the halves back. V columns pass through (cosine 1, sine 0).
 
 The Q scale is ``1 / sqrt(head_dim)`` unless the caller gives one (Gemma3's
-``query_pre_attn_scalar ** -0.5``). Bias-free projections (ModernBERT, NomicBERT, Llama, Qwen3, Gemma3)
+``query_pre_attn_scalar ** -0.5``, DeBERTa's ``1 / sqrt(head_dim * scale_factor)``). Bias-free projections (ModernBERT, NomicBERT, Llama, Qwen3, Gemma3)
 take ``HAS_BIAS=False``; Qwen2's bias on Q, K and V alone is this ``bias`` (its output projection has
 none).
 

@@ -3,9 +3,10 @@
 One module per task, on the shared machinery of ``base.Pipeline`` (the encoder's tokenization, one
 batching policy, decoding): ``fill-mask``, ``text-classification``, ``token-classification`` and
 ``question-answering`` post-process as ``transformers`` v5 does (same keys in the same order, same
-words, offsets and labels; scores are Python floats); ``rerank`` scores ``(query, text)`` pairs with a
-cross-encoder and orders them as sentence-transformers' ``CrossEncoder.rank``, or, on a multi-vector model
-without a classifier (BGE-M3, a ColBERT model), scores the texts by late interaction (MaxSim).
+words, offsets and labels; scores are Python floats), and so does ``zero-shot-classification`` (any
+sequence classifier trained on NLI); ``rerank`` scores ``(query, text)`` pairs with a cross-encoder and
+orders them as sentence-transformers' ``CrossEncoder.rank``, or, on a multi-vector model without a
+classifier (BGE-M3, a ColBERT model), scores the texts by late interaction (MaxSim).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from .question_answering import QuestionAnsweringPipeline, best_spans
 from .rerank import SCORE_ACTIVATIONS, LateInteractionRerankPipeline, RerankPipeline, has_multivector
 from .text_classification import CLASSIFICATION_FUNCTIONS, TextClassificationPipeline
 from .token_classification import AGGREGATION_STRATEGIES, TokenClassificationPipeline
+from .zero_shot_classification import ZeroShotClassificationPipeline
 
 PIPELINES = {
     "fill-mask": FillMaskPipeline,
@@ -25,6 +27,7 @@ PIPELINES = {
     "token-classification": TokenClassificationPipeline,
     "question-answering": QuestionAnsweringPipeline,
     "rerank": RerankPipeline,
+    "zero-shot-classification": ZeroShotClassificationPipeline,
 }
 TASKS = tuple(PIPELINES)
 TASK_ALIASES = {"sentiment-analysis": "text-classification", "ner": "token-classification"}
@@ -53,4 +56,4 @@ def pipeline(task: str, model: str | Encoder | None = None, *, batch_size: int =
 __all__ = ["AGGREGATION_STRATEGIES", "CLASSIFICATION_FUNCTIONS", "PIPELINES", "SCORE_ACTIVATIONS", "TASKS",
            "TASK_ALIASES", "FillMaskPipeline", "LateInteractionRerankPipeline", "Pipeline",
            "QuestionAnsweringPipeline", "RerankPipeline", "TextClassificationPipeline", "TokenClassificationPipeline",
-           "best_spans", "clean_up_tokenization", "has_multivector", "pipeline"]
+           "ZeroShotClassificationPipeline", "best_spans", "clean_up_tokenization", "has_multivector", "pipeline"]

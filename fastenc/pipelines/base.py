@@ -18,6 +18,7 @@ from .. import heads as task_heads
 from ..encoder import DEFAULT_MAX_TOKENS, Encoder
 from ..errors import InputError, LoadError
 from ..packing import token_budget_batches
+from ..text import missing_tokenizer
 
 _UNSET: Any = object()
 
@@ -41,8 +42,8 @@ class Pipeline:
         if self.head is not None:
             encoder.model.heads.require(self.head)
         if encoder.text is None:
-            raise LoadError(f"{encoder.path or 'this encoder'}: the {self.task} pipeline needs the checkpoint's "
-                            "tokenizer files (tokenizer.json, vocab.txt or vocab.json + merges.txt)")
+            raise LoadError(f"the {self.task} pipeline needs the checkpoint's tokenizer: "
+                            f"{missing_tokenizer(encoder.path)}")
         self.encoder = encoder
         self.model = encoder.model
         self.text = encoder.text

@@ -51,9 +51,9 @@ def family_builds(tmp_path_factory):
     return _compile(tmp_path_factory, "fp16", "modernbert-base")
 
 
-# The windowed and relative-bias attention at head dim 64 (ModernBERT's, MPNet's) and at the head dims where
-# BERT's configs would spill with them (see attention.positional_config; the whole sweep:
-# python -m fastenc.kernels.aot --sweep --positional).
+# The windowed, relative-bias and disentangled attention at head dim 64 (ModernBERT's, MPNet's, DeBERTa's)
+# and at the head dims where BERT's configs would spill with them (see attention.positional_config; the
+# whole sweep: python -m fastenc.kernels.aot --sweep --positional).
 @pytest.fixture(scope="module")
 def positional_builds(tmp_path_factory):
     out = tmp_path_factory.mktemp("aot") / "positional.json"
@@ -64,8 +64,10 @@ def positional_builds(tmp_path_factory):
                             text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     builds = json.loads(out.read_text())
-    assert {(b["arch"], b["shape"]) for b in builds} == {(arch, f"HEAD_DIM={d} {flag}=True") for arch in (90, 86)
-                                                         for d in (32, 64, 96) for flag in ("WINDOW", "REL_BIAS")}
+    assert {(b["arch"], b["shape"]) for b in builds} == {(arch, f"HEAD_DIM={d} {flag}") for arch in (90, 86)
+                                                         for d in (32, 64, 96)
+                                                         for flag in ("WINDOW=True", "REL_BIAS=True",
+                                                                      "C2P=True P2C=True")}
     return builds
 
 
