@@ -437,6 +437,26 @@ class Encoder:
                             desc="embed_multivector", expansion=plan.expansion)
         return out[0] if single else out
 
+    def multi_task(self, *, dense: bool = True, sparse: bool = True, multivector: bool = True, query: bool = False,
+                   top_k: int | None = None, prompt_name: str | None = None, prompt: str | None = None,
+                   max_length: int | None = None) -> tuple[MultiEmbedding, "TextPlan"]:
+        """What ``embed_multi`` computes for these options, and how it tokenizes the texts: the multi-vector
+        output's plan where it is asked for (a ColBERT model's query length and expansion), else the prompt
+        as ``embed`` resolves it. ``InputError`` when no output is asked for."""
+        if not (dense or sparse or multivector):
+            raise InputError("embed_multi needs at least one of dense, sparse and multivector")
+        found = self._require_text().prompt(prompt_name, prompt, max_length=max_length)
+        plan = TextPlan(Prompt(found.text), max_length, None)
+        parts = {}
+        if multivector:
+            parts["multivector"], plan = self.multivector_task(query=query, prompt_name=prompt_name, prompt=prompt,
+                                                               max_length=max_length)
+        if dense:
+            parts["dense"], _ = self.embedding_task(prompt_name=prompt_name, prompt=prompt, max_length=max_length)
+        if sparse:
+            parts["sparse"] = self.sparse_task(top_k)
+        return MultiEmbedding(**parts), plan
+
     def embed_multi(self, texts: str | Sequence[str], *, dense: bool = True, sparse: bool = True,
                     multivector: bool = True, query: bool = False, top_k: int | None = None, batch_size: int = 32,
                     max_length: int | None = None, truncate: bool = True, progress: bool | None = None,
@@ -451,21 +471,11 @@ class Encoder:
         its own method gives for the same options (the same batches, the same hidden states). A single
         ``str`` gives one vector, one sparse vector and one tensor.
         """
-        if not (dense or sparse or multivector):
-            raise InputError("embed_multi needs at least one of dense, sparse and multivector")
-        text = self._require_text()
-        found = text.prompt(prompt_name, prompt, max_length=max_length)
-        plan = TextPlan(Prompt(found.text), max_length, None)
-        parts = {}
-        if multivector:
-            parts["multivector"], plan = self.multivector_task(query=query, prompt_name=prompt_name, prompt=prompt,
-                                                               max_length=max_length)
-        if dense:
-            parts["dense"], _ = self.embedding_task(prompt_name=prompt_name, prompt=prompt, max_length=max_length)
-        if sparse:
-            parts["sparse"] = self.sparse_task(top_k)
+        task, plan = self.multi_task(dense=dense, sparse=sparse, multivector=multivector, query=query, top_k=top_k,
+                                     prompt_name=prompt_name, prompt=prompt, max_length=max_length)
+        parts = {key: part for key, part in task.parts().items() if part is not None}
         single = isinstance(texts, str)
-        found_all = self._compute(MultiEmbedding(**parts), plan.prompt.apply(_check_texts(texts)),
+        found_all = self._compute(task, plan.prompt.apply(_check_texts(texts)),
                                   batch_size=batch_size, max_length=plan.max_length, truncate=truncate,
                                   progress=progress, max_tokens=max_tokens, desc="embed_multi",
                                   expansion=plan.expansion)

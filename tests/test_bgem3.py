@@ -165,3 +165,40 @@ def test_triton_backend_batch_invariant(m3):
     torch_backend = Encoder.from_pretrained(m3).embed_multi(texts)
     for ours, theirs in zip(batch["multivector"], torch_backend["multivector"]):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+def test_served_outputs_are_embed_multis(m3):
+    """``/embed_multi`` and ``/embed_multivector`` answer ``embed_multi``'s outputs; ``/embed_sparse`` BGE-M3's
+    lexical weights; ``/info`` lists the routes and the multi-vector width."""
+    pytest.importorskip("starlette")
+    from starlette.testclient import TestClient
+
+    from fastenc.serve import create_app
+
+    encoder = Encoder.from_pretrained(m3)
+    texts = [t for t in TEXTS if t]
+    expected = encoder.embed_multi(texts, top_k=5)
+    with TestClient(create_app(encoder, warmup=False)) as client:
+        info = client.get("/info").json()
+        assert {"/embed_multi", "/embed_multivector", "/embed_sparse"} <= set(info["routes"])
+        assert info["multivector_dim"] == expected["multivector"][0].shape[1]
+        response = client.post("/embed_multi", json={"inputs": texts, "top_k": 5, "truncate": True})
+        assert response.status_code == 200, response.text
+        got = response.json()
+        for row, item in enumerate(got):
+            assert set(item) == {"dense", "sparse", "multivector"}
+            torch.testing.assert_close(torch.tensor(item["dense"]), expected["dense"][row], rtol=0, atol=1e-6)
+            torch.testing.assert_close(torch.tensor(item["multivector"]), expected["multivector"][row], rtol=0,
+                                       atol=1e-6)
+            assert {w["index"]: pytest.approx(w["value"], abs=1e-6) for w in item["sparse"]} == \
+                _as_dict(expected["sparse"][row])
+        only = client.post("/embed_multi", json={"inputs": texts[0], "dense": False, "sparse": False, "truncate": True}).json()
+        assert set(only[0]) == {"multivector"}
+        vectors = client.post("/embed_multivector", json={"inputs": texts, "truncate": True}).json()
+        for row, item in enumerate(vectors):
+            torch.testing.assert_close(torch.tensor(item), expected["multivector"][row], rtol=0, atol=1e-6)
+        sparse = client.post("/embed_sparse", json={"inputs": texts, "top_k": 5, "truncate": True}).json()
+        assert [{w["index"]: pytest.approx(w["value"], abs=1e-6) for w in row} for row in sparse] == \
+            [_as_dict(row) for row in expected["sparse"]]
+        none = client.post("/embed_multi", json={"inputs": "a", "dense": False, "sparse": False, "multivector": False})
+        assert none.status_code == 422 and "at least one output" in none.json()["error"]

@@ -184,3 +184,27 @@ def test_triton_backend_batch_invariant(colbert):
     assert torch.equal(encoder.embed_multivector(texts[1], query=True), batch[1])
     for ours, theirs in zip(batch, Encoder.from_pretrained(path).embed_multivector(texts, query=True)):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+def test_served_multivector_queries_and_documents(colbert):
+    """``/embed_multivector`` encodes ``query: true`` inputs as ``encode_query`` (prompt, length, expansion)
+    and the others as documents, as ``embed_multivector``; a model without multi-vector output is a 400."""
+    pytest.importorskip("starlette")
+    from starlette.testclient import TestClient
+
+    from fastenc.serve import create_app
+
+    path, _ = colbert["bert-fixed"]
+    encoder = Encoder.from_pretrained(path)
+    texts = [t for t in TEXTS if t]
+    with TestClient(create_app(encoder, warmup=False)) as client:
+        for query in (True, False):
+            response = client.post("/embed_multivector", json={"inputs": texts, "query": query, "truncate": True})
+            assert response.status_code == 200, response.text
+            for got, expected in zip(response.json(), encoder.embed_multivector(texts, query=query)):
+                torch.testing.assert_close(torch.tensor(got), expected, rtol=0, atol=1e-6)
+    plain = Encoder.from_pretrained(C.make_checkpoint(pathlib.Path(str(path) + "-plain"), "bert"))
+    with TestClient(create_app(plain, warmup=False)) as client:
+        response = client.post("/embed_multivector", json={"inputs": "a"})
+        assert response.status_code == 400 and "multi-vector" in response.json()["error"], response.text
+        assert "/embed_multivector" not in client.get("/info").json()["routes"]

@@ -102,7 +102,7 @@ def test_embed_iter_input_errors(encoder):
         list(stream)
     with pytest.raises(fastenc.InputError, match="window must be a positive int"):
         encoder.embed_iter(iter(texts), window=0)
-    with pytest.raises(fastenc.InputError, match=r"text 7 has \d+ tokens"):
+    with pytest.raises(fastenc.InputError, match=r"text 7 has (more than )?\d+ tokens"):
         list(encoder.embed_iter(iter(["a"] * 7 + ["b " * 600]), window=5, truncate=False))
 
 

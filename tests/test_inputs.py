@@ -92,7 +92,7 @@ def test_embed_errors(encoder):
     with pytest.raises(TypeError, match="texts must be"):
         encoder.embed(42)
     long_text = "the cat sat on the mat " * 40
-    with pytest.raises(fastenc.InputError, match=r"text 1 has \d+ tokens, over the limit of 16"):
+    with pytest.raises(fastenc.InputError, match=r"text 1 has (more than )?\d+ tokens, over the limit of 16"):
         encoder.embed(["short", long_text], max_length=16, truncate=False)
     with pytest.raises(fastenc.InputError, match="pooling 'median'"):
         encoder.embed("x", pooling="median")

@@ -7,13 +7,14 @@ shapes, then build exactly the kernels a GPU of that architecture would run: the
 block configs, the same specialisation of pointer and integer arguments (divisibility by 16), the same
 ``num_warps`` and ``num_stages``. Nothing is computed: the outputs stay uninitialised.
 
-``compile_report`` does this for one encoder forward per model shape and reads from each cubin what
-decides whether a kernel runs, and how well: dynamic shared memory against the architecture's limit
-(Triton refuses the launch above it), registers per thread, bytes spilled to local memory, the
-tensor-core instruction in the SASS (``wgmma`` = HGMMA on sm_90, ``mma`` = HMMA on sm_8x, ``none``:
-CUDA cores) and asynchronous copies (LDGSTS or TMA: the software-pipelined loads), read with the
-``cuobjdump`` that Triton ships; and for each GEMM the tiles (programs) it launches for a 128-token
-batch, which decide how much of the GPU a small batch can use.
+For each build, ``CompileOnlyDriver.builds`` reads from the cubin what decides whether a kernel runs,
+and how well: dynamic shared memory against the architecture's limit (Triton refuses the launch above
+it), registers per thread, bytes spilled to local memory, the tensor-core instruction in the SASS
+(``wgmma`` = HGMMA on sm_90, ``mma`` = HMMA on sm_8x, ``none``: CUDA cores) and asynchronous copies
+(LDGSTS or TMA: the software-pipelined loads), read with the ``cuobjdump`` that Triton ships; and for
+each GEMM the tiles (programs) it launches for a 128-token batch, which decide how much of the GPU a
+small batch can use. The command compiles one forward per model shape (``fastenc.bench.compile``, where
+the model lives) or, with ``--sweep``, the kernels width by width (here):
 
     python -m fastenc.kernels.aot [--arch 90,80,86] [--dtype fp16,bf16] [--models bert-base,minilm]
                                   [--markdown FILE] [--json FILE]
@@ -38,13 +39,10 @@ Run it in a process without ``TRITON_INTERPRET`` (the interpreter replaces the c
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
-import datetime
 import functools
 import itertools
-import json
 import re
 import subprocess
 import sys
@@ -59,27 +57,6 @@ from triton.runtime import driver as triton_driver
 
 from fastenc.kernels import _target
 
-# Encoder shapes the report compiles for: (hidden, heads, intermediate, embedding) of well-known models;
-# the families after BERT with their model_type and what decides their kernels' constexprs (two ModernBERT
-# layers: one global, one local).
-MODELS = {
-    "bert-base": dict(hidden_size=768, num_attention_heads=12, intermediate_size=3072),
-    "minilm": dict(hidden_size=384, num_attention_heads=12, intermediate_size=1536),
-    "bert-large": dict(hidden_size=1024, num_attention_heads=16, intermediate_size=4096),
-    "electra-small": dict(hidden_size=256, num_attention_heads=4, intermediate_size=1024, embedding_size=128),
-    "mpnet-base": dict(model_type="mpnet", hidden_size=768, num_attention_heads=12, intermediate_size=3072,
-                       max_position_embeddings=514),
-    "modernbert-base": dict(model_type="modernbert", hidden_size=768, num_attention_heads=12, intermediate_size=1152,
-                            num_hidden_layers=2, global_attn_every_n_layers=2),
-    "nomic-embed": dict(model_type="nomic_bert", hidden_size=768, num_attention_heads=12, intermediate_size=3072),
-    "gte-base": dict(model_type="gte", hidden_size=768, num_attention_heads=12, intermediate_size=3072),
-    "deberta-v3-base": dict(model_type="deberta-v2", hidden_size=768, num_attention_heads=12, intermediate_size=3072,
-                            type_vocab_size=0, relative_attention=True, position_buckets=256,
-                            pos_att_type=["p2c", "c2p"], share_att_key=True, norm_rel_ebd="layer_norm",
-                            position_biased_input=False),
-}
-# Decoder backbones (embedders and rerankers), compiled op by op (``decoder_forward``): one layer's kernels
-# with the constexprs their families need. window: Gemma3's local layers (transformers' sliding_window - 1).
 DECODERS = {
     "qwen3-0.6b": dict(hidden=1024, heads=16, kv_heads=8, head_dim=128, intermediate=3072, qk_norm=True),
     "qwen2-1.5b": dict(hidden=1536, heads=12, kv_heads=2, head_dim=128, intermediate=8960, qkv_bias=True),
@@ -256,61 +233,6 @@ def compile_only(arch: int):
         triton_driver._active = previous
 
 
-def encoder_for(model: str, dtype: torch.dtype):
-    """A one-layer model of ``model``'s shape over uninitialised CPU tensors, on the Triton ops."""
-    from fastenc import checkpoint, family, kernels
-    from fastenc.config import EncoderConfig
-    from fastenc.model import Model
-
-    shape = dict(MODELS[model])
-    model_type = shape.pop("model_type", "electra" if "embedding_size" in shape else "bert")
-    raw = dict(model_type=model_type, vocab_size=1024, num_hidden_layers=1, max_position_embeddings=512,
-               type_vocab_size=2, pad_token_id=1)
-    raw.update(shape)
-    config = EncoderConfig.from_dict(raw, source=model)
-    shapes = checkpoint.encoder_shapes(config)
-    tensors = {name: torch.empty(shapes[name], dtype=dtype) for name in checkpoint.encoder_names(config)}
-    # the kernels' layouts and DeBERTa's tables, as at load
-    tensors = family.prepare(tensors, config.family, config.num_attention_heads,
-                             checkpoint.num_unique_layers(config), eps=config.layer_norm_eps)
-    return Model(config, tensors, device=torch.device("cpu"), dtype=dtype, backend="triton", ops=kernels,
-                 cuda_graphs=False)
-
-
-def compile_report(archs=(90, 80), dtypes=("fp16", "bf16"), models=("bert-base", "minilm")) -> list[KernelBuild]:
-    """Compile every kernel of an encoder forward for each architecture, dtype and model shape."""
-    from fastenc import kernels
-
-    builds = []
-    for arch in archs:
-        for dtype in dtypes:
-            for model in models:
-                if model in DECODERS:
-                    with compile_only(arch) as driver:
-                        for lengths in BATCHES:
-                            decoder_forward(model, DTYPES[dtype], lengths)
-                        builds.extend(driver.builds(dtype, model))
-                    continue
-                encoder = encoder_for(model, DTYPES[dtype])
-                with compile_only(arch) as driver:
-                    for lengths in BATCHES:
-                        ids = torch.ones(len(lengths), max(lengths), dtype=torch.long)
-                        mask = (torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]).long()
-                        packed = encoder.pack(ids, mask)
-                        hidden = encoder.forward(packed)
-                    norm = encoder.config.hidden_size
-                    # The MLM head's transform, the one kernel the encoder itself does not launch.
-                    kernels.gelu_layer_norm(hidden, torch.empty(norm, dtype=hidden.dtype),
-                                            torch.empty(norm, dtype=hidden.dtype), 1e-12, encoder.config.activation)
-                    # The SPLADE head's fused kernel at BERT's vocabulary (a partial last tile), both variants.
-                    decoder = torch.empty(SPLADE_VOCAB, norm, dtype=hidden.dtype)
-                    for pooling, activation in (("max", "relu"), ("sum", "log1p_relu")):
-                        kernels.splade_pool(hidden, decoder, torch.empty(SPLADE_VOCAB, dtype=hidden.dtype),
-                                            packed.cu_seqlens, pooling, activation)
-                    builds.extend(driver.builds(dtype, model))
-    return builds
-
-
 def decoder_forward(model: str, dtype: torch.dtype, lengths: list[int]) -> None:
     """Launch, over uninitialised CPU tensors, the ops of one decoder layer of ``model``'s shape: the
     embeddings, the pre-attention norm, the fused QKV (grouped-query heads, RoPE, QK-norm, a Q scale),
@@ -467,15 +389,12 @@ def tight(builds: list[KernelBuild]) -> list[str]:
     return [f"{_where(b)}: uses all 255 registers" for b in builds if b.registers >= 255 and not b.spilled]
 
 
-def environment() -> dict:
-    """Triton's and ptxas's versions (what the builds depend on), the commit and the time."""
+def toolchain() -> dict:
+    """Triton's, torch's and ptxas's versions: what the builds depend on."""
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     lines = subprocess.run([str(ptxas), "--version"], capture_output=True, text=True, check=False).stdout.splitlines()
     release = next((line.split(", ", 1)[1] for line in lines if ", release " in line), "unknown")
-    from fastenc.bench.report import git_commit
-
-    return {"triton": triton.__version__, "torch": torch.__version__, "ptxas": f"ptxas {release}",
-            "commit": git_commit(), "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    return {"triton": triton.__version__, "torch": torch.__version__, "ptxas": f"ptxas {release}"}
 
 
 def _size(n: int) -> str:
@@ -496,55 +415,9 @@ def markdown(builds: list[KernelBuild]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastenc.kernels.aot", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", default="90,80", help="compute capabilities as integers, e.g. 90,80,86")
-    parser.add_argument("--dtype", default="fp16,bf16", help=f"from {', '.join(DTYPES)}")
-    parser.add_argument("--models", default="bert-base,minilm", help=f"from {', '.join([*MODELS, *DECODERS])}")
-    parser.add_argument("--markdown", type=Path, help="write the table here too")
-    parser.add_argument("--json", type=Path, help="write the builds as JSON here")
-    parser.add_argument("--positional", action="store_true", help="with --sweep: the windowed, relative-bias and "
-                        "disentangled attention (ModernBERT, MPNet, DeBERTa) at every head dim, instead")
-    parser.add_argument("--decoder", action="store_true", help="with --sweep: the decoders' causal attention, "
-                        "fused QKV with QK-norm and RMSNorms at every head dim and width, instead")
-    parser.add_argument("--sweep", action="store_true", help="attention at every head dim, the row kernels at "
-                        "every width and MaxSim at every multi-vector dim, instead of model forwards")
-    args = parser.parse_args(argv)
-    if _target.INTERPRETED:
-        parser.error("TRITON_INTERPRET is set: the interpreter replaces Triton's compiler; unset it")
-    try:
-        archs = [int(a) for a in args.arch.split(",")]
-    except ValueError:
-        parser.error(f"--arch: {args.arch!r} is not a list of integers such as 90,80")
-    dtypes, models = args.dtype.split(","), args.models.split(",")
-    for name, allowed in (("dtype", DTYPES), ("models", {**MODELS, **DECODERS})):
-        unknown = [v for v in getattr(args, name).split(",") if v not in allowed]
-        if unknown:
-            parser.error(f"--{name}: unknown {', '.join(unknown)}; choose from {', '.join(allowed)}")
-    if args.positional and args.decoder:
-        parser.error("--positional and --decoder are two different sweeps: choose one")
-    if args.sweep:
-        builds = (positional_sweep_report(archs, dtypes) if args.positional else
-                  decoder_sweep_report(archs, dtypes) if args.decoder else sweep_report(archs, dtypes))
-    else:
-        builds = compile_report(archs, dtypes, models)
-    found, near = problems(builds), tight(builds)
-    env = environment()
-    command = "python -m fastenc.kernels.aot" + (" --sweep" if args.sweep else "") + (
-        " --positional" if args.sweep and args.positional else "") + (" --decoder" if args.sweep and args.decoder else "")
-    table = (f"Compiled by Triton {env['triton']} with {env['ptxas']}, on no GPU (`{command}`), "
-             f"commit {env['commit']}, {env['time']}.\n\n" + markdown(builds)
-             + ("\nProblems:\n" + "".join(f"- {p}\n" for p in found) if found else "\nNo problems: every build fits "
-                "its shared memory and spills nothing.\n")
-             + ("\nTight (no spill, no register headroom):\n" + "".join(f"- {p}\n" for p in near) if near else ""))
-    sys.stdout.write(table)
-    if args.markdown:
-        args.markdown.write_text(table)
-    if args.json:
-        builds_json = [dataclasses.asdict(b) for b in builds]
-        args.json.write_text(json.dumps({"env": env, "builds": builds_json, "problems": found, "tight": near}, indent=1) + "\n")
-    return 1 if found else 0
-
-
 if __name__ == "__main__":
+    # The command: these builds for the model forwards and sweeps, composed in fastenc.bench.compile (the
+    # model's forward pass lives above the kernels; this module imports nothing from there).
+    from fastenc.bench.compile import main
+
     sys.exit(main())

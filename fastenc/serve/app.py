@@ -9,9 +9,11 @@ then waits for a worker's result, or for its client to disconnect, in which case
 and its sequences never reach the model. The workers (``worker``: processes, one per device, or one
 thread of this process) all take their batches from that one batcher. Routes and
 shapes are text-embeddings-inference's (``/embed``, ``/embed_all``, ``/embed_sparse``, ``/predict``,
-``/rerank``, ``/tokenize``, ``/info``, ``/health``) and OpenAI's ``/v1/embeddings``; ``/metrics`` is
-Prometheus text. Each answers what the Python API answers for the same input: ``embed(prompt_name=...)``,
-``embed_tokens``, ``embed_sparse``, the text-classification pipeline and ``pipeline("rerank")``, whose
+``/rerank``, ``/tokenize``, ``/info``, ``/health``) and OpenAI's ``/v1/embeddings``; fastenc's own
+``/embed_multivector`` and ``/embed_multi`` give the outputs TEI has no route for (ColBERT vectors, and
+BGE-M3's three outputs from one forward pass); ``/metrics`` is Prometheus text. Each answers what the
+Python API answers for the same input: ``embed(prompt_name=...)``, ``embed_tokens``, ``embed_sparse``,
+``embed_multivector``, ``embed_multi``, the text-classification pipeline and ``pipeline("rerank")``, whose
 tokenization, scoring and ranking ``/rerank`` calls (only the forward pass is the worker's, batched
 with other requests).
 
@@ -202,6 +204,7 @@ class Service:
             "/embed_sparse needs a masked-language-model head (a SPLADE checkpoint) or BGE-M3's sparse head, and "
             "this model has neither "
             f"(heads: {', '.join(sorted(encoder.heads)) or 'none'})")
+        self._multivector_dim, self._multivector_error = self._multivector_setup(encoder)
         # each prompt with its tokens left out of the pooling (include_prompt: false), measured once
         self._prompts = {name: self.text.prompt(name) for name in (None, *self.text.prompts)}
 
@@ -216,6 +219,24 @@ class Service:
             return encoder.embedding_task()[0], None
         except FastencError as exc:
             return None, f"this checkpoint serves no embeddings: {exc}"
+
+    @staticmethod
+    def _multivector_setup(encoder: Encoder) -> tuple[int | None, str | None]:
+        """The width of ``embed_multivector``'s vectors, or why this checkpoint has none."""
+        try:
+            return encoder.multivector_dim, None
+        except FastencError as exc:
+            return None, f"/embed_multivector needs a multi-vector model (BGE-M3 or a ColBERT model): {exc}"
+
+    def _plan(self, route: str, make: Callable):
+        """``make()``'s ``(task, text plan)`` for a request's options: 422 for a bad option (an unknown
+        prompt, say), 400 for what this checkpoint cannot give."""
+        try:
+            return make()
+        except InputError as exc:
+            raise unprocessable(str(exc)) from None
+        except FastencError as exc:
+            raise ServeError(400, f"{route}: {exc}", "model") from None
 
     def _sparse_task(self, top_k: int | None):
         """``embed_sparse(top_k=...)``'s task: SPLADE vectors, or BGE-M3's lexical weights; 422 for a bad top_k."""
@@ -388,6 +409,14 @@ class Service:
         except InputError as exc:
             raise InputError(f"`{field}`: {exc}") from None
 
+    def _encode_plan(self, texts: list[str], truncate: bool, plan) -> list:
+        """``embed_multivector()``'s tokenization: the plan's prompt and length, a query's expansion."""
+        try:
+            encodings = self.text.encode(plan.prompt.apply(texts), max_length=plan.max_length, truncate=truncate)
+            return encodings if plan.expansion is None else self.text.expand(encodings, plan.expansion)
+        except InputError as exc:
+            raise InputError(f"`inputs`: {exc}") from None
+
     def _encode_pairs(self, query: str, texts: list[str], truncate: bool) -> list:
         """The rerank pipeline's tokenization of ``(query, text)`` pairs; without truncation, a query too long
         to make a pair with any text is named as the fault, not the texts."""
@@ -478,6 +507,48 @@ class Service:
         return _json([[{"index": index, "value": value} for index, value in zip(words.tolist(), values.numpy())]
                       for words, values in vectors])
 
+    async def embed_multivector(self, request: Request) -> Response:
+        """Per input its multi-vector (ColBERT) vectors ``[[float, ...], ...]``, as ``embed_multivector()``."""
+        req = schema.parse_embed_multivector(await self._body(request), self.limits)
+        if self._multivector_error:
+            raise ServeError(400, self._multivector_error, "model")
+        task, plan = self._plan("/embed_multivector", lambda: self.encoder.multivector_task(
+            query=req.query, prompt_name=req.prompt_name))
+        with self._admitted():
+            rows = await self._tokenized(request, self._encode_plan, req.texts, req.truncate, plan)
+            self._check_multivector_size(rows)
+            vectors = await self._infer(request, rows, task)
+        return _json([v.numpy() for v in vectors])
+
+    async def embed_multi(self, request: Request) -> Response:
+        """Per input ``{"dense": [...], "sparse": [{"index", "value"}, ...], "multivector": [[...], ...]}`` (the
+        outputs asked for) from one forward pass, as ``embed_multi()``: BGE-M3's three outputs."""
+        req = schema.parse_embed_multi(await self._body(request), self.limits)
+        task, plan = self._plan("/embed_multi", lambda: self.encoder.multi_task(
+            dense=req.dense, sparse=req.sparse, multivector=req.multivector, query=req.query, top_k=req.top_k,
+            prompt_name=req.prompt_name))
+        with self._admitted():
+            rows = await self._tokenized(request, self._encode_plan, req.texts, req.truncate, plan)
+            if req.multivector:
+                self._check_multivector_size(rows)
+            results = await self._infer(request, rows, task)
+        out = []
+        for result in results:
+            item = {}
+            if "dense" in result:
+                item["dense"] = result["dense"].numpy()
+            if "sparse" in result:
+                words, values = result["sparse"]
+                item["sparse"] = [{"index": index, "value": value} for index, value in zip(words.tolist(), values.numpy())]
+            if "multivector" in result:
+                item["multivector"] = result["multivector"].numpy()
+            out.append(item)
+        return _json(out)
+
+    def _check_multivector_size(self, rows: list) -> None:
+        tokens, dim = sum(len(row.ids) for row in rows), self._multivector_dim
+        self._check_answer_size(tokens * (dim * _FLOAT_BYTES + 3) + 2, f"{tokens} tokens x {dim} floats")
+
     async def openai_embeddings(self, request: Request) -> Response:
         req = schema.parse_openai_embed(await self._body(request), self.limits)
         task = self._embedding(req.prompt_name, True, req.dimensions)
@@ -554,7 +625,10 @@ class Service:
         else:
             model_type = {"embedding": {"pooling": self.embedding.pooling if self.embedding else "mean"}}
         routes = {"/embed": not self._embed_error, "/v1/embeddings": not self._embed_error, "/embed_all": True,
-                  "/embed_sparse": not self._sparse_error, "/predict": self.classifier is not None,
+                  "/embed_sparse": not self._sparse_error, "/embed_multivector": not self._multivector_error,
+                  # the combined call, where there is more than one output to combine
+                  "/embed_multi": [self._embed_error, self._sparse_error, self._multivector_error].count(None) >= 2,
+                  "/predict": self.classifier is not None,
                   "/rerank": self.reranker is not None, "/tokenize": True}
         process = [w for w in self.workers if isinstance(w, ProcessWorker)]
         dtype = process[0].spec.dtype if process and process[0].spec.dtype else str(self.encoder.dtype)
@@ -578,6 +652,7 @@ class Service:
             "devices": [w.spec.device for w in process] if process else [str(self.encoder.device)],
             "backend": (process[0].info.get("backend") if process else None) or self.encoder.backend,
             "hidden_size": config.hidden_size,
+            "multivector_dim": self._multivector_dim,
             # fastenc's: what this checkpoint serves, and the prompt names prompt_name takes
             "routes": sorted(route for route, served in routes.items() if served),
             "prompts": list(sentence.prompts) if sentence else [],
@@ -641,6 +716,12 @@ class Service:
                      "EmbedAllResponse", post),
             Endpoint("/embed_sparse", "POST", self.embed_sparse, "SPLADE vectors, as embed_sparse()",
                      "EmbedSparseRequest", "EmbedSparseResponse", (400, *post)),
+            Endpoint("/embed_multivector", "POST", self.embed_multivector,
+                     "multi-vector (ColBERT) vectors, as embed_multivector()", "EmbedMultiVectorRequest",
+                     "EmbedMultiVectorResponse", (400, *post)),
+            Endpoint("/embed_multi", "POST", self.embed_multi,
+                     "dense, sparse and multi-vector outputs from one forward pass, as embed_multi()",
+                     "EmbedMultiRequest", "EmbedMultiResponse", (400, *post)),
             Endpoint("/predict", "POST", self.predict, "a sequence classifier's labels", "PredictRequest",
                      "PredictResponse", (400, *post)),
             Endpoint("/rerank", "POST", self.rerank, "texts ranked against a query by a cross-encoder",

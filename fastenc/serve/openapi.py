@@ -34,6 +34,18 @@ SCHEMAS: dict[str, dict] = {
     "EmbedAllRequest": _object({"inputs": _TEXTS, "truncate": _TRUNCATE, "prompt_name": _PROMPT}, ("inputs",)),
     "EmbedSparseRequest": _object({"inputs": _TEXTS, "truncate": _TRUNCATE, "prompt_name": _PROMPT,
                                    "top_k": {"type": ["integer", "null"], "minimum": 1}}, ("inputs",)),
+    "EmbedMultiVectorRequest": _object({
+        "inputs": _TEXTS, "truncate": _TRUNCATE, "prompt_name": _PROMPT,
+        "query": {"type": ["boolean", "null"], "default": False,
+                  "description": "encode as queries (a ColBERT model's query prompt, length and expansion)"}},
+        ("inputs",)),
+    "EmbedMultiRequest": _object({
+        "inputs": _TEXTS, "truncate": _TRUNCATE, "prompt_name": _PROMPT,
+        "query": {"type": ["boolean", "null"], "default": False},
+        "dense": {"type": ["boolean", "null"], "default": True},
+        "sparse": {"type": ["boolean", "null"], "default": True},
+        "multivector": {"type": ["boolean", "null"], "default": True},
+        "top_k": {"type": ["integer", "null"], "minimum": 1}}, ("inputs",)),
     "PredictRequest": _object({
         "inputs": {"oneOf": [_TEXT, {"type": "array", "items": _TEXT, "minItems": 1, "maxItems": 2},
                              {"type": "array", "minItems": 1,
@@ -61,6 +73,13 @@ SCHEMAS: dict[str, dict] = {
                          "description": "per input, one vector per token"},
     "EmbedSparseResponse": {"type": "array", "items": {"type": "array", "items": _object(
         {"index": {"type": "integer"}, "value": {"type": "number"}}, ("index", "value"))}},
+    "EmbedMultiVectorResponse": {"type": "array", "items": {"type": "array", "items": _VECTOR},
+                                 "description": "per input, its normalised multi-vector (ColBERT) vectors"},
+    "EmbedMultiResponse": {"type": "array", "items": {
+        "type": "object", "description": "per input, the outputs asked for",
+        "properties": {"dense": _VECTOR, "multivector": {"type": "array", "items": _VECTOR},
+                       "sparse": {"type": "array", "items": _object(
+                           {"index": {"type": "integer"}, "value": {"type": "number"}}, ("index", "value"))}}}},
     "PredictResponse": {"oneOf": [
         {"type": "array", "items": {"$ref": "#/components/schemas/Prediction"}},
         {"type": "array", "items": {"type": "array", "items": {"$ref": "#/components/schemas/Prediction"}}}]},

@@ -88,6 +88,26 @@ class EmbedSparseRequest:
 
 
 @dataclasses.dataclass(frozen=True)
+class EmbedMultiVectorRequest:
+    texts: list[str]
+    truncate: bool = False
+    prompt_name: str | None = None
+    query: bool = False  # a ColBERT model's queries: its query prompt, length and expansion
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbedMultiRequest:
+    texts: list[str]
+    truncate: bool = False
+    prompt_name: str | None = None
+    query: bool = False
+    dense: bool = True
+    sparse: bool = True
+    multivector: bool = True
+    top_k: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class PredictRequest:
     items: list[Text | Pair]
     single: bool  # one input: the answer is one list of predictions, not a list of lists
@@ -250,6 +270,26 @@ def parse_embed_sparse(body: dict, limits: Limits) -> EmbedSparseRequest:
     return EmbedSparseRequest(texts=_texts(_required(body, "inputs"), "inputs", limits),
                               truncate=_flag(body, "truncate", limits.auto_truncate), prompt_name=_prompt_name(body),
                               top_k=_top_k(body))
+
+
+def parse_embed_multivector(body: dict, limits: Limits) -> EmbedMultiVectorRequest:
+    """fastenc's ``POST /embed_multivector``: ``inputs``, ``truncate``, ``prompt_name``, ``query``."""
+    return EmbedMultiVectorRequest(texts=_texts(_required(body, "inputs"), "inputs", limits),
+                                   truncate=_flag(body, "truncate", limits.auto_truncate),
+                                   prompt_name=_prompt_name(body), query=_flag(body, "query", False))
+
+
+def parse_embed_multi(body: dict, limits: Limits) -> EmbedMultiRequest:
+    """fastenc's ``POST /embed_multi``: ``/embed_multivector``'s fields, which outputs (``dense``, ``sparse``,
+    ``multivector``: default true, at least one) and ``top_k`` for the sparse one."""
+    request = EmbedMultiRequest(texts=_texts(_required(body, "inputs"), "inputs", limits),
+                                truncate=_flag(body, "truncate", limits.auto_truncate), prompt_name=_prompt_name(body),
+                                query=_flag(body, "query", False), dense=_flag(body, "dense", True),
+                                sparse=_flag(body, "sparse", True), multivector=_flag(body, "multivector", True),
+                                top_k=_top_k(body))
+    if not (request.dense or request.sparse or request.multivector):
+        raise unprocessable("`dense`, `sparse` and `multivector` are all false: ask for at least one output")
+    return request
 
 
 def _sequence(value, name: str) -> Text | Pair:

@@ -259,3 +259,34 @@ def test_compile_only_refuses_the_interpreter():
         pytest.skip("this process runs the compiler")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"), aot.compile_only(90):
         pass
+
+
+def test_the_kernels_import_nothing_above_them():
+    """The kernels package (the compile target included) is the bottom layer: its modules import only
+    ``fastenc.kernels``, the errors and the torch twin they mirror (``fastenc.reference``, which imports
+    nothing of fastenc but the errors); the one exception is ``python -m fastenc.kernels.aot``'s entry, under its
+    ``__main__`` guard, which runs the model-level report of ``fastenc.bench.compile``."""
+    import ast
+    import pathlib
+
+    import fastenc.kernels
+
+    found = {}
+    for path in pathlib.Path(fastenc.kernels.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        guarded = {id(node) for top in tree.body if isinstance(top, ast.If) and "__main__" in ast.unparse(top.test)
+                   for node in ast.walk(top)}
+        for node in ast.walk(tree):
+            if id(node) in guarded:
+                continue
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module] if node.module != "fastenc" else [f"fastenc.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            above = [n for n in names if n.startswith("fastenc") and not n.startswith("fastenc.kernels")
+                     and n not in ("fastenc.errors", "fastenc.reference")]
+            if above:
+                found.setdefault(path.name, []).extend(above)
+    assert found == {}, found
