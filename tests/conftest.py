@@ -19,6 +19,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # pytest -n N: N worker processes share the machine's cores; each takes its share of torch's threads.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 if not torch.cuda.is_available():
     import fastenc.kernels  # noqa: E402, F401  (imports triton: after TRITON_INTERPRET is set; installs the exact dot)
 

@@ -38,7 +38,7 @@ def test_embed_file_and_outputs(tmp_path, expected):
     source.write_text("Welcome to NYC\nsecond text\n", encoding="utf-8")
     result = fastenc_cli("embed", "--file", str(source), "--output", str(tmp_path / "out.npy"))
     assert result.returncode == 0, result.stderr
-    torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "out.npy")), expected, rtol=0, atol=0)
+    torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "out.npy")), expected, rtol=0, atol=1e-6)  # this process and the CLI may run torch on different thread counts
     result = fastenc_cli("embed", "--file", "-", "--output", str(tmp_path / "out.jsonl"),
                          stdin="Welcome to NYC\nsecond text\n")
     assert result.returncode == 0, result.stderr
