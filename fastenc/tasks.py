@@ -15,6 +15,8 @@ are batch invariant; every reduction here runs on one sequence's slice).
 * ``SparseEmbedding``: SPLADE vectors over the vocabulary (``embed_sparse``, ``/embed_sparse``).
 * ``SequenceScores``: a sequence classifier's logits (the classification and rerank pipelines,
   ``/predict``, ``/rerank``).
+* ``TokenLogitScores``: a causal LM's log-odds of two tokens at the last token (a ``CrossEncoder`` with a
+  ``LogitScore`` module, Qwen3-Reranker's "yes" against "no": the rerank pipeline, ``/rerank``).
 * ``MultiVectorEmbedding``: per text its normalised token vectors for late interaction (BGE-M3's
   ColBERT vectors, a ColBERT model's; ``embed_multivector``).
 * ``LexicalWeights``: BGE-M3's sparse vectors over the vocabulary (``embed_sparse`` on BGE-M3).
@@ -180,6 +182,26 @@ class SequenceScores:
 
     def compute(self, model, hidden: torch.Tensor, lengths: list[int], input_ids=None) -> torch.Tensor:
         return model.heads.sequence_logits(hidden, lengths).float().cpu()
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLogitScores:
+    """A causal LM scored as sentence-transformers' ``LogitScore`` scores it: float32 CPU ``(n, 1)``, the
+    logit of ``true_token_id`` at each sequence's last token, less that of ``false_token_id`` when given,
+    before any activation. Only those one or two rows of the LM head meet only the last tokens
+    (``Heads.last_token_logits``)."""
+
+    true_token_id: int
+    false_token_id: int | None = None
+
+    name: ClassVar[str] = "score"
+    needs_ids: ClassVar[bool] = False
+
+    def compute(self, model, hidden: torch.Tensor, lengths: list[int], input_ids=None) -> torch.Tensor:
+        ids = (self.true_token_id,) if self.false_token_id is None else (self.true_token_id, self.false_token_id)
+        logits = model.heads.last_token_logits(hidden, lengths, ids)  # (n, 1 or 2) float32
+        scores = logits[:, :1] if self.false_token_id is None else logits[:, :1] - logits[:, 1:]
+        return scores.cpu()
 
 
 @dataclasses.dataclass(frozen=True)
