@@ -245,6 +245,9 @@ class SentenceConfig:
     dense: tuple[Dense, ...] = ()  # Dense modules after the pooling: part of the sentence embedding
     multivector: MultiVectorConfig | None = None  # a MultiVectorEncoder (ColBERT model)
     logit_score: LogitScore | None = None  # a CrossEncoder over a causal LM: the token ids its score reads
+    # the Transformer module's modality_config has "message": sentence-transformers renders texts (and
+    # pairs) through the tokenizer's chat template, which fastenc does not
+    chat_template: bool = False
 
     @property
     def embedding_dim(self) -> int | None:
@@ -260,6 +263,7 @@ class SentenceConfig:
         if not modules_file.is_file():
             sbert = _read_sbert(directory)
             sbert.pop("_multivector")
+            sbert.pop("chat_template", None)  # a plain checkpoint: no sentence-transformers formatting to follow
             return cls(transformer_dir=directory, **sbert, **model)
         modules = _read(modules_file)
         if not isinstance(modules, list):
@@ -330,7 +334,9 @@ def _read_sbert(directory: Path) -> dict:
     if not path.is_file():
         return {"_multivector": {}}
     data = _read(path)
+    modalities = data.get("modality_config")
     return {"max_seq_length": data.get("max_seq_length"), "do_lower_case": bool(data.get("do_lower_case", False)),
+            "chat_template": isinstance(modalities, dict) and "message" in modalities,
             "_multivector": {k: data[k] for k in ("query_length", "document_length", "query_expansion") if k in data}}
 
 

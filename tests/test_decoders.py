@@ -404,3 +404,35 @@ def test_logit_scores_read_two_rows_of_the_lm_head(tmp_path):
         full = hf(path, "causal_lm")(input_ids=ids, attention_mask=mask).logits  # (2, seq, vocab), soft-capped
     expected = full[torch.arange(2), torch.tensor([8, 3])][:, [5, 40]]
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_serve_rerank_scores_with_the_logit_score(tmp_path):
+    """``/rerank`` on a causal-LM CrossEncoder: the pipeline's pairs, its two-token score, its order."""
+    from starlette.testclient import TestClient
+
+    from fastenc.serve import create_app
+
+    path = make_decoder(tmp_path, "qwen3", head="causal_lm", seed=18)
+    encoder = fastenc.Encoder.from_pretrained(path)
+    documents = [text for text in DOCUMENTS if text]  # TEI's /rerank refuses an empty text
+    expected = fastenc.pipeline("rerank", encoder)(QUERY, documents, raw_scores=True)
+    with TestClient(create_app(encoder, warmup=False)) as client:
+        response = client.post("/rerank", json={"query": QUERY, "texts": documents, "raw_scores": True})
+        assert "reranker" in client.get("/info").json()["model_type"]
+    assert response.status_code == 200, response.text
+    ranks = response.json()
+    assert [r["index"] for r in ranks] == [r["index"] for r in expected]
+    assert all(abs(a["score"] - b["score"]) < 1e-5 for a, b in zip(ranks, expected))
+
+
+def test_chat_template_inputs_are_refused(tmp_path):
+    """A sentence-transformers model saved with the "message" modality renders its texts through the
+    tokenizer's chat template, which fastenc does not: embed() and rerank say so rather than differ."""
+    path = make_sentence_transformer(tmp_path / "st", "qwen3", pooling="lasttoken", seed=19)
+    settings = json.loads((path / "sentence_bert_config.json").read_text())
+    settings["modality_config"]["message"] = {**settings["modality_config"]["text"], "format": "auto"}
+    (path / "sentence_bert_config.json").write_text(json.dumps(settings))
+    encoder = fastenc.Encoder.from_pretrained(path)
+    with pytest.raises(FastencError, match="chat template"):
+        encoder.embed(["a text"])
+    assert encoder(*batch(encoder, [4])).shape == (1, 4, 48)  # the tensor API does not tokenize: unaffected

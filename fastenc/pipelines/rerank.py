@@ -11,9 +11,9 @@ import torch
 
 from .. import heads as task_heads
 from ..encoder import Encoder
-from ..errors import LoadError
+from ..errors import FastencError, LoadError
 from ..multivector import maxsim
-from ..tasks import SequenceScores, TokenLogitScores
+from ..tasks import CHAT_TEMPLATE_REFUSAL, SequenceScores, TokenLogitScores
 from .base import Pipeline, _check_batch_size, _positive_int, _texts
 
 # A CrossEncoder's activation_fn (the dotted path sentence-transformers saves) -> the score function.
@@ -42,6 +42,8 @@ class RerankPipeline(Pipeline):
     task, head = "rerank", "sequence_classification"
 
     def __init__(self, encoder: Encoder, *, batch_size: int = 32):
+        if encoder.sentence is not None and encoder.sentence.chat_template:
+            raise FastencError(CHAT_TEMPLATE_REFUSAL.format(what="pipeline('rerank')"))
         logit_score = self.logit_score(encoder)
         if logit_score is not None:
             self.head = "causal_lm"

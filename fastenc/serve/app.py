@@ -243,7 +243,7 @@ class Service:
                           f"this one has {labels}")
         try:
             return RerankPipeline(self.encoder), None
-        except LoadError as exc:  # e.g. an activation_fn fastenc does not know
+        except FastencError as exc:  # e.g. an activation_fn fastenc does not know, a chat template
             return None, f"/rerank cannot score with this checkpoint: {exc}"
 
     # ------------------------------------------------------------------------------------- lifecycle
@@ -550,6 +550,8 @@ class Service:
             id2label = {str(i): label for i, label in self.classifier.id2label.items()}
             kind = "reranker" if task_heads.num_labels(config) == 1 else "classifier"
             model_type = {kind: {"id2label": id2label, "label2id": {v: int(k) for k, v in id2label.items()}}}
+        elif self.reranker is not None:  # a causal LM scored by two tokens' logits: one score, as TEI's rerankers
+            model_type = {"reranker": {"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}}
         elif sentence is not None and sentence.splade is not None:
             model_type = {"embedding": {"pooling": "splade"}}  # as TEI names a SPLADE model's pooling
         else:
