@@ -114,6 +114,20 @@ _ALBERT_LAYER = _layer_map(
 )
 
 
+# The decoder backbones (Llama's names, which Mistral, Qwen2, Qwen3 and Gemma3 share): pre-norm blocks,
+# "attn_norm" the input_layernorm, "ffn_norm" the norm before the feed-forward (Llama's
+# post_attention_layernorm, Gemma3's pre_feedforward_layernorm); Gemma3's sandwich adds the norms after
+# attention and after the feed-forward. gate_proj is the activated half: act(gate_proj(x)) * up_proj(x).
+_DECODER_PARTS = dict(qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), attn_out="self_attn.o_proj",
+                      attn_norm="input_layernorm", ffn_in=("mlp.gate_proj", "mlp.up_proj"), ffn_out="mlp.down_proj",
+                      q_norm="self_attn.q_norm", k_norm="self_attn.k_norm")
+_DECODER_LAYER = _fields("layers.{i}.", **_DECODER_PARTS, ffn_norm="post_attention_layernorm")
+_GEMMA3_LAYER = _fields("layers.{i}.", **_DECODER_PARTS, ffn_norm="pre_feedforward_layernorm",
+                        post_attn_norm="post_attention_layernorm", post_ffn_norm="post_feedforward_layernorm")
+_DECODER_EMBEDDINGS = {"embeddings.word": "embed_tokens.weight"}
+_DECODER_MODEL = {"final_norm.weight": "norm.weight"}
+
+
 # DeBERTa-v2/v3: BERT's blocks under other names, and the position projections of the disentangled
 # attention (the families' tables keep only what a config's family has: see encoder_shapes).
 _DEBERTA_LAYER = {
@@ -167,6 +181,9 @@ NAME_MAPS = {
     "nomic_bert": NameMap(_NOMIC_EMBEDDINGS, _NOMIC_LAYER),
     "gte": NameMap(_NO_POSITION, _GTE_LAYER, gate_linear_first=True),
     "deberta-v2": NameMap(_BERT_EMBEDDINGS, _DEBERTA_LAYER, _DEBERTA_PROJECT, model=_DEBERTA_MODEL),
+    **{decoder: NameMap(_DECODER_EMBEDDINGS, _DECODER_LAYER, model=_DECODER_MODEL)
+       for decoder in ("qwen3", "qwen2", "mistral", "llama")},
+    "gemma3_text": NameMap(_DECODER_EMBEDDINGS, _GEMMA3_LAYER, model=_DECODER_MODEL),
 }
 # Other layouts a family's tensors come in, tried after NAME_MAPS' when its first layer is absent.
 OTHER_LAYOUTS = {
@@ -219,10 +236,11 @@ def encoder_shapes(config: EncoderConfig) -> dict[str, tuple[int, ...]]:
     family = config.family
     shapes = {
         "embeddings.word": (config.vocab_size, E),
-        "embeddings.norm.weight": (E,),
         "embeddings.project.weight": (H, E),
         "embeddings.project.bias": (H,),
     }
+    if family.embedding_norm:
+        shapes["embeddings.norm.weight"] = (E,)
     if family.positions == "absolute":
         shapes["embeddings.position"] = (config.max_position_embeddings, E)
     if config.type_vocab_size:
@@ -235,13 +253,16 @@ def encoder_shapes(config: EncoderConfig) -> dict[str, tuple[int, ...]]:
         shapes.update({"embeddings.project.weight": (H, E), "embeddings.norm.weight": (H,)})
         del shapes["embeddings.project.bias"]
     shapes.update(_deberta_shapes(config))
-    norms = ["attn_norm", "ffn_norm"]
+    norms = ["attn_norm", "ffn_norm"] + (["post_attn_norm", "post_ffn_norm"] if family.sandwich else [])
     if family.has_bias("norm"):
-        shapes["embeddings.norm.bias"] = shapes["embeddings.norm.weight"]
+        if "embeddings.norm.weight" in shapes:
+            shapes["embeddings.norm.bias"] = shapes["embeddings.norm.weight"]
         if family.final_norm:
             shapes["final_norm.bias"] = (H,)
     ffn_rows = 2 * I if family.ffn == "gated" else I  # gated: both halves, concatenated
-    layer = {"qkv": (3 * H, H), "attn_out": (H, H), "ffn_in": (ffn_rows, H), "ffn_out": (H, I)}
+    attention = config.num_attention_heads * config.head_dim  # hidden, but for Qwen3's and Gemma3's head dims
+    qkv_rows = attention + 2 * config.kv_heads * config.head_dim  # Q, then K and V (fewer heads with GQA)
+    layer = {"qkv": (qkv_rows, H), "attn_out": (H, attention), "ffn_in": (ffn_rows, H), "ffn_out": (H, I)}
     for i in range(num_unique_layers(config)):
         for part, shape in layer.items():
             shapes[f"layers.{i}.{part}.weight"] = shape
@@ -253,7 +274,19 @@ def encoder_shapes(config: EncoderConfig) -> dict[str, tuple[int, ...]]:
             shapes[f"layers.{i}.{part}.weight"] = (H,)
             if family.has_bias("norm"):
                 shapes[f"layers.{i}.{part}.bias"] = (H,)
+        if family.qk_norm:
+            shapes[f"layers.{i}.q_norm.weight"] = shapes[f"layers.{i}.k_norm.weight"] = (config.head_dim,)
     return shapes
+
+
+def encoder_splits(config: EncoderConfig) -> dict[str, tuple[int, ...]]:
+    """The rows of each checkpoint tensor in a concatenated fastenc tensor, where they are not equal parts:
+    Q, K and V with grouped-query attention (``heads``, ``kv_heads``, ``kv_heads`` heads of ``head_dim`` rows)."""
+    if config.kv_heads == config.num_attention_heads:
+        return {}
+    q, kv = config.num_attention_heads * config.head_dim, config.kv_heads * config.head_dim
+    return {f"layers.{i}.qkv.{part}": (q, kv, kv) for i in range(num_unique_layers(config))
+            for part in ("weight", "bias")}
 
 
 def _deberta_shapes(config: EncoderConfig) -> dict[str, tuple[int, ...]]:
@@ -391,8 +424,11 @@ def find_base_prefix(files: SafetensorsDir, config: EncoderConfig) -> str:
 
 
 def load_tensors(files: SafetensorsDir, table: dict, shapes: dict, dtype: torch.dtype,
-                 prefix: str = "") -> dict[str, torch.Tensor]:
-    """Read every tensor of ``table`` (fastenc name -> checkpoint name(s)), checking keys and shapes first."""
+                 prefix: str = "", splits: dict | None = None) -> dict[str, torch.Tensor]:
+    """Read every tensor of ``table`` (fastenc name -> checkpoint name(s)), checking keys and shapes first.
+
+    A tuple of checkpoint names is concatenated along dim 0, in equal parts unless ``splits`` gives the
+    rows of each (fastenc name -> one row count per checkpoint name)."""
     plan = {}
     for ours, theirs in table.items():
         parts = theirs if isinstance(theirs, tuple) else (theirs,)
@@ -401,24 +437,25 @@ def load_tensors(files: SafetensorsDir, table: dict, shapes: dict, dtype: torch.
             if key not in files.keys:
                 raise LoadError(f"{files.where(key)}: missing tensor {key!r}")
         expected = shapes[ours]
-        part_shape = (expected[0] // len(keys),) + tuple(expected[1:])
-        for key in keys:
+        rows = (splits or {}).get(ours) or (expected[0] // len(keys),) * len(keys)
+        for key, n in zip(keys, rows):
+            part_shape = (n,) + tuple(expected[1:])
             actual = files.shape(key)
             if actual != part_shape:
                 raise LoadError(
                     f"{files.where(key)}: tensor {key!r} has shape {list(actual)}, expected {list(part_shape)}"
                 )
-        plan[ours] = keys
+        plan[ours] = (keys, rows)
     tensors = {}
-    for ours, keys in plan.items():
+    for ours, (keys, rows) in plan.items():
         if len(keys) == 1:
             tensors[ours] = files.read(keys[0], dtype)
         else:
             out = torch.empty(shapes[ours], dtype=dtype, device=files.device)
-            for chunk, key in zip(out.chunk(len(keys)), keys):
+            for chunk, key in zip(out.split(list(rows)), keys):
                 files.read(key, dtype, out=chunk)
             tensors[ours] = out
-        for key, part in zip(keys, tensors[ours].chunk(len(keys))):
+        for key, part in zip(keys, tensors[ours].split(list(rows))):
             _check_finite(files, key, part, dtype)
     return tensors
 
@@ -448,9 +485,10 @@ def load_encoder(files: SafetensorsDir, config: EncoderConfig, dtype: torch.dtyp
     prefix = find_base_prefix(files, config)
     names = find_layout(files, config, prefix)
     table = encoder_names(config, names)
-    tensors = load_tensors(files, table, encoder_shapes(config), dtype, prefix)
+    tensors = load_tensors(files, table, encoder_shapes(config), dtype, prefix, encoder_splits(config))
     tensors = families.prepare(tensors, config.family, config.num_attention_heads, num_unique_layers(config),
-                               gate_linear_first=names.gate_linear_first, eps=config.layer_norm_eps)
+                               gate_linear_first=names.gate_linear_first, eps=config.layer_norm_eps,
+                               num_kv_heads=config.kv_heads, head_dim=config.head_dim)
     return tensors, prefix, used_keys(table, prefix)
 
 

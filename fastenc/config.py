@@ -1,9 +1,10 @@
 """``EncoderConfig``: one dataclass for every encoder ``config.json``, one small reader per family.
 
 A reader returns the sizes in one vocabulary, and for the families after BERT (MPNet, ModernBERT,
-NomicBERT, GTE, DeBERTa-v2/v3) the ``Family`` description of their blocks (``fastenc/family.py``): norm
-placement, position scheme, attention window per layer, feed-forward kind, biases, DeBERTa's
-disentangled attention.
+NomicBERT, GTE, DeBERTa-v2/v3, the decoder backbones Qwen3, Qwen2, Mistral, Llama and Gemma3) the
+``Family`` description of their blocks (``fastenc/family.py``): norm placement and kind, position
+scheme, attention window and RoPE base per layer, causal or bidirectional attention, feed-forward kind,
+biases, DeBERTa's disentangled attention, Gemma3's sandwich norms and scales.
 """
 
 from __future__ import annotations
@@ -14,18 +15,22 @@ import math
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .errors import LoadError
 from .family import BERT, MPNET_BUCKETS, Conv, Disentangled, Family, LayerKind
 
+# The decoder backbones (embedders and rerankers built on causal language models).
+DECODER_MODEL_TYPES = ("qwen3", "qwen2", "mistral", "llama", "gemma3_text")
 SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "albert",
-                         "mpnet", "modernbert", "nomic_bert", "gte", "deberta-v2")
+                         "mpnet", "modernbert", "nomic_bert", "gte", "deberta-v2") + DECODER_MODEL_TYPES
 # Position ids count non-padding tokens from pad_token_id + 1 in these families.
 _PADDING_POSITION_TYPES = ("roberta", "xlm-roberta", "camembert", "mpnet")
 # Families whose embeddings may have no token-type table (type_vocab_size 0).
-_NO_TOKEN_TYPE_TYPES = ("distilbert", "mpnet", "modernbert", "gte", "deberta-v2")
+_NO_TOKEN_TYPE_TYPES = ("distilbert", "mpnet", "modernbert", "gte", "deberta-v2") + DECODER_MODEL_TYPES
 # Families whose transformers model, without a token-type table, ignores the token_type_ids its tokenizer
-# sends (DeBERTa-v3's tokenizer marks a pair's second text with type 1).
-_IGNORED_TOKEN_TYPE_TYPES = ("deberta-v2",)
+# sends (DeBERTa-v3's tokenizer marks a pair's second text with type 1; the decoders take none).
+_IGNORED_TOKEN_TYPE_TYPES = ("deberta-v2",) + DECODER_MODEL_TYPES
 
 # Size fields and their smallest valid value; a field may be spelled differently in config.json (_KEYS).
 _MIN_SIZES = {
@@ -40,10 +45,15 @@ _MIN_SIZES = {
     "pad_token_id": 0,
     "num_hidden_groups": 1,
     "inner_group_num": 1,
+    "num_key_value_heads": 1,
 }
 _KEYS = {"distilbert": {"hidden_size": "dim", "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads",
                         "intermediate_size": "hidden_dim", "hidden_act": "activation"},
-         "modernbert": {"hidden_act": "hidden_activation", "layer_norm_eps": "norm_eps"}}
+         "modernbert": {"hidden_act": "hidden_activation", "layer_norm_eps": "norm_eps"},
+         **{decoder: {"layer_norm_eps": "rms_norm_eps"} for decoder in DECODER_MODEL_TYPES},
+         "gemma3_text": {"hidden_act": "hidden_activation", "layer_norm_eps": "rms_norm_eps"}}
+# Whether the LM head is the word embedding matrix when config.json does not say (transformers' defaults).
+TIED_BY_DEFAULT = {"qwen3": False, "qwen2": False, "mistral": False, "llama": False, "gemma3_text": True}
 
 # transformers' activation names -> the canonical names of the ops interface (reference.py).
 _ACTIVATIONS = {
@@ -87,12 +97,28 @@ class EncoderConfig:
     inner_group_num: int = 1  # ALBERT: layers per group
     family: Family = BERT  # what the blocks are made of (fastenc/family.py)
     relative_attention_num_buckets: int = 0  # MPNet: rows of the relative position bias table
+    num_key_value_heads: int | None = None  # grouped-query attention's K/V heads; None: num_attention_heads
     raw: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)  # config.json as read
 
     @property
     def activation(self) -> str:
         """The canonical activation name of the ops interface (``"gelu"``, ``"gelu_tanh"``, ``"relu"``, ``"silu"``)."""
         return _ACTIVATIONS[self.hidden_act]
+
+    @property
+    def kv_heads(self) -> int:
+        """The K and V heads: fewer than the query heads with grouped-query attention."""
+        return self.num_key_value_heads or self.num_attention_heads
+
+    @property
+    def is_decoder(self) -> bool:
+        """A decoder backbone (Qwen3, Qwen2, Mistral, Llama, Gemma3): bf16 by default on the GPU."""
+        return self.model_type in DECODER_MODEL_TYPES
+
+    @property
+    def tied_embeddings(self) -> bool:
+        """Whether a language-model head without its own weight is the word embedding matrix."""
+        return self.raw.get("tie_word_embeddings", TIED_BY_DEFAULT.get(self.model_type, True)) is not False
 
     @property
     def ignores_token_types(self) -> bool:
@@ -122,19 +148,27 @@ class EncoderConfig:
             raise LoadError(f"{source}: {family}")
         position_offset = fields["pad_token_id"] + 1 if model_type in _PADDING_POSITION_TYPES else 0
         hidden, heads = fields["hidden_size"], fields["num_attention_heads"]
-        if hidden % heads:
-            raise LoadError(f"{source}: hidden size {hidden} is not a multiple of the {heads} attention heads")
-        explicit_head_dim = raw.get("head_dim")
-        if explicit_head_dim not in (None, hidden // heads):
-            raise LoadError(f"{source}: head_dim {explicit_head_dim!r} is not hidden_size / num_attention_heads "
-                            f"({hidden // heads}); fastenc supports only that")
-        if family.positions == "rope" and (hidden // heads) % 2:
-            raise LoadError(f"{source}: RoPE needs an even head dim, got {hidden // heads}")
+        head_dim = fields.pop("head_dim", None)  # the decoders' readers give theirs (Qwen3, Gemma3: not hidden / heads)
+        if head_dim is None:
+            if hidden % heads:
+                raise LoadError(f"{source}: hidden size {hidden} is not a multiple of the {heads} attention heads")
+            explicit_head_dim = raw.get("head_dim")
+            if explicit_head_dim not in (None, hidden // heads):
+                raise LoadError(f"{source}: head_dim {explicit_head_dim!r} is not hidden_size / num_attention_heads "
+                                f"({hidden // heads}); fastenc supports only that")
+            head_dim = hidden // heads
+        elif isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
+            raise LoadError(f"{source}: head_dim must be a positive int, got {head_dim!r}")
+        kv_heads = fields.get("num_key_value_heads")
+        if kv_heads is not None and heads % kv_heads:
+            raise LoadError(f"{source}: num_key_value_heads {kv_heads} does not divide the {heads} attention heads")
+        if family.positions == "rope" and head_dim % 2:
+            raise LoadError(f"{source}: RoPE needs an even head dim, got {head_dim}")
         max_length = fields["max_position_embeddings"] - position_offset
         if max_length <= 0:
             raise LoadError(f"{source}: no usable positions (max_position_embeddings "
                             f"{fields['max_position_embeddings']} is too small for pad_token_id {fields['pad_token_id']})")
-        return cls(model_type=model_type, head_dim=hidden // heads, max_length=max_length,
+        return cls(model_type=model_type, head_dim=head_dim, max_length=max_length,
                    position_offset=position_offset, raw=dict(raw), **fields)
 
     @classmethod
@@ -405,6 +439,133 @@ def _deberta_family(raw: dict, max_positions) -> Family | str:
     return Family(positions="absolute" if flags["position_biased_input"] else "relative", disentangled=disentangled,
                   scale_factor=1 + len(set(kinds)), project_before_norm=True, conv=conv)
 
+# ------------------------------------------------------------------------------------- decoder backbones
+_DECODER_HEAD_DIMS = {"qwen3": 128, "gemma3_text": 256}  # transformers' defaults; else hidden / heads
+_DECODER_MAX_POSITIONS = {"qwen3": 32768, "qwen2": 32768, "mistral": 131072, "llama": 2048, "gemma3_text": 131072}
+
+
+def _decoder(model_type: str):
+    """The reader of one decoder family (transformers' ``Qwen3Config``, ``Qwen2Config``, ``MistralConfig``,
+    ``LlamaConfig``, ``Gemma3TextConfig`` defaults)."""
+
+    def read(raw: dict) -> dict:
+        gemma = model_type == "gemma3_text"
+        hidden, heads = raw["hidden_size"], raw["num_attention_heads"]
+        head_dim = raw.get("head_dim")
+        if head_dim is None:
+            default = _DECODER_HEAD_DIMS.get(model_type)
+            head_dim = default if default is not None else (
+                hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 else None)
+        fields = dict(
+            vocab_size=raw["vocab_size"],
+            hidden_size=hidden,
+            num_hidden_layers=raw["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=raw.get("num_key_value_heads") or heads,
+            head_dim=head_dim,
+            intermediate_size=raw["intermediate_size"],
+            hidden_act=raw.get("hidden_activation", "gelu_pytorch_tanh") if gemma else raw.get("hidden_act", "silu"),
+            layer_norm_eps=raw.get("rms_norm_eps", 1e-6),
+            type_vocab_size=0,
+            pad_token_id=raw.get("pad_token_id", 0 if gemma else None) or 0,
+            max_position_embeddings=raw.get("max_position_embeddings", _DECODER_MAX_POSITIONS[model_type]),
+        )
+        fields["family"] = _decoder_family(raw, model_type)
+        return fields
+
+    return read
+
+
+def _decoder_windows(raw: dict, model_type: str, layers: int) -> list[int | None] | str:
+    """Each layer's attention window in fastenc's inclusive convention (None: every key), from
+    ``layer_types`` and ``sliding_window`` as transformers reads them; a string says what is wrong."""
+    if model_type == "llama":
+        return [None] * layers
+    if model_type == "mistral":  # one window on every layer, unless sliding_window is null
+        sliding = raw.get("sliding_window", 4096)
+        types = ["sliding_attention" if sliding is not None else "full_attention"] * layers
+    elif model_type in ("qwen2", "qwen3"):
+        sliding = raw.get("sliding_window", 4096) if raw.get("use_sliding_window", False) is True else None
+        types = raw.get("layer_types")
+        if types is None:
+            first = raw.get("max_window_layers", 28)
+            types = ["sliding_attention" if sliding is not None and i >= first else "full_attention"
+                     for i in range(layers)]
+    else:  # gemma3_text: every sixth layer global (sliding_window_pattern), the others local
+        sliding = raw.get("sliding_window", 4096)
+        pattern = raw.get("sliding_window_pattern", 6)
+        types = raw.get("layer_types")
+        if types is None:
+            if isinstance(pattern, bool) or not isinstance(pattern, int) or pattern < 1:
+                return f"sliding_window_pattern must be a positive int, got {pattern!r}"
+            types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
+    if not isinstance(types, list) or len(types) != layers or not set(types) <= {"full_attention",
+                                                                                  "sliding_attention"}:
+        return f"layer_types {types!r} is not a list of {layers} 'full_attention' / 'sliding_attention'"
+    if "sliding_attention" not in types:
+        return [None] * layers
+    if isinstance(sliding, bool) or not isinstance(sliding, int) or sliding < 1:
+        return f"sliding_window must be a positive int for the sliding layers, got {sliding!r}"
+    # transformers keeps q - sliding_window < k <= q (causal); a bidirectional Gemma3 turns sliding_window S
+    # into S // 2 + 1 at load and keeps |q - k| < S // 2 + 1 (config.json holds S)
+    bidirectional = model_type == "gemma3_text" and raw.get("use_bidirectional_attention", False) is True
+    window = sliding // 2 if bidirectional else sliding - 1
+    return [window if kind == "sliding_attention" else None for kind in types]
+
+
+def _decoder_thetas(raw: dict, model_type: str) -> dict[str, float] | str:
+    """The RoPE base of the global ("full_attention") and local ("sliding_attention") layers."""
+    if model_type != "gemma3_text":
+        theta = _rope_theta(raw, raw.get("rope_parameters"), 10_000.0)
+        return theta if isinstance(theta, str) else {"full_attention": theta, "sliding_attention": theta}
+    params = raw.get("rope_parameters")
+    sections = params if isinstance(params, dict) and ("full_attention" in params or "sliding_attention" in params) \
+        else {"full_attention": {**(raw.get("rope_scaling") or {}), **(params or {})}}
+    thetas = {}
+    for kind, old_key, default in (("full_attention", "rope_theta", 1_000_000.0),
+                                   ("sliding_attention", "rope_local_base_freq", 10_000.0)):
+        section = dict(sections.get(kind) or {})
+        section.setdefault("rope_theta", raw.get(old_key, default))
+        thetas[kind] = _rope_theta({}, section, default)
+        if isinstance(thetas[kind], str):
+            return f"{kind} layers: {thetas[kind]}"
+    return thetas
+
+
+def _decoder_family(raw: dict, model_type: str) -> Family | str:
+    """Pre-norm RMSNorm blocks, RoPE, a gated feed-forward; causal unless Gemma3's config says otherwise."""
+    layers = raw["num_hidden_layers"]
+    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
+        return "num_hidden_layers must be a positive int"  # _validate says so first
+    windows = _decoder_windows(raw, model_type, layers)
+    thetas = _decoder_thetas(raw, model_type)
+    for problem in (windows, thetas):
+        if isinstance(problem, str):
+            return problem
+    kinds = tuple(LayerKind(window=window, rope_theta=thetas["full_attention" if window is None else
+                                                               "sliding_attention"]) for window in windows)
+    biased = raw.get("attention_bias", False) is True
+    biases = {"qkv", "attn_out"} if biased else set()
+    if model_type == "qwen2":
+        biases = {"qkv"}  # Qwen2: q_proj, k_proj and v_proj have a bias, o_proj none
+    if model_type == "llama" and raw.get("mlp_bias", False) is True:
+        biases |= {"ffn_in", "ffn_out"}
+    gemma = model_type == "gemma3_text"
+    causal = not (gemma and raw.get("use_bidirectional_attention", False) is True)
+    extra = {}
+    if gemma:
+        hidden, scalar = raw["hidden_size"], raw.get("query_pre_attn_scalar", 256)
+        if isinstance(scalar, bool) or not isinstance(scalar, (int, float)) or not (math.isfinite(scalar) and scalar > 0):
+            return f"query_pre_attn_scalar must be a positive number, got {scalar!r}"
+        if raw.get("attn_logit_softcapping") is not None:
+            return f"attn_logit_softcapping {raw['attn_logit_softcapping']!r} is not supported (only null)"
+        # transformers' embed_scale: a float32 buffer, cast to the table's dtype at each forward
+        extra = dict(norm_offset=1.0, sandwich=True, query_scale=float(scalar) ** -0.5,
+                     embedding_scale=float(torch.tensor(float(hidden) ** 0.5, dtype=torch.float32))
+                     if isinstance(hidden, int) else None)
+    return Family(norm="pre", positions="rope", ffn="gated", biases=frozenset(biases), layers=kinds, norm_type="rms",
+                  embedding_norm=False, causal=causal, qk_norm=model_type in ("qwen3", "gemma3_text"), **extra)
+
 
 def _validate(fields: dict, model_type: str, source: str) -> None:
     """Check every field's type and range in place (eps becomes a float); errors name the config.json key."""
@@ -443,4 +604,5 @@ _READERS = {
     "nomic_bert": _nomic_bert,
     "gte": _gte,
     "deberta-v2": _deberta_v2,
+    **{model_type: _decoder(model_type) for model_type in DECODER_MODEL_TYPES},
 }

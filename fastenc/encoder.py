@@ -76,11 +76,11 @@ class Encoder:
         if not directory.is_dir():
             raise LoadError(f"{directory}: not a directory (fastenc loads a local Hugging Face checkpoint directory)")
         device = resolve_device(device)
-        dtype = resolve_dtype(dtype, device)
-        backend, ops = resolve_backend(backend, device)
         sentence = SentenceConfig.from_dir(directory)
         model_dir = sentence.transformer_dir
         config = EncoderConfig.from_file(model_dir / "config.json")
+        dtype = resolve_dtype(dtype, device, config)
+        backend, ops = resolve_backend(backend, device)
         files = checkpoint.SafetensorsDir(model_dir, device)
         tokenizer, tokenizer_dir = load_tokenizer(model_dir), model_dir
         if tokenizer is None and model_dir != directory:
@@ -106,7 +106,7 @@ class Encoder:
         if device is None:
             device = next((t.device for t in state_dict.values() if isinstance(t, torch.Tensor)), "cpu")
         device = resolve_device(device)
-        dtype = resolve_dtype(dtype, device)
+        dtype = resolve_dtype(dtype, device, config)
         backend, ops = resolve_backend(backend, device)
         files = checkpoint.StateDictSource(state_dict, device)
         model = cls._load_model(files, config, device=device, dtype=dtype, backend=backend, ops=ops,

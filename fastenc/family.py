@@ -19,6 +19,15 @@ handful of parts, described here once per checkpoint (STYLE 13; gpt-fast's ``Mod
 * **feed-forward**: ``"plain"`` — ``act(W x + b)``, or ``"gated"`` — ``act(a) * b`` where ``a`` and
   ``b`` are the two halves of one projection (GeGLU in ModernBERT and GTE, SwiGLU in NomicBERT).
 * **biases**: which linears and norms have one (ModernBERT none, NomicBERT only in its norms).
+* **the decoder backbones** (Llama, Mistral, Qwen2, Qwen3, Gemma3, read as embedders and rerankers):
+  pre-norm blocks with RMSNorm (``norm_type="rms"``; Gemma's ``1 + weight`` as ``norm_offset=1``) and
+  no norm at the embeddings, causal attention (``causal``; EmbeddingGemma's config turns it off),
+  grouped-query attention (fewer K/V heads, read from ``EncoderConfig.num_key_value_heads``), per-head
+  RMSNorm of Q and K before RoPE (``qk_norm``: Qwen3, Gemma3), Gemma3's "sandwich" blocks (``sandwich``:
+  a norm after attention and after the feed-forward too, before each residual add), its embeddings
+  multiplied by ``sqrt(hidden)`` (``embedding_scale``) and its Q scale ``query_pre_attn_scalar ** -0.5``
+  (``query_scale``); local layers are windows (Mistral's, Gemma3's every layer but every sixth) with
+  their own RoPE base (Gemma3's ``rope_local_base_freq``).
 * **DeBERTa's extras**: the embedding projection (``embedding_size != hidden_size``) comes before the
   embeddings' LayerNorm, not after it (``project_before_norm``); a convolution beside the first block
   (``Conv``, DeBERTa-v2's ``conv_kernel_size``).
@@ -42,6 +51,7 @@ import torch
 import torch.nn.functional as F
 
 NORM_PLACEMENTS = ("post", "pre")
+NORM_TYPES = ("layer", "rms")
 POSITION_SCHEMES = ("absolute", "rope", "relative")
 FFN_KINDS = ("plain", "gated")
 BIASED_PARTS = ("qkv", "attn_out", "ffn_in", "ffn_out", "norm")  # "norm": every LayerNorm, embeddings' too
@@ -55,7 +65,8 @@ MPNET_MAX_DISTANCE = 128
 class LayerKind:
     """What differs between the blocks of one model (ModernBERT alternates global and local layers)."""
 
-    window: int | None = None  # sliding window: keys within ±window positions of the query; None: all keys
+    window: int | None = None  # sliding window: keys within ±window positions of the query (causal: the
+    # window keys before it); None: all keys
     rope_theta: float | None = None  # the RoPE base of this block; None without rotary positions
     attn_norm: bool = True  # pre-LN only: the attention input is normalised (ModernBERT's block 0: not)
 
@@ -110,6 +121,15 @@ class Family:
     scale_factor: int = 1  # the softmax scale is 1 / sqrt(head_dim * scale_factor)
     project_before_norm: bool = False  # the embedding projection precedes the embeddings' LayerNorm
     conv: Conv | None = None  # a convolution beside the first block
+    # the decoder backbones
+    norm_type: str = "layer"  # "layer" (LayerNorm) or "rms" (RMSNorm, transformers' roundings)
+    norm_offset: float = 0.0  # RMSNorm's weight is norm_offset + weight (Gemma: 1)
+    embedding_norm: bool = True  # a norm at the embeddings (the decoders have none)
+    embedding_scale: float | None = None  # the word rows' factor (Gemma: sqrt(hidden))
+    causal: bool = False  # a token attends to itself and the tokens before it only
+    qk_norm: bool = False  # RMSNorm over each head of Q and of K, before RoPE (Qwen3, Gemma3)
+    sandwich: bool = False  # norms after attention and after the feed-forward too (Gemma3)
+    query_scale: float | None = None  # Q's factor when not 1 / sqrt(head_dim) (Gemma3's query_pre_attn_scalar)
 
     def layer(self, depth: int) -> LayerKind:
         return self.layers[depth] if self.layers else LayerKind()
@@ -127,7 +147,8 @@ class Family:
         return self.norm == "pre"
 
     def __post_init__(self):
-        if self.norm not in NORM_PLACEMENTS or self.positions not in POSITION_SCHEMES or self.ffn not in FFN_KINDS:
+        if (self.norm not in NORM_PLACEMENTS or self.positions not in POSITION_SCHEMES or self.ffn not in FFN_KINDS
+                or self.norm_type not in NORM_TYPES or self.sandwich and self.norm != "pre"):
             raise ValueError(f"not a family description: {self}")
 
 
@@ -148,17 +169,27 @@ def interleave_gate(tensor: torch.Tensor, linear_first: bool = False) -> torch.T
     return halves.transpose(0, 1).reshape(tensor.shape).contiguous()
 
 
-def rotary_pair_order(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+def rotary_pair_order(qkv: torch.Tensor, num_heads: int, num_kv_heads: int | None = None,
+                      head_dim: int | None = None) -> torch.Tensor:
     """Q and K rows of a rotate-half checkpoint (``d`` pairs with ``d + head_dim / 2``) in rotary-pair
-    order (pair ``i`` at rows ``2i, 2i + 1`` of its head); V untouched. ``qkv``: ``(3 * hidden, ...)``.
+    order (pair ``i`` at rows ``2i, 2i + 1`` of its head); V untouched. ``qkv``: ``((num_heads + 2 *
+    num_kv_heads) * head_dim, ...)``, the Q heads, then the K heads, then the V heads (``num_kv_heads``
+    None: as many as Q; ``head_dim`` None: the rows divided evenly).
 
     The attention scores do not change (Q and K are permuted alike); the fused-QKV epilogue then finds
     each pair in two neighbouring columns of one tile, whatever the head dim and the tile width.
     """
     rest = qkv.shape[1:]
-    head_dim = qkv.shape[0] // (3 * num_heads)
-    qk = qkv[: 2 * num_heads * head_dim].reshape(2 * num_heads, 2, head_dim // 2, *rest).transpose(1, 2)
-    return torch.cat([qk.reshape(-1, *rest), qkv[2 * num_heads * head_dim:]]).contiguous()
+    kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    head_dim = qkv.shape[0] // (num_heads + 2 * kv_heads) if head_dim is None else head_dim
+    qk_heads = num_heads + kv_heads
+    qk = qkv[: qk_heads * head_dim].reshape(qk_heads, 2, head_dim // 2, *rest).transpose(1, 2)
+    return torch.cat([qk.reshape(-1, *rest), qkv[qk_heads * head_dim:]]).contiguous()
+
+
+def head_pair_order(weight: torch.Tensor) -> torch.Tensor:
+    """A per-head ``(head_dim,)`` vector (the QK-norm weights) in the rotary-pair order of ``rotary_pair_order``."""
+    return weight.reshape(2, -1).t().reshape(-1).contiguous()
 
 
 def rope_table(theta: float, head_dim: int, max_positions: int, device=None) -> torch.Tensor:
@@ -297,11 +328,13 @@ def fold_projection(tensors: dict) -> dict:
 
 
 def prepare(tensors: dict, family: Family, num_heads: int, num_layers: int, *, gate_linear_first: bool = False,
-            eps: float = 1e-12) -> dict:
+            eps: float = 1e-12, num_kv_heads: int | None = None, head_dim: int | None = None) -> dict:
     """The checkpoint's encoder tensors in the kernels' layouts (new tensors where a layout changes).
 
     ``gate_linear_first``: the checkpoint stores a gated projection as ``[linear; activated]``. ``eps``:
-    the LayerNorms' (DeBERTa's relative embeddings are normalised here)."""
+    the LayerNorms' (DeBERTa's relative embeddings are normalised here). ``num_kv_heads`` and
+    ``head_dim``: grouped-query attention's K/V heads and the checkpoint's head dim (None: as many K/V
+    heads as Q heads, ``hidden / heads``)."""
     out = dict(tensors)
     if family.disentangled is not None:
         out = disentangled_tables(out, family, num_heads, num_layers, eps)
@@ -314,7 +347,10 @@ def prepare(tensors: dict, family: Family, num_heads: int, num_layers: int, *, g
             for part in ("weight", "bias"):
                 name = f"layers.{i}.qkv.{part}"
                 if name in out:
-                    out[name] = rotary_pair_order(out[name], num_heads)
+                    out[name] = rotary_pair_order(out[name], num_heads, num_kv_heads, head_dim)
+            for name in (f"layers.{i}.q_norm.weight", f"layers.{i}.k_norm.weight"):
+                if name in out:
+                    out[name] = head_pair_order(out[name])
         if family.ffn == "gated":
             for part in ("weight", "bias"):
                 name = f"layers.{i}.ffn_in.{part}"

@@ -34,6 +34,13 @@ What each family computes (transformers' modeling files, v5):
   classifier first pools the tokens as ``classifier_pooling`` says (``"cls"``: the first token,
   ``"mean"``: the mean of the sequence's tokens).
 
+* The decoder backbones (Qwen3, Qwen2, Mistral, Llama, Gemma3): sequence classification is
+  ``score(last token)`` (``*ForSequenceClassification``, no bias; transformers takes the last token that
+  is not the padding id, which is the last token unless a text ends with that id); the causal LM head
+  (``causal_lm``, ``lm_head``, the word embeddings when tied) is read only at the last token and only
+  at the rows of the scored token ids (``last_token_logits``: a sentence-transformers ``CrossEncoder`` with a
+  ``LogitScore`` module, Qwen3-Reranker's "yes" and "no"), with Gemma's ``final_logit_softcapping``.
+
 * BGE-M3 (``bge_m3``, from ``colbert_linear.pt`` and ``sparse_linear.pt`` beside the weights, read by
   ``checkpoint.read_linear_pt``): ``colbert_linear(h)`` on every token (its ColBERT vectors, before the
   first token is dropped and they are normalised) and ``relu(sparse_linear(h))``, one weight per token
@@ -53,10 +60,11 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
-from .config import EncoderConfig, canonical_activation
+from .config import DECODER_MODEL_TYPES, EncoderConfig, canonical_activation
 from .errors import LoadError
 
-HEAD_NAMES = ("pooler", "mlm", "sequence_classification", "token_classification", "question_answering", "bge_m3")
+HEAD_NAMES = ("pooler", "mlm", "sequence_classification", "token_classification", "question_answering", "bge_m3",
+              "causal_lm")
 BGE_M3_FILES = ("colbert_linear.pt", "sparse_linear.pt")
 _CLASSIFIERS = ("sequence_classification", "token_classification")
 
@@ -151,6 +159,13 @@ HEAD_SPECS: dict[str, dict[str, HeadSpec]] = {
 }
 
 
+_DECODER_HEADS = {
+    "sequence_classification": HeadSpec({"seq.out.weight": "score.weight"}),
+    "causal_lm": HeadSpec({"lm.weight": "lm_head.weight"}, tied="lm.weight"),
+}
+HEAD_SPECS.update({decoder: _DECODER_HEADS for decoder in DECODER_MODEL_TYPES})
+
+
 def _modernbert_heads(config: EncoderConfig) -> dict[str, HeadSpec]:
     """ModernBERT's heads: ``head`` (dense, activation, norm) then the task's projection; which of their
     tensors have a bias is in the config (``classifier_bias``, ``norm_bias``, ``decoder_bias``)."""
@@ -218,11 +233,13 @@ _ARCHITECTURE_HEADS = {
     "ForQuestionAnswering": {"question_answering"},
     "ForMaskedLM": {"mlm"},
     "ForPreTraining": {"mlm"},
+    "ForCausalLM": {"causal_lm"},
     "Model": set(),
 }
 _BASE_PREFIX = {"bert": "bert.", "roberta": "roberta.", "xlm-roberta": "roberta.", "camembert": "roberta.",
                 "distilbert": "distilbert.", "electra": "electra.", "albert": "albert.", "mpnet": "mpnet.",
-                "modernbert": "model.", "nomic_bert": "nomic_bert.", "gte": "gte.", "deberta-v2": "deberta."}
+                "modernbert": "model.", "nomic_bert": "nomic_bert.", "gte": "gte.", "deberta-v2": "deberta.",
+                **{decoder: "model." for decoder in DECODER_MODEL_TYPES}}
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -255,6 +272,7 @@ def head_shapes(config: EncoderConfig) -> dict[str, tuple[int, ...]]:
         "seq.out.weight": (L, H), "seq.out.bias": (L,),
         "token.weight": (L, H), "token.bias": (L,),
         "qa.weight": (2, H), "qa.bias": (2,),
+        "lm.weight": (V, H),
         # ModernBERT's head before each task's projection
         **{f"{task}.{part}.{kind}": (H,) if part == "norm" or kind == "bias" else (H, H)
            for task in ("seq", "token", "qa") for part in ("dense", "norm") for kind in ("weight", "bias")},
@@ -293,7 +311,7 @@ def _survey(config: EncoderConfig, prefix: str, present) -> tuple[dict, dict, se
     alternative names present beside those the complete heads read."""
     specs = head_specs(config)
     allowed = _architecture_heads(config)
-    tie_allowed = config.raw.get("tie_word_embeddings", True) is not False
+    tie_allowed = config.tied_embeddings
     complete, partial, others = {}, {}, {}
     for head, spec in specs.items():
         if allowed is not None and head != "pooler" and head not in allowed:
@@ -367,7 +385,7 @@ def missing_tensors(config: EncoderConfig, head: str, path: Path | None = None) 
             present, prefix = set(files.keys), checkpoint.find_base_prefix(files, config)
         except LoadError:
             pass
-    tie_allowed = config.raw.get("tie_word_embeddings", True) is not False
+    tie_allowed = config.tied_embeddings
     missing = []
     for name in specs[head].requires + (head,):
         missing += _resolve(specs[name], prefix, present, tie_allowed)[1]
@@ -382,6 +400,16 @@ def first_tokens(hidden: torch.Tensor, lengths) -> torch.Tensor:
         raise ValueError("every sequence needs at least one token to read its first token")
     starts = torch.tensor([0] + lengths[:-1], dtype=torch.long).cumsum(0).to(hidden.device)
     return hidden.index_select(0, starts)
+
+
+def last_tokens(hidden: torch.Tensor, lengths) -> torch.Tensor:
+    """The last token of each packed sequence (a gather at ``cu_seqlens[1:] - 1``): ``(batch, hidden)``;
+    every length must be positive."""
+    lengths = list(lengths)
+    if any(n <= 0 for n in lengths):
+        raise ValueError("every sequence needs at least one token to read its last token")
+    ends = torch.tensor(lengths, dtype=torch.long).cumsum(0) - 1
+    return hidden.index_select(0, ends.to(hidden.device))
 
 
 def mean_tokens(hidden: torch.Tensor, lengths) -> torch.Tensor:
@@ -459,7 +487,9 @@ class Heads:
     def sequence_logits(self, hidden: torch.Tensor, lengths) -> torch.Tensor:
         """Sequence classification logits ``(batch, num_labels)`` from packed ``(tokens, hidden)`` states."""
         ops, t = self.ops, self.tensors("sequence_classification")
-        if self.config.model_type == "modernbert":  # pool as classifier_pooling says, then the head
+        if self.config.is_decoder:  # the causal models' score at the last token
+            x = last_tokens(hidden, lengths)
+        elif self.config.model_type == "modernbert":  # pool as classifier_pooling says, then the head
             if self.config.raw.get("classifier_pooling", "cls") == "mean":
                 x = mean_tokens(hidden, lengths)
             else:
@@ -474,7 +504,25 @@ class Heads:
                 x = ops.linear(x, t["seq.dense.weight"], t["seq.dense.bias"], activation)
         else:  # BERT, ALBERT: the classifier reads the pooler
             x = self.pooled(hidden, lengths)
-        return ops.linear(x, t["seq.out.weight"], t["seq.out.bias"])
+        return ops.linear(x, t["seq.out.weight"], t.get("seq.out.bias"))
+
+    def last_token_logits(self, hidden: torch.Tensor, lengths, token_ids) -> torch.Tensor:
+        """The causal LM head's float32 logits ``(batch, len(token_ids))`` of the given vocabulary ids at
+        each packed sequence's last token: only those rows of ``lm_head`` (the word embeddings when tied)
+        meet only those tokens, a ``(batch, hidden) x (hidden, len(token_ids))`` product, never the
+        ``(tokens, vocab)`` logits. Gemma's ``final_logit_softcapping`` (``cap * tanh(logit / cap)``)
+        applies to them as to all of transformers' logits."""
+        t = self.tensors("causal_lm")
+        weight = t.get("lm.weight", self._word_embeddings)
+        ids = torch.tensor(list(token_ids), dtype=torch.long)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= weight.shape[0]):
+            raise ValueError(f"token ids {list(token_ids)} are outside the LM head's {weight.shape[0]} rows")
+        rows = weight.index_select(0, ids.to(weight.device))  # (n_ids, hidden)
+        logits = self.ops.linear(last_tokens(hidden, lengths), rows, None).float()  # (batch, n_ids)
+        cap = self.config.raw.get("final_logit_softcapping")
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     def token_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Token classification logits ``(tokens, num_labels)``."""

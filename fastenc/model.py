@@ -1,9 +1,12 @@
 """The encoder network: one forward pass, written once, over the ops backend chosen at load.
 
-The pass follows the checkpoint's ``Family`` (``fastenc/family.py``): post- or pre-LayerNorm blocks,
-absolute positions at the embeddings or RoPE in the fused-QKV epilogue, MPNet's relative bias,
-DeBERTa's disentangled relative terms and ModernBERT's sliding windows inside attention, plain or gated
-feed-forwards, with or without biases, DeBERTa-v2's convolution beside the first block.
+The pass follows the checkpoint's ``Family`` (``fastenc/family.py``): post- or pre-norm blocks (LayerNorm,
+or the decoders' RMSNorm, with Gemma3's sandwich norms), absolute positions at the embeddings or RoPE in
+the fused-QKV epilogue (after the decoders' QK-norm), MPNet's relative bias, DeBERTa's disentangled
+relative terms and sliding windows inside attention, bidirectional or causal, with grouped-query K/V
+heads, plain or gated feed-forwards, with or without biases, DeBERTa-v2's convolution beside the first
+block. A decoder backbone (Qwen3, Qwen2, Mistral, Llama, Gemma3) is one such description, not a
+second forward pass.
 
 The model never sees text. It takes a ``PackedBatch`` (real tokens only, FlashAttention's varlen
 layout: ``(tokens,)`` ids and ``cu_seqlens`` offsets), moves it to its device at the door, and every
@@ -27,7 +30,7 @@ import torch
 from . import checkpoint, reference
 from . import family as families
 from .config import EncoderConfig
-from .errors import BackendError, InputError
+from .errors import BackendError, FastencError, InputError
 from .graphs import GraphRunner
 from .heads import Heads
 from .packing import PackedBatch, cu_seqlens_of
@@ -53,9 +56,13 @@ def resolve_device(device) -> torch.device:
     return device
 
 
-def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype, device: torch.device, config: EncoderConfig | None = None) -> torch.dtype:
+    """``dtype`` as a torch dtype; None: float32 on the CPU, on CUDA float16, or bfloat16 for the decoder
+    backbones (``config.is_decoder``), whose activations overflow float16 in some checkpoints."""
     if dtype is None:
-        return torch.float16 if device.type == "cuda" else torch.float32
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if config is not None and config.is_decoder else torch.float16
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise InputError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
@@ -112,13 +119,14 @@ class Layer:
 
     A bias is ``None`` where the family has none; ``attn_norm`` is ``None`` for ModernBERT's first block.
     Post-LN (``family.norm == "post"``): ``attn_norm`` and ``ffn_norm`` follow attention and the
-    feed-forward; pre-LN: they precede them.
+    feed-forward; pre-LN: they precede them, and Gemma3's sandwich adds ``post_attn_norm`` and
+    ``post_ffn_norm`` after them.
     """
 
     kind: families.LayerKind
-    qkv_weight: torch.Tensor  # (3 * hidden, hidden); Q and K rows in rotary-pair order with RoPE
-    qkv_bias: torch.Tensor | None  # (3 * hidden,)
-    attn_out_weight: torch.Tensor  # (hidden, hidden)
+    qkv_weight: torch.Tensor  # ((heads + 2 * kv_heads) * head_dim, hidden); Q and K rows in rotary-pair order
+    qkv_bias: torch.Tensor | None  # ((heads + 2 * kv_heads) * head_dim,)
+    attn_out_weight: torch.Tensor  # (hidden, heads * head_dim)
     attn_out_bias: torch.Tensor | None
     attn_norm_weight: torch.Tensor | None  # (hidden,)
     attn_norm_bias: torch.Tensor | None
@@ -130,6 +138,10 @@ class Layer:
     ffn_norm_bias: torch.Tensor | None
     rel_keys: torch.Tensor | None = None  # (2 * span, heads, head_dim): DeBERTa's c2p table
     rel_queries: torch.Tensor | None = None  # (2 * span, heads, head_dim): DeBERTa's p2c table, scaled
+    q_norm_weight: torch.Tensor | None = None  # (head_dim,): QK-norm of each Q head, in rotary-pair order
+    k_norm_weight: torch.Tensor | None = None  # (head_dim,)
+    post_attn_norm_weight: torch.Tensor | None = None  # (hidden,): Gemma3's norm after attention
+    post_ffn_norm_weight: torch.Tensor | None = None  # (hidden,): Gemma3's norm after the feed-forward
 
     @classmethod
     def from_tensors(cls, tensors: dict, index: int, kind: families.LayerKind) -> "Layer":
@@ -169,8 +181,10 @@ class Model:
         self.relative_bias = (families.relative_bias_by_distance(tensors["relative_bias"],
                                                                  config.max_position_embeddings)
                               if family.relative_bias else None)
-        # DeBERTa: Q's scale, and the row of the relative tables for every distance.
-        self.q_scale = None if family.scale_factor == 1 else 1.0 / math.sqrt(config.head_dim * family.scale_factor)
+        # Q's scale (Gemma3's query_pre_attn_scalar, DeBERTa's scale factor), and DeBERTa's row of the
+        # relative tables for every distance.
+        self.q_scale = family.query_scale if family.query_scale is not None else (
+            None if family.scale_factor == 1 else 1.0 / math.sqrt(config.head_dim * family.scale_factor))
         self.rel_index = (families.relative_index_by_distance(family.disentangled, config.max_position_embeddings)
                           .to(device) if family.disentangled is not None else None)
         self.graphs = GraphRunner(self) if resolve_cuda_graphs(cuda_graphs, device, backend) else None
@@ -180,6 +194,13 @@ class Model:
         return (f"Model({c.model_type}, layers={c.num_hidden_layers}, hidden={c.hidden_size}, "
                 f"heads={c.num_attention_heads}, device={self.device}, dtype={self.dtype}, backend={self.backend!r})")
 
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The family's norm: LayerNorm, or the decoders' RMSNorm (with Gemma's ``1 + weight``)."""
+        family, eps = self.config.family, self.config.layer_norm_eps
+        if family.norm_type == "rms":
+            return self.ops.rms_norm(x, weight, eps, family.norm_offset)
+        return self.ops.layer_norm(x, weight, bias, eps)
+
     # ----------------------------------------------------------------------------------------- forward
     @torch.no_grad()  # not inference_mode: callers (optimize's task heads) may feed the result to autograd
     def forward(self, batch: PackedBatch) -> torch.Tensor:
@@ -188,30 +209,39 @@ class Model:
         ops, c, t, family = self.ops, self.config, self.tensors, self.config.family
         eps, positions = c.layer_norm_eps, batch.position_ids
         x = ops.embeddings(batch.input_ids, positions, batch.token_type_ids, t["embeddings.word"],
-                           t.get("embeddings.position"), t.get("embeddings.token_type"), t["embeddings.norm.weight"],
-                           t.get("embeddings.norm.bias"), eps)  # (T, E)
+                           t.get("embeddings.position"), t.get("embeddings.token_type"), t.get("embeddings.norm.weight"),
+                           t.get("embeddings.norm.bias"), eps, family.embedding_scale)  # (T, E)
         if "embeddings.project.weight" in t:
             x = ops.linear(x, t["embeddings.project.weight"], t["embeddings.project.bias"])  # (T, H)
         cu_seqlens, max_seqlen = batch.cu_seqlens, batch.max_seqlen
         # Attention needs positions only for a window or relative terms; BERT's stays position-free.
         attn_positions = positions if (family.relative_bias or family.disentangled is not None
                                        or any(k.window is not None for k in family.layers)) else None
-        pre_norm = family.norm == "pre"
+        pre_norm, sandwich = family.norm == "pre", family.sandwich
+        kv = {} if c.kv_heads == c.num_attention_heads and c.head_dim * c.num_attention_heads == c.hidden_size \
+            else {"num_kv_heads": c.kv_heads, "head_dim": c.head_dim}
         embedded = x  # DeBERTa-v2's convolution reads the embeddings
-        h = x  # the input of the next attention: x itself, or LN(x) in a pre-LN block
+        h = x  # the input of the next attention: x itself, or norm(x) in a pre-norm block
         for depth, layer in enumerate(self.layers):
             kind = layer.kind
-            if pre_norm and layer.attn_norm_weight is not None:
-                h = ops.layer_norm(x, layer.attn_norm_weight, layer.attn_norm_bias, eps)
+            if pre_norm and layer.attn_norm_weight is not None and not (sandwich and depth > 0):
+                h = self._norm(x, layer.attn_norm_weight, layer.attn_norm_bias)  # sandwich: made by the last step
             rope = self.rope.get(kind.rope_theta)
+            qk_norm = {} if layer.q_norm_weight is None else dict(
+                q_norm=layer.q_norm_weight, k_norm=layer.k_norm_weight, norm_eps=eps, norm_offset=family.norm_offset)
             q, k, v = ops.fused_qkv(h, layer.qkv_weight, layer.qkv_bias, c.num_attention_heads,
-                                    positions if rope is not None else None, rope, scale=self.q_scale)  # (H, T, D)
+                                    positions if rope is not None else None, rope, scale=self.q_scale, **kv,
+                                    **qk_norm)  # (H, T, D), K and V (kv_heads, T, D)
             a = ops.attention(q, k, v, cu_seqlens, max_seqlen, attn_positions, kind.window, self.relative_bias,
-                              rel_keys=layer.rel_keys, rel_queries=layer.rel_queries,
-                              rel_index=self.rel_index)  # (T, hidden)
-            if pre_norm:  # x = x + f(LN(x)); the residual add rides in the GEMM epilogue
+                              causal=family.causal, rel_keys=layer.rel_keys, rel_queries=layer.rel_queries,
+                              rel_index=self.rel_index)  # (T, heads * head_dim)
+            if sandwich:  # x = x + post_norm(f(pre_norm(x))) for each sub-block, the next pre-norm fused in
+                a = ops.linear(a, layer.attn_out_weight, layer.attn_out_bias)
+                x, h = ops.sandwich_rms_norm(a, x, layer.post_attn_norm_weight, layer.ffn_norm_weight, eps,
+                                             family.norm_offset)
+            elif pre_norm:  # x = x + f(LN(x)); the residual add rides in the GEMM epilogue
                 x = ops.linear(a, layer.attn_out_weight, layer.attn_out_bias, residual=x)
-                h = ops.layer_norm(x, layer.ffn_norm_weight, layer.ffn_norm_bias, eps)
+                h = self._norm(x, layer.ffn_norm_weight, layer.ffn_norm_bias)
             else:  # x = LN(x + f(x))
                 a = ops.linear(a, layer.attn_out_weight, layer.attn_out_bias)
                 x = h = ops.add_layer_norm(a, x, layer.attn_norm_weight, layer.attn_norm_bias, eps)
@@ -219,7 +249,12 @@ class Model:
                 f = ops.gated_linear(h, layer.ffn_in_weight, layer.ffn_in_bias, c.activation)  # (T, intermediate)
             else:
                 f = ops.linear(h, layer.ffn_in_weight, layer.ffn_in_bias, c.activation)
-            if pre_norm:
+            if sandwich:  # the next pre-norm: the next layer's input norm, or the final norm after the last
+                f = ops.linear(f, layer.ffn_out_weight, layer.ffn_out_bias)
+                following = (self.layers[depth + 1].attn_norm_weight if depth + 1 < len(self.layers)
+                             else t["final_norm.weight"])
+                x, h = ops.sandwich_rms_norm(f, x, layer.post_ffn_norm_weight, following, eps, family.norm_offset)
+            elif pre_norm:
                 x = ops.linear(f, layer.ffn_out_weight, layer.ffn_out_bias, residual=x)
                 h = x
             else:
@@ -227,8 +262,10 @@ class Model:
                 x = h = ops.add_layer_norm(f, x, layer.ffn_norm_weight, layer.ffn_norm_bias, eps)
             if depth == 0 and family.conv is not None:  # DeBERTa-v2: LN(x + act(conv(embeddings)))
                 x = h = self._conv(embedded, x, batch)
+        if sandwich:
+            return h  # the final norm of the last residual, made by the last sandwich step
         if family.final_norm:
-            x = ops.layer_norm(x, t["final_norm.weight"], t.get("final_norm.bias"), eps)
+            x = self._norm(x, t["final_norm.weight"], t.get("final_norm.bias"))
         return x
 
     def _conv(self, embedded: torch.Tensor, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
@@ -262,8 +299,14 @@ class Model:
             return torch.zeros(0, self.config.hidden_size, dtype=self.dtype, device=self.device)
         batch = batch.to(self.device)
         if self.graphs is not None and self.graphs.fits(batch):
-            return self.graphs.run(batch)
-        return self.forward(batch)
+            out = self.graphs.run(batch)
+        else:
+            out = self.forward(batch)
+        if self.dtype == torch.float16 and self.config.is_decoder and not bool(torch.isfinite(out).all()):
+            raise FastencError(f"the {self.config.model_type} forward pass overflowed float16 (non-finite hidden "
+                               "states); decoder backbones need a wider range: load with dtype='bf16' (the default "
+                               "on CUDA) or 'fp32'")
+        return out
 
     def warmup(self) -> None:
         """Compile the kernels and capture every CUDA graph bucket now, so no real call pays for it."""

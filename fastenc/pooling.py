@@ -3,7 +3,8 @@
 Besides the pooling of a ``SentenceTransformer``, the configuration says what the retrieval calls need:
 the prompts (``config_sentence_transformers.json``: ``prompts``, ``default_prompt_name``; the pooling
 config's ``include_prompt``), a ``SparseEncoder``'s ``SpladePooling`` (``max``/``sum``,
-``relu``/``log1p_relu``) and ``max_active_dims``, a ``CrossEncoder``'s ``activation_fn``, the ``Dense``
+``relu``/``log1p_relu``) and ``max_active_dims``, a ``CrossEncoder``'s ``activation_fn`` and, for one
+backed by a causal language model, its ``LogitScore`` module (the token ids it scores), the ``Dense``
 modules after the pooling (``Dense``: their weights are read here, from the module folder's
 safetensors), and a ``MultiVectorEncoder``'s (ColBERT) settings (``MultiVectorConfig``: query and
 document lengths, query expansion, the skiplist, the token-level ``Dense`` projection and ``Normalize``),
@@ -198,6 +199,34 @@ class MultiVectorConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LogitScore:
+    """A ``CrossEncoder``'s ``LogitScore`` module over a causal language model: the score of a pair is the
+    LM logit of ``true_token_id`` at its last token, less that of ``false_token_id`` when there is one
+    (the log-odds; Qwen3-Reranker's "yes" and "no")."""
+
+    true_token_id: int
+    false_token_id: int | None = None
+
+    @property
+    def token_ids(self) -> tuple[int, ...]:
+        return (self.true_token_id,) if self.false_token_id is None else (self.true_token_id, self.false_token_id)
+
+    @classmethod
+    def load(cls, path: Path) -> "LogitScore":
+        data = _read(path) if path.is_file() else {}
+        true_id, false_id = data.get("true_token_id"), data.get("false_token_id")
+        for name, value, optional in (("true_token_id", true_id, False), ("false_token_id", false_id, True)):
+            if value is None and optional:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise LoadError(f"{path}: LogitScore's {name} must be a token id (a non-negative int), got {value!r}")
+        source = data.get("module_input_name", "causal_logits")
+        if source != "causal_logits":
+            raise LoadError(f"{path}: LogitScore reading {source!r} is not supported (only the causal LM's logits)")
+        return cls(true_id, false_id)
+
+
+@dataclasses.dataclass(frozen=True)
 class SentenceConfig:
     """What a sentence-transformers directory says about turning token vectors into one vector."""
 
@@ -215,6 +244,10 @@ class SentenceConfig:
     activation_fn: str | None = None  # a CrossEncoder's score activation, as a dotted torch path
     dense: tuple[Dense, ...] = ()  # Dense modules after the pooling: part of the sentence embedding
     multivector: MultiVectorConfig | None = None  # a MultiVectorEncoder (ColBERT model)
+    logit_score: LogitScore | None = None  # a CrossEncoder over a causal LM: the token ids its score reads
+    # the Transformer module's modality_config has "message": sentence-transformers renders texts (and
+    # pairs) through the tokenizer's chat template, which fastenc does not
+    chat_template: bool = False
 
     @property
     def embedding_dim(self) -> int | None:
@@ -230,12 +263,13 @@ class SentenceConfig:
         if not modules_file.is_file():
             sbert = _read_sbert(directory)
             sbert.pop("_multivector")
+            sbert.pop("chat_template", None)  # a plain checkpoint: no sentence-transformers formatting to follow
             return cls(transformer_dir=directory, **sbert, **model)
         modules = _read(modules_file)
         if not isinstance(modules, list):
             raise LoadError(f"{modules_file}: expected a list of modules")
         transformer_dir, pooling, normalize, unsupported = directory, None, False, []
-        include_prompt, splade = True, None
+        include_prompt, splade, logit_score = True, None, None
         dense, token_dense, token_normalize, mask = [], [], False, None
         for module in modules:
             kind = str(module.get("type", "")).rsplit(".", 1)[-1]
@@ -247,6 +281,8 @@ class SentenceConfig:
                 include_prompt = _read(path / "config.json").get("include_prompt", True) is not False
             elif kind == "SpladePooling":
                 splade = _splade(path / "config.json")
+            elif kind == "LogitScore":
+                logit_score = LogitScore.load(path / "config.json")
             elif kind == "Normalize":
                 settings = _read(path / "config.json") if (path / "config.json").is_file() else {}
                 default = "token_embeddings" if multivector_model else "sentence_embedding"
@@ -281,7 +317,7 @@ class SentenceConfig:
             sbert.pop("_multivector")
         return cls(transformer_dir=transformer_dir, pooling=pooling, normalize=normalize,
                    unsupported_modules=tuple(unsupported), include_prompt=include_prompt, splade=splade,
-                   dense=tuple(dense), multivector=multivector, **sbert, **model)
+                   dense=tuple(dense), multivector=multivector, logit_score=logit_score, **sbert, **model)
 
 
 def _read(path: Path):
@@ -298,7 +334,9 @@ def _read_sbert(directory: Path) -> dict:
     if not path.is_file():
         return {"_multivector": {}}
     data = _read(path)
+    modalities = data.get("modality_config")
     return {"max_seq_length": data.get("max_seq_length"), "do_lower_case": bool(data.get("do_lower_case", False)),
+            "chat_template": isinstance(modalities, dict) and "message" in modalities,
             "_multivector": {k: data[k] for k in ("query_length", "document_length", "query_expansion") if k in data}}
 
 

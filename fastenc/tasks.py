@@ -15,6 +15,8 @@ are batch invariant; every reduction here runs on one sequence's slice).
 * ``SparseEmbedding``: SPLADE vectors over the vocabulary (``embed_sparse``, ``/embed_sparse``).
 * ``SequenceScores``: a sequence classifier's logits (the classification and rerank pipelines,
   ``/predict``, ``/rerank``).
+* ``TokenLogitScores``: a causal LM's log-odds of two tokens at the last token (a ``CrossEncoder`` with a
+  ``LogitScore`` module, Qwen3-Reranker's "yes" against "no": the rerank pipeline, ``/rerank``).
 * ``MultiVectorEmbedding``: per text its normalised token vectors for late interaction (BGE-M3's
   ColBERT vectors, a ColBERT model's; ``embed_multivector``).
 * ``LexicalWeights``: BGE-M3's sparse vectors over the vocabulary (``embed_sparse`` on BGE-M3).
@@ -34,6 +36,12 @@ from .errors import FastencError, InputError
 from .packing import cu_seqlens_of
 from .pooling import POOLING_MODES, Dense, SentenceConfig, SpladeConfig, pool
 from .quantize import check_dim
+
+
+CHAT_TEMPLATE_REFUSAL = ("{what} cannot reproduce this sentence-transformers model: its Transformer module formats "
+                         "texts as chat messages through the tokenizer's chat template (\"message\" in the "
+                         "modality_config of sentence_bert_config.json), which fastenc does not render; remove "
+                         "\"message\" there to embed plain text, as models saved before that option do")
 
 
 class Task(Protocol):
@@ -79,6 +87,8 @@ class SentenceEmbedding:
         if sentence is not None and sentence.unsupported_modules:
             raise FastencError(f"embed() cannot reproduce the sentence-transformers modules "
                                f"{', '.join(sentence.unsupported_modules)} of this checkpoint")
+        if sentence is not None and sentence.chat_template:
+            raise FastencError(CHAT_TEMPLATE_REFUSAL.format(what="embed()"))
         if pooling is None and sentence is not None and sentence.splade is not None:
             raise FastencError("this checkpoint is a sentence-transformers SparseEncoder (SpladePooling): use "
                                "embed_sparse() for its vectors, or pass pooling= to pool its hidden states")
@@ -180,6 +190,26 @@ class SequenceScores:
 
     def compute(self, model, hidden: torch.Tensor, lengths: list[int], input_ids=None) -> torch.Tensor:
         return model.heads.sequence_logits(hidden, lengths).float().cpu()
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLogitScores:
+    """A causal LM scored as sentence-transformers' ``LogitScore`` scores it: float32 CPU ``(n, 1)``, the
+    logit of ``true_token_id`` at each sequence's last token, less that of ``false_token_id`` when given,
+    before any activation. Only those one or two rows of the LM head meet only the last tokens
+    (``Heads.last_token_logits``)."""
+
+    true_token_id: int
+    false_token_id: int | None = None
+
+    name: ClassVar[str] = "score"
+    needs_ids: ClassVar[bool] = False
+
+    def compute(self, model, hidden: torch.Tensor, lengths: list[int], input_ids=None) -> torch.Tensor:
+        ids = (self.true_token_id,) if self.false_token_id is None else (self.true_token_id, self.false_token_id)
+        logits = model.heads.last_token_logits(hidden, lengths, ids)  # (n, 1 or 2) float32
+        scores = logits[:, :1] if self.false_token_id is None else logits[:, :1] - logits[:, 1:]
+        return scores.cpu()
 
 
 @dataclasses.dataclass(frozen=True)

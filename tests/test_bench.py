@@ -36,6 +36,8 @@ TINY_WIDE = bench.ModelSpec("bert-tiny-wide", layers=1, hidden=48, heads=2, inte
 TINY_FAMILIES = {family: bench.ModelSpec(f"{family}-tiny", layers=3, hidden=32, heads=2, intermediate=40, vocab=200,
                                          family=family, local_attention=8)
                  for family in ("mpnet", "modernbert", "nomic_bert", "gte", "deberta-v2")}
+TINY_FAMILIES["qwen3"] = bench.ModelSpec("qwen3-tiny", layers=3, hidden=32, heads=4, kv_heads=2, head_dim=16,
+                                         intermediate=40, vocab=200, family="qwen3")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 

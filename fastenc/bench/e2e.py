@@ -20,8 +20,8 @@ from .report import E2E_BASELINE, Report, _exc_line
 
 
 # ============================================================================================= models
-FAMILIES = ("bert", "mpnet", "modernbert", "nomic_bert", "gte", "deberta-v2")  # the ``model_type`` each spec builds
-GATED_FAMILIES = ("modernbert", "nomic_bert", "gte")  # GeGLU / SwiGLU: the FFN-in projection is H -> 2·I
+FAMILIES = ("bert", "mpnet", "modernbert", "nomic_bert", "gte", "deberta-v2", "qwen3")  # the ``model_type`` built
+GATED_FAMILIES = ("modernbert", "nomic_bert", "gte", "qwen3")  # GeGLU / SwiGLU: the FFN-in projection is H -> 2·I
 DEBERTA_BUCKETS = 256  # DeBERTa-v3's position_buckets
 TOKEN_TYPE_FAMILIES = ("bert", "nomic_bert", "gte")  # their transformers models take token_type_ids
 
@@ -38,7 +38,9 @@ class ModelSpec:
     sliding windows of ``local_attention`` tokens (keys within ``±local_attention // 2``) between;
     ``model`` builds it. DeBERTa (``deberta-v2``) is built as DeBERTa-v3 is configured: 256 position
     buckets, c2p and p2c, shared position keys, normalised relative embeddings, no absolute positions, no
-    token types.
+    token types. Qwen3 (``qwen3``, the decoder backbone of Qwen3-Embedding and Qwen3-Reranker) takes
+    ``kv_heads`` (grouped-query attention) and ``head_dim`` (128, not hidden / heads), QK-norm, causal
+    attention, tied embeddings.
     """
 
     name: str
@@ -50,6 +52,8 @@ class ModelSpec:
     family: str = "bert"
     local_attention: int = 128
     global_every: int = 3
+    kv_heads: int | None = None  # the decoders' K/V heads (None: heads)
+    head_dim: int | None = None  # None: hidden / heads
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -106,7 +110,14 @@ class ModelSpec:
 
     @property
     def pad_id(self) -> int:
-        return {"mpnet": 1, "modernbert": 50283 if self.vocab > 50283 else 3, "gte": 1}.get(self.family, 0)
+        return {"mpnet": 1, "modernbert": 50283 if self.vocab > 50283 else 3, "gte": 1,
+                "qwen3": 151643 if self.vocab > 151643 else 0}.get(self.family, 0)
+
+    @property
+    def widths(self) -> tuple[int, int]:
+        """The Q (heads·head_dim) and K/V (kv_heads·head_dim) widths of the attention projections."""
+        head_dim = self.head_dim or self.hidden // self.heads
+        return self.heads * head_dim, (self.kv_heads or self.heads) * head_dim
 
     @property
     def windows(self) -> tuple[int | None, ...]:
@@ -118,14 +129,20 @@ class ModelSpec:
     def flops(self, lengths: list[int]) -> int:
         """``encoder_flops`` for this family: gated FFNs count three ``H×I`` projections, sliding-window
         layers only the pairs within their window, DeBERTa's attention its c2p and p2c dot products."""
+        attention, kv = self.widths
         return encoder_flops(lengths, self.hidden, self.intermediate, self.layers, gated=self.gated,
-                             windows=self.windows, relative_terms=2 if self.family == "deberta-v2" else 0)
+                             windows=self.windows, relative_terms=2 if self.family == "deberta-v2" else 0,
+                             attention=attention, kv=kv)
 
     @property
     def parameters(self) -> int:
         """The checkpoint's parameter count, per family (``tests/test_bench.py`` checks it against transformers)."""
         h, i, layers = self.hidden, self.intermediate, self.layers
         embeddings = self.vocab * h + self.token_types * h
+        if self.family == "qwen3":  # no biases; RMSNorms: 2 per layer, the final one, QK-norm's 2 per layer
+            attention, kv = self.widths
+            head_dim = attention // self.heads
+            return embeddings + h + layers * (2 * h * attention + 2 * h * kv + 3 * h * i + 2 * h + 2 * head_dim)
         if self.family == "modernbert":  # no biases; LayerNorms without bias; block 0 has no attention norm
             return embeddings + h + layers * (4 * h * h + 3 * h * i + 2 * h)
         embeddings += 2 * h  # the embeddings' LayerNorm
@@ -158,6 +175,12 @@ MODELS = {
     # DeBERTa-v3-base (12 x 768, its 128k vocabulary) and its CPU stand-in
     "deberta-v3-base": ModelSpec("deberta-v3-base", vocab=128100, family="deberta-v2"),
     "deberta-v3-base-2l": ModelSpec("deberta-v3-base-2l", layers=2, vocab=128100, family="deberta-v2"),
+    # Qwen3-Embedding-0.6B / Qwen3-Reranker-0.6B (28 x 1024, 16 query and 8 K/V heads of 128) and its CPU
+    # stand-in at the same width
+    "qwen3-0.6b": ModelSpec("qwen3-0.6b", layers=28, hidden=1024, heads=16, kv_heads=8, head_dim=128,
+                            intermediate=3072, vocab=151669, family="qwen3"),
+    "qwen3-0.6b-2l": ModelSpec("qwen3-0.6b-2l", layers=2, hidden=1024, heads=16, kv_heads=8, head_dim=128,
+                               intermediate=3072, vocab=151669, family="qwen3"),
 }
 
 
@@ -193,6 +216,12 @@ def _family_config(spec: ModelSpec):
                                             spec.local_attention, global_attn_every_n_layers=spec.global_every)
     if spec.family == "mpnet":
         return CONFIG_MAPPING["mpnet"](**sizes, hidden_act="gelu", bos_token_id=0, eos_token_id=2)
+    if spec.family == "qwen3":  # Qwen3-0.6B's config.json
+        attention, kv = spec.widths
+        return CONFIG_MAPPING["qwen3"](**sizes, num_key_value_heads=kv // (attention // spec.heads),
+                                       head_dim=attention // spec.heads, hidden_act="silu", rms_norm_eps=1e-6,
+                                       tie_word_embeddings=True,
+                                       rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0})
     if spec.family == "deberta-v2":  # DeBERTa-v3's config.json
         return CONFIG_MAPPING["deberta-v2"](**sizes, hidden_act="gelu", type_vocab_size=0, layer_norm_eps=1e-7,
                                             relative_attention=True, position_buckets=DEBERTA_BUCKETS,
@@ -495,7 +524,8 @@ def config_flops(config, lengths: list[int]) -> int:
     spec = family.disentangled
     terms = 0 if spec is None else int(spec.c2p) + int(spec.p2c)
     return encoder_flops(lengths, config.hidden_size, config.intermediate_size, config.num_hidden_layers,
-                         gated=family.ffn == "gated", windows=windows, relative_terms=terms)
+                         gated=family.ffn == "gated", windows=windows, relative_terms=terms,
+                         attention=config.num_attention_heads * config.head_dim, kv=config.kv_heads * config.head_dim)
 
 
 def _reason(exc: BaseException) -> str:

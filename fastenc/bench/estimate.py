@@ -93,8 +93,9 @@ def e2e_call_seconds(plan, case, provider: str, peaks: dict) -> float:
     padded = not provider.startswith("fastenc")
     # transformers' eager and SDPA attention compute every padded (query, key) pair and mask the window after;
     # fastenc computes real tokens only and skips the key blocks outside a window
+    attention, kv = spec.widths
     flops = (encoder_flops([max(lengths)] * len(lengths), spec.hidden, spec.intermediate, spec.layers,
-                           gated=spec.gated) if padded else spec.flops(lengths))
+                           gated=spec.gated, attention=attention, kv=kv) if padded else spec.flops(lengths))
     dtype_bytes = 4 if case.dtype == "fp32" else 2
     bytes_moved = spec.parameters * dtype_bytes + 6 * sum(lengths) * spec.hidden * dtype_bytes * spec.layers
     if provider == "hf-eager":  # the (batch, heads, seq, seq) scores, written and read four times per layer

@@ -29,7 +29,8 @@ WARMUP_MS, REP_MS = 25.0, 100.0
 
 # =============================================================================================== work
 def encoder_flops(lengths: list[int], hidden: int, intermediate: int, layers: int, *, gated: bool = False,
-                  windows: tuple[int | None, ...] | None = None, relative_terms: int = 0) -> int:
+                  windows: tuple[int | None, ...] | None = None, relative_terms: int = 0, attention: int | None = None,
+                  kv: int | None = None) -> int:
     """FLOPs of the encoder layers on real tokens only (see the package docstring).
 
     Per layer: ``2·T·(4·H² + 2·H·I)`` for the Q, K, V, output and two FFN projections (``gated``: the FFN-in
@@ -38,17 +39,22 @@ def encoder_flops(lengths: list[int], hidden: int, intermediate: int, layers: in
     the pairs the layer attends: ``Σ L_i²`` for a global layer, only the pairs within the window for a
     sliding-window one (``windows``: one entry per layer, the window ``w`` — keys within ``±w`` positions of
     the query — or None for every key; None: every layer global). DeBERTa's ``relative_terms`` (c2p, p2c)
-    each add one more ``head_dim`` dot product per pair and head: ``2·P·H`` a term.
+    each add one more ``head_dim`` dot product per pair and head: ``2·P·H`` a term. The decoders' widths:
+    ``attention`` = heads·head_dim (None: H; Qwen3's is not H) and ``kv`` = kv_heads·head_dim (None:
+    ``attention``; grouped-query attention's K and V are narrower), so the Q, K, V and output projections
+    are ``2·T·H·(2·attention + 2·kv)`` and ``QKᵀ``, ``PV`` ``4·P·attention``.
     """
     if windows is None:
         windows = (None,) * layers
     if len(windows) != layers:
         raise ValueError(f"{len(windows)} windows for {layers} layers")
+    attention = hidden if attention is None else attention
+    kv = attention if kv is None else kv
     tokens = sum(lengths)
     ffn = 3 if gated else 2
-    projections = 2 * tokens * (4 * hidden * hidden + ffn * hidden * intermediate)
-    attention = sum(attention_flops(lengths, hidden, window) * (2 + relative_terms) // 2 for window in windows)
-    return layers * projections + attention
+    projections = 2 * tokens * (hidden * (2 * attention + 2 * kv) + ffn * hidden * intermediate)
+    pairs = sum(attention_flops(lengths, attention, window) * (2 + relative_terms) // 2 for window in windows)
+    return layers * projections + pairs
 
 
 def attention_flops(lengths: list[int], hidden: int, window: int | None = None) -> int:

@@ -33,6 +33,11 @@ there gets the windowed mask ``"sdpa"`` would have built. The other families aft
 GTE, ModernBERT's global layers) rotate Q and K before calling the interface, so theirs is plain
 attention. MPNet and DeBERTa compute their attention themselves (with their relative terms), without the
 interface; ``optimize`` runs both on fastenc.
+
+The decoder backbones (Qwen3, Qwen2, Mistral, Llama, Gemma3) are not patched: ``optimize`` refuses them
+(``Encoder.from_pretrained`` runs them), and their attention calls (grouped-query K/V heads, causal or
+windowed masks) go to ``sdpa`` from ``fastenc_attention``, which takes only equal Q and K/V head counts
+and masks that say which keys a row may see.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
-from ..config import SUPPORTED_MODEL_TYPES
+from ..config import DECODER_MODEL_TYPES, SUPPORTED_MODEL_TYPES
 
 ATTENTION_NAME = "fastenc"
 # Arguments the fast path runs on, and the values of others that ask for nothing it cannot do.
@@ -66,6 +71,10 @@ def optimize_model(model, *, backend: str | None = None):
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise TypeError(f"fastenc.optimize cannot patch a {name}: model_type {model_type!r} is not one of "
                         f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    if model_type in DECODER_MODEL_TYPES:
+        raise TypeError(f"fastenc.optimize cannot patch a {name}: the decoder backbones ({', '.join(DECODER_MODEL_TYPES)}) "
+                        "run on fastenc through fastenc.Encoder.from_pretrained(directory) and fastenc.pipeline, "
+                        "not by patching a transformers model")
     if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
         raise TypeError(f"fastenc.optimize cannot patch a {name}: it is configured as a decoder "
                         "(is_decoder / add_cross_attention); fastenc runs bidirectional encoders only")

@@ -11,9 +11,9 @@ import torch
 
 from .. import heads as task_heads
 from ..encoder import Encoder
-from ..errors import LoadError
+from ..errors import FastencError, LoadError
 from ..multivector import maxsim
-from ..tasks import SequenceScores
+from ..tasks import CHAT_TEMPLATE_REFUSAL, SequenceScores, TokenLogitScores
 from .base import Pipeline, _check_batch_size, _positive_int, _texts
 
 # A CrossEncoder's activation_fn (the dotted path sentence-transformers saves) -> the score function.
@@ -32,19 +32,46 @@ class RerankPipeline(Pipeline):
     activation (``activation_fn`` from ``config_sentence_transformers.json`` or ``config.json``'s
     ``sentence_transformers``; sigmoid by default), then sorted by score, highest first, ties in input
     order; ``top_k`` keeps the first ones. The pairs run through the encoder packed, without padding.
+
+    The score of a decoder backbone is read at each pair's last token: its ``ForSequenceClassification``
+    head, or for a ``ForCausalLM`` the ``LogitScore`` of the CrossEncoder (``modules.json``; without one,
+    the "yes" and "no" tokens, as ``CrossEncoder`` defaults to): the "yes" logit less the "no" logit,
+    computed from those two rows of the LM head only (``score_task``: ``tasks.TokenLogitScores``).
     """
 
     task, head = "rerank", "sequence_classification"
 
     def __init__(self, encoder: Encoder, *, batch_size: int = 32):
+        if encoder.sentence is not None and encoder.sentence.chat_template:
+            raise FastencError(CHAT_TEMPLATE_REFUSAL.format(what="pipeline('rerank')"))
+        logit_score = self.logit_score(encoder)
+        if logit_score is not None:
+            self.head = "causal_lm"
+            self.score_task = TokenLogitScores(*logit_score)
+        else:
+            self.score_task = SequenceScores()
         super().__init__(encoder, batch_size=batch_size)
-        labels = task_heads.num_labels(encoder.config)
+        labels = 1 if logit_score is not None else task_heads.num_labels(encoder.config)
         if labels != 1:
             raise LoadError(f"{encoder.path or 'this encoder'}: reranking needs a cross-encoder with one label "
                             f"(a relevance score); this classifier has {labels}")
         self.activation = self._activation()
         limit = encoder.sentence.max_seq_length if encoder.sentence else None
         self.pair_length = min(limit, self.max_length) if limit else self.max_length
+
+    @staticmethod
+    def logit_score(encoder: Encoder) -> tuple[int, int | None] | None:
+        """The token ids a causal-LM cross-encoder scores (``(true, false)``), or None for a classifier: its
+        ``LogitScore`` module, else for a ``ForCausalLM`` checkpoint without a classifier the tokenizer's
+        "yes" and "no" (``CrossEncoder``'s default modules)."""
+        module = encoder.sentence.logit_score if encoder.sentence else None
+        if module is not None:
+            return module.true_token_id, module.false_token_id
+        if "causal_lm" in encoder.heads and "sequence_classification" not in encoder.heads and encoder.tokenizer:
+            yes, no = (encoder.tokenizer.token_to_id(token) for token in ("yes", "no"))
+            if yes is not None and no is not None:
+                return yes, no
+        return None
 
     def _activation(self):
         """The score function, found where ``CrossEncoder`` looks for it, in the same order."""
@@ -88,8 +115,9 @@ class RerankPipeline(Pipeline):
         return self.tokenize([(query, text) for text in texts], truncation=truncation, max_length=self.pair_length)
 
     def logits(self, packed, hidden: torch.Tensor, rows=None) -> torch.Tensor:
-        """The classifier's float32 CPU logits ``(n, 1)`` of packed pairs' hidden states ``(tokens, hidden)``."""
-        return SequenceScores().compute(self.model, hidden, list(packed.lengths))
+        """The float32 CPU logits ``(n, 1)`` of packed pairs' hidden states ``(tokens, hidden)``: the
+        classifier's, or a causal LM's log-odds (``score_task``)."""
+        return self.score_task.compute(self.model, hidden, list(packed.lengths))
 
     def scores(self, logits: Sequence[torch.Tensor], raw_scores: bool = False) -> list[float]:
         """One score per pair from its float32 logits (a ``(1,)`` tensor per pair, in input order): the

@@ -254,16 +254,17 @@ class Service:
 
     def _rerank_setup(self) -> tuple[RerankPipeline | None, str | None]:
         """The rerank pipeline whose tokenization, scores and ranking ``/rerank`` uses, or why there is none."""
-        if self.classifier is None:
-            return None, (f"/rerank needs a sequence-classification head and this model has none "
-                          f"(heads: {', '.join(sorted(self.encoder.heads)) or 'none'})")
-        labels = task_heads.num_labels(self.encoder.config)
+        causal = RerankPipeline.logit_score(self.encoder) is not None  # a causal LM scored by two tokens
+        if self.classifier is None and not causal:
+            return None, (f"/rerank needs a sequence-classification head (or a causal LM with a LogitScore) and "
+                          f"this model has none (heads: {', '.join(sorted(self.encoder.heads)) or 'none'})")
+        labels = 1 if causal else task_heads.num_labels(self.encoder.config)
         if labels != 1:
             return None, (f"/rerank needs a cross-encoder: a sequence-classification head with one label, and "
                           f"this one has {labels}")
         try:
             return RerankPipeline(self.encoder), None
-        except LoadError as exc:  # e.g. an activation_fn fastenc does not know
+        except FastencError as exc:  # e.g. an activation_fn fastenc does not know, a chat template
             return None, f"/rerank cannot score with this checkpoint: {exc}"
 
     # ------------------------------------------------------------------------------------- lifecycle
@@ -600,7 +601,7 @@ class Service:
             raise ServeError(400, self._rerank_error, "model")
         with self._admitted():
             rows = await self._tokenized(request, self._encode_pairs, req.query, req.texts, req.truncate)
-            logits = await self._infer(request, rows, SequenceScores())
+            logits = await self._infer(request, rows, pipe.score_task)
         ranks = pipe.rank(pipe.scores(logits, req.raw_scores), req.texts, return_text=req.return_text)
         if req.return_text:
             ranks = [{"index": rank["index"], "text": rank["text"], "score": rank["score"]} for rank in ranks]
@@ -620,6 +621,8 @@ class Service:
             id2label = {str(i): label for i, label in self.classifier.id2label.items()}
             kind = "reranker" if task_heads.num_labels(config) == 1 else "classifier"
             model_type = {kind: {"id2label": id2label, "label2id": {v: int(k) for k, v in id2label.items()}}}
+        elif self.reranker is not None:  # a causal LM scored by two tokens' logits: one score, as TEI's rerankers
+            model_type = {"reranker": {"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}}
         elif sentence is not None and sentence.splade is not None:
             model_type = {"embedding": {"pooling": "splade"}}  # as TEI names a SPLADE model's pooling
         else:
@@ -854,8 +857,9 @@ def worker_specs(model, *, device=None, devices=None, workers: int | None = None
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         threads = max(1, cores // cpu_workers)
     path = str(default_model_path() if model is None else os.path.abspath(model))
-    return [WorkerSpec(path, str(d), str(resolve_dtype(dtype, d)).replace("torch.", ""), backend,
-                       threads if d.type == "cpu" else None, warmup) for d in resolved]
+    # no dtype: each worker resolves the checkpoint's default (bfloat16 for the decoder backbones on CUDA)
+    return [WorkerSpec(path, str(d), None if dtype is None else str(resolve_dtype(dtype, d)).replace("torch.", ""),
+                       backend, threads if d.type == "cpu" else None, warmup) for d in resolved]
 
 
 def run(model=None, *, host: str = "127.0.0.1", port: int = 8080, device=None, devices: list[str] | None = None,
