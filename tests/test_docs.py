@@ -1,7 +1,8 @@
 """The documentation site: every Python and shell snippet in ``docs/`` runs, and the site builds strictly.
 
 Snippets run on the bundled all-MiniLM-L6-v2. ``path/to/model`` and ``path/to/all-MiniLM-L6-v2`` in a
-snippet stand for it. Python snippets share one namespace per page, which starts with ``fastenc`` and
+snippet stand for it; the fine-tuned checkpoints the pipelines page names stand for tiny perturbed BERTs
+with the same head (``tests/checkpoints.py``), so those snippets check the calls and their answers' form. Python snippets share one namespace per page, which starts with ``fastenc`` and
 ``encoder`` (the bundled model, loaded once for the whole module). Shell snippets run with ``bash -e`` in
 a scratch directory holding small ``corpus.txt`` and ``corpus.jsonl`` files. A snippet that cannot run here
 is preceded by ``<!-- skip: reason -->`` and is reported as skipped with that reason.
@@ -24,6 +25,15 @@ DOCS = ROOT / "docs"
 FENCE = re.compile(r"^```(\w*)\s*$")
 SKIP = re.compile(r"^<!--\s*skip:\s*(.+?)\s*-->$")
 STAND_INS = ("path/to/all-MiniLM-L6-v2", "path/to/model")
+# Fine-tuned checkpoints the pages name, stood in for by tiny perturbed BERTs with the same head.
+TINY = {
+    "path/to/bert-base-uncased": dict(head="mlm"),
+    "path/to/sst2-model": dict(head="sequence_classification"),
+    "path/to/ner-model": dict(head="token_classification"),
+    "path/to/squad-model": dict(head="question_answering"),
+    "path/to/deberta-v3-base-mnli": dict(head="sequence_classification",
+                                         id2label={0: "entailment", 1: "neutral", 2: "contradiction"}),
+}
 
 
 @dataclass
@@ -71,6 +81,21 @@ def workdir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Builds the stand-in for one named checkpoint on first use; returns its path."""
+    from checkpoints import make_checkpoint
+
+    made: dict[str, str] = {}
+
+    def get(name: str) -> str:
+        if name not in made:
+            folder = tmp_path_factory.mktemp(name.rsplit("/", 1)[1])
+            made[name] = str(make_checkpoint(folder, "bert", seed=len(made) + 1, **TINY[name]))
+        return made[name]
+    return get
+
+
+@pytest.fixture(scope="module")
 def namespaces(minilm_path):
     import fastenc
 
@@ -79,17 +104,20 @@ def namespaces(minilm_path):
     return lambda page: pages.setdefault(page, {"fastenc": fastenc, "encoder": encoder})
 
 
-def _stand_in(code: str, model: str) -> str:
+def _stand_in(code: str, model: str, tiny) -> str:
     for name in STAND_INS:
         code = code.replace(name, model)
+    for name in TINY:
+        if name in code:
+            code = code.replace(name, tiny(name))
     return code
 
 
 @pytest.mark.parametrize("snippet", SNIPPETS, ids=[f"{s.page}:{s.line}" for s in SNIPPETS])
-def test_snippet_runs(snippet, namespaces, workdir, minilm_path, monkeypatch):
+def test_snippet_runs(snippet, namespaces, workdir, minilm_path, tiny, monkeypatch):
     if snippet.skip:
         pytest.skip(snippet.skip)
-    code = _stand_in(snippet.code, str(minilm_path))
+    code = _stand_in(snippet.code, str(minilm_path), tiny)
     monkeypatch.chdir(workdir)
     if snippet.language == "python":
         exec(compile(code, f"docs/{snippet.page}:{snippet.line}", "exec"), namespaces(snippet.page))
