@@ -1,8 +1,9 @@
 """The documentation site: every Python and shell snippet in ``docs/`` runs, and the site builds strictly.
 
 Snippets run on the bundled all-MiniLM-L6-v2. ``path/to/model`` and ``path/to/all-MiniLM-L6-v2`` in a
-snippet stand for it; the fine-tuned checkpoints the pipelines page names stand for tiny perturbed BERTs
-with the same head (``tests/checkpoints.py``), so those snippets check the calls and their answers' form. Python snippets share one namespace per page, which starts with ``fastenc`` and
+snippet stand for it; the fine-tuned checkpoints the pipelines and retrieval pages name (SPLADE, BGE-M3,
+ColBERT, a cross-encoder, ...) stand for tiny perturbed checkpoints of the same kind (``tests/checkpoints.py``),
+so those snippets check the calls and their answers' form, not the models' quality. Python snippets share one namespace per page, which starts with ``fastenc`` and
 ``encoder`` (the bundled model, loaded once for the whole module). Shell snippets run with ``bash -e`` in
 a scratch directory holding small ``corpus.txt`` and ``corpus.jsonl`` files. A snippet that cannot run here
 is preceded by ``<!-- skip: reason -->`` and is reported as skipped with that reason.
@@ -25,7 +26,7 @@ DOCS = ROOT / "docs"
 FENCE = re.compile(r"^```(\w*)\s*$")
 SKIP = re.compile(r"^<!--\s*skip:\s*(.+?)\s*-->$")
 STAND_INS = ("path/to/all-MiniLM-L6-v2", "path/to/model")
-# Fine-tuned checkpoints the pages name, stood in for by tiny perturbed BERTs with the same head.
+# Checkpoints the pages name, stood in for by tiny perturbed ones: a BERT with the same head, or a maker's.
 TINY = {
     "path/to/bert-base-uncased": dict(head="mlm"),
     "path/to/sst2-model": dict(head="sequence_classification"),
@@ -33,6 +34,12 @@ TINY = {
     "path/to/squad-model": dict(head="question_answering"),
     "path/to/deberta-v3-base-mnli": dict(head="sequence_classification",
                                          id2label={0: "entailment", 1: "neutral", 2: "contradiction"}),
+    "path/to/ms-marco-cross-encoder": dict(head="sequence_classification", num_labels=1),
+    # the retrieval page's checkpoints, by their own makers
+    "path/to/e5-or-bge": lambda C, folder, minilm: C.minilm_with_prompts(minilm, folder / "model"),
+    "path/to/splade": lambda C, folder, minilm: C.make_sparse_encoder(folder, "bert", "max", "relu", layout="current"),
+    "path/to/bge-m3": lambda C, folder, minilm: C.make_bge_m3(folder),
+    "path/to/colbert": lambda C, folder, minilm: C.make_colbert(folder, "bert", expansion=None),
 }
 
 
@@ -81,16 +88,18 @@ def workdir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, minilm_path):
     """Builds the stand-in for one named checkpoint on first use; returns its path."""
-    from checkpoints import make_checkpoint
+    import checkpoints
 
     made: dict[str, str] = {}
 
     def get(name: str) -> str:
         if name not in made:
             folder = tmp_path_factory.mktemp(name.rsplit("/", 1)[1])
-            made[name] = str(make_checkpoint(folder, "bert", seed=len(made) + 1, **TINY[name]))
+            how = TINY[name]
+            made[name] = str(how(checkpoints, folder, minilm_path) if callable(how)
+                             else checkpoints.make_checkpoint(folder, "bert", seed=len(made) + 1, **how))
         return made[name]
     return get
 
