@@ -58,7 +58,7 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
         return torch.float16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, str):
         if dtype not in DTYPES:
-            raise InputError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+            raise InputError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}, or fp8 (e4m3 GEMMs)")
         return DTYPES[dtype]
     if dtype not in DTYPES.values():
         raise InputError(f"dtype {dtype} is not supported; use torch.float32, torch.float16 or torch.bfloat16")

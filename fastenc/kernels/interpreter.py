@@ -146,6 +146,9 @@ def _cast_impl(self, src, dst_type):
 def _create_fp_to_fp(self, src, dst_type, rounding_mode):
     source, target = src.dtype.scalar, dst_type.scalar
     if target == tl.float8e4nv and source in (tl.float32, tl.float16, tl.bfloat16):
+        if rounding_mode not in (None, _interp._ir.ROUNDING_MODE.RTNE):
+            raise NotImplementedError(f"e4m3 conversions under the interpreter round to nearest even only, not "
+                                      f"{rounding_mode}")
         values = bf16_bits_to_float32(src.data) if source == tl.bfloat16 else np.asarray(src.data, dtype=np.float32)
         return _interp.TensorHandle(float32_to_e4m3_bits(values).reshape(np.shape(src.data)), tl.float8e4nv)
     if source == tl.float8e4nv and target in (tl.float32, tl.float16, tl.bfloat16):

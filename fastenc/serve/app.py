@@ -557,7 +557,8 @@ class Service:
                   "/embed_sparse": not self._sparse_error, "/predict": self.classifier is not None,
                   "/rerank": self.reranker is not None, "/tokenize": True}
         process = [w for w in self.workers if isinstance(w, ProcessWorker)]
-        dtype = process[0].spec.dtype if process and process[0].spec.dtype else str(self.encoder.dtype)
+        dtype = (process[0].spec.dtype if process and process[0].spec.dtype
+                 else "fp8" if self.encoder.fp8 else str(self.encoder.dtype))
         return _json({
             "model_id": self.model_name,  # the served name: a local path is nobody else's business
             "model_sha": None,
@@ -754,6 +755,7 @@ def worker_specs(model, *, device=None, devices=None, workers: int | None = None
     (default: CUDA when there is one, else the CPU). CPU workers share the cores: each gets ``threads``
     torch threads, by default its share of this process's cores (at least one); a lone worker keeps
     torch's default."""
+    from .. import fp8
     from ..encoder import default_model_path
     from ..model import resolve_device, resolve_dtype
 
@@ -773,8 +775,11 @@ def worker_specs(model, *, device=None, devices=None, workers: int | None = None
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         threads = max(1, cores // cpu_workers)
     path = str(default_model_path() if model is None else os.path.abspath(model))
-    return [WorkerSpec(path, str(d), str(resolve_dtype(dtype, d)).replace("torch.", ""), backend,
-                       threads if d.type == "cpu" else None, warmup) for d in resolved]
+    def dtype_name(device) -> str:  # what the worker loads with: fp8 stays "fp8"
+        return "fp8" if fp8.requested(dtype) else str(resolve_dtype(dtype, device)).replace("torch.", "")
+
+    return [WorkerSpec(path, str(d), dtype_name(d), backend, threads if d.type == "cpu" else None, warmup)
+            for d in resolved]
 
 
 def run(model=None, *, host: str = "127.0.0.1", port: int = 8080, device=None, devices: list[str] | None = None,
