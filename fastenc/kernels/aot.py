@@ -10,8 +10,8 @@ block configs, the same specialisation of pointer and integer arguments (divisib
 ``compile_report`` does this for one encoder forward per model shape and reads from each cubin what
 decides whether a kernel runs, and how well: dynamic shared memory against the architecture's limit
 (Triton refuses the launch above it), registers per thread, bytes spilled to local memory, the
-tensor-core instruction in the SASS (``wgmma`` = HGMMA on sm_90, ``mma`` = HMMA on sm_8x, ``none``:
-CUDA cores) and asynchronous copies (LDGSTS or TMA: the software-pipelined loads), read with the
+tensor-core instruction in the SASS (``wgmma`` = HGMMA on sm_90, QGMMA with e4m3 operands; ``mma`` = HMMA on
+sm_8x, QMMA with e4m3 operands; ``none``: CUDA cores) and asynchronous copies (LDGSTS or TMA: the software-pipelined loads), read with the
 ``cuobjdump`` that Triton ships; and for each GEMM the tiles (programs) it launches for a 128-token
 batch, which decide how much of the GPU a small batch can use.
 
@@ -89,7 +89,9 @@ DECODERS = {
     "gemma3-1b": dict(hidden=1152, heads=4, kv_heads=1, head_dim=256, intermediate=6912, qk_norm=True, gemma=True,
                       window=511),
 }
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# fp8: the FP8 encoder (``fastenc.fp8``): e4m3 GEMMs, fp16 activations; compiled for sm_89 and newer only.
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn}
+FP8_MIN_ARCH = 89
 # Lengths of the packed batches each model is run on: a full 32 x 128 batch (4096 tokens, divisible by
 # 16) and a ragged one (263 tokens): Triton specialises integer arguments on divisibility by 16.
 BATCHES = ([128] * 32, [7, 128, 1, 127])
@@ -131,7 +133,9 @@ def read_cubin(cubin: bytes) -> dict:
     if match is None:
         raise RuntimeError(f"cannot read cuobjdump's resource usage:\n{usage}")
     registers, stack, local = map(int, match.groups())
-    tensor_cores = "wgmma" if "HGMMA" in sass else "mma" if "HMMA" in sass else "none"
+    # HGMMA / QGMMA: 16-bit / e4m3 wgmma (sm_90); HMMA / QMMA: 16-bit / e4m3 mma (sm_8x)
+    tensor_cores = ("wgmma" if re.search(r"\b[HQ]GMMA", sass) else "mma" if re.search(r"\b[HQ]MMA", sass)
+                    else "none")
     return dict(registers=registers, spilled=stack + local, tensor_cores=tensor_cores,
                 async_copies="LDGSTS" in sass or "UTMALDG" in sass)
 
@@ -236,7 +240,7 @@ SHAPE_KEYS = ("K", "N", "HEAD_DIM", "n_cols", "ACTIVATION", "POOLING")
 # The families' constexpr flags, shown with the shape where they differ from BERT's kernels.
 FLAG_DEFAULTS = {"HAS_BIAS": True, "HAS_POSITIONS": True, "HAS_RESIDUAL": False, "ROPE": False, "WINDOW": False,
                  "REL_BIAS": False, "CAUSAL": False, "QK_NORM": False, "HAS_NORM": True, "HAS_SCALE": False,
-                 "OFFSET": False, "C2P": False, "P2C": False}
+                 "OFFSET": False, "C2P": False, "P2C": False, "FP8": False, "QUANTIZE_X": False, "QUANTIZE": False}
 
 
 @contextlib.contextmanager
@@ -257,23 +261,31 @@ def compile_only(arch: int):
 
 
 def encoder_for(model: str, dtype: torch.dtype):
-    """A one-layer model of ``model``'s shape over uninitialised CPU tensors, on the Triton ops."""
-    from fastenc import checkpoint, family, kernels
+    """A one-layer model of ``model``'s shape over uninitialised CPU tensors, on the Triton ops (an FP8
+    encoder's, over weights quantized as at load, for ``torch.float8_e4m3fn``)."""
+    from fastenc import checkpoint, family, fp8, kernels
     from fastenc.config import EncoderConfig
     from fastenc.model import Model
 
     shape = dict(MODELS[model])
     model_type = shape.pop("model_type", "electra" if "embedding_size" in shape else "bert")
-    raw = dict(model_type=model_type, vocab_size=1024, num_hidden_layers=1, max_position_embeddings=512,
-               type_vocab_size=2, pad_token_id=1)
+    quantized = dtype == torch.float8_e4m3fn
+    # FP8: two layers, so that the second's QKV takes the LayerNorm's codes (the first's quantizes its input)
+    raw = dict(model_type=model_type, vocab_size=1024, num_hidden_layers=2 if quantized else 1,
+               max_position_embeddings=512, type_vocab_size=2, pad_token_id=1)
     raw.update(shape)
     config = EncoderConfig.from_dict(raw, source=model)
     shapes = checkpoint.encoder_shapes(config)
-    tensors = {name: torch.empty(shapes[name], dtype=dtype) for name in checkpoint.encoder_names(config)}
+    load_dtype = torch.float32 if quantized else dtype
+    tensors = {name: torch.empty(shapes[name], dtype=load_dtype) for name in checkpoint.encoder_names(config)}
     # the kernels' layouts and DeBERTa's tables, as at load
     tensors = family.prepare(tensors, config.family, config.num_attention_heads,
                              checkpoint.num_unique_layers(config), eps=config.layer_norm_eps)
-    return Model(config, tensors, device=torch.device("cpu"), dtype=dtype, backend="triton", ops=kernels,
+    ops = kernels
+    if quantized:
+        dtype = fp8.ACTIVATION_DTYPE
+        tensors, ops = fp8.quantize_weights(tensors, dtype), fp8.Fp8Ops(kernels, dtype)
+    return Model(config, tensors, device=torch.device("cpu"), dtype=dtype, backend="triton", ops=ops,
                  cuda_graphs=False)
 
 
@@ -284,7 +296,11 @@ def compile_report(archs=(90, 80), dtypes=("fp16", "bf16"), models=("bert-base",
     builds = []
     for arch in archs:
         for dtype in dtypes:
+            if dtype == "fp8" and arch < FP8_MIN_ARCH:
+                continue  # no FP8 tensor cores: the FP8 encoder refuses to load there
             for model in models:
+                if model in DECODERS and dtype == "fp8":
+                    continue  # the decoders' FP8 GEMMs are the encoders' kernels (compiled above)
                 if model in DECODERS:
                     with compile_only(arch) as driver:
                         for lengths in BATCHES:
