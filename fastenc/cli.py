@@ -21,7 +21,8 @@ class UserError(Exception):
 def _load_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="DIR", help="checkpoint directory (default: the bundled all-MiniLM-L6-v2)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    parser.add_argument("--dtype", help="fp32, fp16 or bf16 (default: fp16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--dtype", help="fp32, fp16, bf16, or fp8 (e4m3 GEMMs on GPUs with FP8 tensor cores; on the "
+                                        "CPU a slow exact emulation) (default: fp16 on CUDA, fp32 on CPU)")
     parser.add_argument("--backend", help="torch or triton (default: triton on CUDA, torch on CPU)")
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
+from . import fp8 as fp8_path
 from . import heads as task_heads
 from .config import EncoderConfig
 from .errors import FastencError, InputError, LoadError
@@ -64,6 +65,7 @@ class Encoder:
         self.config: EncoderConfig = model.config
         self.device = model.device
         self.dtype = model.dtype
+        self.fp8 = isinstance(model.ops, fp8_path.Fp8Ops)  # e4m3 GEMMs; dtype is then the activations'
         self.backend = model.backend
         self.tokenizer = text.tokenizer if text is not None else None
         self.heads = model.heads.names
@@ -79,8 +81,12 @@ class Encoder:
         sentence = SentenceConfig.from_dir(directory)
         model_dir = sentence.transformer_dir
         config = EncoderConfig.from_file(model_dir / "config.json")
-        dtype = resolve_dtype(dtype, device, config)
+        fp8 = fp8_path.requested(dtype)
+        dtype = fp8_path.ACTIVATION_DTYPE if fp8 else resolve_dtype(dtype, device, config)
         backend, ops = resolve_backend(backend, device)
+        if fp8:
+            fp8_path.check_device(device, backend)
+            ops = fp8_path.Fp8Ops(ops, dtype)
         files = checkpoint.SafetensorsDir(model_dir, device)
         tokenizer, tokenizer_dir = load_tokenizer(model_dir), model_dir
         if tokenizer is None and model_dir != directory:
@@ -106,8 +112,12 @@ class Encoder:
         if device is None:
             device = next((t.device for t in state_dict.values() if isinstance(t, torch.Tensor)), "cpu")
         device = resolve_device(device)
-        dtype = resolve_dtype(dtype, device, config)
+        fp8 = fp8_path.requested(dtype)
+        dtype = fp8_path.ACTIVATION_DTYPE if fp8 else resolve_dtype(dtype, device, config)
         backend, ops = resolve_backend(backend, device)
+        if fp8:
+            fp8_path.check_device(device, backend)
+            ops = fp8_path.Fp8Ops(ops, dtype)
         files = checkpoint.StateDictSource(state_dict, device)
         model = cls._load_model(files, config, device=device, dtype=dtype, backend=backend, ops=ops,
                                 cuda_graphs=cuda_graphs)
@@ -115,8 +125,13 @@ class Encoder:
 
     @staticmethod
     def _load_model(files, config: EncoderConfig, *, dtype: torch.dtype, **kwargs) -> Model:
-        """The encoder's and the heads' tensors read from ``files`` (a SafetensorsDir or StateDictSource)."""
-        tensors, prefix, used = checkpoint.load_encoder(files, config, dtype)
+        """The encoder's and the heads' tensors read from ``files`` (a SafetensorsDir or StateDictSource); with
+        FP8 ops, the layers' GEMM weights read in float32 and quantized (``fastenc.fp8.quantize_weights``)."""
+        if isinstance(kwargs["ops"], fp8_path.Fp8Ops):
+            tensors, prefix, used = checkpoint.load_encoder(files, config, torch.float32)
+            tensors = fp8_path.quantize_weights(tensors, dtype)
+        else:
+            tensors, prefix, used = checkpoint.load_encoder(files, config, dtype)
         head_tensors, head_keys = task_heads.load_heads(files, config, dtype, prefix)
         bge_m3 = task_heads.load_bge_m3(kwargs.get("path"), config, dtype, kwargs["device"])
         if bge_m3 is not None:  # colbert_linear.pt and sparse_linear.pt beside the weights

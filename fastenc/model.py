@@ -65,7 +65,7 @@ def resolve_dtype(dtype, device: torch.device, config: EncoderConfig | None = No
         return torch.bfloat16 if config is not None and config.is_decoder else torch.float16
     if isinstance(dtype, str):
         if dtype not in DTYPES:
-            raise InputError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+            raise InputError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}, or fp8 (e4m3 GEMMs)")
         return DTYPES[dtype]
     if dtype not in DTYPES.values():
         raise InputError(f"dtype {dtype} is not supported; use torch.float32, torch.float16 or torch.bfloat16")

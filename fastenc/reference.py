@@ -33,6 +33,12 @@ Conventions shared by every backend:
   ``offset == 0`` is ``LlamaRMSNorm`` (also Mistral's, Qwen2's, Qwen3's), ``weight * (x * rstd).to(dtype)``;
   ``offset != 0`` is ``Gemma3RMSNorm``, ``(x * rstd * (offset + weight)).to(dtype)`` with ``offset = 1``.
   Statistics are float32 (float64 for float64 inputs, so that the twin can serve as the exact reference).
+* FP8 (``*_fp8``): e4m3 GEMM operands with float32 scales, one per activation row (token) and one per
+  weight row (output channel), applied with the bias, activation and residual in float32 after
+  a float32 accumulation (``quantize_rows`` says how a row is quantized). The LayerNorms' ``*_fp8`` forms
+  return their output and its quantization together; a GEMM given a 16/32-bit ``x`` quantizes it per row.
+  This twin emulates the kernels exactly up to the float32 summation order: the same codes and scales, the
+  same exact products.
 """
 
 from __future__ import annotations
@@ -163,9 +169,17 @@ def fused_qkv(
     ``1 / sqrt(head_dim * scale_factor)``). V is neither normalised nor rotated.
     """
     tokens, hidden = x.shape
-    kv_heads = num_heads if num_kv_heads is None else num_kv_heads
     head_dim = hidden // num_heads if head_dim is None else head_dim
-    proj = _matmul(x, weight, bias).view(tokens, num_heads + 2 * kv_heads, head_dim)
+    return _qkv_heads(_matmul(x, weight, bias), num_heads, num_kv_heads, head_dim, positions, rope, q_norm, k_norm,
+                      norm_eps, norm_offset, scale)
+
+
+def _qkv_heads(proj, num_heads, num_kv_heads, head_dim, positions, rope, q_norm, k_norm, norm_eps, norm_offset,
+               scale):
+    """``fused_qkv``'s epilogue on the ``(tokens, (heads + 2 * kv_heads) * head_dim)`` projection, in its dtype."""
+    tokens = proj.shape[0]
+    kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    proj = proj.view(tokens, num_heads + 2 * kv_heads, head_dim)
     qk = proj[:, : num_heads + kv_heads]  # (tokens, heads + kv_heads, head_dim)
     if q_norm is not None:
         proj[:, :num_heads] = _rms_norm(proj[:, :num_heads], q_norm, norm_eps, norm_offset)
@@ -418,6 +432,141 @@ def sandwich_rms_norm(
     """
     residual = residual + _rms_norm(x, weight, eps, offset)
     return residual, _rms_norm(residual, next_weight, eps, offset)
+
+
+# ------------------------------------------------------------------------------------------------- FP8
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn
+FP8_MIN_AMAX = 1e-12  # a row's absolute maximum is taken at least this: an all-zero row quantizes to zeros
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row FP8 quantization: ``(rows, cols)`` -> ``(q, scale)``, ``q`` float8_e4m3fn ``(rows, cols)`` and
+    ``scale`` float32 ``(rows,)`` with ``x ≈ q * scale[:, None]``.
+
+    A row's largest magnitude maps to 448, e4m3's largest finite value: in float32,
+    ``amax = max(max|x|, FP8_MIN_AMAX)``, ``q = clamp(x * (448 / amax), -448, 448)`` rounded to nearest even
+    into e4m3, ``scale = amax / 448``; every operation is one correctly rounded float32 operation, so the
+    Triton kernels, which quantize the same way, give the same codes for the same input row. A row's codes
+    and scale depend on that row only (batch invariance). Used for activations (one scale per token) and,
+    at load, for weights (one scale per output channel: a weight's rows).
+    """
+    x = x.float()
+    amax = x.abs().amax(dim=1).clamp_min(FP8_MIN_AMAX) if x.shape[1] else x.new_full((x.shape[0],), FP8_MIN_AMAX)
+    q = (x * (FP8_MAX / amax)[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q, amax / FP8_MAX
+
+
+def _fp8_matmul(x, x_scale, weight, weight_scale) -> torch.Tensor:
+    """``(x_q @ w_q.T) * x_scale[:, None] * w_scale[None, :]`` in float32 ``(tokens, out)``; a 16/32-bit ``x``
+    (``x_scale`` None) is quantized per row first. The products of e4m3 values are exact in float32."""
+    if x.dtype != FP8_DTYPE:
+        if x_scale is not None:
+            raise ValueError("x_scale goes with a float8_e4m3fn x; a 16/32-bit x is quantized here (x_scale=None)")
+        x, x_scale = quantize_rows(x)
+    elif x_scale is None:
+        raise ValueError("a float8_e4m3fn x needs its (tokens,) float32 x_scale")
+    return (x.float() @ weight.float().t()) * x_scale.float()[:, None] * weight_scale.float()[None, :]
+
+
+def linear_fp8(
+    x: torch.Tensor,  # (tokens, in): float8_e4m3fn with x_scale, or 16/32-bit (quantized per row here)
+    x_scale: torch.Tensor | None,  # (tokens,) float32, None for a 16/32-bit x
+    weight: torch.Tensor,  # (out, in) float8_e4m3fn
+    weight_scale: torch.Tensor,  # (out,) float32: one scale per output channel
+    bias: torch.Tensor | None,  # (out,)
+    activation: str | None = None,
+    residual: torch.Tensor | None = None,  # (tokens, out)
+    *,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:  # (tokens, out) out_dtype
+    """``linear`` with e4m3 operands: ``act(x_q @ w_q.T * x_scale * w_scale + bias) + residual``, float32
+    throughout, rounded once to ``out_dtype``.
+
+    ``x`` comes quantized (a LayerNorm's ``*_fp8`` output) or in 16/32 bits, which are quantized per row
+    with ``quantize_rows`` (as the kernel does in its prologue): either way the operand is the same
+    function of the row's value.
+    """
+    out = _fp8_matmul(x, x_scale, weight, weight_scale)
+    if bias is not None:
+        out = out + bias.float()
+    out = apply_activation(out, activation)
+    if residual is not None:
+        out = out + residual.float()
+    return out.to(out_dtype)
+
+
+def gated_linear_fp8(
+    x: torch.Tensor,  # (tokens, in): float8_e4m3fn with x_scale, or 16/32-bit
+    x_scale: torch.Tensor | None,  # (tokens,) float32, None for a 16/32-bit x
+    weight: torch.Tensor,  # (2 * out, in) float8_e4m3fn: rows 2j (activated) and 2j + 1 (linear) interleaved
+    weight_scale: torch.Tensor,  # (2 * out,) float32
+    bias: torch.Tensor | None,  # (2 * out,), interleaved the same way
+    activation: str,
+    *,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:  # (tokens, out) out_dtype
+    """``gated_linear`` with e4m3 operands: ``act(h[:, 0::2]) * h[:, 1::2]``, ``h`` as in ``linear_fp8``."""
+    h = _fp8_matmul(x, x_scale, weight, weight_scale)
+    if bias is not None:
+        h = h + bias.float()
+    return (apply_activation(h[:, 0::2], activation) * h[:, 1::2]).to(out_dtype)
+
+
+def fused_qkv_fp8(
+    x: torch.Tensor,  # (tokens, hidden): float8_e4m3fn with x_scale, or 16/32-bit
+    x_scale: torch.Tensor | None,  # (tokens,) float32, None for a 16/32-bit x
+    weight: torch.Tensor,  # ((heads + 2 * kv_heads) * head_dim, hidden) float8_e4m3fn
+    weight_scale: torch.Tensor,  # ((heads + 2 * kv_heads) * head_dim,) float32
+    bias: torch.Tensor | None,  # ((heads + 2 * kv_heads) * head_dim,)
+    num_heads: int,
+    positions: torch.Tensor | None = None,  # (tokens,) integer, with rope
+    rope: torch.Tensor | None = None,  # (max_positions, head_dim) float32: cosines, then sines
+    *,
+    out_dtype: torch.dtype,
+    num_kv_heads: int | None = None,
+    head_dim: int | None = None,
+    q_norm: torch.Tensor | None = None,  # (head_dim,)
+    k_norm: torch.Tensor | None = None,  # (head_dim,)
+    norm_eps: float = 1e-6,
+    norm_offset: float = 0.0,
+    scale: float | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``fused_qkv`` with e4m3 operands: the projection as in ``linear_fp8``, then QK-norm, RoPE and Q's
+    scale in float32, the heads rounded once to ``out_dtype``. Returns what ``fused_qkv`` returns."""
+    head_dim = x.shape[1] // num_heads if head_dim is None else head_dim
+    proj = _fp8_matmul(x, x_scale, weight, weight_scale)
+    if bias is not None:
+        proj = proj + bias.float()
+    heads = _qkv_heads(proj, num_heads, num_kv_heads, head_dim, positions, rope, q_norm, k_norm, norm_eps,
+                       norm_offset, scale)
+    if isinstance(heads, tuple):
+        return tuple(h.to(out_dtype) for h in heads)
+    return heads.to(out_dtype)
+
+
+def add_layer_norm_fp8(
+    x: torch.Tensor,  # (tokens, hidden)
+    residual: torch.Tensor,  # (tokens, hidden)
+    weight: torch.Tensor,  # (hidden,)
+    bias: torch.Tensor | None,  # (hidden,)
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # (tokens, hidden), (tokens, hidden) fp8, (tokens,) fp32
+    """``add_layer_norm`` that also returns its output quantized per row (``quantize_rows`` of the output in
+    x's dtype): the residual stream for the next block and the FP8 operand of the next GEMM, from one pass."""
+    out = add_layer_norm(x, residual, weight, bias, eps)
+    return (out, *quantize_rows(out))
+
+
+def layer_norm_fp8(
+    x: torch.Tensor,  # (tokens, hidden)
+    weight: torch.Tensor,  # (hidden,)
+    bias: torch.Tensor | None,  # (hidden,)
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # (tokens, hidden), (tokens, hidden) fp8, (tokens,) fp32
+    """``layer_norm`` that also returns its output quantized per row, as ``add_layer_norm_fp8``."""
+    out = layer_norm(x, weight, bias, eps)
+    return (out, *quantize_rows(out))
 
 
 SPLADE_VOCAB_CHUNK = 4096  # words per chunk of splade_pool's twin: its scratch is (tokens, 4096), not (tokens, vocab)

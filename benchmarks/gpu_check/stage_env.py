@@ -1,6 +1,8 @@
 """The ``env`` stage: the GPU, its driver, the versions and the commit; the fp16 and bf16 matmul peaks and the
 device copy bandwidth, measured with ``fastenc.bench``'s timing (``triton.testing.do_bench`` on CUDA, median
-with p20 / p80): every later ratio is taken against these."""
+with p20 / p80): every later ratio is taken against these. On a GPU with FP8 tensor cores (sm_89, sm_90) also
+the e4m3 matmul peak, ``torch._scaled_mm`` at the same size (unit scales, bf16 out): the FP8 encoder's GEMMs
+are judged against it."""
 
 from __future__ import annotations
 
@@ -59,6 +61,11 @@ def run(stage: Stage) -> None:
     calls = {"matmul_fp16": lambda: torch.mm(a[torch.float16], b[torch.float16]),
              "matmul_bf16": lambda: torch.mm(a[torch.bfloat16], b[torch.bfloat16]),
              "copy": lambda: dst.copy_(src)}
+    fp8 = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+    if fp8:  # _scaled_mm takes its second operand column-major
+        a8, b8 = a[torch.float16].to(torch.float8_e4m3fn), b[torch.float16].to(torch.float8_e4m3fn).t()
+        unit = torch.ones((), device=device)
+        calls["matmul_fp8"] = lambda: torch._scaled_mm(a8, b8, scale_a=unit, scale_b=unit, out_dtype=torch.bfloat16)
     for fn in calls.values():  # time_providers' CPU rounds expect every call made once already
         fn()
     timings = time_providers(calls, device, repeats)
@@ -68,14 +75,17 @@ def run(stage: Stage) -> None:
     how = "do_bench median (p20-p80)" if device.type == "cuda" else f"median of {repeats} interleaved rounds"
     peaks = {"matmul": f"{n}x{n}x{n} torch.mm, {how}", "copy": f"{copy_bytes // 2**20} MiB dst.copy_(src), read + "
              f"write counted, {how}"}
-    for name in ("fp16", "bf16"):
+    for name in ("fp16", "bf16", "fp8") if fp8 else ("fp16", "bf16"):
         t = timings[f"matmul_{name}"]
         peaks[f"matmul_{name}_tflops"] = 2 * n**3 / (t.median * 1e-3) / 1e12
         peaks[f"matmul_{name}_ms"] = [round(t.p20, 4), round(t.median, 4), round(t.p80, 4)]
     t = timings["copy"]
     peaks["copy_gbps"] = 2 * copy_bytes / (t.median * 1e-3) / 1e9
     peaks["copy_ms"] = [round(t.p20, 4), round(t.median, 4), round(t.p80, 4)]
+    if not fp8:
+        peaks["matmul_fp8"] = "not measured: needs FP8 tensor cores (sm_89 or sm_90)"
     stage.record.update(peaks=peaks, status="ok",
                         note=f"matmul fp16 {peaks['matmul_fp16_tflops']:.4g} / bf16 {peaks['matmul_bf16_tflops']:.4g} "
-                             f"TFLOP/s, copy {peaks['copy_gbps']:.4g} GB/s")
+                             + (f"/ fp8 {peaks['matmul_fp8_tflops']:.4g} " if fp8 else "")
+                             + f"TFLOP/s, copy {peaks['copy_gbps']:.4g} GB/s")
     log(f"env: {stage.record.data['note']}")

@@ -305,7 +305,9 @@ def summary_markdown(check: dict, bench: dict) -> str:
     peaks = env.get("peaks") or {}
     if peaks:
         lines += [f"Measured in this run: matmul fp16 {_fmt(peaks.get('matmul_fp16_tflops'), 'TFLOP/s')}, bf16 "
-                  f"{_fmt(peaks.get('matmul_bf16_tflops'), 'TFLOP/s')} ({peaks.get('matmul')}); copy "
+                  f"{_fmt(peaks.get('matmul_bf16_tflops'), 'TFLOP/s')}, fp8 "
+                  f"{_fmt(peaks.get('matmul_fp8_tflops'), 'TFLOP/s')} "
+                  f"({peaks.get('matmul')}); copy "
                   f"{_fmt(peaks.get('copy_gbps'), 'GB/s')} ({peaks.get('copy')}).", ""]
     plan = check["plan"]
     compiles = plan["planned_compiles"]

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from fastenc.kernels import _target
-from fastenc.kernels.aot import (BATCHES, DECODERS, DTYPES, SPLADE_VOCAB, KernelBuild, compile_only, decoder_forward,
+from fastenc.kernels.aot import (BATCHES, DECODERS, DTYPES, FP8_MIN_ARCH, SPLADE_VOCAB, KernelBuild, compile_only, decoder_forward,
                                  decoder_sweep_report, markdown, positional_sweep_report, problems, sweep_report,
                                  tight, toolchain)
 
@@ -46,23 +46,31 @@ MODELS = {
 # with the constexprs their families need. window: Gemma3's local layers (transformers' sliding_window - 1).
 
 def encoder_for(model: str, dtype: torch.dtype):
-    """A one-layer model of ``model``'s shape over uninitialised CPU tensors, on the Triton ops."""
-    from fastenc import checkpoint, family, kernels
+    """A one-layer model of ``model``'s shape over uninitialised CPU tensors, on the Triton ops (an FP8
+    encoder's, over weights quantized as at load, for ``torch.float8_e4m3fn``)."""
+    from fastenc import checkpoint, family, fp8, kernels
     from fastenc.config import EncoderConfig
     from fastenc.model import Model
 
     shape = dict(MODELS[model])
     model_type = shape.pop("model_type", "electra" if "embedding_size" in shape else "bert")
-    raw = dict(model_type=model_type, vocab_size=1024, num_hidden_layers=1, max_position_embeddings=512,
-               type_vocab_size=2, pad_token_id=1)
+    quantized = dtype == torch.float8_e4m3fn
+    # FP8: two layers, so that the second's QKV takes the LayerNorm's codes (the first's quantizes its input)
+    raw = dict(model_type=model_type, vocab_size=1024, num_hidden_layers=2 if quantized else 1,
+               max_position_embeddings=512, type_vocab_size=2, pad_token_id=1)
     raw.update(shape)
     config = EncoderConfig.from_dict(raw, source=model)
     shapes = checkpoint.encoder_shapes(config)
-    tensors = {name: torch.empty(shapes[name], dtype=dtype) for name in checkpoint.encoder_names(config)}
+    load_dtype = torch.float32 if quantized else dtype
+    tensors = {name: torch.empty(shapes[name], dtype=load_dtype) for name in checkpoint.encoder_names(config)}
     # the kernels' layouts and DeBERTa's tables, as at load
     tensors = family.prepare(tensors, config.family, config.num_attention_heads,
                              checkpoint.num_unique_layers(config), eps=config.layer_norm_eps)
-    return Model(config, tensors, device=torch.device("cpu"), dtype=dtype, backend="triton", ops=kernels,
+    ops = kernels
+    if quantized:
+        dtype = fp8.ACTIVATION_DTYPE
+        tensors, ops = fp8.quantize_weights(tensors, dtype), fp8.Fp8Ops(kernels, dtype)
+    return Model(config, tensors, device=torch.device("cpu"), dtype=dtype, backend="triton", ops=ops,
                  cuda_graphs=False)
 
 
@@ -73,7 +81,11 @@ def compile_report(archs=(90, 80), dtypes=("fp16", "bf16"), models=("bert-base",
     builds = []
     for arch in archs:
         for dtype in dtypes:
+            if dtype == "fp8" and arch < FP8_MIN_ARCH:
+                continue  # no FP8 tensor cores: the FP8 encoder refuses to load there
             for model in models:
+                if model in DECODERS and dtype == "fp8":
+                    continue  # the decoders' FP8 GEMMs are the encoders' kernels (compiled above)
                 if model in DECODERS:
                     with compile_only(arch) as driver:
                         for lengths in BATCHES:

@@ -30,24 +30,26 @@ from types import ModuleType
 logger = logging.getLogger("fastenc")
 
 
-def optimize(model, *, backend: str | None = None):
+def optimize(model, *, backend: str | None = None, dtype=None):
     """Patch ``model`` in place so that its encoder runs on fastenc; returns the same object.
 
     ``model``: a ``transformers`` model of a supported family (the base model or any ``*For…`` model),
     or a ``sentence_transformers`` model (``SentenceTransformer``; ``CrossEncoder`` and
     ``SparseEncoder`` too) whose transformer module is one. Anything else raises ``TypeError``.
+    ``dtype``: ``None`` runs the encoder in the model's own dtype; ``"fp8"`` quantizes its GEMMs (see
+    ``fastenc.fp8``), the hidden states handed back in the model's dtype.
     """
     sentence_transformers = sys.modules.get("sentence_transformers")
     if sentence_transformers is not None:
         from .sentence_transformers import is_sentence_transformers_model, optimize_sentence_transformer
 
         if is_sentence_transformers_model(model):
-            return optimize_sentence_transformer(model, backend=backend)
+            return optimize_sentence_transformer(model, backend=backend, dtype=dtype)
     transformers = sys.modules.get("transformers")
     if transformers is not None and isinstance(model, transformers.PreTrainedModel):
         from .transformers import optimize_model
 
-        return optimize_model(model, backend=backend)
+        return optimize_model(model, backend=backend, dtype=dtype)
     raise TypeError(f"fastenc.optimize cannot patch a {type(model).__module__}.{type(model).__qualname__}: it takes "
                     "a transformers model of a supported family or a sentence_transformers.SentenceTransformer")
 

@@ -23,14 +23,14 @@ def is_sentence_transformers_model(model) -> bool:
     return any(isinstance(cls, type) and isinstance(model, cls) for cls in classes)
 
 
-def optimize_sentence_transformer(model, *, backend: str | None = None):
+def optimize_sentence_transformer(model, *, backend: str | None = None, dtype=None):
     """Patch every transformer module's model in place; returns ``model``."""
     transformers = sys.modules.get("transformers")
     patched = 0
     for module in model.modules():
         inner = getattr(module, "auto_model", None) if type(module).__name__ == "Transformer" else None
         if transformers is not None and isinstance(inner, transformers.PreTrainedModel):
-            optimize_model(inner, backend=backend)
+            optimize_model(inner, backend=backend, dtype=dtype)
             patched += 1
     if not patched:
         raise TypeError(f"fastenc.optimize cannot patch this {type(model).__qualname__}: it has no transformer "

@@ -63,7 +63,7 @@ _POOLED = ("bert", "roberta", "xlm-roberta", "camembert", "albert", "mpnet", "no
 
 
 # ------------------------------------------------------------------------------------------- optimize
-def optimize_model(model, *, backend: str | None = None):
+def optimize_model(model, *, backend: str | None = None, dtype=None):
     """Patch a ``transformers`` model in place (see the module docstring); returns ``model``."""
     config = model.config
     name = f"{type(model).__module__}.{type(model).__qualname__}"
@@ -81,10 +81,10 @@ def optimize_model(model, *, backend: str | None = None):
     base = model.base_model
     patch = getattr(base, "_fastenc_patch", None)
     if patch is not None:
-        patch.backend = backend
+        patch.backend, patch.dtype = backend, dtype
         patch.rebuild()
         return model
-    base._fastenc_patch = _Patch(base, backend)
+    base._fastenc_patch = _Patch(base, backend, dtype)
     return model
 
 
@@ -95,9 +95,10 @@ class _Patch:
     ``torch.save``) rebuilds its own from its own tensors on its first call.
     """
 
-    def __init__(self, base, backend: str | None):
+    def __init__(self, base, backend: str | None, dtype=None):
         self.base = base
         self.backend = backend
+        self.dtype = dtype  # None: the model's own; "fp8": quantized GEMMs (fastenc.fp8)
         self.encoder = None
         self.placement = None
         self.rebuild()
@@ -111,7 +112,8 @@ class _Patch:
 
         weight = self.base.get_input_embeddings().weight
         self.encoder = Encoder.from_state_dict(self.base.config.to_dict(), self.base.state_dict(),
-                                               device=weight.device, dtype=weight.dtype, backend=self.backend)
+                                               device=weight.device, dtype=weight.dtype if self.dtype is None
+                                               else self.dtype, backend=self.backend)
         self.placement = (weight.device, weight.dtype)
 
     def original(self, *args, **kwargs):
@@ -136,7 +138,7 @@ class _Patch:
         if self.encoder is None or (weight.device, weight.dtype) != self.placement:
             self.rebuild()
         with torch.no_grad():
-            hidden = self.encoder(*inputs)  # (batch, seq, hidden); 0 where the mask is 0
+            hidden = self.encoder(*inputs).to(weight.dtype)  # (batch, seq, hidden); 0 where the mask is 0
         output = self._output(hidden)
         return_dict = arguments.get("return_dict")
         if return_dict is None:

@@ -19,10 +19,10 @@ same bits.
 from fastenc.kernels import _target
 from fastenc.kernels.attention import attention
 from fastenc.kernels.embeddings import embeddings
-from fastenc.kernels.gemm import gated_linear, linear
-from fastenc.kernels.layer_norm import add_layer_norm, gelu_layer_norm, layer_norm
+from fastenc.kernels.gemm import gated_linear, gated_linear_fp8, linear, linear_fp8
+from fastenc.kernels.layer_norm import add_layer_norm, add_layer_norm_fp8, gelu_layer_norm, layer_norm, layer_norm_fp8
 from fastenc.kernels.maxsim import maxsim
-from fastenc.kernels.qkv import fused_qkv
+from fastenc.kernels.qkv import fused_qkv, fused_qkv_fp8
 from fastenc.kernels.rms_norm import rms_norm, sandwich_rms_norm
 from fastenc.kernels.splade import splade_pool
 
@@ -44,6 +44,13 @@ KERNELS = (
                           "next pre-norm in one pass"),
     ("splade_pool", "SPLADE head: vocabulary GEMM tiles, log1p-ReLU and per-text max/sum pooling in registers; "
                     "the (tokens, vocab) logits never reach memory"),
+    ("linear_fp8", "the GEMM on e4m3 operands (fp32 accumulation promoted every 128 products), the token and "
+                   "channel scales with the bias, activation and residual in the epilogue; a 16-bit x is "
+                   "quantized per token in the prologue"),
+    ("gated_linear_fp8", "gated_linear on e4m3 operands, scales in the epilogue"),
+    ("fused_qkv_fp8", "fused_qkv on e4m3 operands, scales in the epilogue"),
+    ("add_layer_norm_fp8", "add_layer_norm that also writes its output as e4m3 codes and one fp32 scale per token"),
+    ("layer_norm_fp8", "layer_norm that also writes its output as e4m3 codes and one fp32 scale per token"),
     ("maxsim", "late-interaction (ColBERT MaxSim) scores of a query against packed documents: dot-product tiles, "
                "a running max per (document token, query token) lane in registers, the sum over the query; the "
                "(query tokens, document tokens) products never reach memory"),
@@ -54,5 +61,6 @@ if _target.INTERPRETED:
 
     _interpreter.install()
 
-__all__ = ["KERNELS", "add_layer_norm", "attention", "embeddings", "fused_qkv", "gated_linear", "gelu_layer_norm",
-           "layer_norm", "linear", "maxsim", "rms_norm", "sandwich_rms_norm", "splade_pool"]
+__all__ = ["KERNELS", "add_layer_norm", "add_layer_norm_fp8", "attention", "embeddings", "fused_qkv", "fused_qkv_fp8",
+           "gated_linear", "gated_linear_fp8", "gelu_layer_norm", "layer_norm", "layer_norm_fp8", "linear", "linear_fp8",
+           "maxsim", "rms_norm", "sandwich_rms_norm", "splade_pool"]

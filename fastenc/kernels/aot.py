@@ -10,7 +10,8 @@ block configs, the same specialisation of pointer and integer arguments (divisib
 For each build, ``CompileOnlyDriver.builds`` reads from the cubin what decides whether a kernel runs,
 and how well: dynamic shared memory against the architecture's limit (Triton refuses the launch above
 it), registers per thread, bytes spilled to local memory, the tensor-core instruction in the SASS
-(``wgmma`` = HGMMA on sm_90, ``mma`` = HMMA on sm_8x, ``none``: CUDA cores) and asynchronous copies
+(``wgmma`` = HGMMA on sm_90, QGMMA with e4m3 operands; ``mma`` = HMMA on sm_8x, QMMA with e4m3
+operands; ``none``: CUDA cores) and asynchronous copies
 (LDGSTS or TMA: the software-pipelined loads), read with the ``cuobjdump`` that Triton ships; and for
 each GEMM the tiles (programs) it launches for a 128-token batch, which decide how much of the GPU a
 small batch can use. The command compiles one forward per model shape (``fastenc.bench.compile``, where
@@ -66,7 +67,9 @@ DECODERS = {
     "gemma3-1b": dict(hidden=1152, heads=4, kv_heads=1, head_dim=256, intermediate=6912, qk_norm=True, gemma=True,
                       window=511),
 }
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# fp8: the FP8 encoder (``fastenc.fp8``): e4m3 GEMMs, fp16 activations; compiled for sm_89 and newer only.
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn}
+FP8_MIN_ARCH = 89
 # Lengths of the packed batches each model is run on: a full 32 x 128 batch (4096 tokens, divisible by
 # 16) and a ragged one (263 tokens): Triton specialises integer arguments on divisibility by 16.
 BATCHES = ([128] * 32, [7, 128, 1, 127])
@@ -108,7 +111,9 @@ def read_cubin(cubin: bytes) -> dict:
     if match is None:
         raise RuntimeError(f"cannot read cuobjdump's resource usage:\n{usage}")
     registers, stack, local = map(int, match.groups())
-    tensor_cores = "wgmma" if "HGMMA" in sass else "mma" if "HMMA" in sass else "none"
+    # HGMMA / QGMMA: 16-bit / e4m3 wgmma (sm_90); HMMA / QMMA: 16-bit / e4m3 mma (sm_8x)
+    tensor_cores = ("wgmma" if re.search(r"\b[HQ]GMMA", sass) else "mma" if re.search(r"\b[HQ]MMA", sass)
+                    else "none")
     return dict(registers=registers, spilled=stack + local, tensor_cores=tensor_cores,
                 async_copies="LDGSTS" in sass or "UTMALDG" in sass)
 
@@ -213,7 +218,7 @@ SHAPE_KEYS = ("K", "N", "HEAD_DIM", "n_cols", "ACTIVATION", "POOLING")
 # The families' constexpr flags, shown with the shape where they differ from BERT's kernels.
 FLAG_DEFAULTS = {"HAS_BIAS": True, "HAS_POSITIONS": True, "HAS_RESIDUAL": False, "ROPE": False, "WINDOW": False,
                  "REL_BIAS": False, "CAUSAL": False, "QK_NORM": False, "HAS_NORM": True, "HAS_SCALE": False,
-                 "OFFSET": False, "C2P": False, "P2C": False}
+                 "OFFSET": False, "C2P": False, "P2C": False, "FP8": False, "QUANTIZE_X": False, "QUANTIZE": False}
 
 
 @contextlib.contextmanager

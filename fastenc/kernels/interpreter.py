@@ -14,7 +14,7 @@ passes or fails with the host's BLAS, not with the kernels: three such tests fai
 question does not arise in this form: a tensor-core or FMA dot gives every row of a tile the same
 instruction sequence.
 
-``install()`` replaces, for the interpreter only, two methods of Triton's ``InterpreterBuilder``:
+``install()`` replaces, for the interpreter only, methods of Triton's ``InterpreterBuilder``:
 
 * ``create_dot``: every output element is ``d + sum_k a[m, k] * b[k, n]``, accumulated in float64
   in increasing ``k``, rounded once to the accumulator's dtype. Products of fp32, fp16 and bf16 values
@@ -33,7 +33,14 @@ FMA contraction, the tensor cores' accumulation order). Those are checked on a G
 tests; bitwise claims made under the interpreter are claims about the kernels' data flow (which rows
 a result reads, no split reductions, no block size chosen from the token count).
 
-A third, smaller repair: Triton 3.6's interpreter turns a scalar into a Python int with
+FP8 (e4m3, ``tl.float8e4nv``, stored as ``uint8`` bits): the stock interpreter widens e4m3 dot operands to
+fp16 and hands them to the BLAS (position-dependent, as above), and converts to e4m3 by bit surgery that
+rounds ties away from zero, drops the carry of a rounded-up mantissa into the exponent and does not
+saturate. Here the dot decodes e4m3 exactly (a 256-entry table of torch's own ``float8_e4m3fn`` values)
+into the exact float64 dot, and conversions to and from e4m3 go through torch: to e4m3, the values are
+clamped to +-448 (a GPU's ``cvt.rn.satfinite``; NaN stays NaN) and rounded to nearest even.
+
+A fourth, smaller repair: Triton 3.6's interpreter turns a scalar into a Python int with
 ``int(array)``, which numpy 2.4 refuses for the 1-element arrays the interpreter holds ("only
 0-dimensional arrays can be converted to Python scalars", raised by every ``range(0, K, BLOCK_K)``);
 Triton 3.9 squeezes the array first, and so does the ``__index__`` installed here, on any version.
@@ -47,6 +54,7 @@ same process get the exact dot too.
 from __future__ import annotations
 
 import numpy as np
+import torch
 import triton.language as tl
 
 try:
@@ -75,9 +83,28 @@ def float32_to_bf16_bits(values: np.ndarray) -> np.ndarray:
     return rounded.astype(np.uint16)
 
 
+# e4m3's 256 bit patterns -> their values (448 at most; 0x7F and 0xFF are NaN).
+_E4M3_VALUES = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).double().numpy()
+_E4M3_MAX = 448.0
+
+
+def e4m3_bits_to_float64(bits: np.ndarray) -> np.ndarray:
+    """e4m3 stored as uint8 bits -> the same values as float64 (exact)."""
+    return _E4M3_VALUES[np.asarray(bits, dtype=np.uint8)]
+
+
+def float32_to_e4m3_bits(values: np.ndarray) -> np.ndarray:
+    """float32 -> e4m3 uint8 bits, as ``cvt.rn.satfinite.e4m3x2.f32``: clamped to +-448, nearest even, NaN kept."""
+    values = torch.from_numpy(np.array(values, dtype=np.float32, copy=True, ndmin=1))
+    codes = values.clamp(-_E4M3_MAX, _E4M3_MAX).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+    return codes.reshape(np.shape(values))
+
+
 def _as_float64(handle) -> np.ndarray | None:
     """A dot operand's values as float64, or None for operand types this dot leaves to Triton."""
     scalar = handle.dtype.scalar
+    if scalar == tl.float8e4nv:
+        return e4m3_bits_to_float64(handle.data)
     if scalar == tl.bfloat16:
         return bf16_bits_to_float32(handle.data).astype(np.float64)
     if scalar in _NUMPY_FLOATS:
@@ -101,7 +128,7 @@ def exact_dot(a: np.ndarray, b: np.ndarray, d: np.ndarray) -> np.ndarray:
 def _create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
     a64, b64 = _as_float64(a), _as_float64(b)
     acc_scalar = d.dtype.scalar
-    if a64 is None or b64 is None or acc_scalar not in _NUMPY_FLOATS:  # integer / fp8 dots: Triton's own
+    if a64 is None or b64 is None or acc_scalar not in _NUMPY_FLOATS:  # integer / other fp8 dots: Triton's own
         return _ORIGINAL["create_dot"](self, a, b, d, input_precision, max_num_imprecise_acc)
     out = exact_dot(a64, b64, np.asarray(d.data, dtype=np.float64))
     return _interp.TensorHandle(out.astype(_NUMPY_FLOATS[acc_scalar]), acc_scalar)
@@ -114,6 +141,22 @@ def _cast_impl(self, src, dst_type):
     if source == tl.float32 and target == tl.bfloat16:
         return _interp.TensorHandle(float32_to_bf16_bits(src.data), tl.bfloat16)
     return _ORIGINAL["cast_impl"](self, src, dst_type)
+
+
+def _create_fp_to_fp(self, src, dst_type, rounding_mode):
+    source, target = src.dtype.scalar, dst_type.scalar
+    if target == tl.float8e4nv and source in (tl.float32, tl.float16, tl.bfloat16):
+        if rounding_mode not in (None, _interp._ir.ROUNDING_MODE.RTNE):
+            raise NotImplementedError(f"e4m3 conversions under the interpreter round to nearest even only, not "
+                                      f"{rounding_mode}")
+        values = bf16_bits_to_float32(src.data) if source == tl.bfloat16 else np.asarray(src.data, dtype=np.float32)
+        return _interp.TensorHandle(float32_to_e4m3_bits(values).reshape(np.shape(src.data)), tl.float8e4nv)
+    if source == tl.float8e4nv and target in (tl.float32, tl.float16, tl.bfloat16):
+        values = e4m3_bits_to_float64(src.data).astype(np.float32)  # exact: e4m3 fits every target
+        if target == tl.bfloat16:
+            return _interp.TensorHandle(float32_to_bf16_bits(values), tl.bfloat16)
+        return _interp.TensorHandle(values.astype(_NUMPY_FLOATS[target]), target)
+    return _ORIGINAL["create_fp_to_fp"](self, src, dst_type, rounding_mode)
 
 
 def _patch_lang_tensor(tensor, scope):
@@ -132,8 +175,10 @@ def install() -> None:
     builder = _interp.InterpreterBuilder
     _ORIGINAL["create_dot"] = builder.create_dot
     _ORIGINAL["cast_impl"] = builder.cast_impl
+    _ORIGINAL["create_fp_to_fp"] = builder.create_fp_to_fp
     builder.create_dot = _create_dot
     builder.cast_impl = _cast_impl
+    builder.create_fp_to_fp = _create_fp_to_fp
     if hasattr(_interp, "_patch_lang_tensor"):
         _ORIGINAL["_patch_lang_tensor"] = _interp._patch_lang_tensor
         _interp._patch_lang_tensor = _patch_lang_tensor
@@ -146,5 +191,6 @@ def uninstall() -> None:
     builder = _interp.InterpreterBuilder
     builder.create_dot = _ORIGINAL.pop("create_dot")
     builder.cast_impl = _ORIGINAL.pop("cast_impl")
+    builder.create_fp_to_fp = _ORIGINAL.pop("create_fp_to_fp")
     if "_patch_lang_tensor" in _ORIGINAL:
         _interp._patch_lang_tensor = _ORIGINAL.pop("_patch_lang_tensor")

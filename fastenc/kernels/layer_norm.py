@@ -20,6 +20,11 @@ Batch invariance: a row reads only itself; the reduction order depends only on t
 preceding GEMM's epilogue (``linear(..., residual=)``). Norms without a bias (ModernBERT's) take
 ``HAS_BIAS=False``.
 
+FP8 (``add_layer_norm_fp8``, ``layer_norm_fp8``; ``QUANTIZE``): the row is in registers already, so the
+same program also writes it quantized for the next GEMM: the output rounded to its dtype, its absolute
+maximum, then e4m3 codes and one float32 scale for the row (``fastenc.reference.quantize_rows`` of the
+output row, bit for bit). One pass writes the residual stream and the FP8 operand.
+
 Limits: hidden sizes up to 16384 (a row must fit one program's registers: wider rows spill; no
 BERT-family encoder comes near it); rows may be strided, the last stride
 must be 1; ``weight`` and ``bias`` have the input's dtype.
@@ -33,7 +38,8 @@ import triton.language as tl
 
 from fastenc.kernels import _target
 from fastenc.kernels._checks import on_device, check_activation, check_backend, check_tensor
-from fastenc.kernels.gemm import _apply_activation
+from fastenc.kernels.gemm import _apply_activation, _row_quantization, _to_fp8
+from fastenc.reference import FP8_DTYPE
 
 # A row must fit one program's registers: at 32768 fp32 values a row spills even with 32 warps (the
 # register file allows 64 a thread there), so wider rows are refused (the torch backend takes any width).
@@ -69,6 +75,26 @@ def _layer_norm_row(
 
 
 @triton.jit
+def _store_row(
+    y,  # (BLOCK,) fp32 row
+    mask,  # (BLOCK,) lanes < n_cols
+    offs,  # (BLOCK,)
+    Out_row_ptr,  # (n_cols,): the row's place in the output
+    Q_row_ptr,  # (n_cols,) e4m3, None when not QUANTIZE
+    Scale_row_ptr,  # (1,) float32, None when not QUANTIZE
+    QUANTIZE: tl.constexpr,
+):
+    """Store a row in the output's dtype and, with ``QUANTIZE``, that stored row's e4m3 codes and scale."""
+    out = y.to(Out_row_ptr.dtype.element_ty)
+    tl.store(Out_row_ptr + offs, out, mask=mask)
+    if QUANTIZE:
+        value = out.to(tl.float32)
+        inverse, scale = _row_quantization(tl.max(tl.where(mask, tl.abs(value), 0.0), axis=0))
+        tl.store(Q_row_ptr + offs, _to_fp8(value * inverse), mask=mask)
+        tl.store(Scale_row_ptr, scale)
+
+
+@triton.jit
 def _add_layer_norm_kernel(
     X_ptr,  # (tokens, hidden)
     Residual_ptr,  # (tokens, hidden)
@@ -82,6 +108,9 @@ def _add_layer_norm_kernel(
     eps,
     BLOCK: tl.constexpr,
     HAS_BIAS: tl.constexpr = True,
+    Q_ptr=None,  # (tokens, hidden) e4m3, contiguous, when QUANTIZE
+    Scale_ptr=None,  # (tokens,) float32 when QUANTIZE
+    QUANTIZE: tl.constexpr = False,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -89,7 +118,10 @@ def _add_layer_norm_kernel(
     x = tl.load(X_ptr + row * stride_x_row + offs, mask=mask, other=0.0).to(tl.float32)
     residual = tl.load(Residual_ptr + row * stride_residual_row + offs, mask=mask, other=0.0).to(tl.float32)
     y = _layer_norm_row(x + residual, mask, W_ptr, B_ptr, offs, n_cols, eps, HAS_BIAS)
-    tl.store(Out_ptr + row * stride_out_row + offs, y.to(Out_ptr.dtype.element_ty), mask=mask)
+    if QUANTIZE:
+        _store_row(y, mask, offs, Out_ptr + row * stride_out_row, Q_ptr + row * n_cols, Scale_ptr + row, True)
+    else:
+        _store_row(y, mask, offs, Out_ptr + row * stride_out_row, None, None, False)
 
 
 @triton.jit
@@ -105,13 +137,19 @@ def _gelu_layer_norm_kernel(
     ACTIVATION: tl.constexpr,
     BLOCK: tl.constexpr,
     HAS_BIAS: tl.constexpr = True,
+    Q_ptr=None,  # (tokens, hidden) e4m3, contiguous, when QUANTIZE
+    Scale_ptr=None,  # (tokens,) float32 when QUANTIZE
+    QUANTIZE: tl.constexpr = False,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < n_cols
     x = tl.load(X_ptr + row * stride_x_row + offs, mask=mask, other=0.0).to(tl.float32)
     y = _layer_norm_row(_apply_activation(x, ACTIVATION), mask, W_ptr, B_ptr, offs, n_cols, eps, HAS_BIAS)
-    tl.store(Out_ptr + row * stride_out_row + offs, y.to(Out_ptr.dtype.element_ty), mask=mask)
+    if QUANTIZE:
+        _store_row(y, mask, offs, Out_ptr + row * stride_out_row, Q_ptr + row * n_cols, Scale_ptr + row, True)
+    else:
+        _store_row(y, mask, offs, Out_ptr + row * stride_out_row, None, None, False)
 
 
 def row_config(hidden: int) -> dict:
@@ -197,3 +235,52 @@ def gelu_layer_norm(
             HAS_BIAS=bias is not None,
         )
     return out
+
+
+def _fp8_outputs(tokens: int, hidden: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.empty((tokens, hidden), device=device, dtype=FP8_DTYPE),
+            torch.empty((tokens,), device=device, dtype=torch.float32))
+
+
+def add_layer_norm_fp8(
+    x: torch.Tensor,  # (tokens, hidden)
+    residual: torch.Tensor,  # (tokens, hidden)
+    weight: torch.Tensor,  # (hidden,)
+    bias: torch.Tensor | None,  # (hidden,)
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # (tokens, hidden), (tokens, hidden) fp8, (tokens,) fp32
+    """``add_layer_norm``, and its output quantized per row (e4m3 codes, float32 scales) from the same pass."""
+    device = _check_norm_args(x, weight, bias, eps)
+    check_tensor("residual", residual, tuple(x.shape), dtypes=(x.dtype,), device=device)
+    tokens, hidden = x.shape
+    out = torch.empty((tokens, hidden), device=device, dtype=x.dtype)
+    q, scale = _fp8_outputs(tokens, hidden, device)
+    if tokens == 0:
+        return out, q, scale
+    with on_device(device):
+        _add_layer_norm_kernel[(tokens,)](
+            x, residual, weight, bias, out, x.stride(0), residual.stride(0), out.stride(0), hidden, float(eps),
+            **row_config(hidden), HAS_BIAS=bias is not None, Q_ptr=q, Scale_ptr=scale, QUANTIZE=True,
+        )
+    return out, q, scale
+
+
+def layer_norm_fp8(
+    x: torch.Tensor,  # (tokens, hidden)
+    weight: torch.Tensor,  # (hidden,)
+    bias: torch.Tensor | None,  # (hidden,)
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # (tokens, hidden), (tokens, hidden) fp8, (tokens,) fp32
+    """``layer_norm``, and its output quantized per row from the same pass."""
+    device = _check_norm_args(x, weight, bias, eps)
+    tokens, hidden = x.shape
+    out = torch.empty((tokens, hidden), device=device, dtype=x.dtype)
+    q, scale = _fp8_outputs(tokens, hidden, device)
+    if tokens == 0:
+        return out, q, scale
+    with on_device(device):
+        _gelu_layer_norm_kernel[(tokens,)](
+            x, weight, bias, out, x.stride(0), out.stride(0), hidden, float(eps), ACTIVATION="none",
+            **row_config(hidden), HAS_BIAS=bias is not None, Q_ptr=q, Scale_ptr=scale, QUANTIZE=True,
+        )
+    return out, q, scale

@@ -39,6 +39,9 @@ The Q scale is ``1 / sqrt(head_dim)`` unless the caller gives one (Gemma3's
 take ``HAS_BIAS=False``; Qwen2's bias on Q, K and V alone is this ``bias`` (its output projection has
 none).
 
+FP8 (``fused_qkv_fp8``, ``FP8=True``): the main loop is ``gemm.py``'s e4m3 one (``_gemm_tile_fp8``: the
+row and channel scales applied to the fp32 tile before the bias), the epilogue the same.
+
 Limits: without ``head_dim``, ``hidden`` must be a multiple of ``num_heads``; ``x`` and ``weight`` need a
 unit stride in their last dimension; with RoPE the head dim is even and positions are below the
 table's length (not checked on the device: the encoder validates sequence lengths first).
@@ -54,7 +57,8 @@ import triton.language as tl
 
 from fastenc.kernels import _target
 from fastenc.kernels._checks import INDEX_DTYPES, check_backend, check_tensor, on_device
-from fastenc.kernels.gemm import _gemm_tile, _tile_coords, gemm_config
+from fastenc.kernels.gemm import (_gemm_tile, _gemm_tile_fp8, _tile_coords, check_fp8_operands, check_out_dtype,
+                                  fp8_gemm_config, gemm_config)
 
 # QK-norm: a GEMM tile must hold whole heads, so the head dim is a power of two (a tile's width).
 MIN_QK_NORM_HEAD_DIM, MAX_QK_NORM_HEAD_DIM = 16, 256
@@ -146,13 +150,21 @@ def _fused_qkv_kernel(
     HAS_BIAS: tl.constexpr = True,
     ROPE: tl.constexpr = False,
     QK_NORM: tl.constexpr = False,
+    XScale_ptr=None,  # (tokens,) float32 when FP8 and not QUANTIZE_X
+    WScale_ptr=None,  # ((heads + 2 * kv_heads) * head_dim,) float32 when FP8
+    FP8: tl.constexpr = False,
+    QUANTIZE_X: tl.constexpr = False,
 ):
     pid_m, pid_n = _tile_coords(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = _gemm_tile(
-        X_ptr, W_ptr, stride_x_row, stride_w_row, offs_m, offs_n, M, N, K, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K
-    )
+    if FP8:
+        acc = _gemm_tile_fp8(X_ptr, XScale_ptr, W_ptr, WScale_ptr, stride_x_row, stride_w_row, offs_m, offs_n, M, N,
+                             K, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, QUANTIZE_X)
+    else:
+        acc = _gemm_tile(
+            X_ptr, W_ptr, stride_x_row, stride_w_row, offs_m, offs_n, M, N, K, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K
+        )
     col_ok = offs_n < N
     out = acc
     if HAS_BIAS:
@@ -225,6 +237,39 @@ def fused_qkv(
     the Q and K pairs ``2i, 2i + 1`` by their positions' angles, then Q times ``scale``."""
     device = check_backend("x", x)
     check_tensor("x", x, (None, None))
+    return _fused_qkv(x, None, weight, None, bias, num_heads, positions, rope, x.dtype, num_kv_heads, head_dim,
+                      q_norm, k_norm, norm_eps, norm_offset, scale, device=device, fp8=False)
+
+
+def fused_qkv_fp8(
+    x: torch.Tensor,  # (tokens, hidden): float8_e4m3fn with x_scale, or 16/32-bit (quantized per row in the kernel)
+    x_scale: torch.Tensor | None,  # (tokens,) float32, None for a 16/32-bit x
+    weight: torch.Tensor,  # ((heads + 2 * kv_heads) * head_dim, hidden) float8_e4m3fn
+    weight_scale: torch.Tensor,  # ((heads + 2 * kv_heads) * head_dim,) float32
+    bias: torch.Tensor | None,  # ((heads + 2 * kv_heads) * head_dim,)
+    num_heads: int,
+    positions: torch.Tensor | None = None,  # (tokens,) integer, with rope
+    rope: torch.Tensor | None = None,  # (max_positions, head_dim) float32: cosines, then sines
+    *,
+    out_dtype: torch.dtype,
+    num_kv_heads: int | None = None,
+    head_dim: int | None = None,
+    q_norm: torch.Tensor | None = None,  # (head_dim,)
+    k_norm: torch.Tensor | None = None,  # (head_dim,)
+    norm_eps: float = 1e-6,
+    norm_offset: float = 0.0,
+    scale: float | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``fused_qkv`` with e4m3 operands and per-row / per-channel scales; the heads in ``out_dtype``."""
+    device = check_backend("x", x)
+    check_fp8_operands(x, x_scale, weight, weight_scale, None, device)
+    return _fused_qkv(x, x_scale, weight, weight_scale, bias, num_heads, positions, rope, check_out_dtype(out_dtype),
+                      num_kv_heads, head_dim, q_norm, k_norm, norm_eps, norm_offset, scale, device=device, fp8=True)
+
+
+def _fused_qkv(x, x_scale, weight, weight_scale, bias, num_heads, positions, rope, out_dtype, num_kv_heads, head_dim,
+               q_norm, k_norm, norm_eps, norm_offset, scale, *, device, fp8: bool):
+    """Check the heads' arguments, launch, split the output (both launchers); ``x`` and the scales are checked."""
     tokens, hidden = x.shape
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0:
         raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
@@ -239,9 +284,11 @@ def fused_qkv(
     elif isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim <= 0:
         raise ValueError(f"head_dim must be a positive int or None, got {head_dim!r}")
     slabs = num_heads + 2 * kv_heads
-    check_tensor("weight", weight, (slabs * head_dim, hidden), dtypes=(x.dtype,), device=device)
+    params = out_dtype  # the bias and the norm weights: the model's 16/32-bit dtype
+    check_tensor("weight", weight, (slabs * head_dim, hidden), dtypes=(weight.dtype if fp8 else x.dtype,),
+                 device=device)
     if bias is not None:
-        check_tensor("bias", bias, (slabs * head_dim,), dtypes=(x.dtype,), device=device)
+        check_tensor("bias", bias, (slabs * head_dim,), dtypes=(params,), device=device)
     if rope is not None:
         if head_dim % 2:
             raise ValueError(f"rope needs an even head_dim, got {head_dim}")
@@ -255,8 +302,8 @@ def fused_qkv(
         if head_dim & (head_dim - 1) or not MIN_QK_NORM_HEAD_DIM <= head_dim <= MAX_QK_NORM_HEAD_DIM:
             raise ValueError(f"q_norm needs a power-of-two head_dim from {MIN_QK_NORM_HEAD_DIM} to "
                              f"{MAX_QK_NORM_HEAD_DIM} (a GEMM tile holds whole heads), got {head_dim}")
-        check_tensor("q_norm", q_norm, (head_dim,), dtypes=(x.dtype,), device=device)
-        check_tensor("k_norm", k_norm, (head_dim,), dtypes=(x.dtype,), device=device)
+        check_tensor("q_norm", q_norm, (head_dim,), dtypes=(params,), device=device)
+        check_tensor("k_norm", k_norm, (head_dim,), dtypes=(params,), device=device)
         for name, value in (("norm_eps", norm_eps), ("norm_offset", norm_offset)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite float, got {value!r}")
@@ -267,11 +314,17 @@ def fused_qkv(
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite float or None, got {scale!r}")
 
-    out = torch.empty((slabs, tokens, head_dim), device=device, dtype=x.dtype)
+    out = torch.empty((slabs, tokens, head_dim), device=device, dtype=out_dtype)
     if tokens > 0 and hidden > 0:
         N, K = slabs * head_dim, hidden
         arch = _target.device_arch(device)
-        config = gemm_config(x.dtype, N, K, arch) if q_norm is None else qk_norm_config(x.dtype, N, K, head_dim, arch)
+        if fp8:
+            config = fp8_gemm_config(x.dtype, N, K, arch)
+            if q_norm is not None:
+                config = qk_norm_config(weight.dtype, N, K, head_dim, arch)
+        else:
+            config = gemm_config(x.dtype, N, K, arch) if q_norm is None else qk_norm_config(x.dtype, N, K, head_dim,
+                                                                                             arch)
         grid = (triton.cdiv(tokens, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
         with on_device(device):
             _fused_qkv_kernel[grid](
@@ -299,6 +352,10 @@ def fused_qkv(
                 HAS_BIAS=bias is not None,
                 ROPE=rope is not None,
                 QK_NORM=q_norm is not None,
+                XScale_ptr=x_scale,
+                WScale_ptr=weight_scale,
+                FP8=fp8,
+                QUANTIZE_X=fp8 and x.dtype != weight.dtype,
             )
     if kv_heads == num_heads:
         return out.view(3, num_heads, tokens, head_dim)

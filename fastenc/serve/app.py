@@ -55,7 +55,7 @@ from starlette.routing import Route
 from .. import __version__
 from .. import heads as task_heads
 from ..encoder import DEFAULT_MAX_TOKENS, Encoder
-from ..errors import FastencError, InputError, LoadError
+from ..errors import FastencError, InputError
 from ..text import Prompt
 from ..pipelines import RerankPipeline, TextClassificationPipeline
 from ..tasks import SentenceEmbedding, SequenceScores, TokenEmbeddings
@@ -634,7 +634,8 @@ class Service:
                   "/predict": self.classifier is not None,
                   "/rerank": self.reranker is not None, "/tokenize": True}
         process = [w for w in self.workers if isinstance(w, ProcessWorker)]
-        dtype = process[0].spec.dtype if process and process[0].spec.dtype else str(self.encoder.dtype)
+        dtype = (process[0].spec.dtype if process and process[0].spec.dtype
+                 else "fp8" if self.encoder.fp8 else str(self.encoder.dtype))
         return _json({
             "model_id": self.model_name,  # the served name: a local path is nobody else's business
             "model_sha": None,
@@ -838,6 +839,7 @@ def worker_specs(model, *, device=None, devices=None, workers: int | None = None
     (default: CUDA when there is one, else the CPU). CPU workers share the cores: each gets ``threads``
     torch threads, by default its share of this process's cores (at least one); a lone worker keeps
     torch's default."""
+    from .. import fp8
     from ..encoder import default_model_path
     from ..model import resolve_device, resolve_dtype
 
@@ -857,9 +859,15 @@ def worker_specs(model, *, device=None, devices=None, workers: int | None = None
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         threads = max(1, cores // cpu_workers)
     path = str(default_model_path() if model is None else os.path.abspath(model))
-    # no dtype: each worker resolves the checkpoint's default (bfloat16 for the decoder backbones on CUDA)
-    return [WorkerSpec(path, str(d), None if dtype is None else str(resolve_dtype(dtype, d)).replace("torch.", ""),
-                       backend, threads if d.type == "cpu" else None, warmup) for d in resolved]
+    def dtype_name(device) -> str | None:
+        # no dtype: each worker resolves the checkpoint's default (bfloat16 for the decoder backbones on
+        # CUDA); fp8 stays "fp8"
+        if dtype is None:
+            return None
+        return "fp8" if fp8.requested(dtype) else str(resolve_dtype(dtype, device)).replace("torch.", "")
+
+    return [WorkerSpec(path, str(d), dtype_name(d), backend, threads if d.type == "cpu" else None, warmup)
+            for d in resolved]
 
 
 def run(model=None, *, host: str = "127.0.0.1", port: int = 8080, device=None, devices: list[str] | None = None,

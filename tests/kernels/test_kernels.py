@@ -475,8 +475,10 @@ def test_cpu_without_interpreter_is_a_backend_error(monkeypatch):
 def test_launchers_mirror_the_reference():
     """Same names, parameters and defaults as fastenc.reference; KERNELS lists each once."""
     names = [name for name, _ in kernels.KERNELS]
-    assert sorted(names) == ["add_layer_norm", "attention", "embeddings", "fused_qkv", "gated_linear", "gelu_layer_norm",
-                             "layer_norm", "linear", "maxsim", "rms_norm", "sandwich_rms_norm", "splade_pool"]
+    assert sorted(names) == ["add_layer_norm", "add_layer_norm_fp8", "attention", "embeddings", "fused_qkv",
+                             "fused_qkv_fp8", "gated_linear", "gated_linear_fp8", "gelu_layer_norm", "layer_norm",
+                             "layer_norm_fp8", "linear", "linear_fp8", "maxsim", "rms_norm", "sandwich_rms_norm",
+                             "splade_pool"]
     for name in names:
         ours, theirs = inspect.signature(getattr(kernels, name)), inspect.signature(getattr(reference, name))
         assert [(p.name, p.default) for p in ours.parameters.values()] == [
