@@ -32,7 +32,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -201,16 +200,9 @@ def environment(device: str) -> dict:
     import transformers
     from importlib.metadata import version
 
-    commit = os.environ.get("FASTENC_BENCH_COMMIT")
-    if commit is None:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                    text=True, check=True).stdout.strip()
-            if subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                              capture_output=True, text=True, check=True).stdout.strip():
-                commit += "-dirty"
-        except (OSError, subprocess.CalledProcessError):
-            commit = "unknown"
+    from fastenc.bench.report import git_commit
+
+    commit = git_commit(ROOT)
     cpu = platform.processor() or platform.machine()
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
