@@ -237,7 +237,9 @@ def write_report(state: CheckState, *, full: bool = True) -> list[Path]:
                       "planned_compiles": (compiles := compile_plan(records)),
                       "planned_compile_s": {k: round(compile_seconds(k, n, records), 1) for k, n in compiles.items()}},
              "stages": records, "goals": goal_list, "modernbert": modernbert_comparison(bench, state.dry)}
-    written = []
+    # summary.md before results.json, so a reader that finds results.json finds the summary too
+    write_atomic(out / "summary.md", summary_markdown(check, bench))
+    written = [out / "summary.md"]
     write_atomic(out / "results.json", json.dumps(dict(bench, check=check), indent=1, default=str) + "\n")
     written.append(out / "results.json")
     if full and (bench.get("rows") or bench.get("skipped")):
@@ -261,8 +263,6 @@ def write_report(state: CheckState, *, full: bool = True) -> list[Path]:
         written.append(out / "junit.xml")
     write_log(out / "check.log", state.work)
     written.append(out / "check.log")
-    write_atomic(out / "summary.md", summary_markdown(check, bench))
-    written.append(out / "summary.md")
     for path in written:  # at most 16 MiB each: logs are cut in the middle, nothing else gets near it
         if path.stat().st_size > FILE_LIMIT:
             data = path.read_bytes()

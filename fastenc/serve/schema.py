@@ -5,8 +5,9 @@ the status codes are fastenc's: 422 for a body that cannot be read, a wrong type
 text over the limit; 413 for too many inputs or too many bytes; 429 when the server is full; 400 for a
 route the model has no head for. Nothing here touches the model or imports the HTTP stack.
 
-Bodies are parsed by orjson, which never recurses in Python (nesting deeper than 1,024 levels is an
-error, not a ``RecursionError``), reads integers past 64 bits as floats or refuses them (so no
+Bodies are parsed by orjson, which never recurses in Python; nesting deeper than ``MAX_DEPTH`` levels is
+refused here whatever orjson's own limit (not every version and build of it enforces one), so no later walk over a body
+can hit a ``RecursionError``. orjson reads integers past 64 bits as floats or refuses them (so no
 5,000-digit integer reaches ``int()``), and refuses invalid UTF-8 and lone surrogates (``"\\ud800"``)
 as malformed JSON: every such body is a 422 here. One rule for texts: a text that is empty or holds
 only whitespace and control characters (which the tokenizers drop) is a 422, never the empty text's
@@ -148,12 +149,34 @@ def _kind(value) -> str:
     return type(value).__name__
 
 
+MAX_DEPTH = 256
+"""The deepest nesting of arrays and objects a request body may have; the deepest real one is 3 (a batch
+of token-id lists inside the body's object)."""
+
+
+def _depth_exceeds(data, limit: int) -> bool:
+    """Whether ``data`` nests arrays and objects deeper than ``limit`` levels, walked without recursion."""
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = value.values() if isinstance(value, dict) else value
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (list, dict)))
+    return False
+
+
 def parse_body(body: bytes) -> dict:
     """The request body as a JSON object, or 422 saying why it is not one."""
+    too_deep = f"malformed JSON in the request body: arrays and objects nest deeper than {MAX_DEPTH} levels"
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
+        if "depth" in str(exc):  # orjson's own limit, where its build has one
+            raise unprocessable(too_deep) from None
         raise unprocessable(f"malformed JSON in the request body: {exc}") from None
+    if isinstance(data, (list, dict)) and _depth_exceeds(data, MAX_DEPTH):
+        raise unprocessable(too_deep)
     if not isinstance(data, dict):
         raise unprocessable(f"the request body must be a JSON object, got {_kind(data)}")
     return data
