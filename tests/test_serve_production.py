@@ -298,9 +298,11 @@ def test_a_client_that_never_reads_is_dropped(guarded):
 
 def test_per_token_answers_are_bounded(guarded):
     url, _, _ = guarded
-    too_big = httpx.post(url + "/embed_all", headers=AUTH, json={"inputs": ["word " * 300] * 16, "truncate": True})
+    # tokenizing 900,000 tokens takes seconds on a busy two-core machine: more than httpx's default 5 s
+    too_big = httpx.post(url + "/embed_all", headers=AUTH, json={"inputs": ["word " * 300] * 16, "truncate": True},
+                         timeout=120)
     assert too_big.status_code == 413 and "--max-response-bytes" in too_big.json()["error"], too_big.text
-    tokens = httpx.post(url + "/tokenize", headers=AUTH, json={"inputs": "a b c " * 300_000})
+    tokens = httpx.post(url + "/tokenize", headers=AUTH, json={"inputs": "a b c " * 300_000}, timeout=120)
     assert tokens.status_code == 413 and "tokens" in tokens.json()["error"]
 
 
