@@ -276,7 +276,6 @@ def head_shapes(config: EncoderConfig) -> dict[str, tuple[int, ...]]:
         # ModernBERT's head before each task's projection
         **{f"{task}.{part}.{kind}": (H,) if part == "norm" or kind == "bias" else (H, H)
            for task in ("seq", "token", "qa") for part in ("dense", "norm") for kind in ("weight", "bias")},
-        "mlm.norm.weight": (E,), "mlm.norm.bias": (E,),
     }
 
 

@@ -158,7 +158,6 @@ def test_modernbert_with_biases_and_old_config_keys(tmp_path):
 
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
 def test_modernbert_classifier_pooling(tmp_path, pooling):
-    from fastenc import heads
 
     path = make_checkpoint(tmp_path, "modernbert", head="sequence_classification", classifier_pooling=pooling,
                            classifier_bias=True, seed=3)

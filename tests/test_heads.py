@@ -15,11 +15,10 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import checkpoints as C  # noqa: E402
-from task_helpers import TASK_HEADS, task_checkpoint  # noqa: E402
+from task_helpers import task_checkpoint  # noqa: E402
 
 import fastenc  # noqa: E402
 from fastenc import Encoder, LoadError  # noqa: E402
-from fastenc import heads as H  # noqa: E402
 from fastenc.check import compare  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import checkpoints as C  # noqa: E402
-from task_helpers import TASK_HEADS, task_checkpoint  # noqa: E402
+from task_helpers import task_checkpoint  # noqa: E402
 
 import fastenc  # noqa: E402
 from fastenc import reference  # noqa: E402
