@@ -3,6 +3,11 @@
 The rule (FlashAttention's, for a whole model): against a float32 reference, fastenc's largest error
 may be at most 3x the error of ``transformers`` run in fastenc's own dtype; in float32 itself the
 error must stay within ``FP32_RTOL`` of the output's scale (its largest magnitude).
+
+For an FP8 encoder, "transformers in fastenc's own dtype" is transformers in float32 with the same
+quantization applied (``fp8_baseline``): every linear layer of its transformer layers fed e4m3 inputs
+(one scale per token) and e4m3 weights (one scale per output channel). fastenc's FP8 path may then err
+at most 3x as much as the quantization itself does, which fp16's error alone would not allow.
 """
 
 from __future__ import annotations
@@ -62,6 +67,37 @@ def compare(name: str, ours: torch.Tensor, reference: torch.Tensor, baseline: to
     return Comparison(name, error, scale, limit)
 
 
+def fp8_baseline(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` (a float32 transformers model, changed in place) quantized as fastenc's FP8 path quantizes:
+    each ``nn.Linear`` inside its transformer layers gets e4m3 weights with one scale per output channel and
+    rounds its input to e4m3 with one scale per token (``fastenc.reference.quantize_rows``), computing in
+    float32. Embeddings, norms, attention scores and the heads stay as they are. Returns ``model``.
+
+    The transformer layers are the model's ``nn.ModuleList`` with ``config.num_hidden_layers`` entries
+    (ALBERT's: its ``config.num_hidden_groups`` shared layer groups).
+    """
+    from .errors import InputError
+    from .reference import quantize_rows
+
+    config = model.config
+    count = getattr(config, "num_hidden_groups", None) or getattr(config, "num_hidden_layers", None)
+    layers = next((m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == count), None)
+    if layers is None:
+        raise InputError(f"{type(model).__name__}: no list of {count} transformer layers to quantize")
+
+    def round_trip(x: torch.Tensor) -> torch.Tensor:  # (..., features) -> the same, each row through e4m3
+        rows = x.reshape(-1, x.shape[-1])
+        codes, scales = quantize_rows(rows)
+        return (codes.float() * scales[:, None]).to(x.dtype).reshape(x.shape)
+
+    linears = [m for m in layers.modules() if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        for linear in linears:
+            linear.weight.copy_(round_trip(linear.weight.float()))
+            linear.register_forward_pre_hook(lambda module, args: (round_trip(args[0]), *args[1:]))
+    return model
+
+
 def run_check(path, *, device=None, dtype=None, backend=None) -> list[Comparison]:
     """Load ``path`` in fastenc and in transformers and compare their outputs on sample texts."""
     from transformers import AutoModel
@@ -84,15 +120,18 @@ def run_check(path, *, device=None, dtype=None, backend=None) -> list[Comparison
         batch.pop("token_type_ids")
     mask = batch["attention_mask"]
 
-    def hf_hidden(run_dtype: torch.dtype) -> torch.Tensor:
+    def hf_hidden(run_dtype: torch.dtype, fp8: bool = False) -> torch.Tensor:
         model = AutoModel.from_pretrained(str(model_dir), dtype=run_dtype, attn_implementation="eager")
-        model = model.to(encoder.device).eval()
+        model = (fp8_baseline(model) if fp8 else model).to(encoder.device).eval()
         with torch.no_grad():
             out = model(**{k: v.to(encoder.device) for k, v in batch.items()}).last_hidden_state
         return out.float().cpu()
 
     reference = hf_hidden(torch.float32)
-    baseline = hf_hidden(encoder.dtype) if encoder.dtype != torch.float32 else None
+    if encoder.fp8:
+        baseline = hf_hidden(torch.float32, fp8=True)
+    else:
+        baseline = hf_hidden(encoder.dtype) if encoder.dtype != torch.float32 else None
     ours = encoder(**batch).float().cpu()
     results = [compare("last_hidden_state", ours, reference, baseline, mask)]
     padded_zero = bool((ours[~mask.bool()] == 0).all())

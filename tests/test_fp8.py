@@ -88,6 +88,35 @@ def test_minilm_fp8_cosine_and_neighbours(minilm_pair):
     assert cosine.min() < 1  # quantization happened: the vectors are not the float32 ones
 
 
+# --- fastenc check: transformers quantized alike -------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["bert", "modernbert", "deberta-v2", "albert"])
+def test_fp8_check_compares_with_transformers_quantized_alike(family, tmp_path):
+    """``fastenc check --dtype fp8``'s baseline is transformers with the same e4m3 roundings: fastenc's FP8
+    error is about the baseline's (the same quantization, computed twice), far above fp16's."""
+    from fastenc.check import run_check
+
+    path = make_checkpoint(tmp_path / family, family, seed=2)
+    hidden, padding, pooled = run_check(path, device="cpu", dtype="fp8", backend="torch")
+    assert hidden.ok and padding.ok and pooled.ok, (hidden.line(), pooled.line())
+    quantization = hidden.limit / 3  # the baseline's own error
+    assert 0.5 * quantization <= hidden.error <= 2 * quantization, hidden.line()
+    fp16, _, _ = run_check(path, device="cpu", dtype="fp16", backend="torch")
+    assert hidden.error > 5 * fp16.limit, (hidden.line(), fp16.line())  # fp16's rule could not judge FP8
+
+
+def test_fp8_baseline_needs_the_transformer_layers():
+    from transformers import BertConfig, BertModel
+
+    from fastenc.check import fp8_baseline
+
+    model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64))
+    model.config.num_hidden_layers = 5  # no list of 5 layers
+    with pytest.raises(fastenc.InputError, match="BertModel: no list of 5 transformer layers"):
+        fp8_baseline(model)
+
+
 # --- the Triton kernels against the emulation ---------------------------------------------------
 
 
