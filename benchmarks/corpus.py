@@ -161,7 +161,9 @@ def main(argv=None) -> int:
 
     rate = {row["provider"]: row["texts_per_s"] for row in rows}
     scaling = rate["fastenc.embed_dataset, 2 Ray actors"] / rate["fastenc.embed_dataset, 1 Ray actor"]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+    from fastenc.bench.report import git_commit
+
+    commit = git_commit(REPO)
     env = {"machine": f"{platform.machine()}, {cores} cores, {platform.processor() or platform.platform()}",
            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "fastenc": fastenc.__version__,
            "commit": commit, "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

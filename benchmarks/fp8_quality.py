@@ -1,6 +1,7 @@
 """FP8 quality on the CPU: ``dtype="fp8"`` (the torch backend's exact emulation) beside fp16 and bf16, against fp32.
 
-    python benchmarks/fp8_quality.py [--texts 2000] [--bert-texts 1000] [--output benchmarks/results]
+    python benchmarks/fp8_quality.py [--texts 2000] [--bert-texts 1000] [--sensitivity-texts 400]
+                                     [--output benchmarks/results]
 
 Models:
 
@@ -21,6 +22,10 @@ Metrics, each against the same model in fp32 on the torch backend:
   sequence-classification and a token-classification head), the share of predicted labels (per text, per
   token) equal to fp32's over ``--texts`` texts, and the share of those whose fp32 top-2 logit margin is
   above 0.01 (the random heads' near-ties are where any rounding flips a label);
+- sensitivity: all-MiniLM-L6-v2's cosines and top-10 with one source of error at a time: e4m3 weights with
+  exact (float32) activations, e4m3 activations with exact weights, and all FP8 but one GEMM kind, or one
+  layer, kept in 16 bits (``fastenc.fp8.quantize_weights(..., keep=)``): where the loss comes from, and
+  what keeping layers in 16 bits would buy;
 - activations: for all-MiniLM-L6-v2, the largest ratio of a token's absolute maximum to its RMS at each
   FP8 GEMM's input (how far one outlier channel stretches a per-token scale), per GEMM kind.
 
@@ -30,11 +35,12 @@ Writes ``fp8-quality-cpu-<yyyymmdd>.json`` and ``.md`` under ``--output``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import functools
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -156,6 +162,57 @@ def head_logits(encoder, head, texts, batch_size=32) -> torch.Tensor:
     return torch.cat(out)
 
 
+# ------------------------------------------------------------------------------------------ sensitivity
+@contextlib.contextmanager
+def _patched(module, name, value):
+    saved = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)
+
+
+def _keeping(names):
+    """``fp8.quantize_weights`` that keeps the layer GEMM weights ``names`` in 16 bits."""
+    quantize = fp8.quantize_weights
+    return lambda tensors, dtype, keep=frozenset(): quantize(tensors, dtype, keep=frozenset(keep) | set(names))
+
+
+def sensitivity(path, texts, docs, queries, log) -> dict:
+    """all-MiniLM-L6-v2 with one source of FP8 error at a time (see the module docstring). The emulation
+    rounds to ``fastenc.reference.FP8_DTYPE``: float32 there makes that rounding exact."""
+    from fastenc import reference
+
+    exact = load(path, "fp32")
+    ref_texts, ref_docs, ref_queries = (minilm_vectors(exact, t) for t in (texts, docs, queries))
+    layers = exact.config.num_hidden_layers
+    kinds = ("qkv", "attn_out", "ffn_in", "ffn_out")
+
+    def measure(label, encoder, during=contextlib.nullcontext):
+        with during():
+            vecs, d, q = (minilm_vectors(encoder, t) for t in (texts, docs, queries))
+        rows[label] = {"cosine": cosines(vecs, ref_texts), "top10": top10_overlap(ref_queries @ ref_docs.T, q @ d.T)}
+        log(f"sensitivity {label}: {rows[label]}")
+
+    rows: dict[str, dict] = {}
+    exact_rounding = functools.partial(_patched, reference, "FP8_DTYPE", torch.float32)
+    measure("all FP8", load(path, "fp8"))
+    measure("weights e4m3 only (activations exact)", load(path, "fp8"), exact_rounding)
+    with exact_rounding():
+        weights_exact = load(path, "fp8")
+    measure("activations e4m3 only (weights exact)", weights_exact)
+    for kind in kinds:
+        with _patched(fp8, "quantize_weights", _keeping(f"layers.{i}.{kind}.weight" for i in range(layers))):
+            encoder = load(path, "fp8")
+        measure(f"{kind} of every layer in 16 bits", encoder)
+    for layer in range(layers):
+        with _patched(fp8, "quantize_weights", _keeping(f"layers.{layer}.{kind}.weight" for kind in kinds)):
+            encoder = load(path, "fp8")
+        measure(f"layer {layer} in 16 bits", encoder)
+    return rows
+
+
 # ------------------------------------------------------------------------------------ activation ranges
 def activation_outliers(path, texts) -> dict:
     """Per FP8 GEMM input kind: the largest ``max|x| / rms(x)`` of a token row (a row of all equal
@@ -184,11 +241,9 @@ def activation_outliers(path, texts) -> dict:
 
 # ---------------------------------------------------------------------------------------------- report
 def environment() -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
+    from fastenc.bench.report import git_commit
+
+    commit = git_commit(REPO)
     return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "commit": commit,
             "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -218,6 +273,12 @@ def render(result: dict) -> str:
         for precision, row in rows.items():
             lines.append(f"| {task} | {precision} | {row['agreement']:.4f} | {row['agreement_clear_margin']:.4f} | "
                          f"{row['n']} ({row['n_clear']}) |")
+    if result.get("sensitivity"):
+        lines += ["", "Where all-MiniLM-L6-v2's FP8 loss comes from: one source of error at a time, on the same texts "
+                  "(\"exact\": rounded to float32 instead of e4m3; \"in 16 bits\": those GEMMs run unquantized):", "",
+                  "| variant | cosine min | cosine mean | top-10 overlap |", "|---|---|---|---|"]
+        for label, row in result["sensitivity"].items():
+            lines.append(f"| {label} | {row['cosine']['min']:.6f} | {row['cosine']['mean']:.6f} | {row['top10']:.3f} |")
     lines += ["", "all-MiniLM-L6-v2's FP8 GEMM inputs: the largest max|x| / rms(x) of a token row (1: flat; an "
               "outlier channel among K stretches it towards sqrt(K)):", "", "| GEMM input | ratio |", "|---|---|"]
     lines += [f"| {key} | {value} |" for key, value in result["activation_outliers"].items()]
@@ -229,6 +290,8 @@ def main(argv=None) -> int:
     parser.add_argument("--texts", type=int, default=2000, help="texts for all-MiniLM-L6-v2's cosines and the labels")
     parser.add_argument("--bert-texts", type=int, default=1000, help="texts (and retrieval documents, a tenth as "
                         "many queries) for the BERT-base-shaped model")
+    parser.add_argument("--sensitivity-texts", type=int, default=400, help="texts for all-MiniLM-L6-v2's "
+                        "sensitivity rows (0: none)")
     parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args(argv)
 
@@ -253,6 +316,8 @@ def main(argv=None) -> int:
             "bert-base", lambda encoder, t: mean_pooled(encoder, tokenizer, t), bert, texts[:args.bert_texts],
             docs[:args.bert_texts], queries[:few], log)
     result["labels"] = label_metrics(texts, log)
+    if args.sensitivity_texts:
+        result["sensitivity"] = sensitivity(minilm, texts[:args.sensitivity_texts], docs, queries, log)
     result["activation_outliers"] = activation_outliers(minilm, texts[:200])
     result["environment"]["load_after"] = [round(v, 2) for v in os.getloadavg()]
     stamp = datetime.date.today().strftime("%Y%m%d")

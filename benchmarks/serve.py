@@ -215,11 +215,9 @@ def environment(args) -> dict:
                 break
     except OSError:
         pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True).stdout.strip()
-    except OSError:
-        commit = "unknown"
+    from fastenc.bench.report import git_commit
+
+    commit = git_commit(ROOT)
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "fastenc": fastenc.__version__, "commit": commit, "httpx": httpx.__version__,
             "python": platform.python_version(), "time": datetime.datetime.now(datetime.timezone.utc).isoformat(
