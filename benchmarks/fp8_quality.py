@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import functools
 import json
 import os
 import platform
@@ -46,6 +45,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -163,16 +163,6 @@ def head_logits(encoder, head, texts, batch_size=32) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------ sensitivity
-@contextlib.contextmanager
-def _patched(module, name, value):
-    saved = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, saved)
-
-
 def _keeping(names):
     """``fp8.quantize_weights`` that keeps the layer GEMM weights ``names`` in 16 bits."""
     quantize = fp8.quantize_weights
@@ -195,19 +185,21 @@ def sensitivity(path, texts, docs, queries, log) -> dict:
         rows[label] = {"cosine": cosines(vecs, ref_texts), "top10": top10_overlap(ref_queries @ ref_docs.T, q @ d.T)}
         log(f"sensitivity {label}: {rows[label]}")
 
+    def exact_rounding():
+        return mock.patch.object(reference, "FP8_DTYPE", torch.float32)
+
     rows: dict[str, dict] = {}
-    exact_rounding = functools.partial(_patched, reference, "FP8_DTYPE", torch.float32)
     measure("all FP8", load(path, "fp8"))
     measure("weights e4m3 only (activations exact)", load(path, "fp8"), exact_rounding)
     with exact_rounding():
         weights_exact = load(path, "fp8")
     measure("activations e4m3 only (weights exact)", weights_exact)
     for kind in kinds:
-        with _patched(fp8, "quantize_weights", _keeping(f"layers.{i}.{kind}.weight" for i in range(layers))):
+        with mock.patch.object(fp8, "quantize_weights", _keeping(f"layers.{i}.{kind}.weight" for i in range(layers))):
             encoder = load(path, "fp8")
         measure(f"{kind} of every layer in 16 bits", encoder)
     for layer in range(layers):
-        with _patched(fp8, "quantize_weights", _keeping(f"layers.{layer}.{kind}.weight" for kind in kinds)):
+        with mock.patch.object(fp8, "quantize_weights", _keeping(f"layers.{layer}.{kind}.weight" for kind in kinds)):
             encoder = load(path, "fp8")
         measure(f"layer {layer} in 16 bits", encoder)
     return rows

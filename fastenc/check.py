@@ -70,14 +70,14 @@ def compare(name: str, ours: torch.Tensor, reference: torch.Tensor, baseline: to
 def fp8_baseline(model: torch.nn.Module) -> torch.nn.Module:
     """``model`` (a float32 transformers model, changed in place) quantized as fastenc's FP8 path quantizes:
     each ``nn.Linear`` inside its transformer layers gets e4m3 weights with one scale per output channel and
-    rounds its input to e4m3 with one scale per token (``fastenc.reference.quantize_rows``), computing in
+    rounds its input to e4m3 with one scale per token (``fastenc.fp8.Fp8Weight``'s rounding), computing in
     float32. Embeddings, norms, attention scores and the heads stay as they are. Returns ``model``.
 
     The transformer layers are the model's ``nn.ModuleList`` with ``config.num_hidden_layers`` entries
     (ALBERT's: its ``config.num_hidden_groups`` shared layer groups).
     """
     from .errors import InputError
-    from .reference import quantize_rows
+    from .fp8 import Fp8Weight
 
     config = model.config
     count = getattr(config, "num_hidden_groups", None) or getattr(config, "num_hidden_layers", None)
@@ -86,9 +86,7 @@ def fp8_baseline(model: torch.nn.Module) -> torch.nn.Module:
         raise InputError(f"{type(model).__name__}: no list of {count} transformer layers to quantize")
 
     def round_trip(x: torch.Tensor) -> torch.Tensor:  # (..., features) -> the same, each row through e4m3
-        rows = x.reshape(-1, x.shape[-1])
-        codes, scales = quantize_rows(rows)
-        return (codes.float() * scales[:, None]).to(x.dtype).reshape(x.shape)
+        return Fp8Weight.quantize(x.reshape(-1, x.shape[-1])).dequantize(x.dtype).reshape(x.shape)
 
     linears = [m for m in layers.modules() if isinstance(m, torch.nn.Linear)]
     with torch.no_grad():
@@ -120,18 +118,22 @@ def run_check(path, *, device=None, dtype=None, backend=None) -> list[Comparison
         batch.pop("token_type_ids")
     mask = batch["attention_mask"]
 
-    def hf_hidden(run_dtype: torch.dtype, fp8: bool = False) -> torch.Tensor:
+    def hf_model(run_dtype: torch.dtype) -> torch.nn.Module:
         model = AutoModel.from_pretrained(str(model_dir), dtype=run_dtype, attn_implementation="eager")
-        model = (fp8_baseline(model) if fp8 else model).to(encoder.device).eval()
+        return model.to(encoder.device).eval()
+
+    def hf_hidden(model: torch.nn.Module) -> torch.Tensor:
         with torch.no_grad():
             out = model(**{k: v.to(encoder.device) for k, v in batch.items()}).last_hidden_state
         return out.float().cpu()
 
-    reference = hf_hidden(torch.float32)
-    if encoder.fp8:
-        baseline = hf_hidden(torch.float32, fp8=True)
+    exact = hf_model(torch.float32)
+    reference = hf_hidden(exact)
+    if encoder.fp8:  # the float32 model quantized in place: its last use
+        baseline = hf_hidden(fp8_baseline(exact))
     else:
-        baseline = hf_hidden(encoder.dtype) if encoder.dtype != torch.float32 else None
+        baseline = hf_hidden(hf_model(encoder.dtype)) if encoder.dtype != torch.float32 else None
+    del exact
     ours = encoder(**batch).float().cpu()
     results = [compare("last_hidden_state", ours, reference, baseline, mask)]
     padded_zero = bool((ours[~mask.bool()] == 0).all())
