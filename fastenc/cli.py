@@ -580,7 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "bench stage (the cases the performance goals need; small shapes on the CPU)")
     bench.add_argument("--suite", choices=("e2e", "kernel", "all"), default="all")
     bench.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    bench.add_argument("--dtype", help="comma-separated fp16,bf16,fp32 (default: fp16,bf16 on CUDA, fp32 on the CPU)")
+    bench.add_argument("--dtype", help="comma-separated fp16,bf16,fp32,fp8 (fp8: fastenc alone, e4m3 GEMMs; "
+                                       "default: fp16,bf16 on CUDA, fp32 on the CPU)")
     bench.add_argument("--quick", action="store_true", help="small shapes, few runs: a smoke test, not a result")
     bench.add_argument("--output", metavar="DIR", default="benchmarks/results",
                        help="where the .json (rewritten after every case), .md and .png go "

@@ -596,16 +596,25 @@ def test_cases_and_gpu_check_plan():
     check = bench.check_plan(torch.device("cuda"))
     names = [(c.name, c.dtype, c.providers) for c in check.e2e]
     assert ("bert-base:128x128", "fp16", ("fastenc", "fastenc-packed", "hf-sdpa", "hf-eager")) in names
-    assert ("bert-base:128x128", "fp16", ("hf-compile",)) == names[-1]  # alone, last: the costliest compile
-    assert {c.name for c in check.e2e} == {"bert-base:128x128", "bert-base:1x128", "bert-base:var64x8-512",
-                                           "modernbert-base:32x512", "modernbert-base:var64x8-512"}
+    core = names.index(("bert-base:128x128", "fp16", ("hf-compile",))) + 1  # alone, after the core: costliest
+    assert {name for name, _, _ in names[:core]} == {"bert-base:128x128", "bert-base:1x128", "bert-base:var64x8-512",
+                                                     "modernbert-base:32x512", "modernbert-base:var64x8-512"}
+    peers = ("fastenc", "fastenc-packed", "hf-sdpa")  # then the extended tier: Qwen3's width, FP8
+    assert names[core:] == [("qwen3-0.6b-12l:32x512", "bf16", peers), ("qwen3-0.6b-12l:var64x8-512", "bf16", peers),
+                            ("qwen3-0.6b-12l:32x512", "fp16", peers), ("bert-base:128x128", "fp8", peers[:2]),
+                            ("bert-base:var64x8-512", "fp8", peers[:2])]
+    qwen3 = check.e2e[core].model
+    assert (qwen3.hidden, qwen3.heads, qwen3.kv_heads, qwen3.head_dim) == (1024, 16, 8, 128)
     modernbert = [c for c in check.e2e if c.model.family == "modernbert"]  # issue 16: against transformers' own
     assert all(c.dtype == "fp16" and {"fastenc", "hf-sdpa"} <= set(c.providers) for c in modernbert)
     assert modernbert[0].model == bench.MODELS["modernbert-base"] and modernbert[0].model.layers == 22
     small = bench.check_plan(torch.device("cpu"), small=True)
     assert [c.model.family for c in small.e2e] == [c.model.family for c in check.e2e]
-    assert [r.name for r in check.kernels] == ["attention:hd64:64x512", "add_layer_norm:h768:128x512",
-                                               "gelu_layer_norm:h768:128x512", "splade_pool:h768-v30522:32x128"]
+    assert [(r.name, r.after_e2e) for r in check.kernels] == [
+        ("attention:hd64:64x512", False), ("add_layer_norm:h768:128x512", False),
+        ("gelu_layer_norm:h768:128x512", False), ("splade_pool:h768-v30522:32x128", False),
+        ("linear_fp8:in768-out3072:128x128", True), ("linear_fp8:in3072-out768:128x128", True)]  # after every e2e
+    assert all(r.dtype == "fp8" and r.providers == ("fastenc", "torch-scaled-mm") for r in check.kernels[4:])
 
 
 def test_gpu_check_plan_estimate_fits_its_stage():

@@ -118,12 +118,14 @@ def test_dry_run_writes_the_same_files_as_a_gpu_run(bundled, tmp_path):
     assert compiles["compile"] > 40 and compiles["correctness"] > 40, compiles
     assert compiles["sanitizer"] == 0 and compiles["embed"] == 0  # the compile stage builds what they run
     assert stages["env"]["peaks"]["matmul_fp16_tflops"] > 0 and stages["env"]["peaks"]["copy_gbps"] > 0
-    assert set(stages["compile"]["plan_groups"]) == {"bert-base-fp16", "bert-base-bf16", "modernbert-base-fp16",
+    assert set(stages["compile"]["plan_groups"]) == {"bert-base-fp16", "bert-base-bf16", "bert-base-fp8",
+                                                     "modernbert-base-fp16", "qwen3-bf16", "qwen3-fp16",
                                                      "minilm-fp16", "sanitizer"}
     tiny = stages["compile"]["groups"]["tiny-fp16"]  # the families' blocks run too
     assert tiny["status"] == "ok" and {f["model"] for f in tiny["forwards"]} == {"tiny-hd40", "tiny-modernbert"}
     gemms = {(g["kernel"], g["N"], g["K"], g["dtype"]): g["tiles_128"] for g in stages["compile"]["gemms"]}
     assert gemms[("linear", 768, 3072, "float16")] == 24 and gemms[("fused_qkv", 2304, 768, "bfloat16")] == 36
+    assert gemms[("linear", 3072, 768, "float8_e4m3fn")] == 48 and ("linear", 768, 3072, "float16+e4m3") in gemms
     # the GPU subset: every kernel variant's test, and the whole-model test of the families chosen for the GPU
     subset = stages["correctness"]["subset"]
     functions = {name.split("::")[1] for name in subset}
@@ -153,7 +155,13 @@ def test_dry_run_writes_the_same_files_as_a_gpu_run(bundled, tmp_path):
 
     goals = check["goals"]
     assert [g["goal"] for g in goals] == list(summary.GOAL_TEXT)
-    assert all(g["measured"] is not None and g["ratio"] is not None for g in goals), goals
+    measured = [g for g in goals if g["goal"] != "fp8-gemm"]  # the CPU has no FP8 matmul peak to divide by
+    assert all(g["measured"] is not None and g["ratio"] is not None for g in measured), goals
+    assert goals[-1]["goal"] == "fp8-gemm" and goals[-1]["met"] is None and "sm_89" in goals[-1]["note"]
+    assert {(r["case"], r["provider"]) for r in rows if r["dtype"] == "fp8" and r["metric"] == "ms"} == {
+        ("bert-small-2l:4x32", "fastenc"), ("bert-small-2l:4x32", "fastenc-packed"),
+        ("bert-small-2l:var8x4-64", "fastenc"), ("bert-small-2l:var8x4-64", "fastenc-packed"),
+        ("linear_fp8:in64-out128:2x8", "fastenc"), ("linear_fp8:in128-out64:2x8", "fastenc")}
     modernbert = check["modernbert"]
     assert {(m["case"], m["peer"]) for m in modernbert} == {("modernbert-small-3l:2x48", "hf-sdpa"),
                                                             ("modernbert-small-3l:2x48", "hf-eager"),
@@ -448,8 +456,13 @@ def test_goals_are_ratios_against_the_targets():
     rows = [row("bert-base:128x128", "fastenc", "TFLOP/s", 480.0), row("bert-base:128x128", "fastenc", "tokens/s", 3e6),
             row("bert-base:128x128", "hf-sdpa", "tokens/s", 1.5e6), row("bert-base:1x128", "fastenc", "ms", 0.25,
                                                                          mode="graph"),
-            row("add_layer_norm:h768:128x512", "fastenc", "GB/s", 3000.0)]
-    env = {"peaks": {"matmul_fp16_tflops": 800.0, "copy_gbps": 4000.0}}
+            row("add_layer_norm:h768:128x512", "fastenc", "GB/s", 3000.0),
+            row("bert-base:128x128", "fastenc", "tokens/s", 4.5e6, "fp8"),
+            row("linear_fp8:in768-out3072:128x128", "fastenc", "TFLOP/s", 1200.0, "fp8"),
+            row("linear_fp8:in3072-out768:128x128", "fastenc", "TFLOP/s", 900.0, "fp8"),
+            row("qwen3-0.6b-12l:var64x8-512", "fastenc", "tokens/s", 5e5, "bf16"),
+            row("qwen3-0.6b-12l:var64x8-512", "hf-sdpa", "tokens/s", 2e5, "bf16")]
+    env = {"peaks": {"matmul_fp16_tflops": 800.0, "copy_gbps": 4000.0, "matmul_fp8_tflops": 1500.0}}
     embed = {"fastenc_s": 1.0, "sentence_transformers_s": 2.0, "forward_packed_s": 0.9,
              "cold_start": {"total_s": 25.0}}
     goals = {g["goal"]: g for g in summary.goals({"rows": rows}, env, embed, dry=False)}
@@ -461,6 +474,14 @@ def test_goals_are_ratios_against_the_targets():
     assert goals["embed-vs-st"]["measured"] == pytest.approx(2.0) and goals["embed-vs-st"]["met"] is False
     assert goals["embed-vs-forward"]["met"] is True
     assert goals["cold-start"]["met"] is False
+    assert goals["qwen3-var"]["measured"] == pytest.approx(2.5) and goals["qwen3-var"]["met"] is True
+    assert goals["qwen3-full"]["met"] is None and "qwen3-0.6b-12l:32x512" in goals["qwen3-full"]["note"]
+    assert goals["fp8-e2e"]["measured"] == pytest.approx(1.5) and goals["fp8-e2e"]["met"] is False
+    assert goals["fp8-gemm"]["measured"] == pytest.approx(0.6) and goals["fp8-gemm"]["met"] is False  # the lower
+    assert goals["fp8-gemm"]["note"] == "in768-out3072 80%, in3072-out768 60%"
+    del env["peaks"]["matmul_fp8_tflops"]  # a GPU without FP8 tensor cores: no ratio, said why
+    goals = {g["goal"]: g for g in summary.goals({"rows": rows}, env, embed, dry=False)}
+    assert goals["fp8-gemm"]["met"] is None and "sm_89" in goals["fp8-gemm"]["note"]
 
 
 def test_modernbert_comparison_sets_fastenc_beside_each_peer():

@@ -81,6 +81,9 @@ def launch_key(fn, args: tuple, kwargs: dict) -> tuple[str, str, dict]:
                 shape[pname] = value
             elif "dtype" not in shape and hasattr(value, "data_ptr"):
                 shape["dtype"] = str(value.dtype).removeprefix("torch.")
+    if "dtype" in shape and "float8" not in shape["dtype"] and any(
+            "float8" in str(getattr(v, "dtype", "")) for v in [*args, *kwargs.values()]):
+        shape["dtype"] += "+e4m3"  # a 16-bit input quantized in the kernel for e4m3 weights
     options = [f"{option}={kwargs[option]!r}" for option in OPTIONS if option in kwargs]
     return name, f"{name}({', '.join(parts)})[{', '.join(options)}]", shape
 

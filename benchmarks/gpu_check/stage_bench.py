@@ -42,7 +42,7 @@ def plan_launches() -> None:
 
     import torch
 
-    from fastenc.bench.measure import DTYPES
+    from fastenc.bench.measure import compute_dtype
     from fastenc.bench.suite import check_plan
 
     from . import encoders
@@ -60,5 +60,6 @@ def plan_launches() -> None:
         encoder.forward_packed(encoders.packed(encoder, case.shape.lengths()))
     for run in plan.kernels:
         if "fastenc" in run.providers:
-            call, _ = run.case.providers["fastenc"](run.case.make_inputs(torch.device("cpu"), DTYPES[run.dtype]))
+            inputs = run.case.make_inputs(torch.device("cpu"), compute_dtype(run.dtype))
+            call, _ = run.case.providers["fastenc"](inputs)
             call()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -31,7 +32,7 @@ from .records import ROOT, Record, Stage, read_json, remaining
 def groups(dry: bool) -> dict[str, dict]:
     """The groups: a dtype and its models, each a model spec with the packed batches' lengths (or the
     sanitizer's targets)."""
-    from fastenc.bench.e2e import ModelSpec, Shape
+    from fastenc.bench.e2e import MODELS, ModelSpec, Shape
 
     if dry:  # the interpreter runs one program at a time: a few tokens, one process
         return {"tiny-fp16": dict(dtype="fp16", models=[
@@ -41,13 +42,19 @@ def groups(dry: bool) -> dict[str, dict]:
                        family="modernbert", local_attention=8), [[11, 3]])])}
     var, ragged = Shape(64, 512, var_min=8).lengths(), [7, 97, 129, 33, 1]
     bert = ModelSpec("bert-base-1l", layers=1)
+    qwen3 = dataclasses.replace(MODELS["qwen3-0.6b"], name="qwen3-0.6b-1l", layers=1)
     return {
         # bench: 128 x 128, 1 x 128 (the graph bucket), var64x8-512, attention 64 x 512, the LayerNorms
         "bert-base-fp16": dict(dtype="fp16", models=[(bert, [[128] * 128, [128], var, [512] * 64])]),
         "bert-base-bf16": dict(dtype="bf16", models=[(bert, [[128] * 128, ragged])]),
+        # bench's extended tier: BERT-base in FP8 at 128 x 128 and var64x8-512
+        "bert-base-fp8": dict(dtype="fp8", models=[(bert, [[128] * 128, var])]),
         # bench: ModernBERT-base at 32 x 512 and var64x8-512; three layers hold its kinds of block
         "modernbert-base-fp16": dict(dtype="fp16", models=[(ModelSpec(
             "modernbert-base-3l", layers=3, intermediate=1152, vocab=50368, family="modernbert"), [[512] * 32, var])]),
+        # bench's extended tier: Qwen3-Embedding-0.6B's width (one layer holds its kinds of kernel)
+        "qwen3-bf16": dict(dtype="bf16", models=[(qwen3, [[512] * 32, var])]),
+        "qwen3-fp16": dict(dtype="fp16", models=[(qwen3, [[512] * 32])]),
         # embed: graph buckets (powers of two) and eager batches of any size
         "minilm-fp16": dict(dtype="fp16", models=[(ModelSpec("minilm-1l", layers=1, hidden=384, heads=12,
                                                              intermediate=1536),

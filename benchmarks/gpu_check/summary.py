@@ -57,6 +57,11 @@ GOAL_TEXT = {
     "embed-vs-st": "embed() on MiniLM, mixed lengths: >= 3x sentence-transformers encode texts/s",
     "embed-vs-forward": "embed() within 1.3x of forward_packed alone (the host keeps the GPU busy)",
     "cold-start": "cold start (import, load, first batch, Triton compilation included) < 20 s",
+    "qwen3-full": "Qwen3-Embedding-0.6B's width, bf16, 32x512: >= 1.2x hf-sdpa tokens/s",
+    "qwen3-var": "Qwen3-Embedding-0.6B's width, bf16, ragged (var64x8-512): >= 2x hf-sdpa tokens/s",
+    "fp8-e2e": "e2e BERT-base 128x128 fp8: >= 1.6x fastenc's fp16 tokens/s",
+    "fp8-gemm": "FP8 GEMM (BERT-base's FFN shapes, 16,384 tokens): >= 70% of the measured FP8 matmul peak (the lower "
+                "of the two)",
 }
 
 
@@ -121,6 +126,27 @@ def goals(bench: dict, env: dict, embed: dict, dry: bool) -> list[dict]:
                      "embed stage incomplete"))
     cold = (embed.get("cold_start") or {}).get("total_s")
     out.append(entry("cold-start", cold, 20.0, 20.0 / cold if cold else None, "s", "cold start not measured"))
+    qwen3 = [c.name for c in plan.e2e if c.model.family == "qwen3" and c.dtype == "bf16"]
+    for key, case, target in (("qwen3-full", qwen3[0], 1.2), ("qwen3-var", qwen3[1], 2.0)):
+        ours, theirs = row(case, "fastenc", "tokens/s", "bf16"), row(case, "hf-sdpa", "tokens/s", "bf16")
+        speedup = ours["value"] / theirs["value"] if ours and theirs else None
+        out.append(entry(key, speedup, target, speedup / target if speedup else None, "x", f"missing rows at {case}"))
+    fp8_main = next(c.name for c in plan.e2e if c.dtype == "fp8")
+    ours, fp16 = row(fp8_main, "fastenc", "tokens/s", "fp8"), row(main, "fastenc", "tokens/s")
+    speedup = ours["value"] / fp16["value"] if ours and fp16 else None
+    out.append(entry("fp8-e2e", speedup, 1.6, speedup / 1.6 if speedup else None, "x of fp16",
+                     f"missing row: fastenc {'fp8 at ' + fp8_main if not ours else 'fp16 at ' + main}"))
+    fp8_peak = peaks.get("matmul_fp8_tflops")
+    gemms = [r.name for r in plan.kernels if r.dtype == "fp8"]
+    rates = {case: row(case, "fastenc", "TFLOP/s", "fp8") for case in gemms}
+    shares = {case: r["value"] / fp8_peak for case, r in rates.items() if r and fp8_peak}
+    share = min(shares.values()) if len(shares) == len(gemms) and shares else None
+    item = entry("fp8-gemm", share, 0.70, share / 0.70 if share is not None else None, "share of FP8 peak",
+                 "no measured FP8 peak (needs sm_89 or sm_90)" if not fp8_peak else
+                 "missing fastenc rows at " + ", ".join(c for c in gemms if c not in shares))
+    if share is not None:
+        item["note"] = ", ".join(f"{case.split(':')[1]} {value:.0%}" for case, value in shares.items())
+    out.append(item)
     return out
 
 

@@ -41,6 +41,11 @@ What is measured (STYLE point 11: the unit the hardware is judged by):
   run, the first call's time (compilation included), and on CUDA the memory one call needs above the
   resident weights: its peak allocation plus what the provider keeps between calls for it (a CUDA graph's
   pool, measured around the call that captured it).
+* **fp8** (``--dtype fp8``) — fastenc's FP8 encoder (e4m3 GEMMs, 16-bit activations) alone in e2e:
+  transformers has no FP8 path for encoders, and its fp16 rows of the same case are the comparison; the
+  low-precision baseline of its output check is transformers in float32 with fastenc's e4m3 roundings
+  (``fastenc.check.fp8_baseline``). In the kernel suite, the FP8 GEMM on e4m3 codes against
+  ``torch._scaled_mm`` with row-wise scales (both without bias, bfloat16 out).
 * **kernel** — each fastenc kernel against its torch twin (``fastenc.reference``) and, for attention,
   against ``torch.nn.functional.scaled_dot_product_attention`` (default dispatch, and forced to the
   flash backend), ``torch.nn.attention.varlen.varlen_attn`` and ``flash_attn`` when present. GEMMs and

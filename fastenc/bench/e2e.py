@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .measure import (DTYPES, _sync, device_compare, encoder_flops, memory_peak_mib, release, settled_reserved,
-                      time_providers)
+from .measure import (FP8, _sync, compute_dtype, device_compare, encoder_flops, memory_peak_mib, release,
+                      settled_reserved, time_providers)
 from .report import E2E_BASELINE, Report, _exc_line
 
 
@@ -179,6 +179,9 @@ MODELS = {
     # stand-in at the same width
     "qwen3-0.6b": ModelSpec("qwen3-0.6b", layers=28, hidden=1024, heads=16, kv_heads=8, head_dim=128,
                             intermediate=3072, vocab=151669, family="qwen3"),
+    # 12 of its 28 layers: the GPU check's stand-in, within its time budget (the same per-layer work)
+    "qwen3-0.6b-12l": ModelSpec("qwen3-0.6b-12l", layers=12, hidden=1024, heads=16, kv_heads=8, head_dim=128,
+                                intermediate=3072, vocab=151669, family="qwen3"),
     "qwen3-0.6b-2l": ModelSpec("qwen3-0.6b-2l", layers=2, hidden=1024, heads=16, kv_heads=8, head_dim=128,
                                intermediate=3072, vocab=151669, family="qwen3"),
 }
@@ -332,13 +335,15 @@ class E2ECase:
 # ====================================================================================== e2e providers
 @dataclasses.dataclass
 class ModelContext:
-    """What a provider's loader gets: one model, one device, one dtype."""
+    """What a provider's loader gets: one model, one device, one dtype (``fastenc_dtype``: what fastenc loads
+    with when it is not ``dtype``, ``"fp8"`` for the FP8 cases, whose activations are ``dtype``)."""
 
     model_dir: Path
     device: torch.device
     dtype: torch.dtype
     backend: str | None  # fastenc backend for the ``fastenc`` providers (None: the device's default)
     compile_backend: str = "inductor"  # torch.compile's backend for hf-compile
+    fastenc_dtype: str | None = None
     cache: dict = dataclasses.field(default_factory=dict)  # shared between providers (one Encoder, one HF model)
 
 
@@ -365,7 +370,8 @@ def _encoder(ctx: ModelContext, backend: str | None):
 
     key = ("encoder", backend)
     if key not in ctx.cache:
-        ctx.cache[key] = Encoder.from_pretrained(ctx.model_dir, device=ctx.device, dtype=ctx.dtype, backend=backend)
+        ctx.cache[key] = Encoder.from_pretrained(ctx.model_dir, device=ctx.device, dtype=ctx.fastenc_dtype or ctx.dtype,
+                                                 backend=backend)
     return ctx.cache[key]
 
 
@@ -402,15 +408,22 @@ def _fastenc_packed(ctx: ModelContext) -> Runner:
     return Runner(prepare, packed=True)  # forward_packed never replays a graph: eager
 
 
-def _hf_model(ctx: ModelContext, implementation: str):
-    """One transformers model per attention implementation, shared by the providers that use it."""
-    key = ("hf", implementation)
+def _hf_model(ctx: ModelContext, implementation: str, fp8: bool = False):
+    """One transformers model per attention implementation, shared by the providers that use it. ``fp8``: the
+    model quantized as fastenc's FP8 path quantizes (``fastenc.check.fp8_baseline``; ``ctx.dtype`` float32),
+    the baseline of the FP8 cases' output check."""
+    key = ("hf", implementation, fp8)
     if key not in ctx.cache:
         from transformers import AutoModel
 
         with _quiet_transformers():
             model = AutoModel.from_pretrained(str(ctx.model_dir), attn_implementation=implementation, dtype=ctx.dtype)
-        ctx.cache[key] = model.to(ctx.device).eval()
+        model = model.to(ctx.device).eval()
+        if fp8:
+            from ..check import fp8_baseline
+
+            model = fp8_baseline(model)
+        ctx.cache[key] = model
     return ctx.cache[key]
 
 
@@ -443,9 +456,9 @@ def reference_implementation(model_dir: Path) -> str:
     return "sdpa" if hf_missing(model_dir, "sdpa") is None else "eager"
 
 
-def _hf(implementation: str, compiled: bool = False) -> Callable[[ModelContext], Runner]:
+def _hf(implementation: str, compiled: bool = False, fp8: bool = False) -> Callable[[ModelContext], Runner]:
     def load(ctx: ModelContext) -> Runner:
-        model = _hf_model(ctx, implementation)
+        model = _hf_model(ctx, implementation, fp8)
         # fullgraph: a graph break raises instead of running part of the model eagerly; recompiles past
         # Dynamo's limit raise too (run_e2e sets fail_on_recompile_limit_hit): an hf-compile row is compiled.
         forward = (torch.compile(model, dynamic=False, fullgraph=True, backend=ctx.compile_backend) if compiled
@@ -484,6 +497,8 @@ E2E_PROVIDERS: dict[str, tuple[Callable[[ModelContext], Runner], Callable[[torch
     "hf-flash": (_hf("flash_attention_2"), _needs_flash_attn),
 }
 DEFAULT_E2E_PROVIDERS = ("fastenc", "fastenc-packed", "hf-eager", "hf-sdpa", "hf-compile", "hf-flash")
+FP8_PEER_NOTE = ("transformers has no FP8 path for encoders: fastenc's FP8 rows compare with the fp16 rows of the "
+                 "same case")
 QUICK_SKIPS = {"hf-compile": "not run with --quick: torch.compile spends tens of seconds per shape compiling "
                              "(about 40 s on a 2-core CPU); run without --quick, or name it in --providers"}
 
@@ -558,7 +573,7 @@ def _run_e2e_group(plan, report: Report, budget, cases: list[E2ECase], workdir: 
     from .estimate import e2e_case_seconds, e2e_group_seconds
 
     device, spec, dtype_name = plan.device, cases[0].model, cases[0].dtype
-    dtype = DTYPES[dtype_name]
+    dtype, fp8 = compute_dtype(dtype_name), dtype_name == FP8
     providers = list(dict.fromkeys(p for case in cases for p in case.providers))
     built = (workdir / spec.name / "model.safetensors").exists()
     setup = e2e_group_seconds(plan, cases[0], providers, budget.peaks, build=not built)
@@ -583,11 +598,13 @@ def _run_e2e_group(plan, report: Report, budget, cases: list[E2ECase], workdir: 
             report.skip("e2e", case.name, "all", dtype_name, f"the model or its float32 hf-sdpa reference did not "
                         f"load: {_exc_line(exc)}", model=spec.name)
         return
-    ctx = ModelContext(model_dir, device, dtype, plan.backend, plan.compile_backend)
+    ctx = ModelContext(model_dir, device, dtype, plan.backend, plan.compile_backend, FP8 if fp8 else None)
     runners: dict[str, Runner] = {}
     for name in providers:
         loader, unavailable = E2E_PROVIDERS[name]
         reason = unavailable(device)
+        if reason is None and fp8 and not name.startswith("fastenc"):
+            reason = FP8_PEER_NOTE
         if reason is None and name in HF_IMPLEMENTATIONS:
             reason = hf_missing(model_dir, HF_IMPLEMENTATIONS[name])
         if reason is None:
@@ -597,8 +614,12 @@ def _run_e2e_group(plan, report: Report, budget, cases: list[E2ECase], workdir: 
                 reason = f"failed to load: {_exc_line(exc)}"
         if reason is not None:
             report.skip("e2e", f"{spec.name}:all", name, dtype_name, reason, model=spec.name)
-    try:  # hf-sdpa in the run's dtype: the low-precision baseline of the tolerance rule (shared with the provider)
-        baseline_run = _hf(implementation)(ctx) if dtype != torch.float32 else None
+    try:  # hf-sdpa in the run's dtype: the low-precision baseline of the tolerance rule (shared with the provider);
+        # for FP8, transformers in float32 with fastenc's e4m3 roundings
+        if fp8:
+            baseline_run = _hf(implementation, fp8=True)(ModelContext(model_dir, device, torch.float32, None))
+        else:
+            baseline_run = _hf(implementation)(ctx) if dtype != torch.float32 else None
     except Exception as exc:  # noqa: BLE001
         for case in cases:
             report.skip("e2e", case.name, "all", dtype_name, f"the {dtype_name} hf-{implementation} baseline did "

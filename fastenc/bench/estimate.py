@@ -156,9 +156,9 @@ def e2e_group_seconds(plan, case, providers: list[str], peaks: dict, build: bool
 def kernel_call_seconds(plan, run, provider: str, peaks: dict) -> float:
     """One call of ``provider`` on ``run`` (a ``KernelRun``)."""
     machine, case = _machine(plan), run.case
-    from .measure import DTYPES
+    from .measure import compute_dtype
 
-    dtype = DTYPES[run.dtype]
+    dtype = compute_dtype(run.dtype)
     work = case.work(dtype)
     if case.unit == "GB/s":
         flops, bytes_moved = 0.0, work * (1 if provider == "fastenc" else 3)  # the twin: several passes
@@ -191,11 +191,12 @@ def peaks_seconds(plan) -> float:
 
 def plan_estimate(plan, peaks: dict) -> list[tuple[str, str, str, tuple[str, ...], float]]:
     """``(suite, case, dtype, providers, seconds)`` for every case of ``plan`` in the order ``suite.run`` runs
-    them (kernels, then e2e), each model's setup charged to its group's first case, and the two peak
-    measurements."""
+    them (kernels, then e2e, then the kernels marked ``after_e2e``), each model's setup charged to its group's
+    first case, and the two peak measurements."""
     out = [("peaks", "before the suites", "", (), peaks_seconds(plan))]
     for run in plan.kernels:
-        out.append(("kernel", run.name, run.dtype, run.providers, kernel_case_seconds(plan, run, peaks)))
+        if not run.after_e2e:
+            out.append(("kernel", run.name, run.dtype, run.providers, kernel_case_seconds(plan, run, peaks)))
     previous, built = None, set()
     for i, case in enumerate(plan.e2e):
         seconds = e2e_case_seconds(plan, case, peaks)
@@ -210,6 +211,9 @@ def plan_estimate(plan, peaks: dict) -> list[tuple[str, str, str, tuple[str, ...
             previous = (case.model.name, case.dtype)
             built.add(case.model.name)
         out.append(("e2e", case.name, case.dtype, case.providers, seconds))
+    for run in plan.kernels:
+        if run.after_e2e:
+            out.append(("kernel", run.name, run.dtype, run.providers, kernel_case_seconds(plan, run, peaks)))
     out.append(("peaks", "after the suites", "", (), peaks_seconds(plan)))
     return out
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .. import reference
 from ..errors import BackendError
 from .e2e import Shape
-from .measure import DTYPES, attention_flops, device_compare, release, time_providers
+from .measure import attention_flops, compute_dtype, device_compare, release, time_providers
 from .report import Report, _exc_line
 
 
@@ -192,6 +192,41 @@ def linear_case(batch: int, seq: int, n_in: int, n_out: int, activation: str | N
                       lambda dtype: 2 * tokens * n_in * n_out, "TFLOP/s")
 
 
+def linear_fp8_case(batch: int, seq: int, n_in: int, n_out: int) -> KernelCase:
+    """The FP8 GEMM on e4m3 operands as an FP8 encoder's LayerNorm hands them over: ``x`` quantized per token,
+    the weight per output channel, both scales applied in the epilogue, float32 accumulation, the output
+    rounded once to bfloat16. ``2·T·in·out`` FLOPs.
+
+    Its peer is ``torch._scaled_mm`` with row-wise scales on the same codes (cuBLAS or CUTLASS), whose
+    row-wise path writes bfloat16 on every torch version; both run without bias or activation, the bare
+    GEMM whose speed the FP8 matmul peak bounds. ``inputs["out"]`` is an empty tensor of the output dtype
+    (float32 in the reference's upcast copy); the e4m3 operands travel as ``(codes, scales)`` pairs, which
+    the upcast leaves as they are.
+    """
+    tokens = batch * seq
+
+    def make_inputs(device, dtype):
+        g = torch.Generator(device=device).manual_seed(0)
+        x = reference.quantize_rows(torch.randn((tokens, n_in), generator=g, device=device))
+        w = reference.quantize_rows(torch.randn((n_out, n_in), generator=g, device=device) * n_in ** -0.5)
+        return {"x": x, "w": w, "out": torch.empty(0, device=device, dtype=torch.bfloat16)}
+
+    def ref(x):
+        return reference.linear_fp8(*x["x"], *x["w"], None, out_dtype=x["out"].dtype)
+
+    def scaled_mm(x):  # its second operand column-major; scales (M, 1) and (1, N)
+        (xq, xs), (wq, ws) = x["x"], x["w"]
+        return (lambda: torch._scaled_mm(xq, wq.t(), scale_a=xs[:, None], scale_b=ws[None, :],
+                                         out_dtype=x["out"].dtype)), _identity
+
+    return KernelCase("linear_fp8", f"linear_fp8:in{n_in}-out{n_out}:{batch}x{seq}", batch, seq, tokens,
+                      make_inputs, ref,
+                      {"fastenc": _kernel("linear_fp8", lambda f, x: f(*x["x"], *x["w"], None,
+                                                                       out_dtype=x["out"].dtype)),
+                       "torch": _twin(ref), "torch-scaled-mm": scaled_mm},
+                      lambda dtype: 2 * tokens * n_in * n_out, "TFLOP/s", baseline="torch-scaled-mm")
+
+
 def _norm_params(hidden, device, dtype, g):
     return {"weight": (1 + 0.1 * torch.randn(hidden, generator=g, device=device)).to(dtype),
             "bias": _randn((hidden,), device, dtype, g, 0.1), "eps": 1e-12}
@@ -361,6 +396,19 @@ def kernel_cases(device_type: str, quick: bool) -> list[KernelCase]:
     return cases
 
 
+def fp8_kernel_cases(device_type: str, quick: bool) -> list[KernelCase]:
+    """The FP8 kernel plan (``--dtype fp8``): the FP8 GEMM at each hidden size's two FFN shapes."""
+    if device_type == "cuda":
+        shapes = ((32, 128), (32, 512)) if quick else ((32, 128), (32, 512), (128, 512))
+        hiddens = (768,) if quick else (768, 1024)
+    elif quick:
+        shapes, hiddens = ((2, 8),), (64,)
+    else:
+        shapes, hiddens = ((8, 128),), (768,)
+    return [linear_fp8_case(batch, seq, n_in, n_out) for batch, seq in shapes for hidden in hiddens
+            for n_in, n_out in ((hidden, 4 * hidden), (4 * hidden, hidden))]
+
+
 def _kernel_provider_unavailable(name: str, device: torch.device) -> str | None:
     if name == "fastenc":
         from ..model import resolve_backend
@@ -370,10 +418,12 @@ def _kernel_provider_unavailable(name: str, device: torch.device) -> str | None:
         except BackendError as exc:
             return str(exc)
         return None
-    if name in ("sdpa-varlen", "flash-attn") and device.type != "cuda":
+    if name in ("sdpa-varlen", "flash-attn", "torch-scaled-mm") and device.type != "cuda":
         return "needs CUDA"
     if name == "flash-attn" and importlib.util.find_spec("flash_attn") is None:
         return "flash_attn is not installed"
+    if name == "torch-scaled-mm" and torch.cuda.get_device_capability(device) < (8, 9):
+        return "torch._scaled_mm needs FP8 tensor cores (sm_89 or sm_90)"
     if name == "sdpa-varlen" and importlib.util.find_spec("torch.nn.attention.varlen") is None:
         return f"torch {torch.__version__} has no torch.nn.attention.varlen"
     return None
@@ -381,30 +431,33 @@ def _kernel_provider_unavailable(name: str, device: torch.device) -> str | None:
 
 @dataclasses.dataclass(frozen=True)
 class KernelRun:
-    """One kernel case in one dtype, with the providers to run on it."""
+    """One kernel case in one dtype, with the providers to run on it. ``after_e2e``: run after the e2e cases,
+    not before them (an extended tier's case, whose first launch on a new GPU must not cost the core ones)."""
 
     case: KernelCase
     dtype: str
     providers: tuple[str, ...]
+    after_e2e: bool = False
 
     @property
     def name(self) -> str:
         return self.case.case
 
 
-def run_kernels(plan, report: Report, budget) -> None:
-    """Every case of ``plan.kernels`` (a ``suite.Plan``), each provider checked against the float32 torch twin
-    before it is timed; the results file rewritten after each case."""
+def run_kernels(plan, report: Report, budget, after_e2e: bool = False) -> None:
+    """The cases of ``plan.kernels`` (a ``suite.Plan``) whose ``after_e2e`` is ``after_e2e``, each provider
+    checked against the float32 torch twin before it is timed; the results file rewritten after each case."""
     from .estimate import kernel_case_seconds
 
     device = plan.device
-    names = list(dict.fromkeys(name for run in plan.kernels for name in run.providers))
+    runs = [run for run in plan.kernels if run.after_e2e == after_e2e]
+    names = list(dict.fromkeys(name for run in runs for name in run.providers))
     unavailable = {name: _kernel_provider_unavailable(name, device) for name in names}
-    for dtype_name in dict.fromkeys(run.dtype for run in plan.kernels):
+    for dtype_name in dict.fromkeys(run.dtype for run in runs):
         for name, reason in unavailable.items():
             if reason:
                 report.skip("kernel", "all", name, dtype_name, reason)
-    for run in plan.kernels:
+    for run in runs:
         estimate = kernel_case_seconds(plan, run, budget.peaks)
         refused = budget.refuse(estimate)
         if refused:
@@ -424,7 +477,7 @@ def run_kernels(plan, report: Report, budget) -> None:
 
 def _run_kernel_case(plan, report: Report, run: KernelRun, unavailable: dict) -> None:
     device, case, dtype_name = plan.device, run.case, run.dtype
-    dtype = DTYPES[dtype_name]
+    dtype = compute_dtype(dtype_name)
     try:
         inputs = case.make_inputs(device, dtype)
         upcast = {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v

@@ -21,6 +21,18 @@ import torch
 from ..check import FP32_RTOL, LOW_PRECISION_FACTOR, Comparison
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+FP8 = "fp8"  # a case dtype beside DTYPES: e4m3 GEMM operands, 16-bit activations (compute_dtype)
+
+
+def compute_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a case's activations: ``DTYPES[name]``, or for ``"fp8"`` the 16-bit dtype of an FP8
+    encoder's hidden states (``fastenc.fp8.ACTIVATION_DTYPE``), in which its inputs are made and its
+    low-precision baseline rounds."""
+    if name == FP8:
+        from ..fp8 import ACTIVATION_DTYPE
+
+        return ACTIVATION_DTYPE
+    return DTYPES[name]
 
 # triton.testing.do_bench's floors as time_cuda calls it: every timing spends at least WARMUP_MS warming up
 # and REP_MS timed, whatever the call's speed (and min_runs calls when those take longer).

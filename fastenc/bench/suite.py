@@ -24,9 +24,9 @@ from ..errors import FastencError, InputError
 from .e2e import DEFAULT_E2E_PROVIDERS, E2E_PROVIDERS, MODELS, QUICK_SKIPS, E2ECase, ModelSpec, Shape, e2e_shapes, \
     run_e2e
 from .estimate import Budget, peaks_seconds
-from .kernels import (KernelRun, add_layer_norm_case, attention_case, gelu_layer_norm_case, kernel_cases, run_kernels,
-                      splade_case)
-from .measure import DTYPES, best_peaks, measure_peaks
+from .kernels import (KernelRun, add_layer_norm_case, attention_case, fp8_kernel_cases, gelu_layer_norm_case,
+                      kernel_cases, linear_fp8_case, run_kernels, splade_case)
+from .measure import DTYPES, FP8, best_peaks, measure_peaks
 from .report import Report, collect_env, results_paths, update_readme, write_results
 
 SUITES = ("e2e", "kernel")
@@ -38,7 +38,9 @@ CPU_DTYPE_NOTE = ("CPU runs use fp32: fp16/bf16 GEMMs on the CPU take slow paths
 SMALL_MODEL = ModelSpec("bert-small-2l", layers=2, hidden=64, heads=2, intermediate=128, vocab=1000)
 SMALL_MODERNBERT = ModelSpec("modernbert-small-3l", layers=3, hidden=64, heads=2, intermediate=96, vocab=1000,
                              family="modernbert", local_attention=16)
-SMALL_MODELS = {spec.name: spec for spec in (SMALL_MODEL, SMALL_MODERNBERT)}
+SMALL_QWEN3 = ModelSpec("qwen3-small-2l", layers=2, hidden=64, heads=4, kv_heads=2, head_dim=32, intermediate=96,
+                        vocab=1000, family="qwen3")  # grouped-query attention, head dim 32, causal
+SMALL_MODELS = {spec.name: spec for spec in (SMALL_MODEL, SMALL_MODERNBERT, SMALL_QWEN3)}
 
 
 # =============================================================================================== plan
@@ -78,30 +80,42 @@ def check_plan(device: torch.device, small: bool = False) -> Plan:
     Kernels first (no model to load; attention, the two LayerNorms and the SPLADE head), then BERT-base fp16
     at 128 x 128 (fastenc and the eager and SDPA peers), 1 x 128 (latency, a CUDA graph) and
     ``var64x8-512``, bf16 at 128 x 128; then ModernBERT-base fp16 against
-    transformers' own ModernBERT (issue 16) at 32 x 512 (with the eager peer) and ``var64x8-512``, lengths
-    where its 128-token windows skip most key blocks; and last, alone, ``hf-compile`` at 128 x 128 (its
-    30-60 s compile is the plan's largest and least certain cost). ``small``: the same plan at small shapes,
-    for the CPU.
+    transformers' own ModernBERT at 32 x 512 (with the eager peer) and ``var64x8-512``, lengths
+    where its 128-token windows skip most key blocks; then, alone, ``hf-compile`` at 128 x 128 (its
+    30-60 s compile is the plan's largest and least certain cost). Then the extended tier: Qwen3-Embedding-0.6B's
+    width (causal, grouped-query attention; 12 of its 28 layers, the same per-layer work within the budget) in
+    bf16 at 32 x 512 and ``var64x8-512`` and in fp16 at 32 x 512 against transformers' SDPA; FP8: BERT-base at
+    128 x 128 and ``var64x8-512`` (fastenc's own; its fp16 rows above are the comparison), then the FP8
+    GEMM at BERT-base's two FFN shapes against ``torch._scaled_mm`` (run after every e2e case: the first
+    launch of the FP8 kernels on a new GPU cannot cost the core evidence). ``small``: the same plan at small
+    shapes, for the CPU.
     """
     if small:
         model, main, latency, var = SMALL_MODEL, Shape(4, 32), Shape(1, 32), Shape(8, 64, var_min=4)
         modernbert, long = SMALL_MODERNBERT, Shape(2, 48)
+        qwen3 = SMALL_QWEN3
         attention = attention_case(2, 64, False, heads=2, head_dim=64)
         norms = [add_layer_norm_case(2, 8, 64), gelu_layer_norm_case(2, 8, 64)]
         splade = splade_case(2, 8, 64, 130)  # a partial last vocabulary tile
+        fp8_gemms = [linear_fp8_case(2, 8, 64, 128), linear_fp8_case(2, 8, 128, 64)]
     else:
         model, main, latency, var = MODELS["bert-base"], Shape(128, 128), Shape(1, 128), Shape(64, 512, var_min=8)
         modernbert, long = MODELS["modernbert-base"], Shape(32, 512)
+        qwen3 = MODELS["qwen3-0.6b-12l"]
         attention = attention_case(64, 512, False)  # 32,768 tokens, 12 heads of 64
         norms = [add_layer_norm_case(128, 512, 768), gelu_layer_norm_case(128, 512, 768)]
         splade = splade_case(32, 128, 768, 30522)  # a retrieval batch against BERT's vocabulary
+        fp8_gemms = [linear_fp8_case(128, 128, 768, 3072), linear_fp8_case(128, 128, 3072, 768)]
     kernels = [KernelRun(attention, "fp16", ("fastenc", "sdpa", "sdpa-flash"))]
     kernels += [KernelRun(case, "fp16", ("fastenc", "torch")) for case in [*norms, splade]]
     peers = ("fastenc", "fastenc-packed", "hf-sdpa")
     e2e = [E2ECase(model, main, "fp16", (*peers, "hf-eager")), E2ECase(model, latency, "fp16", peers),
            E2ECase(model, var, "fp16", peers), E2ECase(model, main, "bf16", peers),
            E2ECase(modernbert, long, "fp16", (*peers, "hf-eager")), E2ECase(modernbert, var, "fp16", peers),
-           E2ECase(model, main, "fp16", ("hf-compile",))]
+           E2ECase(model, main, "fp16", ("hf-compile",)),
+           E2ECase(qwen3, long, "bf16", peers), E2ECase(qwen3, var, "bf16", peers), E2ECase(qwen3, long, "fp16", peers),
+           E2ECase(model, main, FP8, peers[:2]), E2ECase(model, var, FP8, peers[:2])]
+    kernels += [KernelRun(case, FP8, ("fastenc", "torch-scaled-mm"), after_e2e=True) for case in fp8_gemms]
     return Plan(device=device, quick=small, e2e=e2e, kernels=kernels, repeats=3 if small else 50,
                 compile_backend="eager" if small and device.type == "cpu" else "inductor", name="gpu-check")
 
@@ -123,8 +137,8 @@ def make_plan(suite: str = "all", device=None, dtype: str | None = None, quick: 
         raise InputError(f"--plan {plan!r}: use {' or '.join(PLANS)}")
     dtypes = _split(dtype)
     for name in dtypes or ():
-        if name not in DTYPES:
-            raise InputError(f"--dtype {name!r}: use fp16, bf16 or fp32 (comma-separated)")
+        if name not in DTYPES and name != FP8:
+            raise InputError(f"--dtype {name!r}: use fp16, bf16, fp32 or fp8 (comma-separated)")
     if backend not in (None, "torch", "triton"):
         raise InputError(f"--backend {backend!r}: use torch or triton")
     model_names = _split(models)
@@ -135,7 +149,8 @@ def make_plan(suite: str = "all", device=None, dtype: str | None = None, quick: 
         raise InputError(f"--repeats {repeats}: must be at least 1")
     if budget is not None and budget <= 0:
         raise InputError(f"--budget {budget}: must be a positive number of seconds")
-    kernel_names = list(dict.fromkeys(n for case in kernel_cases("cuda", False) for n in case.providers))
+    kernel_names = list(dict.fromkeys(n for case in kernel_cases("cuda", False) + fp8_kernel_cases("cuda", False)
+                                      for n in case.providers))
     chosen = _split(providers)
     for name in chosen or ():
         if name not in E2E_PROVIDERS and name not in kernel_names:
@@ -154,10 +169,11 @@ def make_plan(suite: str = "all", device=None, dtype: str | None = None, quick: 
                 e2e_providers.remove(name)
                 left_out.append((name, reason))
         shapes = e2e_shapes(device.type, quick)
-        e2e = [E2ECase(MODELS[m], shape, d, tuple(e2e_providers if not chosen else E2E_PROVIDERS))
+        e2e = [E2ECase(MODELS[m], shape, d, tuple(p for p in (e2e_providers if not chosen else E2E_PROVIDERS)
+                                                  if d != FP8 or p.startswith("fastenc")))
                for d in dtypes_full for m in names for shape in shapes]
         kernels = [KernelRun(case, d, tuple(case.providers)) for d in dtypes_full
-                   for case in kernel_cases(device.type, quick)]
+                   for case in (fp8_kernel_cases(device.type, quick) if d == FP8 else kernel_cases(device.type, quick))]
         result = Plan(device=device, quick=quick, e2e=e2e, kernels=kernels)
     result.backend = backend
     if repeats is not None:
@@ -262,10 +278,12 @@ def run(plan: Plan, left_out: list[tuple[str, str]] = (), quiet: bool = False, o
         for dtype_name in dict.fromkeys(c.dtype for c in plan.e2e):
             report.skip("e2e", "all", name, dtype_name, reason)
     report.flush()
-    if plan.kernels:
+    if any(not r.after_e2e for r in plan.kernels):
         run_kernels(plan, report, budget)
     if plan.e2e:
         run_e2e(plan, report, budget)
+    if any(r.after_e2e for r in plan.kernels):
+        run_kernels(plan, report, budget, after_e2e=True)
     try:
         second = measure_peaks(plan.device, plan.quick, plan.repeats)
     except Exception as exc:  # noqa: BLE001 - the rows stand on the first measurement
