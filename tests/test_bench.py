@@ -15,6 +15,7 @@ import json
 import math
 import re
 import sys
+from unittest import mock
 
 import pytest
 import torch
@@ -317,6 +318,30 @@ def test_triton_backend_end_to_end(one_thread, spec):
     assert report.env["fastenc_backend"] == "triton"
     measured = {(r["case"], r["provider"]) for r in report.rows}
     assert measured == {(f"{spec.name}:{case}", p) for case in ("2x8", "var3x2-16") for p in providers}
+
+
+def test_fp8_cases_run_fastenc_alone_against_transformers_quantized_alike(one_thread, recwarn):
+    """``--dtype fp8``: fastenc's FP8 encoder (on the CPU, the torch backend's emulation) checked against
+    transformers in float32 with the same e4m3 roundings; transformers is not an FP8 provider, and a wrong
+    FP8 output fails that check (never timed)."""
+    plan, _ = bench.make_plan("all", "cpu", dtype="fp8", quick=True)
+    assert plan.e2e and all(set(c.providers) == {"fastenc", "fastenc-packed"} for c in plan.e2e)
+    assert plan.kernels and {r.case.kernel for r in plan.kernels} == {"linear_fp8"}
+    with pytest.raises(InputError, match="fp8"):
+        bench.make_plan("all", "cpu", dtype="fp4")
+    plan, _ = bench.make_plan("e2e", "cpu", dtype="fp8", quick=True, repeats=1)
+    shape = bench.Shape(3, 16, 2)
+    plan.e2e = [bench.E2ECase(TINY, shape, "fp8", ("fastenc", "fastenc-packed", "hf-sdpa"))]
+    report = bench.run(plan, quiet=True)
+    assert {(r["provider"], r["dtype"]) for r in report.rows} == {("fastenc", "fp8"), ("fastenc-packed", "fp8")}
+    assert [s["provider"] for s in report.skipped] == ["hf-sdpa"] and "FP8" in report.skipped[0]["reason"]
+
+    from fastenc import reference  # an FP8 GEMM that forgets its weight scales: a wrong answer, never timed
+    matmul = reference._fp8_matmul
+    with mock.patch.object(reference, "_fp8_matmul", lambda x, xs, w, ws: matmul(x, xs, w, torch.ones_like(ws))):
+        report = bench.run(plan, quiet=True)
+    assert report.rows == []
+    assert {s["provider"] for s in report.skipped if "output check" in s["reason"]} == {"fastenc", "fastenc-packed"}
 
 
 # ------------------------------------------------------------------------------------------ results
