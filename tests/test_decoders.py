@@ -102,6 +102,35 @@ def make_decoder(path, family: str, *, head: str | None = None, seed: int = 0, *
     return path
 
 
+@pytest.mark.parametrize("flags", [{"add_bos_token": True, "add_eos_token": False}, {"add_eos_token": True},
+                                   {"add_bos_token": False, "add_eos_token": False}, {"add_bos_token": True}],
+                         ids=["bos", "eos", "neither", "bos-keeps-no-eos"])
+def test_add_bos_and_eos_flags_follow_transformers(tmp_path, flags):
+    """``tokenizer_config.json``'s ``add_bos_token`` / ``add_eos_token`` (Llama, Gemma, Mistral set them):
+    transformers' tokenizer ignores them where a tokenizer.json exists (its post-processor decides), and
+    so does fastenc; their ids are equal, for texts and pairs."""
+    from transformers import AutoTokenizer
+
+    from fastenc.text import load_tokenizer
+
+    tok = tokenizer()  # its own template appends </s>
+    tok.save(str(tmp_path / "tokenizer.json"))
+    settings = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+                "pad_token": "<pad>", "unk_token": "<unk>", "added_tokens_decoder": _added_tokens_decoder(tok),
+                **flags}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(settings))
+    ours = load_tokenizer(tmp_path)
+    with quiet_transformers():
+        theirs = AutoTokenizer.from_pretrained(str(tmp_path))
+    texts = [text for text in TEXTS if text]
+    assert [e.ids for e in ours.encode_batch(texts)] == theirs(texts)["input_ids"]
+    pairs = list(zip(texts, reversed(texts)))
+    expected = theirs([a for a, _ in pairs], [b for _, b in pairs])
+    encodings = ours.encode_batch(pairs)
+    assert [e.ids for e in encodings] == expected["input_ids"]
+    assert all(e.ids[-1] == EOS and e.ids[0] != ours.token_to_id("<s>") for e in encodings)  # the file's template
+
+
 def hf(path, head: str | None = None):
     import transformers
 
@@ -369,6 +398,44 @@ def test_rerank_sequence_classification_equals_cross_encoder(tmp_path, backend):
     assert rerank.encoder.heads == frozenset({"sequence_classification"})
     with quiet_transformers():
         assert_ranks_like(rerank(QUERY, DOCUMENTS), CrossEncoder(str(path), device="cpu"))
+
+
+def test_rerank_prompts_equal_cross_encoder(tmp_path):
+    """A CrossEncoder's prompts: the one named, or the default, prepended to the query of every pair; in the
+    pipeline and in ``/rerank`` (its ``prompt_name``)."""
+    from sentence_transformers import CrossEncoder
+    from starlette.testclient import TestClient
+
+    from fastenc.serve import create_app
+
+    backbone = make_decoder(tmp_path / "lm", "qwen3", head="sequence_classification", seed=20)
+    path = tmp_path / "ce"
+    prompts = {"web": "Instruct: find a web page that answers the query\nQuery: ", "short": "q: "}
+    with quiet_transformers():
+        CrossEncoder(str(backbone), device="cpu", prompts=prompts, default_prompt_name="short").save(str(path))
+        cross_encoder = CrossEncoder(str(path), device="cpu")
+    rerank = fastenc.pipeline("rerank", path)
+    for prompt_name in ("web", None):  # None: the default prompt, as CrossEncoder applies it
+        ours = rerank(QUERY, DOCUMENTS, prompt_name=prompt_name)
+        theirs = cross_encoder.rank(QUERY, DOCUMENTS, prompt_name=prompt_name)
+        assert [r["index"] for r in ours] == [r["corpus_id"] for r in theirs]
+        result = compare("scores", torch.tensor([r["score"] for r in ours]),
+                         torch.tensor([float(r["score"]) for r in theirs]))
+        assert result.ok, result.line()
+    assert rerank(QUERY, DOCUMENTS, prompt="") != rerank(QUERY, DOCUMENTS)  # an explicit empty prompt: none
+    with pytest.raises(fastenc.InputError, match="'missing'.*'short', 'web'"):
+        rerank(QUERY, DOCUMENTS, prompt_name="missing")
+
+    documents = [text for text in DOCUMENTS if text]
+    expected = rerank(QUERY, documents, prompt_name="web", raw_scores=True)
+    with TestClient(create_app(rerank.encoder, warmup=False)) as client:
+        response = client.post("/rerank", json={"query": QUERY, "texts": documents, "raw_scores": True,
+                                                "prompt_name": "web", "truncate": True})
+        unknown = client.post("/rerank", json={"query": QUERY, "texts": documents, "prompt_name": "missing"})
+    assert response.status_code == 200, response.text
+    assert [r["index"] for r in response.json()] == [r["index"] for r in expected]
+    assert all(abs(a["score"] - b["score"]) < 1e-5 for a, b in zip(response.json(), expected))
+    assert unknown.status_code == 422 and "missing" in unknown.text
 
 
 @pytest.mark.parametrize("saved", [True, False])

@@ -31,7 +31,9 @@ class RerankPipeline(Pipeline):
     (truncated longest first to the model's length), scored by the one-label classifier and its
     activation (``activation_fn`` from ``config_sentence_transformers.json`` or ``config.json``'s
     ``sentence_transformers``; sigmoid by default), then sorted by score, highest first, ties in input
-    order; ``top_k`` keeps the first ones. The pairs run through the encoder packed, without padding.
+    order; ``top_k`` keeps the first ones. The pairs run through the encoder packed, without padding. A
+    prompt (``prompt``, or ``prompt_name`` of the CrossEncoder's ``prompts``, else its
+    ``default_prompt_name``'s) is prepended to the query of every pair, as ``CrossEncoder.predict`` does.
 
     The score of a decoder backbone is read at each pair's last token: its ``ForSequenceClassification``
     head, or for a ``ForCausalLM`` the ``LogitScore`` of the CrossEncoder (``modules.json``; without one,
@@ -93,9 +95,11 @@ class RerankPipeline(Pipeline):
         return torch.sigmoid
 
     def __call__(self, query: str, texts: Sequence[str], *, top_k: int | None = None, return_text: bool = False,
-                 raw_scores: bool = False, truncation: bool = True, batch_size: int | None = None) -> list[dict]:
+                 raw_scores: bool = False, truncation: bool = True, batch_size: int | None = None,
+                 prompt_name: str | None = None, prompt: str | None = None) -> list[dict]:
         """``raw_scores``: the logits, without the activation (text-embeddings-inference's ``raw_scores``);
-        ``truncation=False``: a pair over the model's length is an ``InputError`` instead of being cut."""
+        ``truncation=False``: a pair over the model's length is an ``InputError`` instead of being cut;
+        ``prompt_name`` / ``prompt``: what is prepended to the query (the class docstring)."""
         if not isinstance(query, str):
             raise TypeError(f"query must be a str, got {type(query).__name__}")
         if isinstance(texts, str):
@@ -103,15 +107,19 @@ class RerankPipeline(Pipeline):
         texts = _texts(texts)
         if top_k is not None:
             top_k = _positive_int(top_k, "top_k")
-        logits = self.run(self.pairs(query, texts, truncation=truncation), self.logits, batch_size)
+        pairs = self.pairs(query, texts, truncation=truncation, prompt_name=prompt_name, prompt=prompt)
+        logits = self.run(pairs, self.logits, batch_size)
         return self.rank(self.scores(logits, raw_scores), texts, top_k=top_k, return_text=return_text)
 
     # The steps of a call, each also run by ``fastenc serve``'s ``/rerank`` (which batches the pairs of
     # many requests in its model worker between the first step and the second).
-    def pairs(self, query: str, texts: list[str], *, truncation: bool = True) -> list:
-        """The encodings of the ``(query, text)`` pairs: tokenized as pairs, truncated longest first to the
-        cross-encoder's length (``max_seq_length``, else the model's), or an ``InputError`` when
-        ``truncation=False`` and a pair is over the model's limit."""
+    def pairs(self, query: str, texts: list[str], *, truncation: bool = True, prompt_name: str | None = None,
+              prompt: str | None = None) -> list:
+        """The encodings of the ``(prompt + query, text)`` pairs: tokenized as pairs, truncated longest first to
+        the cross-encoder's length (``max_seq_length``, else the model's), or an ``InputError`` when
+        ``truncation=False`` and a pair is over the model's limit. The prompt is resolved as
+        ``Encoder.embed`` resolves it (``prompt``, else ``prompt_name``'s, else the default one's)."""
+        query = self.text.prompt(prompt_name, prompt).text + query
         return self.tokenize([(query, text) for text in texts], truncation=truncation, max_length=self.pair_length)
 
     def logits(self, packed, hidden: torch.Tensor, rows=None) -> torch.Tensor:

@@ -418,9 +418,10 @@ class Service:
         except InputError as exc:
             raise InputError(f"`inputs`: {exc}") from None
 
-    def _encode_pairs(self, query: str, texts: list[str], truncate: bool) -> list:
-        """The rerank pipeline's tokenization of ``(query, text)`` pairs; without truncation, a query too long
-        to make a pair with any text is named as the fault, not the texts."""
+    def _encode_pairs(self, query: str, texts: list[str], truncate: bool, prompt_name: str | None = None) -> list:
+        """The rerank pipeline's tokenization of ``(prompt + query, text)`` pairs; without truncation, a query
+        too long to make a pair with any text is named as the fault, not the texts."""
+        query = self._prompt(prompt_name).text + query
         if not truncate:
             tokens = len(self.text.encode([query], truncate=False, check_length=False, special_tokens=False,
                                           lower_case=False)[0].ids)
@@ -431,7 +432,7 @@ class Service:
                 raise InputError(f"`query` has {tokens} tokens: with any text the pair is over the limit of {limit} "
                                  "tokens (truncation is off)")
         try:
-            return self.reranker.pairs(query, texts, truncation=truncate)
+            return self.reranker.pairs(query, texts, truncation=truncate, prompt="")
         except InputError as exc:
             raise InputError(f"`texts`: {exc}") from None
 
@@ -600,7 +601,8 @@ class Service:
         if pipe is None:
             raise ServeError(400, self._rerank_error, "model")
         with self._admitted():
-            rows = await self._tokenized(request, self._encode_pairs, req.query, req.texts, req.truncate)
+            rows = await self._tokenized(request, self._encode_pairs, req.query, req.texts, req.truncate,
+                                         req.prompt_name)
             logits = await self._infer(request, rows, pipe.score_task)
         ranks = pipe.rank(pipe.scores(logits, req.raw_scores), req.texts, return_text=req.return_text)
         if req.return_text:

@@ -123,6 +123,7 @@ class RerankRequest:
     truncate: bool = False
     raw_scores: bool = False
     return_text: bool = False
+    prompt_name: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -341,13 +342,15 @@ def parse_predict(body: dict, limits: Limits) -> PredictRequest:
 
 
 def parse_rerank(body: dict, limits: Limits) -> RerankRequest:
-    """TEI's ``POST /rerank``: ``query``, ``texts``, ``truncate``, ``raw_scores``, ``return_text``."""
+    """TEI's ``POST /rerank``: ``query``, ``texts``, ``truncate``, ``raw_scores``, ``return_text``; and
+    ``prompt_name`` (fastenc's: one of the CrossEncoder's prompts, prepended to the query)."""
     texts = _required(body, "texts")
     if not isinstance(texts, list):
         raise unprocessable(f"`texts` must be an array of strings, got {_kind(texts)}")
     return RerankRequest(query=_string(_required(body, "query"), "query"), texts=_texts(texts, "texts", limits),
                          truncate=_flag(body, "truncate", limits.auto_truncate),
-                         raw_scores=_flag(body, "raw_scores", False), return_text=_flag(body, "return_text", False))
+                         raw_scores=_flag(body, "raw_scores", False), return_text=_flag(body, "return_text", False),
+                         prompt_name=_prompt_name(body))
 
 
 def parse_tokenize(body: dict, limits: Limits) -> TokenizeRequest:
