@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from .chat import ChatSettings
 from .errors import LoadError
 
 logger = logging.getLogger("fastenc")
@@ -245,9 +246,9 @@ class SentenceConfig:
     dense: tuple[Dense, ...] = ()  # Dense modules after the pooling: part of the sentence embedding
     multivector: MultiVectorConfig | None = None  # a MultiVectorEncoder (ColBERT model)
     logit_score: LogitScore | None = None  # a CrossEncoder over a causal LM: the token ids its score reads
-    # the Transformer module's modality_config has "message": sentence-transformers renders texts (and
-    # pairs) through the tokenizer's chat template, which fastenc does not
-    chat_template: bool = False
+    # the Transformer module's modality_config has "message": texts and pairs go through the tokenizer's chat
+    # template (fastenc.chat)
+    chat: ChatSettings | None = None
 
     @property
     def embedding_dim(self) -> int | None:
@@ -263,7 +264,7 @@ class SentenceConfig:
         if not modules_file.is_file():
             sbert = _read_sbert(directory)
             sbert.pop("_multivector")
-            sbert.pop("chat_template", None)  # a plain checkpoint: no sentence-transformers formatting to follow
+            sbert.pop("chat", None)  # a plain checkpoint: no sentence-transformers formatting to follow
             return cls(transformer_dir=directory, **sbert, **model)
         modules = _read(modules_file)
         if not isinstance(modules, list):
@@ -336,7 +337,8 @@ def _read_sbert(directory: Path) -> dict:
     data = _read(path)
     modalities = data.get("modality_config")
     return {"max_seq_length": data.get("max_seq_length"), "do_lower_case": bool(data.get("do_lower_case", False)),
-            "chat_template": isinstance(modalities, dict) and "message" in modalities,
+            "chat": (ChatSettings.read(modalities["message"], data.get("processing_kwargs"), path)
+                     if isinstance(modalities, dict) and "message" in modalities else None),
             "_multivector": {k: data[k] for k in ("query_length", "document_length", "query_expansion") if k in data}}
 
 

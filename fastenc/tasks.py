@@ -38,12 +38,6 @@ from .pooling import POOLING_MODES, Dense, SentenceConfig, SpladeConfig, pool
 from .quantize import check_dim
 
 
-CHAT_TEMPLATE_REFUSAL = ("{what} cannot reproduce this sentence-transformers model: its Transformer module formats "
-                         "texts as chat messages through the tokenizer's chat template (\"message\" in the "
-                         "modality_config of sentence_bert_config.json), which fastenc does not render; remove "
-                         "\"message\" there to embed plain text, as models saved before that option do")
-
-
 class Task(Protocol):
     """What the model worker and the Python API ask of an output kind."""
 
@@ -87,8 +81,6 @@ class SentenceEmbedding:
         if sentence is not None and sentence.unsupported_modules:
             raise FastencError(f"embed() cannot reproduce the sentence-transformers modules "
                                f"{', '.join(sentence.unsupported_modules)} of this checkpoint")
-        if sentence is not None and sentence.chat_template:
-            raise FastencError(CHAT_TEMPLATE_REFUSAL.format(what="embed()"))
         if pooling is None and sentence is not None and sentence.splade is not None:
             raise FastencError("this checkpoint is a sentence-transformers SparseEncoder (SpladePooling): use "
                                "embed_sparse() for its vectors, or pass pooling= to pool its hidden states")

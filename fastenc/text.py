@@ -38,6 +38,7 @@ import torch
 from tokenizers import AddedToken, Encoding, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE, WordPiece
 
+from .chat import ChatTemplate, Prompted
 from .config import EncoderConfig
 from .errors import InputError, LoadError
 from .packing import PackedBatch, pack_sequences, token_budget_batches
@@ -222,13 +223,19 @@ class TokenizerSettings:
 @dataclasses.dataclass(frozen=True)
 class Prompt:
     """A prompt prepended to every text, as sentence-transformers does, and the number of its tokens left
-    out of the pooling (0 unless the pooling config says ``include_prompt: false``)."""
+    out of the pooling (0 unless the pooling config says ``include_prompt: false``). For a chat model
+    (``chat``) the prompt is a ``system`` message instead: the texts carry it (``fastenc.chat.Prompted``)."""
 
     text: str = ""
     skip: int = 0
+    chat: bool = False
 
     def apply(self, texts: Sequence[str]) -> list[str]:
-        return [self.text + text for text in texts] if self.text else list(texts)
+        if not self.text:
+            return list(texts)
+        if self.chat:
+            return [Prompted(text, self.text) for text in texts]
+        return [self.text + text for text in texts]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,6 +263,10 @@ class Tokenization:
         if sentence is not None and sentence.multivector is not None:
             self._register_prefixes(sentence.multivector.prefixes)
         self.settings = TokenizerSettings.read(tokenizer, directory)
+        # a sentence-transformers model with the "message" modality: inputs rendered by the chat template
+        self.chat = (ChatTemplate(directory, sentence.chat, config.model_type)
+                     if sentence is not None and sentence.chat is not None and directory is not None else None)
+        self._pairs_checked = False
 
     def _register_prefixes(self, prefixes: Sequence[str]) -> None:
         """PyLate's query and document prefixes (``[unused0]``, ``[Q] ``) were inserted as single tokens in
@@ -316,6 +327,9 @@ class Tokenization:
         a text of a stream is named by its place in the stream.
         """
         limit = self.limit(max_length)
+        if self.chat is not None and special_tokens and not pretokenized:
+            return self._encode_chat(inputs, limit, truncate=truncate, check_length=check_length, offset=offset,
+                                     what=what, overflow=overflow, lower_case=lower_case)
         if lower_case is None:
             lower_case = bool(self.sentence and self.sentence.do_lower_case)
         if lower_case:
@@ -347,6 +361,40 @@ class Tokenization:
                     raise InputError(f"{what} {index + offset}: the tokenizer produced id {max(window.ids)}, outside "
                                      f"the model's vocab_size {vocab_size}")
         return encodings
+
+    def _encode_chat(self, inputs: Sequence, limit: int, *, truncate: bool, check_length: bool, offset: int,
+                     what: str, overflow: bool, lower_case: bool | None) -> list:
+        """A chat model's encodings (``fastenc.chat``): each input's conversation rendered by the template,
+        tokenized without special tokens (the template wrote them), cut to ``limit`` tokens with the
+        template's tail restored over the last ones of a row that reached the limit."""
+        if overflow:
+            raise InputError("overflowing windows are not supported for a chat-template model: its inputs are "
+                             "conversations rendered whole")
+        conversations = [self.chat.conversation(item) for item in inputs]
+        if not self._pairs_checked and any(isinstance(item, (tuple, list)) for item in inputs):
+            self.chat.check_pairs()
+            self._pairs_checked = True
+        rendered = self.chat.render(conversations)
+        encodings = self.encode(rendered, max_length=limit, truncate=truncate, special_tokens=False,
+                                lower_case=lower_case, check_length=check_length, offset=offset, what=what)
+        if not truncate or not self.chat.settings.restore_suffix:
+            return encodings
+        out = list(encodings)
+        for index, encoding in enumerate(encodings):
+            if len(encoding.ids) < limit:
+                continue
+            suffix = self.chat.suffix(conversations[index], self._plain_ids)
+            keep = min(len(suffix), len(encoding.ids))
+            if keep:
+                out[index] = Tokens(encoding.ids[:len(encoding.ids) - keep] + list(suffix[len(suffix) - keep:]),
+                                    list(encoding.type_ids))
+        return out
+
+    def _plain_ids(self, text: str) -> list[int]:
+        """``text``'s token ids without special tokens or truncation."""
+        with self._lock:
+            self.tokenizer.no_truncation()
+            return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     # ------------------------------------------------------------------------------------ bounded cost
     def _specials(self, pair: bool) -> int:
@@ -513,6 +561,8 @@ class Tokenization:
         else:
             default = self.sentence.default_prompt_name if self.sentence else None
             text = prompts[default] if default is not None else ""
+        if self.chat is not None:  # a system message, whose tokens are pooled (as sentence-transformers does)
+            return Prompt(text, 0, chat=True)
         return Prompt(text, self._prompt_skip(text, max_length))
 
     def _prompt_skip(self, prompt: str, max_length: int | None) -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import pathlib
 import shutil
+import sys
 import warnings
 
 import pytest
@@ -320,7 +321,8 @@ def test_optimize_refuses_decoders(family_dir):
 
 
 # ------------------------------------------------------------------------------------ sentence-transformers
-def make_sentence_transformer(path, family: str, *, pooling: str, dense: int = 0, seed: int = 0, **overrides):
+def make_sentence_transformer(path, family: str, *, pooling: str, dense: int = 0, seed: int = 0,
+                              template: str | None = None, **overrides):
     """A SentenceTransformer saved by sentence-transformers: the backbone, ``pooling``, ``dense`` perturbed
     Dense modules (24 wide, then back to the hidden size; EmbeddingGemma has two), Normalize, and a query
     prompt (an instruction, as Qwen3-Embedding's)."""
@@ -331,6 +333,8 @@ def make_sentence_transformer(path, family: str, *, pooling: str, dense: int = 0
 
     path = pathlib.Path(path)
     backbone = make_decoder(path.with_name(path.name + "-backbone"), family, seed=seed, **overrides)
+    if template is not None:  # sentence-transformers then renders every text as a chat message
+        with_template(backbone, template)
     with quiet_transformers(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         transformer = Transformer(str(backbone))
@@ -492,17 +496,107 @@ def test_serve_rerank_scores_with_the_logit_score(tmp_path):
     assert all(abs(a["score"] - b["score"]) < 1e-5 for a, b in zip(ranks, expected))
 
 
-def test_chat_template_inputs_are_refused(tmp_path):
-    """A sentence-transformers model saved with the "message" modality renders its texts through the
-    tokenizer's chat template, which fastenc does not: embed() and rerank say so rather than differ."""
-    path = make_sentence_transformer(tmp_path / "st", "qwen3", pooling="lasttoken", seed=19)
+# Qwen3-Reranker's kind of template: an instruction as the system message (or a default one), the query and
+# the document in their roles, an assistant prefill the score is read after
+RERANK_TEMPLATE = (
+    "{%- set system = messages | selectattr('role', 'eq', 'system') | map(attribute='content') | first -%}"
+    "<s>{{ system or 'web' }}</s><s>q: {{ messages | selectattr('role', 'eq', 'query') | map(attribute='content')"
+    " | first }} d: {{ messages | selectattr('role', 'eq', 'document') | map(attribute='content') | first }}</s>"
+    " yes or no:")
+EMBED_TEMPLATE = ("{%- for message in messages -%}<s>{{ message.role }}: {{ message.content[0].text }}</s>"
+                  "{%- endfor -%} the vector:")  # structured messages: a content list
+
+
+def with_template(path: pathlib.Path, template: str) -> pathlib.Path:
+    settings = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**settings, "chat_template": template}))
+    return path
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_chat_template_reranker_equals_cross_encoder(tmp_path, backend):
+    """Qwen3-Reranker as published for sentence-transformers: a causal LM CrossEncoder whose tokenizer has a
+    chat template, so each pair is rendered as query and document messages (a prompt as the system
+    message) and scored at its last token; a pair cut to the length limit gets the template's tail back."""
+    from sentence_transformers import CrossEncoder
+    from sentence_transformers.base.modules import Transformer
+    from sentence_transformers.cross_encoder.modules.logit_score import LogitScore
+
+    backbone = with_template(make_decoder(tmp_path / "lm", "qwen3", head="causal_lm", seed=22), RERANK_TEMPLATE)
+    path = tmp_path / "ce"
+    yes, no = (tokenizer().token_to_id(word) for word in ("yes", "no"))
+    with quiet_transformers():
+        CrossEncoder(modules=[Transformer(str(backbone), transformer_task="text-generation"), LogitScore(yes, no)],
+                     device="cpu", prompts={"web": "find pages"}
+                     ).save(str(path))
+        cross_encoder = CrossEncoder(str(path), device="cpu")
+    assert "message" in json.loads((path / "sentence_bert_config.json").read_text())["modality_config"]
+    rerank = fastenc.pipeline("rerank", path, backend=backend)
+    documents = DOCUMENTS + ["birds " * 30]  # over the 64-token limit: cut, the answer prompt restored
+    rendered = rerank.pairs(QUERY, documents)
+    assert len(rendered[-1].ids) == 64 and rendered[-1].ids[-3:] == rendered[0].ids[-3:]
+    for prompt_name in ("web", None) if backend == "torch" else ("web",):  # the interpreter is slow
+        ours = rerank(QUERY, documents, prompt_name=prompt_name)
+        theirs = cross_encoder.rank(QUERY, documents, prompt_name=prompt_name)
+        assert len({round(r["score"], 3) for r in ours}) == len(documents)  # an order to get right, no ties
+        assert [r["index"] for r in ours] == [r["corpus_id"] for r in theirs]
+        result = compare("scores", torch.tensor([r["score"] for r in ours]),
+                         torch.tensor([float(r["score"]) for r in theirs]))
+        assert result.ok, result.line()
+    if backend == "torch":  # /rerank renders the pairs the same way
+        from starlette.testclient import TestClient
+
+        from fastenc.serve import create_app
+
+        texts = [text for text in documents if text]
+        expected = rerank(QUERY, texts, prompt_name="web", raw_scores=True)
+        with TestClient(create_app(rerank.encoder, warmup=False)) as client:
+            response = client.post("/rerank", json={"query": QUERY, "texts": texts, "raw_scores": True,
+                                                    "prompt_name": "web", "truncate": True})
+        assert response.status_code == 200, response.text
+        assert [r["index"] for r in response.json()] == [r["index"] for r in expected]
+        assert all(abs(a["score"] - b["score"]) < 1e-5 for a, b in zip(response.json(), expected))
+
+
+def test_chat_template_embedder_equals_sentence_transformers(tmp_path):
+    """A SentenceTransformer over a backbone with a chat template (structured messages): each text a user
+    message, a prompt a system message pooled with the rest; the same vectors as ``encode``."""
+    from sentence_transformers import SentenceTransformer
+
+    path = make_sentence_transformer(tmp_path / "st", "qwen3", pooling="lasttoken", seed=23,
+                                     template=EMBED_TEMPLATE)
     settings = json.loads((path / "sentence_bert_config.json").read_text())
-    settings["modality_config"]["message"] = {**settings["modality_config"]["text"], "format": "auto"}
-    (path / "sentence_bert_config.json").write_text(json.dumps(settings))
+    assert settings["modality_config"]["message"]["format"] == "structured"
     encoder = fastenc.Encoder.from_pretrained(path)
-    with pytest.raises(FastencError, match="chat template"):
-        encoder.embed(["a text"])
+    with quiet_transformers():
+        model = SentenceTransformer(str(path), device="cpu")
+    texts = [text for text in TEXTS if text] + ["cats " * 50]  # one cut to the limit
+    for prompt_name in ("query", None):
+        ours = encoder.embed(texts, prompt_name=prompt_name)
+        theirs = model.encode(texts, prompt_name=prompt_name, convert_to_tensor=True)
+        result = compare("embedding", ours, theirs)
+        assert result.ok, result.line()
     assert encoder(*batch(encoder, [4])).shape == (1, 4, 48)  # the tensor API does not tokenize: unaffected
+
+
+def test_chat_template_problems_are_named(tmp_path, monkeypatch):
+    """A template that drops a pair's document, and a machine without transformers to render with."""
+    from sentence_transformers import CrossEncoder
+    from sentence_transformers.base.modules import Transformer
+    from sentence_transformers.cross_encoder.modules.logit_score import LogitScore
+
+    backbone = with_template(make_decoder(tmp_path / "lm", "qwen3", head="causal_lm", seed=24),
+                             "{%- for m in messages -%}{%- if m.role == 'query' -%}{{ m.content }}{%- endif -%}"
+                             "{%- endfor -%}")
+    with quiet_transformers():
+        CrossEncoder(modules=[Transformer(str(backbone), transformer_task="text-generation"), LogitScore(5, 6)],
+                     device="cpu").save(str(tmp_path / "ce"))
+    rerank = fastenc.pipeline("rerank", tmp_path / "ce")
+    with pytest.raises(FastencError, match="'document'"):
+        rerank(QUERY, DOCUMENTS)
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(FastencError, match=r"fastenc\[hf\]"):
+        fastenc.pipeline("rerank", tmp_path / "ce")(QUERY, DOCUMENTS)
 
 
 # ------------------------------------------------------------------------------------------ CUDA only

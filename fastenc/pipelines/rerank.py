@@ -11,9 +11,9 @@ import torch
 
 from .. import heads as task_heads
 from ..encoder import Encoder
-from ..errors import FastencError, LoadError
+from ..errors import LoadError
 from ..multivector import maxsim
-from ..tasks import CHAT_TEMPLATE_REFUSAL, SequenceScores, TokenLogitScores
+from ..tasks import SequenceScores, TokenLogitScores
 from .base import Pipeline, _check_batch_size, _positive_int, _texts
 
 # A CrossEncoder's activation_fn (the dotted path sentence-transformers saves) -> the score function.
@@ -44,8 +44,6 @@ class RerankPipeline(Pipeline):
     task, head = "rerank", "sequence_classification"
 
     def __init__(self, encoder: Encoder, *, batch_size: int = 32):
-        if encoder.sentence is not None and encoder.sentence.chat_template:
-            raise FastencError(CHAT_TEMPLATE_REFUSAL.format(what="pipeline('rerank')"))
         logit_score = self.logit_score(encoder)
         if logit_score is not None:
             self.head = "causal_lm"
@@ -119,7 +117,7 @@ class RerankPipeline(Pipeline):
         the cross-encoder's length (``max_seq_length``, else the model's), or an ``InputError`` when
         ``truncation=False`` and a pair is over the model's limit. The prompt is resolved as
         ``Encoder.embed`` resolves it (``prompt``, else ``prompt_name``'s, else the default one's)."""
-        query = self.text.prompt(prompt_name, prompt).text + query
+        query = self.text.prompt(prompt_name, prompt).apply([query])[0]
         return self.tokenize([(query, text) for text in texts], truncation=truncation, max_length=self.pair_length)
 
     def logits(self, packed, hidden: torch.Tensor, rows=None) -> torch.Tensor:

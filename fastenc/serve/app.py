@@ -421,7 +421,7 @@ class Service:
     def _encode_pairs(self, query: str, texts: list[str], truncate: bool, prompt_name: str | None = None) -> list:
         """The rerank pipeline's tokenization of ``(prompt + query, text)`` pairs; without truncation, a query
         too long to make a pair with any text is named as the fault, not the texts."""
-        query = self._prompt(prompt_name).text + query
+        query = self._prompt(prompt_name).apply([query])[0]
         if not truncate:
             tokens = len(self.text.encode([query], truncate=False, check_length=False, special_tokens=False,
                                           lower_case=False)[0].ids)
