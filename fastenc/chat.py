@@ -43,10 +43,13 @@ class Prompted(str):
 
     system: str
 
-    def __new__(cls, text: str, system: str) -> "Prompted":
+    def __new__(cls, text: str, system: str = "") -> "Prompted":
         out = super().__new__(cls, text)
         out.system = system
         return out
+
+    def __reduce__(self):  # pickled whole (a process worker's texts): the text and its prompt
+        return Prompted, (str(self), self.system)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import pickle
 import shutil
 import sys
 import warnings
@@ -577,6 +578,8 @@ def test_chat_template_embedder_equals_sentence_transformers(tmp_path):
         result = compare("embedding", ours, theirs)
         assert result.ok, result.line()
     assert encoder(*batch(encoder, [4])).shape == (1, 4, 48)  # the tensor API does not tokenize: unaffected
+    prompted = encoder.text.prompt("query").apply(["a text"])  # texts that carry their system message
+    assert pickle.loads(pickle.dumps(prompted)) == ["a text"] and pickle.loads(pickle.dumps(prompted))[0].system
 
 
 def test_chat_template_problems_are_named(tmp_path, monkeypatch):
