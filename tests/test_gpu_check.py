@@ -169,7 +169,7 @@ def test_dry_run_writes_the_same_files_as_a_gpu_run(bundled, tmp_path):
     assert all(m["speedup"] > 0 for m in modernbert), modernbert
 
     text = (out / "summary.md").read_text()
-    assert "Dry run on the CPU" in text and "| stage | status |" in text and "## Goals (issue 13)" in text
+    assert "Dry run on the CPU" in text and "| stage | status |" in text and "## Goals (issues 13, 29 and 33)" in text
     assert "## ModernBERT-base against transformers' ModernBERT (issue 16)" in text
     assert "## The GPU subset of the tests" in text
     assert "`tests/kernels/test_family_kernels.py::test_gated_linear`" in text

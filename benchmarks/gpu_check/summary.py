@@ -360,7 +360,7 @@ def summary_markdown(check: dict, bench: dict) -> str:
               f"dry run without running them), with what they cost at ~{TRITON_COMPILE_S} s each on the GPU "
               f"machine's host (the compile stage's groups in parallel, the tests in {CORRECTNESS_WORKERS} workers); "
               "built: new binaries in the shared Triton cache after the stage."]
-    lines += ["", "## Goals (issue 13)", "", "| goal | measured | target | ratio | met |", "|---|---|---|---|---|"]
+    lines += ["", "## Goals (issues 13, 29 and 33)", "", "| goal | measured | target | ratio | met |", "|---|---|---|---|---|"]
     for goal in check["goals"]:
         met = {True: "yes", False: "**no**", None: "not measured"}[goal["met"]]
         measured = _fmt(goal["measured"], goal["unit"])
