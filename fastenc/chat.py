@@ -35,6 +35,7 @@ FLAT_MODEL_TYPES = frozenset({"apertus", "deepseek_v3", "gpt_oss", "minicpm3", "
 STRUCTURED_PATTERNS = ("content[0]", ".type", "'type'", '"type"', "item.type", "message.content[")
 SIZE_KEYS = frozenset({"padding", "truncation", "max_length", "return_tensors"})  # tokenizer options, not template
 FILLERS = ("0", "1 2 3 4")  # two contents that tokenize differently: what their renders share is the template's
+SUFFIX_CACHE = 256  # conversation shapes whose template tail is kept
 PROBES = (("alpha", "bravo"), ("charlie", "bravo"), ("alpha", "foxtrot"))  # each varies one role of a pair
 
 
@@ -176,6 +177,8 @@ class ChatTemplate:
                 if left != right:
                     break
                 count += 1
+            if len(self._suffixes) >= SUFFIX_CACHE:  # one entry per system prompt: a caller's own prompts grow it
+                self._suffixes.pop(next(iter(self._suffixes)))
             self._suffixes[key] = tuple(first[len(first) - count:]) if 0 < count < min(len(first), len(second)) \
                 else ()
         return self._suffixes[key]
