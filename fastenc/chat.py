@@ -170,15 +170,16 @@ class ChatTemplate:
             return [m if m["role"] == "system" else self._message(m["role"], filler) for m in conversation]
 
         key = repr(skeleton(""))
-        if key not in self._suffixes:
-            first, second = (tokenize(text) for text in self.render([skeleton(f) for f in FILLERS]))
-            count = 0
-            for left, right in zip(reversed(first), reversed(second)):
-                if left != right:
-                    break
-                count += 1
-            if len(self._suffixes) >= SUFFIX_CACHE:  # one entry per system prompt: a caller's own prompts grow it
-                self._suffixes.pop(next(iter(self._suffixes)))
-            self._suffixes[key] = tuple(first[len(first) - count:]) if 0 < count < min(len(first), len(second)) \
-                else ()
-        return self._suffixes[key]
+        with self._lock:  # the cache's eviction and filling, one thread at a time
+            if key not in self._suffixes:
+                first, second = (tokenize(text) for text in self.render([skeleton(f) for f in FILLERS]))
+                count = 0
+                for left, right in zip(reversed(first), reversed(second)):
+                    if left != right:
+                        break
+                    count += 1
+                if len(self._suffixes) >= SUFFIX_CACHE:  # one entry per system prompt: a caller's prompts grow it
+                    self._suffixes.pop(next(iter(self._suffixes)))
+                self._suffixes[key] = tuple(first[len(first) - count:]) \
+                    if 0 < count < min(len(first), len(second)) else ()
+            return self._suffixes[key]
